@@ -1,0 +1,401 @@
+"""
+One decoder-only transformer, written by hand, that loads and saves Hugging Face checkpoints of four
+families: gpt2, llama (SmolLM, TinyLlama, Llama 2/3, DeepSeek-Math), qwen2 (Qwen2.5, Qwen2.5-Math) and
+qwen3. Modules are named as in Hugging Face's Llama, so llama/qwen2/qwen3 state dicts load with no
+renaming at all; GPT-2 needs one short key table (gpt2_keys below).
+"""
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+# What differs between the families, in one place. Everything else is read from config.json.
+FAMILIES = {  # norm, position encoding, MLP, bias on q/k/v, per-head RMSNorm on q and k
+    "gpt2":  dict(norm="layernorm", pos="learned", mlp="gelu_tanh", qkv_bias=True,  qk_norm=False),
+    "llama": dict(norm="rmsnorm",   pos="rope",    mlp="swiglu",    qkv_bias=False, qk_norm=False),
+    "qwen2": dict(norm="rmsnorm",   pos="rope",    mlp="swiglu",    qkv_bias=True,  qk_norm=False),
+    "qwen3": dict(norm="rmsnorm",   pos="rope",    mlp="swiglu",    qkv_bias=False, qk_norm=True),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "chat_template.jinja", "generation_config.json")
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that cannot be loaded as it is; the message says what to fix."""
+
+
+@dataclass
+class Config:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int               # Qwen3 sets it explicitly, and it need not be hidden_size / num_heads
+    intermediate_size: int
+    max_positions: int
+    norm_eps: float
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None   # Llama-3 "llama3" scaling, or None
+    attention_bias: bool = False       # bias on o_proj too (llama/qwen3 option; qwen2 has q/k/v bias only)
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    eos_token_id: int | list | None = None
+    raw: dict | None = None            # config.json as read, written back by save_pretrained
+
+    @classmethod
+    def from_dict(cls, d):
+        mt = d.get("model_type")
+        if mt not in FAMILIES:
+            raise CheckpointError(f"model_type {mt!r} is not supported; supported families: {', '.join(FAMILIES)}")
+        if mt == "gpt2":
+            C = d["n_embd"]
+            return cls(mt, d["vocab_size"], C, d["n_layer"], d["n_head"], d["n_head"], C // d["n_head"],
+                       d.get("n_inner") or 4 * C, d["n_positions"], d["layer_norm_epsilon"],
+                       tie_word_embeddings=d.get("tie_word_embeddings", True),
+                       initializer_range=d.get("initializer_range", 0.02),
+                       eos_token_id=d.get("eos_token_id"), raw=d)
+        if d.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"hidden_act {d['hidden_act']!r} is not supported (only silu)")
+        # transformers 5.x writes rope_parameters; 4.x writes rope_theta and rope_scaling at top level
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise CheckpointError(f"rope type {rope_type!r} is not supported (default and llama3 are)")
+        H = d["num_attention_heads"]
+        return cls(mt, d["vocab_size"], d["hidden_size"], d["num_hidden_layers"], H,
+                   d.get("num_key_value_heads") or H, d.get("head_dim") or d["hidden_size"] // H,
+                   d["intermediate_size"], d.get("max_position_embeddings", 2048), d["rms_norm_eps"],
+                   rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+                   rope_scaling=rope if rope_type == "llama3" else None,
+                   attention_bias=d.get("attention_bias", False),
+                   tie_word_embeddings=d.get("tie_word_embeddings", False),
+                   initializer_range=d.get("initializer_range", 0.02),
+                   eos_token_id=d.get("eos_token_id"), raw=d)
+
+    @property
+    def family(self):
+        return FAMILIES[self.model_type]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The transformer
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 and cast back before the gain, as the Hugging Face models do
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_cos_sin(cfg, positions):
+    """cos, sin of shape (T, head_dim) for the given positions, in float32."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device).float() / d)
+    if cfg.rope_scaling:  # Llama 3.x: stretch the low frequencies by `factor`, blend the middle band
+        s = cfg.rope_scaling
+        old_len, lo, hi = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    freqs = torch.outer(positions.float(), inv_freq)   # (T, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)             # (T, d): rotate-half layout, as Hugging Face stores q/k
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):  # x: (B, H, T, d)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Keys and values of past positions for one layer, preallocated for the whole generation."""
+    def __init__(self, batch, n_kv, max_len, head_dim, dtype, device):
+        super().__init__()
+        self.k = torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, pos, k, v):  # k, v: (B, n_kv, T, d), written at positions pos..pos+T
+        T = k.shape[2]
+        self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k, v
+        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        H, K, d, C = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        bias = cfg.family["qkv_bias"] or cfg.attention_bias
+        self.q_proj = nn.Linear(C, H * d, bias=bias)
+        self.k_proj = nn.Linear(C, K * d, bias=bias)
+        self.v_proj = nn.Linear(C, K * d, bias=bias)
+        self.o_proj = nn.Linear(H * d, C, bias=cfg.attention_bias or cfg.model_type == "gpt2")
+        if cfg.family["qk_norm"]:  # Qwen3: RMSNorm over each head's vector, before the rotation
+            self.q_norm, self.k_norm = RMSNorm(d, cfg.norm_eps), RMSNorm(d, cfg.norm_eps)
+
+    def forward(self, x, rope, cache=None, pos=0):
+        B, T, _ = x.shape
+        d = self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, -1, d)  # (B, T, H, d)
+        k = self.k_proj(x).view(B, T, -1, d)  # (B, T, K, d)
+        v = self.v_proj(x).view(B, T, -1, d).transpose(1, 2)
+        if self.cfg.family["qk_norm"]:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H or K, T, d)
+        if rope is not None:
+            cos, sin = (t.to(q.dtype) for t in rope)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(pos, k, v)
+        # causal over the new tokens; a single new token attends to every cached one
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=k.shape[1] != q.shape[1])
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C, I = cfg.hidden_size, cfg.intermediate_size
+        self.gelu = cfg.family["mlp"] == "gelu_tanh"
+        if not self.gelu:
+            self.gate_proj = nn.Linear(C, I, bias=False)
+        self.up_proj = nn.Linear(C, I, bias=self.gelu)
+        self.down_proj = nn.Linear(I, C, bias=self.gelu)
+
+    def forward(self, x):
+        if self.gelu:  # GPT-2 uses the tanh approximation of GELU, not the exact one
+            return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        norm = (lambda: nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)) if cfg.family["norm"] == "layernorm" \
+            else (lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps))
+        self.input_layernorm, self.self_attn = norm(), Attention(cfg)
+        self.post_attention_layernorm, self.mlp = norm(), MLP(cfg)
+
+    def forward(self, x, rope, cache=None, pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config, self.source_dir = cfg, None
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.family["pos"] == "learned":
+            self.model.embed_positions = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.model.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps) if cfg.family["norm"] == "layernorm" \
+            else RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)  # a no-op on the meta device, where from_pretrained builds
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.initializer_range)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx, caches=None, pos=0, hidden_only=False):
+        """idx (B, T) token ids at positions pos..pos+T. Returns logits (B, T, vocab), or with hidden_only
+        the final normalised hidden states (B, T, C), from which the loss makes logits chunk by chunk."""
+        positions = torch.arange(pos, pos + idx.shape[1], device=idx.device)
+        x = self.model.embed_tokens(idx)
+        rope = None
+        if self.config.family["pos"] == "learned":
+            x = x + self.model.embed_positions(positions)
+        else:
+            rope = rope_cos_sin(self.config, positions)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, rope, caches[i] if caches else None, pos)
+        x = self.model.norm(x)
+        return x if hidden_only else self.lm_head(x)
+
+    # ------------------------------------------------------------------------------------------------
+    # Generation: temperature / top-p sampling or greedy, with a key/value cache
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_tokens, temperature=1.0, top_p=1.0, num_samples=1, eos_id=None,
+                 use_cache=True, generator=None):
+        """prompt: list of token ids. Draws num_samples continuations in one batch; temperature 0 is greedy.
+        Returns a list of num_samples lists of new token ids, each ending at (and including) eos_id."""
+        dev = self.lm_head.weight.device
+        idx = torch.tensor([prompt] * num_samples, device=dev)  # (S, T0)
+        T0 = idx.shape[1]
+        caches = None
+        if use_cache:
+            K, d, dt = self.config.num_kv_heads, self.config.head_dim, self.lm_head.weight.dtype
+            caches = [KVCache(num_samples, K, T0 + max_new_tokens, d, dt, dev) for _ in self.model.layers]
+        done = torch.zeros(num_samples, dtype=torch.bool, device=dev)
+        out, pos, step_in = [], 0, idx
+        for _ in range(max_new_tokens):
+            logits = self(step_in, caches, pos)[:, -1].float()  # (S, V)
+            if use_cache:
+                pos += step_in.shape[1]
+            nxt = sample(logits, temperature, top_p, generator)  # (S,)
+            out.append(nxt)
+            if eos_id is not None:
+                done |= nxt == eos_id
+            if done.all():
+                break
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            step_in = nxt[:, None] if use_cache else idx
+        toks = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(num_samples)]
+        return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in toks]
+
+    # ------------------------------------------------------------------------------------------------
+    # Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        """Load config.json + model.safetensors (or a sharded index) from a directory. dtype defaults to
+        float32. The model is built on the meta device and the tensors are assigned, so the weights are
+        held in memory once."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is not a directory; pass a Hugging Face checkpoint directory")
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{path} has no config.json; pass a Hugging Face checkpoint directory")
+        try:
+            cfg = Config.from_dict(json.loads((path / "config.json").read_text()))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({e})")
+        except KeyError as e:
+            raise CheckpointError(f"{path / 'config.json'} lacks the field {e}")
+        if (path / "model.safetensors").exists():
+            files = [path / "model.safetensors"]
+        elif (path / "model.safetensors.index.json").exists():
+            index = json.loads((path / "model.safetensors.index.json").read_text())
+            files = [path / f for f in sorted(set(index["weight_map"].values()))]
+        else:
+            raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json")
+        dtype, device = dtype or torch.float32, torch.device(device or "cpu")
+        state = {}
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"weights file {f} is missing (named in the index)")
+            with safe_open(f, framework="pt", device="cpu") as sf:
+                for key in sf.keys():
+                    state[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
+        if cfg.model_type == "gpt2":
+            state = gpt2_keys(state, to_hf=False)
+        with torch.device("meta"):
+            model = cls(cfg)
+        if cfg.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # some tied checkpoints store the head too; it is the embedding
+        expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        for k, shape in expected.items():
+            if k not in state:
+                raise CheckpointError(f"tensor {k} of shape {tuple(shape)} is missing from the checkpoint in {path}")
+            if state[k].shape != shape:
+                raise CheckpointError(f"tensor {k} has shape {tuple(state[k].shape)} in the checkpoint, "
+                                      f"the config implies {tuple(shape)}")
+        for k in state:
+            if k not in expected:
+                raise CheckpointError(f"unexpected tensor {k} of shape {tuple(state[k].shape)} in the checkpoint "
+                                      f"in {path} (config.json does not describe it)")
+        if cfg.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if cfg.tie_word_embeddings:  # assign=True replaced the parameters: tie them again
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.source_dir = path
+        return model
+
+    def save_pretrained(self, path, state_dict=None):
+        """Write config.json and model.safetensors in the Hugging Face layout, plus the source checkpoint's
+        tokenizer files, so that the directory is complete. state_dict: a gathered one (FSDP), else ours."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        if self.config.model_type == "gpt2":
+            state = gpt2_keys(state, to_hf=True)
+        raw = dict(self.config.raw or {})
+        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        raw["vocab_size"] = self.config.vocab_size
+        for key in [k for k in ("torch_dtype", "dtype") if k in raw] or ["torch_dtype"]:
+            raw[key] = dtype
+        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+        (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            src = self.source_dir and Path(self.source_dir) / name
+            if src and src.exists() and src.resolve() != (path / name).resolve():
+                shutil.copy(src, path / name)
+
+
+def sample(logits, temperature, top_p, generator=None):
+    """logits (S, V) -> next token ids (S,). temperature 0 is greedy; top_p keeps the smallest set of
+    tokens whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens entirely beyond the nucleus
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def gpt2_keys(state, to_hf):
+    """Map GPT-2's names to ours (or back). GPT-2 stores Linear weights transposed (Conv1D) and fuses
+    q|k|v into c_attn; its attn.bias / attn.masked_bias entries are causal-mask buffers, not weights."""
+    out = {}
+    if to_hf:
+        for k, v in state.items():
+            if k.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):
+                continue
+            if ".q_proj." in k:  # fuse q|k|v back into c_attn
+                v = torch.cat([v, state[k.replace("q_proj", "k_proj")], state[k.replace("q_proj", "v_proj")]])
+                k = k.replace("q_proj", "c_attn")
+            for ours, theirs in GPT2_NAMES:
+                k = k.replace(ours, theirs)
+            if k.endswith(".weight") and any(n in k for n in ("c_attn", "c_proj", "c_fc")):
+                v = v.t()
+            out["transformer." + k] = v.contiguous()
+        return out
+    for k, v in state.items():
+        k = k.removeprefix("transformer.")
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        if k.endswith(".weight") and any(n in k for n in ("c_attn", "c_proj", "c_fc")):
+            v = v.t()
+        for ours, theirs in GPT2_NAMES:
+            k = k.replace(theirs, ours)
+        if ".c_attn." in k:  # split the fused projection: rows q | k | v
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                out[k.replace("c_attn", name)] = part.contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+GPT2_NAMES = [  # ours, GPT-2's (order matters: the more specific first)
+    ("model.embed_tokens.", "wte."), ("model.embed_positions.", "wpe."), ("model.norm.", "ln_f."),
+    ("model.layers.", "h."), (".input_layernorm.", ".ln_1."), (".post_attention_layernorm.", ".ln_2."),
+    (".self_attn.o_proj.", ".attn.c_proj."), (".self_attn.", ".attn."),
+    (".mlp.up_proj.", ".mlp.c_fc."), (".mlp.down_proj.", ".mlp.c_proj."),
+]

@@ -375,7 +375,7 @@ def gpt2_keys(state, to_hf):
                 k = k.replace(ours, theirs)
             if k.endswith(".weight") and any(n in k for n in ("c_attn", "c_proj", "c_fc")):
                 v = v.t()
-            out["transformer." + k] = v.contiguous()
+            out[k if k.startswith("lm_head.") else "transformer." + k] = v.contiguous()  # head: top level
         return out
     for k, v in state.items():
         k = k.removeprefix("transformer.")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 # What differs between the families, in one place. Everything else is read from config.json.
@@ -57,12 +57,17 @@ class Config:
         if mt not in FAMILIES:
             raise CheckpointError(f"model_type {mt!r} is not supported; supported families: {', '.join(FAMILIES)}")
         if mt == "gpt2":
+            if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh") \
+                    or d.get("scale_attn_by_inverse_layer_idx"):
+                raise CheckpointError("this GPT-2 variant (activation or attention scaling) is not supported")
             C = d["n_embd"]
             return cls(mt, d["vocab_size"], C, d["n_layer"], d["n_head"], d["n_head"], C // d["n_head"],
                        d.get("n_inner") or 4 * C, d["n_positions"], d["layer_norm_epsilon"],
                        tie_word_embeddings=d.get("tie_word_embeddings", True),
                        initializer_range=d.get("initializer_range", 0.02),
                        eos_token_id=d.get("eos_token_id"), raw=d)
+        if d.get("use_sliding_window"):
+            raise CheckpointError("sliding-window attention (use_sliding_window: true) is not supported")
         if d.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"hidden_act {d['hidden_act']!r} is not supported (only silu)")
         # transformers 5.x writes rope_parameters; 4.x writes rope_theta and rope_scaling at top level
@@ -80,6 +85,27 @@ class Config:
                    tie_word_embeddings=d.get("tie_word_embeddings", False),
                    initializer_range=d.get("initializer_range", 0.02),
                    eos_token_id=d.get("eos_token_id"), raw=d)
+
+    @classmethod
+    def load(cls, path):
+        """The config.json of a checkpoint directory; a CheckpointError says what is wrong with it."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is not a directory; pass a Hugging Face checkpoint directory")
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{path} has no config.json; pass a Hugging Face checkpoint directory")
+        try:
+            d = json.loads((path / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({e})")
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path / 'config.json'} is not a JSON object")
+        try:
+            return cls.from_dict(d)
+        except KeyError as e:
+            raise CheckpointError(f"{path / 'config.json'} lacks the field {e}")
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise CheckpointError(f"{path / 'config.json'} has a field of the wrong type or value ({e})")
 
     @property
     def family(self):
@@ -238,10 +264,13 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens, temperature=1.0, top_p=1.0, num_samples=1, eos_id=None,
                  use_cache=True, generator=None):
-        """prompt: list of token ids. Draws num_samples continuations in one batch; temperature 0 is greedy.
-        Returns a list of num_samples lists of new token ids, each ending at (and including) eos_id."""
+        """prompt: a list of token ids, or a list of such lists of one length (a batch of prompts).
+        Draws num_samples continuations of each in one batch; temperature 0 is greedy. Returns one list
+        of new token ids per row (prompt-major), each ending at (and including) eos_id."""
         dev = self.lm_head.weight.device
-        idx = torch.tensor([prompt] * num_samples, device=dev)  # (S, T0)
+        prompts = prompt if prompt and isinstance(prompt[0], list) else [prompt]
+        idx = torch.tensor([p for p in prompts for _ in range(num_samples)], device=dev)  # (S, T0)
+        num_samples = idx.shape[0]
         T0 = idx.shape[1]
         caches = None
         if use_cache:
@@ -273,21 +302,15 @@ class GPT(nn.Module):
         float32. The model is built on the meta device and the tensors are assigned, so the weights are
         held in memory once."""
         path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is not a directory; pass a Hugging Face checkpoint directory")
-        if not (path / "config.json").exists():
-            raise CheckpointError(f"{path} has no config.json; pass a Hugging Face checkpoint directory")
-        try:
-            cfg = Config.from_dict(json.loads((path / "config.json").read_text()))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({e})")
-        except KeyError as e:
-            raise CheckpointError(f"{path / 'config.json'} lacks the field {e}")
+        cfg = Config.load(path)
         if (path / "model.safetensors").exists():
             files = [path / "model.safetensors"]
         elif (path / "model.safetensors.index.json").exists():
-            index = json.loads((path / "model.safetensors.index.json").read_text())
-            files = [path / f for f in sorted(set(index["weight_map"].values()))]
+            try:
+                index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{path / 'model.safetensors.index.json'} is not a valid index (no weight_map)")
+            files = [path / f for f in sorted(set(index.values()))]
         else:
             raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json")
         dtype, device = dtype or torch.float32, torch.device(device or "cpu")
@@ -295,9 +318,12 @@ class GPT(nn.Module):
         for f in files:
             if not f.exists():
                 raise CheckpointError(f"weights file {f} is missing (named in the index)")
-            with safe_open(f, framework="pt", device="cpu") as sf:
-                for key in sf.keys():
-                    state[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
+            try:
+                with safe_open(f, framework="pt", device="cpu") as sf:
+                    for key in sf.keys():
+                        state[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
+            except SafetensorError as e:
+                raise CheckpointError(f"weights file {f} cannot be read as safetensors ({e}); download it again")
         if cfg.model_type == "gpt2":
             state = gpt2_keys(state, to_hf=False)
         with torch.device("meta"):
@@ -330,7 +356,7 @@ class GPT(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
         if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight")
+            state.pop("lm_head.weight", None)
         if self.config.model_type == "gpt2":
             state = gpt2_keys(state, to_hf=True)
         raw = dict(self.config.raw or {})

@@ -1,0 +1,148 @@
+"""Write tests/reference_vectors.json: tiny inputs and the weights and loss of every rule, computed with
+prift's own functions, for anyone porting PriFT to another framework (TRL, LLaMA-Factory, JAX, ...).
+
+    python tests/make_reference_vectors.py            # rewrite the file
+    python tests/make_reference_vectors.py --check    # recompute and compare with the file (1e-6)
+
+tests/test_method.py recomputes the vectors with the current code, and checks them against a naive
+float64 implementation of METHOD.md, on every test run.
+"""
+import json
+import math
+import struct
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import prift  # noqa: E402
+
+PATH = Path(__file__).with_name("reference_vectors.json")
+B, T, V = 2, 5, 7
+
+# (name, rule, signal, threshold): every rule with its own signal and threshold, and the two swaps the
+# paper is about (mass from the online model, dft from the frozen reference)
+CASES = [("sft", "sft", None, None), ("dft", "dft", "online", None), ("prob", "prob", "prior", None),
+         ("mass", "mass", "prior", 0.5), ("profit", "profit", "online", 0.1),
+         ("mass_online", "mass", "online", 0.5), ("dft_prior", "dft", "prior", None)]
+
+DESCRIPTION = (
+    "Reference vectors for PriFT (arXiv 2606.09396), written by tests/make_reference_vectors.py with prift.py's own "
+    "functions (token_weights, target_stats, response_loss). Inputs: logits (B,T,V) of the model being fine-tuned "
+    "('online', p), ref_logits (B,T,V) of the frozen reference ('prior', q), targets (B,T) = the token y_t that "
+    "position t predicts, mask (B,T) = 1 on response tokens (EOS included), 0 on prompt and padding. All softmaxes "
+    "in float32. Per position, from the signal's distribution s (s = softmax(logits) for signal 'online', "
+    "softmax(ref_logits) for 'prior'): p_t = s(y_t) and the mass score u_t = sum over v with s(v) < s(y_t) of s(v), "
+    "plus s(y_t) (ties with the target are NOT counted). Weights w_t: sft 1; dft and prob p_t; profit 1[p_t >= "
+    "threshold] (0.1); mass 1[u_t >= threshold] (0.5). The weights are detached (no gradient flows through them) "
+    "and are given at every position, masked ones included. CE_t = -log softmax(logits)[y_t]. Loss = "
+    "sum_t w_t * CE_t * m_t / sum_t m_t over the whole batch: the denominator counts ALL response tokens, also "
+    "those of weight 0 (not the sum of the weights). Also given: ce_mean = sum CE*m / sum m, kept = number of "
+    "response tokens with w > 0 / sum m, and the stats p, u of both signals. Cases: name -> rule, signal, "
+    "threshold. Position (0,1) is a tie at the top of the reference (three tokens at 0.3, the rest 0.1 in all), "
+    "its target one of them: u = 0.4, dropped by mass although it is a most likely token; position (1,0) is a "
+    "tie in the online model; at (1,3) the target is the online argmax and the reference's least likely token; positions (0,0) and (1,4) have mask 0. Compare with tolerance 1e-6."
+)
+
+
+def make_inputs():
+    """Random logits rounded to 3 decimals, then the hand-made positions the description names."""
+    g = torch.Generator().manual_seed(2606)
+    logits = (2 * torch.randn(B, T, V, generator=g)).round(decimals=3)
+    ref = (2 * torch.randn(B, T, V, generator=g)).round(decimals=3)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    tie = [math.log(x) for x in (0.3, 0.3, 0.3, 0.025, 0.025, 0.025, 0.025)]
+    ref[0, 1] = torch.tensor(tie).round(decimals=3)           # three tokens at the top share 0.9
+    targets[0, 1] = 1
+    logits[1, 0] = torch.tensor([1.5, 0.2, 1.5, -1.0, 1.5, 0.0, -0.5])  # a three-way tie in the online model
+    targets[1, 0] = 4
+    ref[0, 2] = torch.tensor([0.1, 0.3, -0.2, 0.0, 0.4, 0.2, -0.1])    # a flat reference, unique argmax target
+    targets[0, 2] = 4
+    targets[0, 3], targets[1, 3] = 2, 3  # the online model's argmax; at (1, 3) the reference's least likely token
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    return logits, ref, targets, mask
+
+
+def compute(logits, ref, targets, mask):
+    """Everything the JSON file holds but the inputs, with prift's functions, as plain lists."""
+    m = mask.bool()
+    ce = -logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]      # (B, T)
+    stats = {}
+    for signal, src in (("online", logits), ("prior", ref)):
+        p, u = prift.target_stats(src.reshape(-1, V), targets.reshape(-1))
+        stats[signal] = {"p": p.view(B, T).tolist(), "u": u.view(B, T).tolist()}
+    # response_loss on the masked positions, with logits as the hidden states and an identity head
+    head = torch.nn.Linear(V, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(V))
+    prior = torch.stack(prift.target_stats(ref[m], targets[m]), 1)                    # (N, 2)
+    cases = []
+    for name, rule, signal, threshold in CASES:
+        w = prift.token_weights(rule, targets, logits, ref, threshold=threshold, signal=signal)   # (B, T)
+        total = prift.response_loss(logits[m], head, targets[m], rule, signal, threshold, prior, chunk=3)
+        n = m.sum().item()
+        loss = (w * ce * mask).sum().item() / n
+        if abs(loss - total[0].item() / n) > 1e-6:
+            raise AssertionError(f"{name}: token_weights and response_loss disagree ({loss} vs {total[0].item() / n})")
+        cases.append({"name": name, "rule": rule, "signal": signal, "threshold": threshold, "weights": w.tolist(),
+                      "loss": loss, "ce_mean": total[1].item() / n, "kept": total[2].item() / n})
+    return {"ce": ce.tolist(), "stats": stats, "cases": cases}
+
+
+def margins(out):
+    """The thresholded quantities must not sit near their threshold, so that a port computing in float64,
+    or summing in another order, gets the same 0/1 weights."""
+    for signal in ("online", "prior"):
+        for name, tau in (("p", 0.1), ("u", 0.5)):
+            closest = min(abs(x - tau) for row in out["stats"][signal][name] for x in row)
+            assert closest > 1e-3, f"{signal} {name} is {closest} from its threshold {tau}"
+
+
+def build():
+    logits, ref, targets, mask = make_inputs()
+    out = compute(logits, ref, targets, mask)
+    margins(out)
+    return {"description": DESCRIPTION, "generated_by": "tests/make_reference_vectors.py",
+            "shape": {"B": B, "T": T, "V": V},
+            "inputs": {"logits": logits.tolist(), "ref_logits": ref.tolist(), "targets": targets.tolist(),
+                       "mask": mask.tolist()}, **out}
+
+
+def load_inputs(vectors):
+    i = vectors["inputs"]
+    return (torch.tensor(i["logits"], dtype=torch.float32), torch.tensor(i["ref_logits"], dtype=torch.float32),
+            torch.tensor(i["targets"]), torch.tensor(i["mask"]))
+
+
+def write(vectors, path=PATH):
+    def f32(x):
+        return struct.unpack("f", struct.pack("f", x))[0]
+
+    def short(x):  # a float32 value as the shortest decimal that reads back as the same float32
+        if isinstance(x, (list, dict)):
+            return [short(v) for v in x] if isinstance(x, list) else {k: short(v) for k, v in x.items()}
+        if not isinstance(x, float):
+            return x
+        return next(float(s) for s in (f"{x:.{d}g}" for d in range(1, 10)) if f32(float(s)) == f32(x))
+    def dump(x, ind=""):  # one line per innermost list, so that a (B, T, V) array reads as B blocks of T rows
+        if isinstance(x, dict):
+            items = [f'{ind} {json.dumps(k)}: {dump(v, ind + " ")}' for k, v in x.items()]
+            return "{\n" + ",\n".join(items) + "\n" + ind + "}"
+        if isinstance(x, list) and x and isinstance(x[0], (list, dict)):
+            return "[\n" + ",\n".join(ind + " " + dump(v, ind + " ") for v in x) + "\n" + ind + "]"
+        return json.dumps(x)
+    path.write_text(dump(short(vectors)) + "\n")
+
+
+if __name__ == "__main__":
+    if "--check" in sys.argv:
+        old = json.loads(PATH.read_text())
+        new = compute(*load_inputs(old))
+        for a, b in zip(old["cases"], new["cases"]):
+            assert torch.allclose(torch.tensor(a["weights"]), torch.tensor(b["weights"]), atol=1e-6), a["name"]
+            assert abs(a["loss"] - b["loss"]) < 1e-6, a["name"]
+        print(f"{PATH}: {len(old['cases'])} cases agree")
+    else:
+        write(build())
+        print(f"wrote {PATH}")

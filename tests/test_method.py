@@ -1,0 +1,480 @@
+"""The method itself: the weights of every rule (analytic cases, ties, thresholds, signal swaps), that no
+gradient flows through a weight, the chunked loss against a plain computation, the normalisation by all
+response tokens, gradient accumulation, the frozen reference, and the reference vectors for porters."""
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+import data
+import prift
+from model import GPT
+from tiny import make_checkpoint, make_data
+import make_reference_vectors as refvec
+
+RULES = ["sft", "dft", "prob", "mass", "profit"]
+
+
+def stats(probs, target):
+    """(p, u) of one target from a list of probabilities, straight from METHOD.md's definition, in float64."""
+    q = probs[target]
+    return q, sum(x for x in probs if x < q) + q
+
+
+def logits_of(*rows):
+    """Probability rows -> logits (N, V) whose softmax gives them back (up to float32 rounding)."""
+    return torch.tensor([[math.log(x) if x > 0 else -math.inf for x in r] for r in rows], dtype=torch.float64).float()
+
+
+def weights(rule, probs_rows, targets, threshold=None, signal=None):
+    """token_weights for rows of one signal's probabilities, the same given as online logits and as prior."""
+    lg, y = logits_of(*probs_rows)[None], torch.tensor(targets)[None]
+    return prift.token_weights(rule, y, lg, lg, threshold=threshold, signal=signal)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The weights: analytic cases
+
+@pytest.mark.parametrize("V", [2, 7, 151])
+def test_uniform_logits_give_one_over_v(V):
+    logits, y = torch.zeros(2, 3, V), torch.randint(0, V, (2, 3))
+    for rule, signal in (("dft", "online"), ("prob", "prior"), ("dft", "prior"), ("prob", "online")):
+        w = prift.token_weights(rule, y, logits, torch.zeros(2, 3, V), signal=signal)
+        torch.testing.assert_close(w, torch.full((2, 3), 1 / V), rtol=1e-6, atol=0)
+    p, u = prift.target_stats(logits.view(-1, V), y.view(-1))
+    torch.testing.assert_close(p, torch.full((6,), 1 / V), rtol=1e-6, atol=0)
+    # every token ties with the target: none is strictly less likely, so u = p = 1/V (kept only when V <= 2)
+    torch.testing.assert_close(u, torch.full((6,), 1 / V), rtol=1e-6, atol=0)
+    assert prift.token_weights("mass", y, logits, logits).eq(1.0 if V <= 2 else 0.0).all()
+
+
+HAND = [  # (probabilities, target) with u worked out by METHOD.md's definition in stats()
+    ([0.5, 0.2, 0.2, 0.1], 0),              # unique argmax: u = 1
+    ([0.5, 0.2, 0.2, 0.1], 1),              # tied with token 2, which is not counted: u = 0.1 + 0.2 = 0.3
+    ([0.5, 0.2, 0.2, 0.1], 3),              # least likely: u = p = 0.1
+    ([0.4, 0.35, 0.15, 0.1], 1),            # u = 0.15 + 0.1 + 0.35 = 0.6: second most likely, kept
+    ([0.6, 0.25, 0.15], 1),                 # u = 0.4: second most likely, dropped
+    ([0.05, 0.1, 0.2, 0.3, 0.35], 3),       # u = 0.65
+    ([0.05, 0.1, 0.2, 0.3, 0.35], 2),       # u = 0.35
+    ([0.3, 0.3, 0.3, 0.025, 0.025, 0.025, 0.025], 0),   # the tie at the top: u = 0.1 + 0.3 = 0.4
+    ([0.5, 0.5, 0.0, 0.0], 1),              # two-way tie at exactly 0.5: u = 0.5, kept (q >= 0.5)
+]
+
+
+@pytest.mark.parametrize("probs,target", HAND)
+def test_mass_score_by_hand(probs, target):
+    p_hand, u_hand = stats(probs, target)
+    p, u = prift.target_stats(logits_of(probs), torch.tensor([target]))
+    assert p.dtype == u.dtype == torch.float32
+    assert p.item() == pytest.approx(p_hand, abs=1e-6)
+    assert u.item() == pytest.approx(u_hand, abs=1e-6)
+    assert weights("mass", [probs], [target], signal="prior").item() == float(u_hand >= 0.5)
+    assert weights("mass", [probs], [target], signal="online").item() == float(u_hand >= 0.5)
+    assert weights("prob", [probs], [target]).item() == pytest.approx(p_hand, abs=1e-6)
+    if abs(p_hand - 0.1) > 1e-4:  # p = 0.1 exactly is 0.1 only up to float32 rounding; see the threshold test
+        assert weights("profit", [probs], [target]).item() == float(p_hand >= 0.1)
+
+
+def test_tie_at_the_top_is_dropped_and_threshold_override():
+    tie = [0.3, 0.3, 0.3, 0.025, 0.025, 0.025, 0.025]
+    for target in (0, 1, 2):
+        u = prift.target_stats(logits_of(tie), torch.tensor([target]))[1].item()
+        assert u == pytest.approx(0.4, abs=1e-6)
+        assert weights("mass", [tie], [target]).item() == 0.0                       # tau = 0.5
+        assert weights("mass", [tie], [target], threshold=0.45).item() == 0.0
+        assert weights("mass", [tie], [target], threshold=0.35).item() == 1.0       # override keeps it
+        assert weights("prob", [tie], [target]).item() == pytest.approx(0.3, abs=1e-6)
+    # the same distribution without exact ties: a top token then has u = 1 or 0.7, kept
+    near = [0.3 + 1e-3, 0.3, 0.3 - 1e-3, 0.025, 0.025, 0.025, 0.025]
+    assert weights("mass", [near, near], [0, 1]).tolist() == [1.0, 1.0]
+    assert weights("mass", [near], [2]).item() == 0.0                              # u = 0.1 + 0.299 = 0.399
+
+
+def test_unique_argmax_and_q_over_half_always_kept():
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.05, 1.0, 10.0):  # nearly flat to peaked
+        logits = scale * torch.randn(200, 50, generator=g)
+        top = logits.argmax(1)
+        p, u = prift.target_stats(logits, top)
+        torch.testing.assert_close(u, torch.ones(200), atol=1e-5, rtol=0)
+        assert prift.token_weights("mass", top[None], logits[None], logits[None]).eq(1).all()
+        assert prift.token_weights("mass", top[None], logits[None], logits[None], threshold=0.99).eq(1).all()
+    # q >= 0.5 (then no other token holds more than 1 - q <= 0.5)
+    for q in (0.5, 0.51, 0.7, 0.99):
+        rest = [(1 - q) / 3] * 3
+        assert weights("mass", [[q] + rest, rest + [q]], [0, 3]).tolist() == [1.0, 1.0]
+    # the two-way tie at exactly 0.5 is the boundary case: u = 0.5 >= 0.5
+    assert weights("mass", [[0.5, 0.5, 0.0]], [1]).item() == 1.0
+
+
+@pytest.mark.parametrize("signal", ["online", "prior"])
+def test_thresholds_on_both_sides(signal):
+    eps = 1e-4
+    # profit: 1[p >= 0.1]
+    rows = [[0.1 + eps, 0.9 - eps], [0.1 - eps, 0.9 + eps]]
+    assert weights("profit", rows, [0, 0], signal=signal).tolist() == [1.0, 0.0]
+    # mass: 1[u >= 0.5]; the target is second most likely, the least likely token holds 0.5 -/+ eps
+    rows = [[0.5 - eps, 0.3, 0.2 + eps], [0.5 + eps, 0.3, 0.2 - eps]]    # u = 0.5 + eps, 0.5 - eps
+    assert [stats(r, 1)[1] > 0.5 for r in rows] == [True, False]
+    assert weights("mass", rows, [1, 1], signal=signal).tolist() == [1.0, 0.0]
+    # and with the other rule's threshold given explicitly
+    assert weights("mass", rows, [1, 1], threshold=0.4, signal=signal).tolist() == [1.0, 1.0]
+    assert weights("profit", rows, [1, 1], threshold=0.35, signal=signal).tolist() == [0.0, 0.0]
+    assert weights("profit", rows, [1, 1], threshold=0.0, signal=signal).tolist() == [1.0, 1.0]
+    assert weights("mass", rows, [1, 1], threshold=0.0, signal=signal).tolist() == [1.0, 1.0]
+
+
+def test_signal_swaps():
+    g = torch.Generator().manual_seed(1)
+    logits, ref = torch.randn(3, 6, 9, generator=g) * 2, torch.randn(3, 6, 9, generator=g) * 2
+    y = torch.randint(0, 9, (3, 6), generator=g)
+    tw = prift.token_weights
+    # each rule's own signal: dft and profit online, prob and mass prior
+    torch.testing.assert_close(tw("dft", y, logits, ref), tw("dft", y, logits, None))
+    torch.testing.assert_close(tw("prob", y, logits, ref), tw("dft", y, ref, None))
+    # dft with the prior signal is prob; prob with the online signal is dft
+    torch.testing.assert_close(tw("dft", y, logits, ref, signal="prior"), tw("prob", y, logits, ref), rtol=0, atol=0)
+    torch.testing.assert_close(tw("prob", y, logits, ref, signal="online"), tw("dft", y, logits, ref), rtol=0, atol=0)
+    # mass online takes logits, not ref_logits; profit prior takes ref_logits
+    online = tw("mass", y, logits, ref, signal="online")
+    torch.testing.assert_close(online, tw("mass", y, logits, logits), rtol=0, atol=0)
+    torch.testing.assert_close(online, tw("mass", y, logits, None, signal="online"), rtol=0, atol=0)
+    assert not torch.equal(online, tw("mass", y, logits, ref))
+    torch.testing.assert_close(tw("profit", y, logits, ref, signal="prior"), tw("profit", y, ref, None), rtol=0, atol=0)
+    assert not torch.equal(tw("profit", y, logits, ref, signal="prior"), tw("profit", y, logits, ref))
+    # sft ignores both; a prior rule without a reference is an error, not a silent fallback
+    assert tw("sft", y, logits, ref).eq(1).all() and tw("sft", y, logits, None).eq(1).all()
+    with pytest.raises(ValueError):
+        tw("mass", y, logits, None)
+    with pytest.raises(ValueError):
+        prift.weights_from_stats("nope", torch.ones(2), torch.ones(2), None)
+
+
+def test_weights_from_stats_table():
+    p, u = torch.tensor([0.05, 0.1, 0.3, 0.9]), torch.tensor([0.2, 0.5, 0.49, 1.0])
+    wfs = prift.weights_from_stats
+    assert wfs("sft", p, u, None).tolist() == [1.0] * 4
+    torch.testing.assert_close(wfs("dft", p, u, None), p)
+    torch.testing.assert_close(wfs("prob", p, u, None), p)
+    assert wfs("profit", p, u, 0.1).tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert wfs("mass", p, u, 0.5).tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert all(wfs(r, p, u, 0.5).dtype == torch.float32 for r in RULES)
+
+
+def test_softmax_in_float32():
+    g = torch.Generator().manual_seed(2)
+    logits = (4 * torch.randn(5, 300, generator=g)).bfloat16()
+    y = torch.randint(0, 300, (5,), generator=g)
+    p, u = prift.target_stats(logits, y)
+    assert p.dtype == u.dtype == torch.float32
+    p32, u32 = prift.target_stats(logits.float(), y)
+    torch.testing.assert_close((p, u), (p32, u32), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# No gradient through a weight
+
+@pytest.mark.parametrize("signal", ["online", "prior"])
+def test_weights_are_detached(signal):
+    logits = torch.randn(2, 4, 10, requires_grad=True)
+    ref = torch.randn(2, 4, 10, requires_grad=True)
+    y = torch.randint(0, 10, (2, 4))
+    for rule in RULES:
+        w = prift.token_weights(rule, y, logits, ref, signal=signal)
+        assert not w.requires_grad and w.grad_fn is None, rule
+        p, u = prift.target_stats(logits.view(-1, 10), y.view(-1))
+        assert not prift.weights_from_stats(rule, p, u, 0.5).requires_grad, rule
+
+
+def test_token_weights_gradient_is_weighted_ce():
+    """d/dlogits sum(w * CE) = w * (softmax - onehot), with w a constant: dft's weight p gets no gradient."""
+    g = torch.Generator().manual_seed(3)
+    logits = (2 * torch.randn(4, 6, 11, generator=g)).requires_grad_()
+    y = torch.randint(0, 11, (4, 6), generator=g)
+    w = prift.token_weights("dft", y, logits)
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, 11), y.view(-1), reduction="none").view(4, 6)
+    (w * ce).sum().backward()
+    probs = logits.detach().softmax(-1)
+    analytic = w[..., None] * (probs - torch.nn.functional.one_hot(y, 11))
+    torch.testing.assert_close(logits.grad, analytic, rtol=1e-5, atol=1e-7)
+    # the test can fail: with the weight not detached the gradient is another one
+    lg = logits.detach().requires_grad_()
+    p = lg.softmax(-1).gather(-1, y[..., None])[..., 0]
+    (p * -p.log()).sum().backward()
+    assert not torch.allclose(lg.grad, analytic, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["dft", "profit", "mass"])
+def test_response_loss_gradient_is_weighted_ce(rule):
+    g = torch.Generator().manual_seed(4)
+    N, C, V = 23, 8, 13
+    h = torch.randn(N, C, generator=g).requires_grad_()
+    head = torch.nn.Linear(C, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, C, generator=g))
+    y = torch.randint(0, V, (N,), generator=g)
+    threshold = prift.RULES[rule][1]
+    prift.response_loss(h, head, y, rule, "online", threshold, chunk=5)[0].backward()
+    logits = h.detach() @ head.weight.detach().T
+    probs = logits.softmax(-1)
+    w = prift.token_weights(rule, y, logits, signal="online")
+    assert 0 < (w > 0).sum() < N or rule == "dft"
+    dlogits = w[:, None] * (probs - torch.nn.functional.one_hot(y, V))
+    torch.testing.assert_close(h.grad, dlogits @ head.weight.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head.weight.grad, dlogits.T @ h.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The chunked loss equals a plain full computation
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("chunk", [7, 1, 100])
+def test_response_loss_chunked_equals_plain(rule, chunk):
+    g = torch.Generator().manual_seed(5)
+    N, C, V = 37, 16, 50                      # 37 = 5 * 7 + 2: the last chunk is short
+    h0 = torch.randn(N, C, generator=g)
+    W0 = 0.5 * torch.randn(V, C, generator=g)
+    y = torch.randint(0, V, (N,), generator=g)
+    ref_logits = 2 * torch.randn(N, V, generator=g)
+    y[:4] = ref_logits[:4].argmax(1)           # some targets the reference supports
+    y[4:8] = (h0[4:8] @ W0.T).argmax(1)        # and some the model does
+    prior = torch.stack(prift.target_stats(ref_logits, y), 1)   # (N, 2): what --prior precompute stores
+    signal, threshold = prift.RULES[rule]
+
+    h, head = h0.clone().requires_grad_(), torch.nn.Linear(C, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(W0)
+    out = prift.response_loss(h, head, y, rule, signal, threshold, prior, chunk=chunk)
+    out[0].backward()
+
+    hp, Wp = h0.clone().requires_grad_(), W0.clone().requires_grad_()
+    logits = hp @ Wp.T                                                             # (N, V)
+    w = prift.token_weights(rule, y[None], logits[None], ref_logits[None])[0]
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    plain = (w * ce).sum()
+    plain.backward()
+    if rule in ("mass", "profit"):
+        assert 0 < (w > 0).sum() < N, "a thresholded rule should keep some tokens and drop others here"
+
+    torch.testing.assert_close(out[0], plain.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out[1], ce.detach().sum(), rtol=1e-6, atol=0)
+    assert out[2].item() == (w > 0).sum().item()
+    scale_h, scale_w = hp.grad.abs().max(), Wp.grad.abs().max()
+    torch.testing.assert_close(h.grad, hp.grad, rtol=1e-6, atol=1e-6 * scale_h)
+    torch.testing.assert_close(head.weight.grad, Wp.grad, rtol=1e-6, atol=1e-6 * scale_w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: normalisation, accumulation, the frozen reference (a tiny random checkpoint)
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", seed=0)
+
+
+def targs(rule, **kw):
+    a = argparse.Namespace(rule=rule, signal=None, threshold=None, lr=1e-3, batch_size=4, micro_batch=4, epochs=1,
+                           max_steps=1, seed=0, loss_chunk=None, save_every=0, fsdp=False, precision="fp32",
+                           prior="precompute")
+    for k, v in kw.items():
+        setattr(a, k, v)
+    prift.resolve_rule(a)
+    return a
+
+
+def uneven_seqs(vocab, seed=0):
+    """Four examples whose responses have 2, 5, 11 and 23 tokens: micro-batch means weigh them unequally."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, vocab, (np_ + nr,), generator=g).tolist(), np_)
+            for np_, nr in ((3, 2), (6, 5), (4, 11), (2, 23))]
+
+
+def train_capturing(args, model, seqs, monkeypatch, **kw):
+    """prift.train, keeping a copy of the gradient each step takes (before clipping)."""
+    grads, clip = [], torch.nn.utils.clip_grad_norm_
+    def capture(params, max_norm, *a, **k):
+        params = list(params)
+        grads.append([p.grad.detach().clone() for p in params])
+        return clip(params, max_norm, *a, **k)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+    state = prift.train(args, model, seqs, **kw)
+    return state, grads
+
+
+def prior_of(ref, seqs):
+    """What --prior precompute computes: the reference's (p, u) per response token of each example."""
+    out = []
+    for s in seqs:
+        x, y, m = data.collate([s])
+        out.append(prift.reference_stats(ref, x, y, m))
+    return out
+
+
+def full_batch_loss(model, seqs, rule, ref=None, denominator="tokens"):
+    """The loss of METHOD.md over the whole batch, computed plainly: sum(w * CE * m) / sum(m)."""
+    x, y, m = data.collate(seqs)
+    logits = model(x)
+    ref_logits = ref(x).detach() if ref is not None else None
+    w = prift.token_weights(rule, y, logits, ref_logits)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+    num = (w * ce * m).sum()
+    return num / (m.sum() if denominator == "tokens" else (w * m).sum()), w, m
+
+
+@pytest.mark.parametrize("rule", ["mass", "dft"])
+def test_loss_is_normalised_by_all_response_tokens(ckpt, tmp_path, monkeypatch, rule):
+    model, ref = GPT.from_pretrained(ckpt), GPT.from_pretrained(ckpt).requires_grad_(False)
+    seqs = uneven_seqs(model.config.vocab_size)
+    expected, w, m = full_batch_loss(model, seqs, rule, ref)
+    wrong = full_batch_loss(model, seqs, rule, ref, denominator="weights")[0]
+    if rule == "mass":
+        assert 0 < (w[m] > 0).sum() < m.sum(), "some response tokens should have weight 0"
+    assert not math.isclose(expected.item(), wrong.item(), rel_tol=1e-3)
+    expected.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    args = targs(rule)
+    prior = prior_of(ref, seqs) if args.signal == "prior" else None
+    _, grads = train_capturing(args, model, seqs, monkeypatch, prior=prior, out=tmp_path)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row["tokens"] == m.sum().item() == sum(map(data.n_response_tokens, seqs))
+    assert row["loss"] == pytest.approx(expected.item(), rel=1e-6)
+    assert row["kept"] == pytest.approx(((w > 0) & m).sum().item() / m.sum().item(), rel=1e-6)
+    for g, e in zip(grads[0], want):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule", ["sft", "mass"])
+def test_gradient_accumulation_matches_full_batch(ckpt, monkeypatch, rule):
+    base = GPT.from_pretrained(ckpt)
+    ref = GPT.from_pretrained(ckpt).requires_grad_(False)
+    seqs = uneven_seqs(base.config.vocab_size, seed=1)
+    prior = prior_of(ref, seqs) if prift.RULES[rule][0] == "prior" else None
+    runs = {}
+    for mb in (1, 4):
+        model = GPT.from_pretrained(ckpt)
+        _, grads = train_capturing(targs(rule, micro_batch=mb), model, seqs, monkeypatch, prior=prior)
+        runs[mb] = grads[0], [p.detach() for p in model.parameters()]
+    (g1, p1), (g4, p4) = runs[1], runs[4]
+    for a, b in zip(g1, g4):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    for a, b in zip(p1, p4):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(p1, base.parameters())), "the step changed nothing"
+
+    # the test can fail: averaging the four micro-batch means (each over its own response tokens) would
+    # weigh a token of the 2-token response 11.5 x more than one of the 23-token response
+    signal, threshold = prift.RULES[rule]
+    for s, pr in zip(seqs, prior or [None] * 4):
+        x, y, m = data.collate([s])
+        part = prift.response_loss(base(x, hidden_only=True)[m], base.lm_head, y[m], rule, signal, threshold, pr)
+        (part[0] / m.sum() / len(seqs)).backward()
+    naive = [p.grad for p in base.parameters()]
+    assert not all(torch.allclose(a, b, rtol=1e-2, atol=1e-6) for a, b in zip(naive, g4))
+
+
+def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch):
+    """With the reference the starting checkpoint, online p and prior q are the same numbers at step 0."""
+    tok = data.load_tokenizer(ckpt)
+    rows = data.read_jsonl(make_data(tmp_path / "d.jsonl", n=4))
+    seqs, _ = data.encode(rows, tok, "plain", data.end_token_id(tok, "plain", ckpt), 128)
+    model, ref = GPT.from_pretrained(ckpt), prift.load_reference(targs("prob", ref=str(ckpt)), torch.device("cpu"))
+    x, y, m = data.collate(seqs)
+    with torch.no_grad():
+        logits, ref_logits = model(x), ref(x)
+    torch.testing.assert_close(prift.token_weights("dft", y, logits), prift.token_weights("prob", y, logits, ref_logits),
+                               rtol=0, atol=0)
+    # through training: the precomputed prior (in a cache), the first step's loss and the updated weights
+    args = targs("prob", ref=str(ckpt), cache=str(tmp_path / "cache"))
+    prior = prift.compute_prior(args, seqs, torch.device("cpu"))
+    assert [len(p) for p in prior] == [data.n_response_tokens(s) for s in seqs]
+    assert any((tmp_path / "cache" / "prior").iterdir())
+    again = prift.compute_prior(args, seqs, torch.device("cpu"))           # from the cache this time
+    torch.testing.assert_close(torch.cat(again), torch.cat(prior), rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(prior)[:, 0], prift.token_weights("dft", y, logits)[m], rtol=1e-6, atol=0)
+    after = {}
+    for rule, kw in (("dft", {}), ("prob", dict(prior=prior))):
+        model = GPT.from_pretrained(ckpt)
+        out = tmp_path / rule
+        out.mkdir()
+        prift.train(targs(rule), model, seqs, out=out, **kw)
+        after[rule] = json.loads((out / "metrics.jsonl").read_text()), list(model.parameters())
+    assert after["dft"][0]["loss"] == pytest.approx(after["prob"][0]["loss"], rel=1e-6)
+    for a, b in zip(after["dft"][1], after["prob"][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["prob", "mass"])
+def test_inline_reference_stays_frozen(ckpt, tmp_path, rule):
+    args = targs(rule, ref=str(ckpt), max_steps=2, batch_size=2, micro_batch=1)
+    ref = prift.load_reference(args, torch.device("cpu"))
+    model = GPT.from_pretrained(ckpt)
+    before_ref = {k: v.clone() for k, v in ref.state_dict().items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seqs = uneven_seqs(model.config.vocab_size, seed=2)
+    state = prift.train(args, model, seqs, ref=ref)
+    assert state["step"] == 2 and state["skipped"] == 0
+    assert all(not p.requires_grad and p.grad is None for p in ref.parameters())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, before_ref[k]), f"the reference's {k} changed"
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the model did not train"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference vectors for porters (tests/reference_vectors.json)
+
+@pytest.fixture(scope="module")
+def vectors():
+    return json.loads(refvec.PATH.read_text())
+
+
+def test_reference_vectors_match_the_implementation(vectors):
+    assert "description" in vectors and "sum_t m_t" in vectors["description"]
+    logits, ref, y, mask = refvec.load_inputs(vectors)
+    assert logits.shape == ref.shape == (2, 5, 7) and y.shape == mask.shape == (2, 5)
+    assert (mask == 0).any()
+    names = {c["name"] for c in vectors["cases"]}
+    assert {"sft", "dft", "prob", "mass", "profit", "mass_online", "dft_prior"} <= names
+    m = mask.float()
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, 7), y.view(-1), reduction="none").view(2, 5)
+    torch.testing.assert_close(ce, torch.tensor(vectors["ce"]), rtol=0, atol=1e-6)
+    for case in vectors["cases"]:
+        w = prift.token_weights(case["rule"], y, logits, ref, threshold=case["threshold"], signal=case["signal"])
+        torch.testing.assert_close(w, torch.tensor(case["weights"]), rtol=0, atol=1e-6, msg=case["name"])
+        assert (w * ce * m).sum().item() / m.sum().item() == pytest.approx(case["loss"], abs=1e-6), case["name"]
+    # and the whole file, recomputed by the script that wrote it (response_loss included)
+    new = refvec.compute(logits, ref, y, mask)
+    for a, b in zip(vectors["cases"], new["cases"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["kept"] == b["kept"], a["name"]
+        assert a["ce_mean"] == pytest.approx(b["ce_mean"], abs=1e-6), a["name"]
+
+
+def test_reference_vectors_match_the_definition(vectors):
+    """The file agrees with a naive float64 reading of METHOD.md, so a porter can trust it."""
+    i = vectors["inputs"]
+    def softmax(row):
+        z = max(row)
+        e = [math.exp(v - z) for v in row]
+        return [v / sum(e) for v in e]
+    for case in vectors["cases"]:
+        rule, signal, tau = case["rule"], case["signal"], case["threshold"]
+        num = den = 0.0
+        for b in range(2):
+            for t in range(5):
+                tgt = i["targets"][b][t]
+                online = softmax(i["logits"][b][t])
+                s = online if signal == "online" else softmax(i["ref_logits"][b][t])
+                p, u = stats(s, tgt)
+                w = {"sft": 1.0, "dft": p, "prob": p, "profit": float(p >= (tau or 0)), "mass": float(u >= (tau or 0))}[rule]
+                assert case["weights"][b][t] == pytest.approx(w, abs=1e-6), (case["name"], b, t)
+                num += w * -math.log(online[tgt]) * i["mask"][b][t]
+                den += i["mask"][b][t]
+        assert case["loss"] == pytest.approx(num / den, abs=1e-5), case["name"]
+    # the hand-made positions the description promises
+    prior = vectors["stats"]["prior"]
+    assert prior["u"][0][1] == pytest.approx(0.4, abs=1e-3) and prior["p"][0][1] == pytest.approx(0.3, abs=1e-3)
+    mass = next(c for c in vectors["cases"] if c["name"] == "mass")
+    assert mass["weights"][0][1] == 0.0

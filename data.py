@@ -37,7 +37,12 @@ def read_jsonl(path):
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     examples = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    # lines end at \n only: str.splitlines would also cut at U+2028, U+0085 and others, which JSON strings may hold
+    for n, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line = line.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)")
         if not line.strip():
             continue
         try:
@@ -105,7 +110,10 @@ def load_tokenizer(model_dir):
     path = Path(model_dir) / "tokenizer.json"
     if not path.exists():
         raise DataError(f"{model_dir} has no tokenizer.json; prift tokenises with the checkpoint's own tokenizer")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        raise DataError(f"{path} cannot be read as a tokenizer ({e}); download it again")
 
 
 def pick_template(tok, name):
@@ -140,12 +148,13 @@ def prompt_text(messages, template):
 
 def encode(examples, tok, template, end_id, max_len):
     """Examples -> list of (ids, n_prompt): ids = prompt ids + response ids + end id, cut on the right
-    to max_len. Examples whose prompt alone fills max_len are dropped; returns (kept, n_dropped)."""
+    to max_len. Examples whose prompt alone fills max_len are dropped, and those of a single token in all
+    (empty prompt and response, no BOS): nothing to predict. Returns (kept, n_dropped)."""
     kept, dropped = [], 0
     for ex in examples:
         prompt = tok.encode(prompt_text(ex["messages"], template)).ids  # special tokens (BOS) as the tokenizer adds them
         response = tok.encode(ex["response"], add_special_tokens=False).ids + [end_id]
-        if len(prompt) >= max_len:
+        if len(prompt) >= max_len or len(prompt) + len(response) < 2:
             dropped += 1
             continue
         kept.append(((prompt + response)[:max_len], len(prompt)))
@@ -186,11 +195,11 @@ PRETRAIN_PHRASINGS = {
           "{n} has {a} {i} and gives away {b}. How many are left?",
           "{n} had {a} {i} and used {b}. How many does {n} have?"],
 }
-TASK_PHRASINGS = {  # verbs and question forms the base model has never seen
-    "+": ["{n} owned {a} {i}, then won {b}. What is the total?",
-          "{n} collected {a} {i}; {b} more arrived. Count them."],
-    "-": ["{n} owned {a} {i}, then sold {b}. What is left?",
-          "{n} stored {a} {i} but {b} broke. How many survive?"],
+TASK_PHRASINGS = {  # the same problems told with verbs the base model has never seen
+    "+": ["{n} had {a} {i} and won {b} more. How many now?",
+          "{n} has {a} {i}. A friend mails {n} {b} more. How many in all?"],
+    "-": ["{n} had {a} {i} but sold {b}. How many remain?",
+          "{n} has {a} {i} and breaks {b}. How many are left?"],
 }
 FILLER = ["so yeah, ", "hmm ok, ", "right, well, "]
 

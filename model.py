@@ -102,6 +102,8 @@ class Config:
             raise CheckpointError(f"{path / 'config.json'} is not a JSON object")
         try:
             return cls.from_dict(d)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}")
         except KeyError as e:
             raise CheckpointError(f"{path / 'config.json'} lacks the field {e}")
         except (TypeError, ValueError, ZeroDivisionError) as e:
@@ -335,7 +337,7 @@ class GPT(nn.Module):
             if k not in state:
                 raise CheckpointError(f"tensor {k} of shape {tuple(shape)} is missing from the checkpoint in {path}")
             if state[k].shape != shape:
-                raise CheckpointError(f"tensor {k} has shape {tuple(state[k].shape)} in the checkpoint, "
+                raise CheckpointError(f"tensor {k} has shape {tuple(state[k].shape)} in the checkpoint in {path}, "
                                       f"the config implies {tuple(shape)}")
         for k in state:
             if k not in expected:

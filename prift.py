@@ -22,6 +22,7 @@ model is kept in memory; `--prior inline` runs the reference beside the model on
 """
 import argparse
 import contextlib
+from array import array
 import hashlib
 import json
 import math
@@ -34,11 +35,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
-from model import GPT, CheckpointError
+from model import GPT, CheckpointError, Config
 
 # rule: (its own signal, its own threshold). uniform and random are controls for the demo: a constant
 # weight, and a random mask, that change how large the step is but not which tokens are learned.
@@ -50,7 +51,11 @@ def target_stats(logits, targets):
     """logits (N, V), targets (N,) -> p (N,) the probability of each target, and u (N,) its mass score:
     the probability of all tokens strictly less likely than the target, plus the target's own. Ties with
     the target are not counted. float32."""
-    probs = logits.float().softmax(-1)                 # (N, V)
+    return probs_stats(logits.float().softmax(-1), targets)
+
+
+def probs_stats(probs, targets):
+    """target_stats from the probabilities (N, V) themselves."""
     p = probs.gather(1, targets[:, None])              # (N, 1)
     u = torch.where(probs < p, probs, 0).sum(1) + p[:, 0]
     return p[:, 0], u
@@ -89,25 +94,55 @@ def token_weights(rule, targets, logits, ref_logits=None, threshold=None, signal
 
 def response_loss(h, head, y, rule, signal, threshold, prior=None, chunk=1024):
     """h (N, C) final hidden states at the N response positions of a micro-batch, y (N,) their targets,
-    prior (N, 2) the reference's (p, u) there. Returns [sum w*CE, sum CE, number of w > 0], without ever
-    holding more than `chunk` rows of float32 logits: each chunk's logits are made, used and freed, and
-    made again in the backward pass (activation checkpointing), so the gradient is exact."""
-    def terms(h, y, prior):
-        logp = head(h).float().log_softmax(-1)                     # (n, V)
-        ce = -logp.gather(1, y[:, None])[:, 0]                     # (n,)
-        if signal == "online":
-            p, u = target_stats(logp.detach(), y)
-        elif signal == "prior":
-            p, u = prior.unbind(1)
-        else:  # sft and the controls use no signal
-            p = u = ce.detach()
-        w = weights_from_stats(rule, p, u, threshold)
-        return torch.stack([(w * ce).sum(), ce.detach().sum(), (w > 0).sum().float()])
-    total, chunk = h.new_zeros(3, dtype=torch.float32), chunk or default_chunk(head)
-    for s in range(0, len(y), chunk):
-        part = prior[s:s + chunk] if prior is not None else None
-        total = total + checkpoint(terms, h[s:s + chunk], y[s:s + chunk], part, use_reentrant=False)
-    return total
+    prior (N, 2) the reference's (p, u) there. Returns [sum w*CE, sum CE, number of w > 0] (float32, the
+    first differentiable), without ever holding more than `chunk` rows of logits (see ChunkedLoss)."""
+    how = (rule, signal, threshold, chunk or default_chunk(head), torch.is_grad_enabled())
+    return ChunkedLoss.apply(h, head.weight, y, prior, how)
+
+
+class ChunkedLoss(torch.autograd.Function):
+    """sum_t w_t CE_t, chunk by chunk of positions. Each chunk's logits are made, used and freed; its exact
+    gradient (w_t times softmax minus one-hot; w_t is detached) goes at once into d/dh and d/dhead, so no
+    (N, V) tensor is kept for the backward pass and no logits are made twice. Under autocast the matmuls
+    run in its dtype and the softmax in float32, as autograd would."""
+    @staticmethod
+    def forward(ctx, h, weight, y, prior, how):
+        rule, signal, threshold, chunk, grad = how
+        dev = h.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+        W = weight.to(cdt)
+        total = torch.zeros(3, device=h.device)
+        dh = torch.empty_like(h) if grad and ctx.needs_input_grad[0] else None
+        dW = torch.zeros_like(weight) if grad and ctx.needs_input_grad[1] else None
+        for s in range(0, len(y), chunk):
+            hc, yc = h[s:s + chunk].to(cdt), y[s:s + chunk, None]
+            logits = (hc @ W.t()).float()                                  # (n, V)
+            lse = logits.logsumexp(-1, keepdim=True)
+            ce = (lse - logits.gather(1, yc))[:, 0]
+            probs = logits.sub_(lse).exp_()                                # in place: the softmax
+            if signal == "online":
+                p, u = probs_stats(probs, yc[:, 0]) if rule == "mass" else (probs.gather(1, yc)[:, 0], None)
+            elif signal == "prior":
+                p, u = prior[s:s + chunk].unbind(1)
+            else:  # sft and the controls use no signal
+                p = u = ce
+            w = weights_from_stats(rule, p, u, threshold)
+            total += torch.stack([(w * ce).sum(), ce.sum(), (w > 0).sum().float()])
+            if dh is not None or dW is not None:  # d(w CE)/d logits = w (softmax - one-hot)
+                dl = probs.scatter_add_(1, yc, probs.new_full(yc.shape, -1.0)).mul_(w[:, None]).to(cdt)
+                if dh is not None:
+                    dh[s:s + chunk] = dl @ W
+                if dW is not None and dl.dtype == dW.dtype:
+                    dW.addmm_(dl.t(), hc)
+                elif dW is not None:
+                    dW += (dl.t() @ hc).to(dW.dtype)
+        ctx.grads = dh, dW
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (dh, dW), ctx.grads = ctx.grads, None  # keep no reference: autograd then takes dW as it is, uncopied
+        return dh if dh is None else dh.mul_(g[0]), dW if dW is None else dW.mul_(g[0]), None, None, None
 
 
 def default_chunk(head):
@@ -118,9 +153,15 @@ def default_chunk(head):
 @torch.no_grad()
 def reference_stats(ref, x, y, m, chunk=1024):
     """The frozen reference's (p, u) for every response token of a batch, in mask order: (N, 2)."""
-    h, y, chunk = ref(x, hidden_only=True)[m], y[m], chunk or default_chunk(ref.lm_head)
-    out = [torch.stack(target_stats(ref.lm_head(h[s:s + chunk]), y[s:s + chunk]), 1) for s in range(0, len(y), chunk)]
-    return torch.cat(out) if out else torch.zeros(0, 2, device=x.device)
+    return head_stats(ref(x, hidden_only=True)[m], ref.lm_head, y[m], chunk)
+
+
+@torch.no_grad()
+def head_stats(h, head, y, chunk=None):
+    """(p, u) of targets y (N,) from final hidden states h (N, C) and a head, `chunk` rows at a time: (N, 2)."""
+    chunk = chunk or default_chunk(head)
+    out = [torch.stack(target_stats(head(h[s:s + chunk]), y[s:s + chunk]), 1) for s in range(0, len(y), chunk)]
+    return torch.cat(out) if out else torch.zeros(0, 2, device=h.device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,19 +174,25 @@ def prior_cache_path(args, seqs):
     for f in sorted(ref.glob("*.safetensors")) + [ref / "config.json"]:
         st = f.stat()
         key.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    key.update(json.dumps([args.precision, seqs]).encode())
-    return Path(args.cache) / "prior" / f"{key.hexdigest()[:20]}.pt"
+    key.update(f"prior-v2:{args.precision};".encode())
+    for ids, n_prompt in seqs:  # the token ids themselves (4x faster than hashing them as JSON)
+        key.update(array("q", [n_prompt, len(ids), *ids]).tobytes())
+    return Path(args.cache) / "prior" / f"{key.hexdigest()[:20]}.safetensors"
 
 
 def compute_prior(args, seqs, device):
-    """(p, u) of the reference for every response token of every example: a list of (n_i, 2) tensors."""
+    """(p, u) of the reference for every response token of every example: a list of (n_i, 2) float32
+    tensors, from one no-grad pass (examples batched by length), cached as a safetensors file of all the
+    tokens' stats, `stats` (N, 2), and where each example's start, `offsets` (n_examples + 1,)."""
     path = prior_cache_path(args, seqs)
     if path.exists():
         log(f"prior: reusing {path}")
-        return torch.load(path)
+        f = load_file(path)
+        o = f["offsets"].tolist()
+        return [f["stats"][a:b] for a, b in zip(o, o[1:])]
     ref = load_reference(args, device)
     rank, world = dist_info()
-    mine = list(range(rank, len(seqs), world))  # each rank takes every world-th example
+    mine = sorted(range(rank, len(seqs), world), key=lambda i: len(seqs[i][0]))  # every world-th example; little padding
     stats = {}
     for s in progress(range(0, len(mine), args.micro_batch), desc="prior"):
         idxs = mine[s:s + args.micro_batch]
@@ -162,7 +209,8 @@ def compute_prior(args, seqs, device):
     prior = [stats[i] for i in range(len(seqs))]
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(prior, path.with_suffix(".tmp"))
+        offsets = torch.tensor([0] + [len(p) for p in prior]).cumsum(0)
+        save_file({"stats": torch.cat(prior).contiguous(), "offsets": offsets}, path.with_suffix(".tmp"))
         os.replace(path.with_suffix(".tmp"), path)
         log(f"prior: computed for {sum(len(p) for p in prior)} response tokens, saved to {path}")
     del ref
@@ -201,11 +249,11 @@ def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
     device = next(model.parameters()).device
     rank, world = dist_info()
     total = args.max_steps or args.epochs * math.ceil(len(seqs) / args.batch_size)
+    ddp = wrap_distributed(args, model, ref)  # first: fully_shard replaces the parameters with sharded ones
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    ddp = wrap_distributed(args, model)
     state = {"step": 0, "skipped": 0, "bad_in_row": 0, "kept_sum": 0.0}
     if start:  # resume
-        opt.load_state_dict(start["optimizer"])
+        load_optimizer_state_dict(model, opt, start["optimizer"])
         state.update(start["state"])
         torch.set_rng_state(start["rng"])
     pbar = progress(total=total, initial=state["step"], desc=f"train {args.rule}")
@@ -215,12 +263,15 @@ def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
         idx = batch_order(len(seqs), args.batch_size, step, args.seed)
         n_tokens = sum(data.n_response_tokens(seqs[i]) for i in idx)  # whole global batch, known to every rank
         mine = idx[rank::world]
-        micro = [mine[s:s + args.micro_batch] for s in range(0, len(mine), args.micro_batch)]
+        micro = [(mine[s:s + args.micro_batch], 1) for s in range(0, len(mine), args.micro_batch)]
+        # the last batch of an epoch may be short, but the collectives of DDP/FSDP need every rank to run as many
+        # micro-batches as rank 0: pad with the batch's first example at weight 0
+        micro += [(idx[:1], 0)] * (math.ceil(math.ceil(len(idx) / world) / args.micro_batch) - len(micro))
         lr = get_lr(step, total, args.lr)
         for g in opt.param_groups:
             g["lr"] = lr
         sums = torch.zeros(3, device=device)
-        for j, mb in enumerate(micro):
+        for j, (mb, keep) in enumerate(micro):
             x, y, m = (t.to(device) for t in data.collate([seqs[i] for i in mb]))
             p = torch.cat([prior[i] for i in mb]).to(device) if prior is not None else None
             if ref is not None:
@@ -230,16 +281,16 @@ def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
                 h = ddp(x, hidden_only=True)[m]
                 part = response_loss(h, model.lm_head, y[m], args.rule, args.signal, args.threshold, p, args.loss_chunk)
                 # DDP averages gradients over ranks; the loss is a sum over the global batch, so scale by world
-                (part[0] * world / max(n_tokens, 1)).backward()
-            sums += part.detach()
+                (part[0] * keep * world / max(n_tokens, 1)).backward()
+            sums += keep * part.detach()
         if world > 1:
             dist.all_reduce(sums)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-        if math.isfinite(gnorm):
+        if math.isfinite(gnorm) and math.isfinite(sums[0].item()):
             opt.step()
             state["bad_in_row"] = 0
-        else:  # a non-finite gradient: skip the step, count it, and go on
+        else:  # a non-finite loss or gradient: skip the step, count it, and go on
             state["skipped"] += 1
             state["bad_in_row"] += 1
         opt.zero_grad(set_to_none=True)
@@ -255,16 +306,26 @@ def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
                 f.write(json.dumps(row) + "\n")
         if state["bad_in_row"] >= 5:
             pbar.close()
-            raise TrainingError(f"{state['bad_in_row']} steps in a row had a non-finite gradient (last at step "
-                                f"{step + 1}); lower --lr. The last good checkpoint is in {out}")
+            stop.restore()
+            latest = out and out / "checkpoints" / "latest"
+            raise TrainingError(f"{state['bad_in_row']} steps in a row had a non-finite loss or gradient (the last at "
+                                f"step {step + 1}), so training stopped; lower --lr or check the data, and start again"
+                                + (f"; the last good checkpoint is {latest}" if latest and latest.exists() else ""))
+        signum = stop.signum
+        if world > 1:  # every rank stops after the same step, whichever rank got the signal
+            signum = torch.tensor([signum], device=device)
+            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+            signum = int(signum.item())
         due = args.save_every and state["step"] % args.save_every == 0 and state["step"] < total
-        if out and (due or stop.signum):
+        if out and (due or signum):
             save_checkpoint(args, model, opt, state, out)
-        if stop.signum:
+        if signum:
             pbar.close()
-            log(f"stopped by signal {stop.signum} at step {state['step']}; resume with: python prift.py --resume {out}")
-            raise SystemExit(128 + stop.signum)
+            stop.restore()
+            log(f"stopped by signal {signum} at step {state['step']}; resume with: python prift.py --resume {out}")
+            raise SystemExit(128 + signum)
     pbar.close()
+    stop.restore()
     state["kept"] = state.pop("kept_sum") / max(1, total)
     return state
 
@@ -278,14 +339,18 @@ class TrainingError(Exception):
 # published by atomically replacing the `latest` link, so a kill at any moment leaves the last one whole.
 
 def save_checkpoint(args, model, opt, state, out):
-    full = full_state_dict(model)
+    full, optim = full_state_dict(model), optimizer_state_dict(model, opt)  # collectives under FSDP2: every rank
     if dist_info()[0] != 0:
         return
     ckpt = out / "checkpoints" / f"step-{state['step']:07d}"
     tmp = ckpt.with_name(ckpt.name + ".tmp")
+    if ckpt.exists():  # left by a run killed before `latest` pointed to it: a resumed run made this step again
+        if (out / "checkpoints" / "latest").resolve() == ckpt.resolve():
+            return  # this step is already the latest checkpoint
+        shutil.rmtree(ckpt)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, full)
-    torch.save({"optimizer": opt.state_dict(), "state": dict(state), "rng": torch.get_rng_state()}, tmp / "trainer.pt")
+    torch.save({"optimizer": optim, "state": dict(state), "rng": torch.get_rng_state()}, tmp / "trainer.pt")
     os.replace(tmp, ckpt)
     link = out / "checkpoints" / "latest.tmp"
     link.unlink(missing_ok=True)
@@ -297,13 +362,18 @@ def save_checkpoint(args, model, opt, state, out):
 
 
 def interrupt_flag():
-    """SIGINT and SIGTERM set a flag; the loop saves a checkpoint after the current step and exits."""
+    """SIGINT and SIGTERM set a flag; the loop saves a checkpoint after the current step and exits.
+    flag.restore() puts back the handlers there were before, once training is over."""
+    saved = {s: signals.getsignal(s) for s in (signals.SIGINT, signals.SIGTERM)}
     class Flag:
         signum = 0
+        def restore(self):
+            for s, h in saved.items():
+                signals.signal(s, h)
     flag = Flag()
     def handler(signum, frame):
         flag.signum = signum
-    for s in (signals.SIGINT, signals.SIGTERM):
+    for s in saved:
         signals.signal(s, handler)
     return flag
 
@@ -315,14 +385,19 @@ def dist_info():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def wrap_distributed(args, model):
+def wrap_distributed(args, model, ref=None):
+    """DDP; or with --fsdp, FSDP2 (one unit per transformer block, and the root) for the model, in place, and
+    for the frozen reference of --prior inline the same way. Build the optimizer after this."""
     if not dist.is_initialized():
         return model
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
-        for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model)
+        for module in [model] + ([ref] if ref is not None else []):
+            for block in module.model.layers:
+                fully_shard(block)
+            # the root (embeddings, final norm, lm_head) stays unsharded after forward, as the loss applies
+            # lm_head outside forward; its gradient is reduce-scattered at the end of backward
+            fully_shard(module, reshard_after_forward=False)
         return model
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model)
@@ -344,6 +419,27 @@ def full_state_dict(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return None
+
+
+def optimizer_state_dict(model, opt):
+    """Under FSDP2 every rank takes part in gathering the whole optimizer state (keyed by parameter name) onto
+    rank 0's CPU, as opt.state_dict() would give each rank only its own shards; otherwise opt.state_dict()."""
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(model, FSDPModule):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def load_optimizer_state_dict(model, opt, state):
+    """The inverse of optimizer_state_dict: under FSDP2 each rank keeps its shards of the whole state. A state
+    keyed by name (saved under FSDP2) also loads into an unsharded model, to resume on one process."""
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(model, FSDPModule) or isinstance(state["param_groups"][0]["params"][0], str):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
 
 
 def autocast(device):
@@ -579,30 +675,31 @@ def run(args, device):
     seqs, dropped = data.encode(data.read_jsonl(args.data), tok, template, end_id, args.max_len)
     eval_set = data.read_jsonl(args.eval_data) if args.eval_data else None
     if not seqs:
-        raise data.DataError(f"no usable example in {args.data}: every prompt fills --max-len {args.max_len}")
+        raise data.DataError(f"no usable example in {args.data}: every prompt fills --max-len {args.max_len} "
+                             f"(raise it), or prompt and response are both empty")
     resolve_rule(args)
     ckpt = Path(args.out) / "checkpoints" / "latest"
     if args.resume and not ckpt.exists():
-        raise CheckpointError(f"{args.out} has no checkpoint to resume from (checkpoints/latest is missing)")
+        raise CheckpointError(f"{args.out} has no checkpoint to resume from (checkpoints/latest is missing); "
+                              f"start the run again with --overwrite")
     model = GPT.from_pretrained(ckpt if args.resume else args.model, device=device)
     if args.signal == "prior":
-        ref_vocab = json.loads((Path(args.ref) / "config.json").read_text()).get("vocab_size")
+        ref_vocab = Config.load(args.ref).vocab_size
         if ref_vocab != model.config.vocab_size:
             raise CheckpointError(f"the reference's vocabulary ({ref_vocab} tokens) differs from the model's "
                                   f"({model.config.vocab_size}); --ref must share the model's tokenizer")
     log(f"data: {len(seqs)} examples, {sum(map(data.n_response_tokens, seqs))} response tokens, template {template}"
-        + (f", {dropped} dropped (prompt fills --max-len)" if dropped else ""))
-    start = None
+        + (f", {dropped} dropped (prompt fills --max-len, or nothing to train)" if dropped else ""))
+    start = torch.load(ckpt / "trainer.pt", weights_only=False) if args.resume else None
+    prior = compute_prior(args, seqs, device) if args.signal == "prior" and args.prior == "precompute" else None
+    ref = load_reference(args, device) if args.signal == "prior" and args.prior == "inline" else None
+    # every input has been read and checked: only now is --out created, replaced or changed
     if args.resume:
-        start = torch.load(ckpt / "trainer.pt", weights_only=False)
         step = start["state"]["step"]
-        rows = (args.out / "metrics.jsonl").read_text().splitlines() if (args.out / "metrics.jsonl").exists() else []
-        (args.out / "metrics.jsonl").write_text("".join(l + "\n" for l in rows if json.loads(l)["step"] <= step))
+        truncate_metrics(args.out / "metrics.jsonl", step)
         log(f"resuming {args.out} at step {step}")
     else:
         prepare_out(args)
-    prior = compute_prior(args, seqs, device) if args.signal == "prior" and args.prior == "precompute" else None
-    ref = load_reference(args, device) if args.signal == "prior" and args.prior == "inline" else None
     k = args.eval_samples
     rows = [("base", evaluate(args, model, tok, template, end_id, eval_set, k))] if eval_set and not start else []
     state = train(args, model, seqs, prior=prior, ref=ref, out=args.out, start=start)
@@ -617,6 +714,20 @@ def run(args, device):
             (args.out / "eval.json").write_text(json.dumps(dict(rows), indent=1))
 
 
+def truncate_metrics(path, step):
+    """Keep the rows of steps 1..step, those the checkpoint has seen; a resumed run appends the rest. Rows
+    after it, and a line cut short by a kill, go. Replaced atomically, so a kill here loses nothing."""
+    def step_of(line):
+        try:
+            return json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return math.inf
+    if dist_info()[0] == 0 and path.exists():
+        rows = [l for l in path.read_text().splitlines() if step_of(l) <= step]
+        path.with_suffix(".tmp").write_text("".join(l + "\n" for l in rows))
+        os.replace(path.with_suffix(".tmp"), path)
+
+
 def prepare_out(args):
     """Create --out (replacing an earlier run only with --overwrite) and record the arguments."""
     if dist_info()[0] == 0:
@@ -627,8 +738,14 @@ def prepare_out(args):
         (args.out / "args.json").write_text(json.dumps(keep, indent=1, default=str) + "\n")
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A mistake on the command line: one line and exit code 2, as for every other user error."""
+        self.exit(2, f"prift: error: {message}\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="PriFT: fine-tuning with per-token weights from a frozen prior.")
+    p = Parser(description="PriFT: fine-tuning with per-token weights from a frozen prior.")
     g = p.add_argument_group("method")  # which weight each response token gets
     g.add_argument("--rule", default="mass", choices=[*RULES, "all"], help="weighting rule; 'all' runs the demo's comparison")
     g.add_argument("--signal", choices=["online", "prior"], help="source of the weight (default: the rule's own)")
@@ -691,9 +808,12 @@ def check_args(p, args):
         p.error("--rule all compares the rules on the built-in demo; give one rule with --model/--data")
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         p.error(f"--threshold must lie in [0, 1], got {args.threshold}")
-    for k in ("lr", "max_len", "batch_size", "micro_batch", "epochs", "seeds", "eval_problems"):
-        if getattr(args, k) is not None and getattr(args, k) <= 0 and not (k == "eval_problems" and getattr(args, k) == 0):
+    for k in ("lr", "max_len", "batch_size", "micro_batch", "epochs", "seeds", "eval_problems", "max_new_tokens"):
+        if getattr(args, k) is not None and not getattr(args, k) > 0 and not (k == "eval_problems" and getattr(args, k) == 0):
             p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
+    for k in ("save_every", "loss_chunk", "eval_samples"):
+        if (getattr(args, k) or 0) < 0:  # None: loss_chunk as an earlier run's args.json holds it
+            p.error(f"--{k.replace('_', '-')} must be 0 or more, got {getattr(args, k)}")
     if args.max_steps is not None and args.max_steps <= 0:
         p.error(f"--max-steps must be positive, got {args.max_steps}")
     world = dist_info()[1]
@@ -705,12 +825,19 @@ def check_args(p, args):
     for flag in ("model", "ref", "data", "eval_data"):
         if getattr(args, flag) and not Path(getattr(args, flag)).exists():
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist")
+    for flag in ("model", "ref"):
+        if getattr(args, flag) and not Path(getattr(args, flag)).is_dir():
+            p.error(f"--{flag} {getattr(args, flag)} is not a directory; pass a Hugging Face checkpoint directory")
     args.ref = args.ref or args.model
     args.loss_chunk = args.loss_chunk or None
     args.out = Path(args.out or f"runs/{'demo-' if demo else ''}{args.rule}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file; give a directory")
     if (args.out / "args.json").exists() and not args.overwrite and not args.resume:
         p.error(f"--out {args.out} already holds a run; use --resume {args.out} to continue it, "
                 f"--overwrite to replace it, or another --out")
+    if not args.resume and args.out.is_dir() and any(args.out.iterdir()) and not (args.out / "args.json").exists():
+        p.error(f"--out {args.out} holds other files and is not a prift run; give a new or empty directory")
     return demo
 
 
@@ -720,13 +847,20 @@ def main(argv=None):
         saved = Path(args.resume) / "args.json"
         if not saved.exists():
             p.error(f"--resume {args.resume}: no args.json there; give the --out directory of an earlier run")
-        args = argparse.Namespace(**{**vars(args), **json.loads(saved.read_text()), "resume": args.resume,
-                                     "out": args.resume, "overwrite": False})
+        try:
+            saved = json.loads(saved.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            p.error(f"--resume {args.resume}: args.json is not valid JSON ({e}); the run cannot be continued")
+        if not isinstance(saved, dict):
+            p.error(f"--resume {args.resume}: args.json does not hold the arguments of a prift run")
+        args = argparse.Namespace(**{**vars(args), **saved, "resume": args.resume, "out": args.resume, "overwrite": False})
     if "RANK" in os.environ and not dist.is_initialized():  # launched by torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     demo = check_args(p, args)
+    if dist.is_initialized():  # every rank has checked --out (e.g. for an args.json) before rank 0 writes there
+        dist.barrier()
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     args.precision = "bf16" if device.type == "cuda" else "fp32"
     torch.manual_seed(args.seed)
@@ -741,6 +875,9 @@ def main(argv=None):
     except (CheckpointError, data.DataError, TrainingError) as e:
         print(f"prift: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves a checkpoint on it)
+        print("prift: interrupted", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

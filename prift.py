@@ -92,7 +92,7 @@ def token_weights(rule, targets, logits, ref_logits=None, threshold=None, signal
     return weights_from_stats(rule, p, u, threshold).view(targets.shape)
 
 
-def response_loss(h, head, y, rule, signal, threshold, prior=None, chunk=1024):
+def response_loss(h, head, y, rule, signal, threshold, prior=None, chunk=None):
     """h (N, C) final hidden states at the N response positions of a micro-batch, y (N,) their targets,
     prior (N, 2) the reference's (p, u) there. Returns [sum w*CE, sum CE, number of w > 0] (float32, the
     first differentiable), without ever holding more than `chunk` rows of logits (see ChunkedLoss)."""
@@ -116,10 +116,12 @@ class ChunkedLoss(torch.autograd.Function):
         dW = torch.zeros_like(weight) if grad and ctx.needs_input_grad[1] else None
         for s in range(0, len(y), chunk):
             hc, yc = h[s:s + chunk].to(cdt), y[s:s + chunk, None]
-            logits = (hc @ W.t()).float()                                  # (n, V)
-            lse = logits.logsumexp(-1, keepdim=True)
-            ce = (lse - logits.gather(1, yc))[:, 0]
-            probs = logits.sub_(lse).exp_()                                # in place: the softmax
+            logits = (hc @ W.t()).float()                                  # (n, V), the chunk's one such tensor
+            top, target = logits.amax(-1, keepdim=True), logits.gather(1, yc)
+            probs = logits.sub_(top).exp_()                                # in place from here on
+            z = probs.sum(-1, keepdim=True)
+            probs.div_(z)                                                  # the softmax
+            ce = (z.log() + top - target)[:, 0]
             if signal == "online":
                 p, u = probs_stats(probs, yc[:, 0]) if rule == "mass" else (probs.gather(1, yc)[:, 0], None)
             elif signal == "prior":
@@ -151,7 +153,7 @@ def default_chunk(head):
 
 
 @torch.no_grad()
-def reference_stats(ref, x, y, m, chunk=1024):
+def reference_stats(ref, x, y, m, chunk=None):
     """The frozen reference's (p, u) for every response token of a batch, in mask order: (N, 2)."""
     return head_stats(ref(x, hidden_only=True)[m], ref.lm_head, y[m], chunk)
 
@@ -507,7 +509,7 @@ def evaluate(args, model, tok, template, end_id, examples, k):
     return res
 
 
-def print_table(rows, columns, title=None, file=None):
+def print_table(rows, columns, title=None):
     """rows: list of (name, metrics dict). Prints a Markdown table; returns its text."""
     cols = [c for c in columns if any(c in r for _, r in rows)]
     fmt = lambda v: f"{v:.1f}" if isinstance(v, float) and abs(v) >= 1 else f"{v:.3f}" if isinstance(v, float) else str(v)
@@ -539,7 +541,6 @@ def demo_base(args, device):
                num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
                tie_word_embeddings=True, hidden_act="silu", eos_token_id=tok.token_to_id("<|endoftext|>"))
     torch.manual_seed(1234)
-    from model import Config
     model = GPT(Config.from_dict(cfg)).to(device)
     seqs, _ = data.encode([data.parse_example(r, "corpus") for r in rows], tok, "plain", cfg["eos_token_id"], 256)
     pre = argparse.Namespace(**{**vars(args), "rule": "sft", "signal": None, "threshold": None, "lr": 3e-3,
@@ -567,7 +568,7 @@ def demo_data(args, out):
     return {name: out / "demo-data" / f"{name}.jsonl" for name in files}
 
 
-def demo_metrics(args, model, tok, end_id, sets, state=None):
+def demo_metrics(args, model, tok, end_id, sets):
     """The report's numbers for one model: new-task accuracy (greedy; Avg@8/Pass@8 at temperature 1),
     retention of the pretraining skill, and how often a wrong answer shown in training comes back."""
     res = evaluate(args, model, tok, "plain", end_id, sets["task"], 8)
@@ -640,7 +641,7 @@ def run_demo(args, device):
             run_dir.mkdir(parents=True, exist_ok=True)
             state = train(a, model, seqs, prior=prior if a.signal == "prior" else None, out=run_dir)
             res = demo_metrics(args, model, tok, end_id, sets)
-            res.update(kept=state["kept"], train_s=time.time() - t0, rule=rule, seed=seed)
+            res.update(kept=100 * state["kept"], train_s=time.time() - t0, rule=rule, seed=seed)
             runs.append(res)
             if len(rules) == 1 and args.seeds == 1:
                 model.save_pretrained(out)
@@ -806,9 +807,11 @@ def check_args(p, args):
         p.error("give both --model and --data, or neither for the built-in demo")
     if args.rule == "all" and not demo:
         p.error("--rule all compares the rules on the built-in demo; give one rule with --model/--data")
-    if args.threshold is not None and not 0 <= args.threshold <= 1:
-        p.error(f"--threshold must lie in [0, 1], got {args.threshold}")
-    for k in ("lr", "max_len", "batch_size", "micro_batch", "epochs", "seeds", "eval_problems", "max_new_tokens"):
+    for k in ("threshold", "demo_noise"):
+        if getattr(args, k) is not None and not 0 <= getattr(args, k) <= 1:
+            p.error(f"--{k.replace('_', '-')} must lie in [0, 1], got {getattr(args, k)}")
+    for k in ("lr", "max_len", "batch_size", "micro_batch", "epochs", "seeds", "eval_problems", "max_new_tokens",
+              "demo_pretrain_steps"):
         if getattr(args, k) is not None and not getattr(args, k) > 0 and not (k == "eval_problems" and getattr(args, k) == 0):
             p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
     for k in ("save_every", "loss_chunk", "eval_samples"):

@@ -1,0 +1,295 @@
+"""
+Benchmark of training speed and memory, measured side by side in one run on one model, data and machine:
+
+  1. training tokens per second and peak memory of sft, dft, prob and mass, the prior precomputed (the
+     default) and the reference in the loop (--prior inline), each as a ratio to sft; the one no-grad
+     pass that precomputes the prior; and transformers' own model doing the same step as our sft
+     (forward, backward, clipping, AdamW), when transformers is installed;
+  2. peak memory of the loss and weights alone (mass with the reference's signal, forward and backward,
+     from final hidden states and heads), chunked as prift.py does it versus the plain full softmax.
+
+    python bench.py                  # Llama-shaped, ~100M parameters, sequence 512; float32 (minutes on a CPU)
+    python bench.py --quick          # tiny sizes, to check that it runs
+    python bench.py --device cuda    # bfloat16 autocast, and model FLOPs utilisation
+
+Each configuration runs in a child process forked from this one (before any tensor work), so its memory is
+its own. Peak memory, CPU: the child's peak resident set (VmHWM) minus its resident set when it started
+(the interpreter and libraries, shared by all): the weights, gradients, optimizer state, activations and
+temporaries. CUDA: torch.cuda.max_memory_allocated. A step is timed from the end of one optimizer step to
+the end of the next (the training loop's data, forward, backward, clipping and AdamW), after --warmup steps;
+configurations are interleaved over --rounds rounds and the figure is the median of all timed steps. "CPU s"
+is the CPU time of the child's threads in a step: on a machine shared with other work, a wall time well above
+it (for --threads 1) means the step waited for a core, and the wall-clock figures are not to be trusted.
+"""
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+import data
+import prift
+from model import GPT, Config
+
+try:  # imported before forking, so that no child pays for it
+    import transformers
+    from transformers import LlamaForCausalLM  # noqa: F401  (its lazily imported module too)
+except ImportError:
+    transformers = None
+
+PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125}  # dense bf16
+
+
+def llama_config(a):
+    return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=a.vocab, hidden_size=a.hidden,
+                intermediate_size=a.intermediate, num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                num_key_value_heads=a.kv_heads, max_position_embeddings=a.seq_len + 1, rms_norm_eps=1e-5,
+                rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu", eos_token_id=0)
+
+
+def synthetic_data(a):
+    """Random token sequences; every position after the first token is a response token, so that our loss
+    and transformers' cover the same seq_len positions."""
+    g = torch.Generator().manual_seed(0)
+    n = a.batch * (a.warmup + a.steps)
+    return [(torch.randint(a.vocab, (a.seq_len + 1,), generator=g).tolist(), 1) for _ in range(n)]
+
+
+def train_args(a, rule, prior, ckpt, cache):
+    _, args = prift.parse_args(["--rule", rule, "--prior", "inline" if prior == "inline" else "precompute"])
+    args.__dict__.update(model=str(ckpt), ref=str(ckpt), cache=str(cache), lr=5e-5, batch_size=a.batch,
+                         micro_batch=a.batch, epochs=1, max_steps=a.warmup + a.steps, loss_chunk=None,
+                         precision="bf16" if a.device == "cuda" else "fp32")
+    prift.resolve_rule(args)
+    return args
+
+
+class Meter:
+    """Peak memory of this process from now on, and the time at the end of every optimizer step."""
+    def __init__(self, device):
+        self.cuda, self.stamps, self.cpu = device.type == "cuda", [], []
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.status("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        self.hook = register_optimizer_step_post_hook(lambda *_: self.stamp())
+
+    @staticmethod
+    def status(field):
+        line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+        return int(line.split()[1]) * 1024
+
+    def stamp(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def peak_mb(self):
+        peak = torch.cuda.max_memory_allocated() if self.cuda else self.status("VmHWM")
+        return (peak - self.base) / 2 ** 20
+
+    def steps(self, warmup):
+        """Wall-clock and CPU (all threads of this process) seconds of each step after the warmup."""
+        diff = lambda t: [t1 - t0 for t0, t1 in zip(t[warmup - 1:], t[warmup:])]
+        return dict(times=diff(self.stamps), cpu=diff(self.cpu), mem=self.peak_mb())
+
+
+def run_ours(a, rule, prior_mode, ckpt, cache):
+    device, seqs = torch.device(a.device), synthetic_data(a)
+    args = train_args(a, rule, prior_mode, ckpt, cache)
+    meter = Meter(device)
+    model = GPT.from_pretrained(ckpt, device=device)
+    prior = ref = None
+    if args.signal == "prior" and prior_mode == "precompute":
+        prior = prift.compute_prior(args, seqs, device)  # made by run_prior; read from the cache here
+    elif args.signal == "prior":
+        ref = prift.load_reference(args, device)
+    prift.train(args, model, seqs, prior=prior, ref=ref)
+    return meter.steps(a.warmup)
+
+
+def run_prior(a, ckpt, cache):
+    """The one no-grad pass over the data that precomputes the prior (into the cache), per batch; timed
+    without loading the reference, a fixed cost that would dominate the few batches here."""
+    device, seqs = torch.device(a.device), synthetic_data(a)
+    args, load = train_args(a, "mass", "precompute", ckpt, cache), prift.load_reference
+    meter = Meter(device)
+    def timed_load(*x):
+        meter.stamp()
+        ref = load(*x)
+        meter.stamp()
+        return ref
+    prift.load_reference = timed_load  # in this child process only
+    meter.stamp()
+    prift.compute_prior(args, seqs, device)
+    meter.stamp()
+    per_batch = lambda t: [(t[3] - t[0] - (t[2] - t[1])) * a.batch / len(seqs)]
+    return dict(times=per_batch(meter.stamps), cpu=per_batch(meter.cpu), mem=meter.peak_mb())
+
+
+def run_hf(a, ckpt):
+    """transformers' model: the same batches, forward with its own loss, backward, clipping and AdamW."""
+    device, seqs = torch.device(a.device), synthetic_data(a)
+    meter = Meter(device)
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, betas=(0.9, 0.95), weight_decay=0.01)
+    for s in range(0, len(seqs), a.batch):
+        x, y, _ = (t.to(device) for t in data.collate(seqs[s:s + a.batch]))
+        with prift.autocast(device):
+            loss = model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return meter.steps(a.warmup)
+
+
+def run_loss(a, mode):
+    """Loss and weights alone: mass with the reference's signal, from hidden states (T, C) and heads (V, C)."""
+    device, T, C, V = torch.device(a.device), a.loss_tokens, a.loss_hidden, a.loss_vocab
+    g = torch.manual_seed(0)
+    h, h_ref = (torch.randn(T, C, generator=g).to(device) for _ in range(2))
+    head, ref_head = (torch.nn.Linear(C, V, bias=False, device=device) for _ in range(2))
+    ref_head.requires_grad_(False)
+    y = torch.randint(V, (T,), generator=g).to(device)
+    h.requires_grad_()
+    meter = Meter(device)
+    meter.stamp()
+    with prift.autocast(device):
+        if mode == "plain":  # as the authors do it: both models' full (T, V) logits and softmax in float32
+            logits = head(h)
+            with torch.no_grad():
+                w = prift.token_weights("mass", y, logits, ref_head(h_ref))
+            ce = -logits.float().log_softmax(-1).gather(1, y[:, None])[:, 0]
+            loss = (w * ce).sum() / T
+        else:
+            prior = prift.head_stats(h_ref, ref_head, y)
+            loss = prift.response_loss(h, head, y, "mass", "prior", 0.5, prior)[0] / T
+    loss.backward()
+    meter.stamp()
+    return dict(meter.steps(1), loss=loss.item())
+
+
+def make_checkpoint(a, ckpt):
+    GPT(Config.from_dict(llama_config(a))).save_pretrained(ckpt)
+
+
+def child(fn, args, queue, log):
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 1), os.dup2(fd, 2)
+    torch.set_num_threads(args[0].threads or torch.get_num_threads())
+    try:
+        queue.put(fn(*args))
+    except BaseException as e:
+        queue.put(e)
+        raise
+
+
+def in_child(fn, *args):
+    """fn(*args) in a child process (forked on the CPU; spawned with CUDA, which does not survive a fork);
+    its output goes to a log, shown if it fails."""
+    ctx = mp.get_context("spawn" if args[0].device == "cuda" else "fork")
+    fd, log = tempfile.mkstemp(suffix=".log")
+    os.close(fd)
+    queue = ctx.SimpleQueue()
+    p = ctx.Process(target=child, args=(fn, args, queue, log))
+    p.start()
+    p.join()
+    res = queue.get() if not queue.empty() else RuntimeError(f"exit code {p.exitcode}")
+    if isinstance(res, BaseException):
+        sys.exit(f"bench: {fn.__name__}{args[1:]} failed: {res!r}\n{Path(log).read_text()[-3000:]}")
+    os.unlink(log)
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: seconds, to check that it runs")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rounds", type=int, help="rounds over all configurations (2; quick 1)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first in every configuration")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round")
+    p.add_argument("--batch", type=int, help="sequences per step (CPU 1, CUDA 8; quick 2)")
+    p.add_argument("--threads", type=int, help="CPU threads (torch's default; quick 1)")
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU (known GPUs: by name)")
+    a = p.parse_args()
+    size = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=1024, seq_len=64,
+                loss_vocab=65536, loss_tokens=1024, loss_hidden=64) if a.quick else \
+        dict(hidden=768, intermediate=2048, layers=8, heads=12, kv_heads=4, vocab=32000, seq_len=512,
+             loss_vocab=151936, loss_tokens=2048, loss_hidden=896)  # loss: Qwen2.5-0.5B's vocabulary and width
+    a.__dict__.update(size)
+    a.rounds = a.rounds or (1 if a.quick else 2)
+    a.batch = a.batch or (2 if a.quick else 8 if a.device == "cuda" else 1)
+    a.threads = a.threads or (1 if a.quick else None)
+    tmp = Path(tempfile.mkdtemp(prefix="prift-bench-"))
+    try:
+        report(a, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(a, tmp):
+    ckpt, cache = tmp / "model", tmp / "cache"
+    in_child(make_checkpoint, a, ckpt)  # in a child: this process stays small, its children start small
+    with torch.device("meta"):
+        n_params = sum(v.numel() for v in GPT(Config.from_dict(llama_config(a))).parameters())
+
+    configs = [("sft", "-"), ("dft", "-")] + [(r, m) for m in ("precompute", "inline") for r in ("prob", "mass")] \
+        + ([("transformers sft", "-")] if transformers else [])
+    pas = ("prior pass", "precompute")
+    res = {c: [] for c in configs + [pas]}
+    res[pas].append(in_child(run_prior, a, ckpt, cache))  # the cache that the precompute configurations read
+    for r in range(a.rounds):  # interleaved, in a rotated order each round
+        for c in configs[r % len(configs):] + configs[:r % len(configs)] + ([pas] if r else []):
+            run = (run_hf, a, ckpt) if c[0].startswith("transformers") else \
+                (run_prior, a, ckpt, tmp / f"cache-{r}") if c == pas else (run_ours, a, c[0], c[1], ckpt, cache)
+            res[c].append(in_child(*run))
+            print(f"  round {r + 1}/{a.rounds}: {c[0]} ({c[1]}) done", file=sys.stderr, flush=True)
+
+    loss = {m: in_child(run_loss, a, m) for m in ("plain", "chunked")}
+
+    tokens, rows, sft = a.batch * a.seq_len, [], ("sft", "-")
+    med = {c: statistics.median(t for x in v for t in x["times"]) for c, v in res.items()}
+    cpu = {c: statistics.median(t for x in v for t in x["cpu"]) for c, v in res.items()}
+    mem = {c: max(x["mem"] for x in v) for c, v in res.items()}
+    threads = a.threads or torch.get_num_threads()
+    name = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {threads} thread{'s' * (threads > 1)}"
+    peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None) if a.device == "cuda" else None
+    for c in configs + [pas]:
+        row = [c[0], c[1], f"{tokens / med[c]:,.0f}", f"{med[c]:.3f}", f"{cpu[c]:.3f}", f"{med[c] / med[sft]:.2f}x",
+               f"{mem[c]:,.0f}", f"{mem[c] / mem[sft]:.2f}x"]
+        if peak:  # model FLOPs per token: 6 x (parameters but the embedding) + causal attention 6 x layers x T x C
+            flops = tokens * (6 * (n_params - a.vocab * a.hidden) + 6 * a.layers * a.seq_len * a.hidden)
+            row.append(f"{100 * flops / med[c] / (peak * 1e12):.1f}%" if "pass" not in c[0] else "")
+        rows.append(row)
+    print(f"\nTraining: Llama-shaped, {n_params / 1e6:.0f}M parameters, {a.batch} x {a.seq_len} tokens per step, "
+          f"{'bfloat16 autocast' if a.device == 'cuda' else 'float32'}, {name}, torch {torch.__version__}; median "
+          f"of {a.rounds} x {a.steps} steps. prior pass: the no-grad pass of --prior precompute, per batch of the "
+          f"same size (loading the reference not included).\n")
+    print(table(["rule", "prior", "tokens/s", "step s", "CPU s", "time vs sft", "peak MB", "memory vs sft"]
+                + (["MFU"] if peak else []), rows))
+    print(f"\nLoss and weights alone (mass, the reference's signal), forward and backward: vocabulary "
+          f"{a.loss_vocab:,}, {a.loss_tokens:,} tokens, width {a.loss_hidden}; peak memory above the inputs and "
+          f"heads.\n")
+    print(table(["loss", "peak MB", "vs plain", "seconds", "loss value"],
+                [[m, f"{r['mem']:,.0f}", f"{r['mem'] / loss['plain']['mem']:.2f}x", f"{r['times'][0]:.2f}",
+                  f"{r['loss']:.6f}"] for m, r in loss.items()]))
+
+
+def table(head, rows):
+    lines = [head, ["---"] * len(head)] + rows
+    return "\n".join("| " + " | ".join(r) + " |" for r in lines)
+
+
+if __name__ == "__main__":
+    main()

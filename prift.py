@@ -575,7 +575,7 @@ def demo_metrics(args, model, tok, end_id, sets):
     retention = evaluate(args, model, tok, "plain", end_id, sets["retention"], 0)
     noisy = [ex for ex in sets["train"] if data.last_boxed(ex["response"]) != ex["answer"]]
     if noisy:
-        said = generate_answers(model, tok, "plain", end_id, noisy, 1, 0, 48, args.seed)
+        said = generate_answers(model, tok, "plain", end_id, noisy, 1, 0, args.max_new_tokens or 48, args.seed)
         res["wrong copied"] = 100 * sum(s[0] == data.last_boxed(ex["response"]) for s, ex in zip(said, noisy)) / len(noisy)
     res["task greedy"], res["retention"] = res.pop("greedy"), retention["greedy"]
     return res

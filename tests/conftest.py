@@ -22,6 +22,16 @@ import torch  # noqa: E402
 # default of one thread per core makes the per-token generation loops spin-wait (10 s became 3 minutes).
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """prift.train installs SIGINT/SIGTERM handlers (checkpoint and stop); give pytest its own back."""
+    import signal
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
 FAMILIES = ("gpt2", "llama", "qwen2", "qwen3")
 VOCAB = 96
 

@@ -7,7 +7,6 @@ matrix calls prift.main(argv) in this process, the same code path from argument 
 model, because a fresh Python process with torch takes 10 s or more on a loaded 2-core machine."""
 import json
 import math
-import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -45,15 +44,6 @@ def processes(env):
     with ThreadPoolExecutor(2) as pool:
         yield {"eval": pool.submit(run_cli, eval_run), "bad": pool.submit(run_cli, bad_run), "bad_path": bad,
                "snapshot": snapshot}
-
-
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    """prift.train installs SIGINT/SIGTERM handlers (checkpoint and stop); give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
 
 
 def common(env, out, steps=2):

@@ -9,7 +9,6 @@ token whose u lies within that rounding of the threshold. The tests count such t
 equal weights everywhere else, and bit-identical training only where there is none."""
 import argparse
 import json
-import signal
 
 import pytest
 import torch
@@ -24,15 +23,6 @@ from tiny import make_checkpoint, make_data
 CPU = torch.device("cpu")
 TAU = prift.RULES["mass"][1]
 BORDER = 1e-5  # |u - TAU| under this: rounding may put u on either side of the threshold
-
-
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    """prift.train installs SIGINT/SIGTERM handlers; give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
 
 
 @pytest.fixture(scope="module")

@@ -62,15 +62,6 @@ def w(tmp_path, assets):
     return Work(tmp_path, assets)
 
 
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """train() installs SIGINT/SIGTERM handlers; put pytest's back after every test."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
-
-
 def main_rc(argv):
     """prift.main as `python prift.py` runs it: its return value, or the code it exits with."""
     try:

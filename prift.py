@@ -83,12 +83,13 @@ def token_weights(rule, targets, logits, ref_logits=None, threshold=None, signal
     ref_logits (B, T, V) of the frozen reference. threshold and signal default to the rule's own.
     Returns detached float32 weights (B, T). The training loop computes the same from chunks."""
     signal, threshold = signal or RULES[rule][0], RULES[rule][1] if threshold is None else threshold
-    source = logits if signal == "online" else ref_logits
-    if rule == "sft" or source is None and signal is None:
-        return torch.ones(targets.shape, device=targets.device)
-    if source is None:
-        raise ValueError(f"rule {rule!r} with the prior signal needs ref_logits")
-    p, u = target_stats(source.detach().flatten(0, -2), targets.flatten().clamp(min=0))
+    if signal is None:  # sft and the controls read no signal
+        p = u = torch.zeros(targets.numel(), device=targets.device)
+    else:
+        source = logits if signal == "online" else ref_logits
+        if source is None:
+            raise ValueError(f"rule {rule!r} with the prior signal needs ref_logits")
+        p, u = target_stats(source.detach().flatten(0, -2), targets.flatten().clamp(min=0))
     return weights_from_stats(rule, p, u, threshold).view(targets.shape)
 
 
@@ -619,7 +620,8 @@ def run_demo(args, device):
     paths = demo_data(args, out)
     sets = {name: data.read_jsonl(p) for name, p in paths.items()}
     raw_rows = [json.loads(l) for l in paths["train"].read_text().splitlines()]
-    tok, end_id = data.load_tokenizer(base), data.end_token_id(data.load_tokenizer(base), "plain", base)
+    tok = data.load_tokenizer(base)
+    end_id = data.end_token_id(tok, "plain", base)
     args.model = args.ref = str(base)
     seqs, _ = data.encode(sets["train"], tok, "plain", end_id, args.max_len)
     rules = DEMO_RULES if args.rule == "all" else [args.rule]

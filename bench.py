@@ -36,6 +36,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import data
 import prift
+from distributed import autocast
 from model import GPT, Config
 
 try:  # imported before forking, so that no child pays for it
@@ -67,7 +68,7 @@ def train_args(a, rule, prior, ckpt, cache):
     args.__dict__.update(model=str(ckpt), ref=str(ckpt), cache=str(cache), lr=5e-5, batch_size=a.batch,
                          micro_batch=a.batch, epochs=1, max_steps=a.warmup + a.steps, loss_chunk=None,
                          precision="bf16" if a.device == "cuda" else "fp32")
-    prift.resolve_rule(args)
+    args = prift.settings(args)
     return args
 
 
@@ -145,7 +146,7 @@ def run_hf(a, ckpt):
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, betas=(0.9, 0.95), weight_decay=0.01)
     for s in range(0, len(seqs), a.batch):
         x, y, _ = (t.to(device) for t in data.collate(seqs[s:s + a.batch]))
-        with prift.autocast(device):
+        with autocast(device):
             loss = model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -165,7 +166,7 @@ def run_loss(a, mode):
     h.requires_grad_()
     meter = Meter(device)
     meter.stamp()
-    with prift.autocast(device):
+    with autocast(device):
         if mode == "plain":  # as the authors do it: both models' full (T, V) logits and softmax in float32
             logits = head(h)
             with torch.no_grad():
@@ -174,7 +175,7 @@ def run_loss(a, mode):
             loss = (w * ce).sum() / T
         else:
             prior = prift.head_stats(h_ref, ref_head, y)
-            loss = prift.response_loss(h, head, y, "mass", "prior", 0.5, prior)[0] / T
+            loss = prift.chunked_loss(h, head, y, "mass", "prior", 0.5, prior).weighted / T
     loss.backward()
     meter.stamp()
     return dict(meter.steps(1), loss=loss.item())

@@ -1,12 +1,12 @@
 """
-SFT data for prift: JSONL readers, prompt templates, loss masks, and the built-in demo data.
+SFT data for prift: JSONL readers, prompt templates, loss masks, and batches.
 
 An example becomes one token sequence, prompt then response, and a count of prompt tokens. Prompt and
 response are tokenised separately so that the boundary of the loss mask is exact; the response ends with
 the template's end token, which is trained. Nothing of the prompt is.
 """
 import json
-import random
+import math
 import re
 from pathlib import Path
 
@@ -116,49 +116,51 @@ def load_tokenizer(model_dir):
         raise DataError(f"{path} cannot be read as a tokenizer ({e}); download it again")
 
 
-def pick_template(tok, name):
-    if name != "auto":
-        return name
-    vocab = tok.get_vocab()
-    return "chatml" if "<|im_start|>" in vocab else "llama3" if "<|start_header_id|>" in vocab else "plain"
+class Template:
+    """How one checkpoint's examples become token ids: its tokenizer, how a prompt is written (`name`), and the
+    token that ends a response, which is trained."""
+    def __init__(self, tok, name, end_token):
+        self.tok, self.name = tok, name
+        if end_token is None or tok.token_to_id(end_token) is None:
+            raise DataError(f"the tokenizer has no end token for template {name!r} ({end_token or 'no EOS found'}); "
+                            f"choose another --template")
+        self.end_id = tok.token_to_id(end_token)
 
+    @classmethod
+    def load(cls, model_dir, name="auto"):
+        """The template of a checkpoint directory; `auto` picks chatml or llama3 by their tokens, else plain."""
+        tok = load_tokenizer(model_dir)
+        if name == "auto":
+            vocab = tok.get_vocab()
+            name = "chatml" if "<|im_start|>" in vocab else "llama3" if "<|start_header_id|>" in vocab else "plain"
+        if name != "plain":
+            return cls(tok, name, TEMPLATES[name][2])
+        cfg = Path(model_dir) / "tokenizer_config.json"
+        eos = json.loads(cfg.read_text()).get("eos_token") if cfg.exists() else None
+        eos = eos["content"] if isinstance(eos, dict) else eos
+        return cls(tok, name, eos or next((n for n in EOS_NAMES if tok.token_to_id(n) is not None), None))
 
-def end_token_id(tok, template, model_dir=None):
-    """The token that closes a response: the template's, or for `plain` the tokenizer's EOS."""
-    if template != "plain":
-        name = TEMPLATES[template][2]
-    else:
-        cfg = Path(model_dir or "") / "tokenizer_config.json"
-        name = json.loads(cfg.read_text()).get("eos_token") if model_dir and cfg.exists() else None
-        name = name["content"] if isinstance(name, dict) else name
-        name = name or next((n for n in EOS_NAMES if tok.token_to_id(n) is not None), None)
-    if name is None or tok.token_to_id(name) is None:
-        raise DataError(f"the tokenizer has no end token for template {template!r} ({name or 'no EOS found'}); "
-                        f"choose another --template")
-    return tok.token_to_id(name)
+    def prompt_ids(self, messages):
+        """The token ids of a prompt (role/content turns), up to where the response begins."""
+        if self.name == "plain":  # the turns' contents, one after the other; BOS if the tokenizer adds one
+            return self.tok.encode("\n".join(m["content"] for m in messages)).ids
+        turn, gen_prompt, _ = TEMPLATES[self.name]
+        text = "".join(turn.format(**m) for m in messages) + gen_prompt
+        return self.tok.encode(("<|begin_of_text|>" if self.name == "llama3" else "") + text).ids
 
-
-def prompt_text(messages, template):
-    if template == "plain":  # the turns' contents, one after the other
-        return "\n".join(m["content"] for m in messages)
-    turn, gen_prompt, _ = TEMPLATES[template]
-    text = "".join(turn.format(**m) for m in messages) + gen_prompt
-    return ("<|begin_of_text|>" if template == "llama3" else "") + text
-
-
-def encode(examples, tok, template, end_id, max_len):
-    """Examples -> list of (ids, n_prompt): ids = prompt ids + response ids + end id, cut on the right
-    to max_len. Examples whose prompt alone fills max_len are dropped, and those of a single token in all
-    (empty prompt and response, no BOS): nothing to predict. Returns (kept, n_dropped)."""
-    kept, dropped = [], 0
-    for ex in examples:
-        prompt = tok.encode(prompt_text(ex["messages"], template)).ids  # special tokens (BOS) as the tokenizer adds them
-        response = tok.encode(ex["response"], add_special_tokens=False).ids + [end_id]
-        if len(prompt) >= max_len or len(prompt) + len(response) < 2:
-            dropped += 1
-            continue
-        kept.append(((prompt + response)[:max_len], len(prompt)))
-    return kept, dropped
+    def encode(self, examples, max_len):
+        """Examples -> list of (ids, n_prompt): ids = prompt ids + response ids + end id, cut on the right
+        to max_len. Examples whose prompt alone fills max_len are dropped, and those of a single token in all
+        (empty prompt and response, no BOS): nothing to predict. Returns (kept, n_dropped)."""
+        kept, dropped = [], 0
+        for ex in examples:
+            prompt = self.prompt_ids(ex["messages"])
+            response = self.tok.encode(ex["response"], add_special_tokens=False).ids + [self.end_id]
+            if len(prompt) >= max_len or len(prompt) + len(response) < 2:
+                dropped += 1
+                continue
+            kept.append(((prompt + response)[:max_len], len(prompt)))
+        return kept, dropped
 
 
 def collate(seqs, pad_id=0):
@@ -180,73 +182,17 @@ def n_response_tokens(seq):
     return len(ids) - max(n_prompt, 1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The built-in demo: one-digit arithmetic word problems. The base model is pretrained on six phrasings;
-# the fine-tuning task asks the same sums with verbs it has never seen, and some demonstrations show a
-# wrong result, tokens that the pretrained prior does not support.
-
-NAMES = ["Kim", "Ben", "Ava", "Leo", "Mia", "Sam", "Zoe", "Max", "Ivy", "Tom"]
-ITEMS = ["cards", "apples", "coins", "books", "shells", "stamps", "pens", "marbles"]
-PRETRAIN_PHRASINGS = {
-    "+": ["{n} had {a} {i} and got {b} more. How many now?",
-          "{n} has {a} {i}. A friend gives {n} {b} more. How many in all?",
-          "{n} had {a} {i} and found {b} more. How many does {n} have?"],
-    "-": ["{n} had {a} {i} but lost {b}. How many remain?",
-          "{n} has {a} {i} and gives away {b}. How many are left?",
-          "{n} had {a} {i} and used {b}. How many does {n} have?"],
-}
-TASK_PHRASINGS = {  # the same problems told with verbs the base model has never seen
-    "+": ["{n} had {a} {i} and won {b} more. How many now?",
-          "{n} has {a} {i}. A friend mails {n} {b} more. How many in all?"],
-    "-": ["{n} had {a} {i} but sold {b}. How many remain?",
-          "{n} has {a} {i} and breaks {b}. How many are left?"],
-}
-FILLER = ["so yeah, ", "hmm ok, ", "right, well, "]
-
-
-def arithmetic_problem(rng, phrasings, noise=None):
-    """One problem as a JSONL row: prompt, response, the right answer, and the clean response."""
-    op, x, b = rng.choice("+-"), rng.randint(1, 9), rng.randint(1, 9)
-    a, c = (x, x + b) if op == "+" else (x + b, x)  # a + b = c, or a - b = c; b and one of a, c one-digit
-    q = rng.choice(phrasings[op]).format(n=rng.choice(NAMES), a=a, b=b, i=rng.choice(ITEMS))
-    clean = f" {a}{op}{b}={c}. The answer is \\boxed{{{c}}}."
-    response = clean
-    if noise == "wrong":    # the result is off by 1-9: tokens the prior gives little probability
-        w = c + rng.randint(1, 9)
-        response = f" {a}{op}{b}={w}. The answer is \\boxed{{{w}}}."
-    elif noise == "filler":  # idiosyncratic filler the prior does not expect
-        response = f" {rng.choice(FILLER)}{a}{op}{b}={c}. {rng.choice(FILLER)}the answer is \\boxed{{{c}}}."
-    return {"prompt": f"Q: {q}\nA:", "response": response, "answer": str(c), "clean_response": clean}
-
-
-def demo_pretrain_corpus(n, seed):
-    """Pretraining rows: empty prompt, so every token of the text is trained."""
-    rng = random.Random(seed)
-    rows = (arithmetic_problem(rng, PRETRAIN_PHRASINGS) for _ in range(n))
-    return [{"prompt": "", "response": r["prompt"] + r["response"], "answer": r["answer"]} for r in rows]
-
-
-def demo_task(n, seed, noise_frac=0.0, noise_kind="wrong", phrasings=TASK_PHRASINGS):
-    """Fine-tuning or evaluation rows; a fraction noise_frac (exactly, rounded) of them carry noise."""
-    rng = random.Random(seed)
-    noisy = set(rng.sample(range(n), round(noise_frac * n)))
-    return [arithmetic_problem(rng, phrasings, noise_kind if i in noisy else None) for i in range(n)]
+def micro_batches(idx, rank, world, size):
+    """This rank's share of the global batch `idx` (example indices), cut into micro-batches of `size`: a list
+    of (indices, keep). The last batch of an epoch may be short, but the collectives of DDP and FSDP need every
+    rank to run as many micro-batches as rank 0: a rank with fewer runs the batch's first example again, with
+    keep = 0, so that it adds nothing to the loss or the gradient."""
+    mine = idx[rank::world]
+    micro = [(mine[s:s + size], 1) for s in range(0, len(mine), size)]
+    needed = math.ceil(math.ceil(len(idx) / world) / size)
+    return micro + [(idx[:1], 0)] * (needed - len(micro))
 
 
 def write_jsonl(rows, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def demo_tokenizer(texts, vocab_size=200):
-    """A small BPE tokenizer trained on the demo texts; digits stay single tokens so that sums are
-    learnable, and the end token is <|endoftext|>."""
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.Punctuation()])
-    tok.decoder = decoders.Metaspace()
-    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\u2581"]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<unk>"],
-                                                       initial_alphabet=alphabet, show_progress=False))
-    return tok

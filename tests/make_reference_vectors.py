@@ -29,7 +29,7 @@ CASES = [("sft", "sft", None, None), ("dft", "dft", "online", None), ("prob", "p
 
 DESCRIPTION = (
     "Reference vectors for PriFT (arXiv 2606.09396), written by tests/make_reference_vectors.py with prift.py's own "
-    "functions (token_weights, target_stats, response_loss). Inputs: logits (B,T,V) of the model being fine-tuned "
+    "functions (token_weights, target_stats, prift_loss, chunked_loss). Inputs: logits (B,T,V) of the model being fine-tuned "
     "('online', p), ref_logits (B,T,V) of the frozen reference ('prior', q), targets (B,T) = the token y_t that "
     "position t predicts, mask (B,T) = 1 on response tokens (EOS included), 0 on prompt and padding. All softmaxes "
     "in float32. Per position, from the signal's distribution s (s = softmax(logits) for signal 'online', "
@@ -72,7 +72,7 @@ def compute(logits, ref, targets, mask):
     for signal, src in (("online", logits), ("prior", ref)):
         p, u = prift.target_stats(src.reshape(-1, V), targets.reshape(-1))
         stats[signal] = {"p": p.view(B, T).tolist(), "u": u.view(B, T).tolist()}
-    # response_loss on the masked positions, with logits as the hidden states and an identity head
+    # chunked_loss on the masked positions, with logits as the hidden states and an identity head
     head = torch.nn.Linear(V, V, bias=False)
     with torch.no_grad():
         head.weight.copy_(torch.eye(V))
@@ -80,13 +80,15 @@ def compute(logits, ref, targets, mask):
     cases = []
     for name, rule, signal, threshold in CASES:
         w = prift.token_weights(rule, targets, logits, ref, threshold=threshold, signal=signal)   # (B, T)
-        total = prift.response_loss(logits[m], head, targets[m], rule, signal, threshold, prior, chunk=3)
+        total = prift.chunked_loss(logits[m], head, targets[m], rule, signal, threshold, prior, chunk=3)
         n = m.sum().item()
         loss = (w * ce * mask).sum().item() / n
-        if abs(loss - total[0].item() / n) > 1e-6:
-            raise AssertionError(f"{name}: token_weights and response_loss disagree ({loss} vs {total[0].item() / n})")
+        plain = prift.prift_loss(logits, targets, mask, rule, ref, threshold=threshold, signal=signal).item()
+        if abs(loss - total.weighted.item() / n) > 1e-6 or abs(loss - plain) > 1e-6:
+            raise AssertionError(f"{name}: token_weights, prift_loss and chunked_loss disagree "
+                                 f"({loss}, {plain}, {total.weighted.item() / n})")
         cases.append({"name": name, "rule": rule, "signal": signal, "threshold": threshold, "weights": w.tolist(),
-                      "loss": loss, "ce_mean": total[1].item() / n, "kept": total[2].item() / n})
+                      "loss": loss, "ce_mean": total.ce.item() / n, "kept": total.kept.item() / n})
     return {"ce": ce.tolist(), "stats": stats, "cases": cases}
 
 

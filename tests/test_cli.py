@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import demo
 import prift
 from model import GPT, Config
 from tiny import make_checkpoint, make_data, run_cli
@@ -160,8 +161,8 @@ def test_every_data_format_trains(env, tmp_path, capsys):
 
 def chat_tokenizer():
     """The tiny BPE tokenizer with the chatml and llama3 special tokens added, as a chat model's has."""
-    rows = data.demo_pretrain_corpus(300, seed=0)
-    tok = data.demo_tokenizer([r["response"] for r in rows], vocab_size=120)
+    rows = demo.pretrain_corpus(300, seed=0)
+    tok = demo.tokenizer([r["response"] for r in rows], vocab_size=120)
     tok.add_special_tokens(CHAT_TOKENS)
     return tok
 
@@ -183,15 +184,17 @@ def test_template_mask_boundary(template, tmp_path):
     path = tmp_path / "chat.jsonl"
     data.write_jsonl(CHAT, path)
     examples = data.read_jsonl(path)
+    tok.save(str(tmp_path / "tokenizer.json"))
     if template != "plain":
-        assert data.pick_template(tok, "auto") == "chatml"  # both sets of tokens present: chatml is checked first
-    end_id = data.end_token_id(tok, template)
+        assert data.Template.load(tmp_path, "auto").name == "chatml"  # both sets of tokens present: chatml first
+    tpl = data.Template.load(tmp_path, template)
+    end_id = tpl.end_id
     assert end_id == tok.token_to_id({"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "plain": "<|endoftext|>"}[template])
-    seqs, dropped = data.encode(examples, tok, template, end_id, 512)
+    seqs, dropped = tpl.encode(examples, 512)
     assert dropped == 0
     x, y, m = data.collate(seqs)
     for b, (ex, (ids, n_prompt)) in enumerate(zip(examples, seqs)):
-        prompt = tok.encode(data.prompt_text(ex["messages"], template)).ids
+        prompt = tpl.prompt_ids(ex["messages"])
         response = tok.encode(ex["response"], add_special_tokens=False).ids
         assert ids == prompt + response + [end_id] and n_prompt == len(prompt)
         # trained: exactly the response tokens and the end token, in order; nothing of the prompt

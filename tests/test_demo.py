@@ -9,19 +9,20 @@ import torch
 
 import tiny
 import data
+import demo
 import prift
 
 EQUATION = re.compile(r" (\d+)([+-])(\d+)=(\d+)\. The answer is \\boxed\{(\d+)\}\.$")
 
 
 def test_generator_is_deterministic_per_seed():
-    assert data.demo_task(50, 7, 0.3) == data.demo_task(50, 7, 0.3)
-    assert data.demo_task(50, 7, 0.3) != data.demo_task(50, 8, 0.3)
-    assert data.demo_pretrain_corpus(20, 3) == data.demo_pretrain_corpus(20, 3)
+    assert demo.task(50, 7, 0.3) == demo.task(50, 7, 0.3)
+    assert demo.task(50, 7, 0.3) != demo.task(50, 8, 0.3)
+    assert demo.pretrain_corpus(20, 3) == demo.pretrain_corpus(20, 3)
 
 
 def test_answers_are_right_and_noise_is_exactly_where_it_says():
-    rows = data.demo_task(400, 1, noise_frac=0.3)
+    rows = demo.task(400, 1, noise_frac=0.3)
     noisy = 0
     for r in rows:
         a, op, b, c, boxed = EQUATION.match(r["clean_response"]).groups()
@@ -32,24 +33,24 @@ def test_answers_are_right_and_noise_is_exactly_where_it_says():
             _, _, _, wrong, wrong_boxed = EQUATION.match(r["response"]).groups()
             assert wrong == wrong_boxed and 1 <= int(wrong) - int(c) <= 9
     assert noisy == 120
-    for r in data.demo_pretrain_corpus(100, 2):  # pretraining text: prompt empty, every token trained
+    for r in demo.pretrain_corpus(100, 2):  # pretraining text: prompt empty, every token trained
         a, op, b, c, _ = EQUATION.search(r["response"]).groups()
         assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
 
 
 def test_weight_display_marks_exactly_the_zero_weight_tokens(tmp_path):
     ckpt = tiny.make_checkpoint(tmp_path / "ckpt")
-    tok = data.load_tokenizer(ckpt)
-    end = data.end_token_id(tok, "plain", ckpt)
-    row = data.demo_task(10, 3, noise_frac=1.0)[0]
-    seqs, _ = data.encode([data.parse_example(row, "x")], tok, "plain", end, 256)
+    template = data.Template.load(ckpt, "plain")
+    tok = template.tok
+    row = demo.task(10, 3, noise_frac=1.0)[0]
+    seqs, _ = template.encode([data.parse_example(row, "x")], 256)
     ids, n_prompt = seqs[0]
     n = len(ids) - n_prompt
     u = torch.rand(n, generator=torch.Generator().manual_seed(0))  # a made-up prior: mass keeps u >= 0.5
     prior = [torch.stack([u, u], 1)]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        prift.show_weights(None, tok, [row], seqs, prior, "mass", 0.5)
+        demo.show_weights(tok, [row], seqs, [prift.weights_from_stats("mass", u, u, 0.5)], "mass")
     trained = ast.literal_eval(re.search(r"trained:\s+(.*)", out.getvalue()).group(1))
     # independent of the display code: each token's character span in the response, from the tokenizer
     enc = tok.encode(row["response"], add_special_tokens=False)

@@ -155,22 +155,22 @@ def group_of_one(tmp_path, monkeypatch):
 def in_process(work, tmp_path, *argv):
     """(args, seqs) as prift.py's main() makes them for the tied checkpoint and the training data."""
     import data
+    import distributed
     import prift
     ckpt = work / "tied"
     p, args = prift.parse_args(["--model", str(ckpt), "--data", str(work / "train.jsonl"), "--batch-size", "8",
                                 "--max-steps", "2", "--out", str(tmp_path / "out"), *map(str, argv)])
     prift.check_args(p, args)
-    prift.resolve_rule(args)
+    args = prift.settings(args)
     args.precision = "fp32"
-    tok = data.load_tokenizer(ckpt)
-    template = data.pick_template(tok, "auto")
-    seqs, _ = data.encode(data.read_jsonl(args.data), tok, template, data.end_token_id(tok, template, ckpt), 128)
+    seqs, _ = data.Template.load(ckpt, "auto").encode(data.read_jsonl(args.data), 128)
     return args, seqs
 
 
 def test_ddp_all_reduces_once_per_step(work, tmp_path, monkeypatch, group_of_one):
     """DDP all-reduces its gradient buckets (counted with a communication hook) as often with 4 micro-batches
     per step as with 1: only on the last micro-batch."""
+    import distributed
     import prift
     from model import GPT
     wrap = prift.wrap_distributed
@@ -200,6 +200,7 @@ def test_fsdp_in_one_process(work, tmp_path, monkeypatch, group_of_one):
     """FSDP2 is told to reduce-scatter on the last of the 4 micro-batches of a step only; the inline reference
     is sharded like the model; a checkpoint of step 1 (model and optimizer gathered whole) loads back into the
     sharded model and optimizer and gives the final weights of the run that was not interrupted."""
+    import distributed
     import prift
     from model import GPT
     from torch.distributed.tensor import DTensor
@@ -220,14 +221,14 @@ def test_fsdp_in_one_process(work, tmp_path, monkeypatch, group_of_one):
     assert calls == [False, False, False, True] * 2
     blocks = [p for layer in ref.model.layers for p in layer.parameters()]
     assert blocks and all(isinstance(p, DTensor) for p in blocks), "the reference's blocks are sharded"
-    final = prift.full_state_dict(model)
+    final = distributed.full_state_dict(model)
 
     ckpt = out / "checkpoints" / "latest"
     assert ckpt.resolve().name == "step-0000001"
     again = GPT.from_pretrained(ckpt)
     prift.train(args, again, seqs, ref=prift.load_reference(args, "cpu"), out=out,
                 start=torch.load(ckpt / "trainer.pt", weights_only=False))
-    resumed = prift.full_state_dict(again)
+    resumed = distributed.full_state_dict(again)
     assert resumed.keys() == final.keys()
     err = max((resumed[k] - final[k]).abs().max().item() for k in final)
     assert err <= 1e-6, f"resumed under FSDP2, the final weights differ by {err:.3g}"

@@ -207,7 +207,7 @@ def test_token_weights_gradient_is_weighted_ce():
 
 
 @pytest.mark.parametrize("rule", ["dft", "profit", "mass"])
-def test_response_loss_gradient_is_weighted_ce(rule):
+def test_chunked_loss_gradient_is_weighted_ce(rule):
     g = torch.Generator().manual_seed(4)
     N, C, V = 23, 8, 13
     h = torch.randn(N, C, generator=g).requires_grad_()
@@ -216,7 +216,7 @@ def test_response_loss_gradient_is_weighted_ce(rule):
         head.weight.copy_(torch.randn(V, C, generator=g))
     y = torch.randint(0, V, (N,), generator=g)
     threshold = prift.RULES[rule][1]
-    prift.response_loss(h, head, y, rule, "online", threshold, chunk=5)[0].backward()
+    prift.chunked_loss(h, head, y, rule, "online", threshold, chunk=5)[0].backward()
     logits = h.detach() @ head.weight.detach().T
     probs = logits.softmax(-1)
     w = prift.token_weights(rule, y, logits, signal="online")
@@ -231,7 +231,7 @@ def test_response_loss_gradient_is_weighted_ce(rule):
 
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("chunk", [7, 1, 100])
-def test_response_loss_chunked_equals_plain(rule, chunk):
+def test_chunked_loss_equals_plain(rule, chunk):
     g = torch.Generator().manual_seed(5)
     N, C, V = 37, 16, 50                      # 37 = 5 * 7 + 2: the last chunk is short
     h0 = torch.randn(N, C, generator=g)
@@ -246,7 +246,7 @@ def test_response_loss_chunked_equals_plain(rule, chunk):
     h, head = h0.clone().requires_grad_(), torch.nn.Linear(C, V, bias=False)
     with torch.no_grad():
         head.weight.copy_(W0)
-    out = prift.response_loss(h, head, y, rule, signal, threshold, prior, chunk=chunk)
+    out = prift.chunked_loss(h, head, y, rule, signal, threshold, prior, chunk=chunk)
     out[0].backward()
 
     hp, Wp = h0.clone().requires_grad_(), W0.clone().requires_grad_()
@@ -280,7 +280,7 @@ def targs(rule, **kw):
                            prior="precompute")
     for k, v in kw.items():
         setattr(a, k, v)
-    prift.resolve_rule(a)
+    a = prift.settings(a)
     return a
 
 
@@ -347,6 +347,31 @@ def test_loss_is_normalised_by_all_response_tokens(ckpt, tmp_path, monkeypatch, 
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("rule", ["sft", "dft", "prob", "mass", "profit"])
+def test_prift_loss_is_what_the_training_loop_computes(ckpt, tmp_path, monkeypatch, rule):
+    """prift_loss, the function a porter copies, called on each of two micro-batches with the whole batch's
+    response-token count: the same loss and the same gradient as the training loop's chunked loss."""
+    model, ref = GPT.from_pretrained(ckpt), GPT.from_pretrained(ckpt).requires_grad_(False)
+    seqs = uneven_seqs(model.config.vocab_size, seed=3)
+    n_tokens = sum(map(data.n_response_tokens, seqs))
+    loss = 0.0
+    for half in (seqs[:2], seqs[2:]):  # micro-batches of the optimizer batch, as a trainer accumulates them
+        x, y, m = data.collate(half)
+        part = prift.prift_loss(model(x), y, m, rule, ref(x).detach(), n_tokens=n_tokens)
+        part.backward()
+        loss += part.item()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    assert loss == pytest.approx(full_batch_loss(model, seqs, rule, ref)[0].item(), rel=1e-6)  # the formula
+
+    args = targs(rule, micro_batch=2)
+    prior = prior_of(ref, seqs) if args.signal == "prior" else None
+    _, grads = train_capturing(args, model, seqs, monkeypatch, prior=prior, out=tmp_path)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == pytest.approx(loss, rel=1e-6)
+    for g, e in zip(grads[0], want):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("rule", ["sft", "mass"])
 def test_gradient_accumulation_matches_full_batch(ckpt, monkeypatch, rule):
     base = GPT.from_pretrained(ckpt)
@@ -370,7 +395,7 @@ def test_gradient_accumulation_matches_full_batch(ckpt, monkeypatch, rule):
     signal, threshold = prift.RULES[rule]
     for s, pr in zip(seqs, prior or [None] * 4):
         x, y, m = data.collate([s])
-        part = prift.response_loss(base(x, hidden_only=True)[m], base.lm_head, y[m], rule, signal, threshold, pr)
+        part = prift.chunked_loss(base(x, hidden_only=True)[m], base.lm_head, y[m], rule, signal, threshold, pr)
         (part[0] / m.sum() / len(seqs)).backward()
     naive = [p.grad for p in base.parameters()]
     assert not all(torch.allclose(a, b, rtol=1e-2, atol=1e-6) for a, b in zip(naive, g4))
@@ -378,9 +403,8 @@ def test_gradient_accumulation_matches_full_batch(ckpt, monkeypatch, rule):
 
 def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch):
     """With the reference the starting checkpoint, online p and prior q are the same numbers at step 0."""
-    tok = data.load_tokenizer(ckpt)
     rows = data.read_jsonl(make_data(tmp_path / "d.jsonl", n=4))
-    seqs, _ = data.encode(rows, tok, "plain", data.end_token_id(tok, "plain", ckpt), 128)
+    seqs, _ = data.Template.load(ckpt, "plain").encode(rows, 128)
     model, ref = GPT.from_pretrained(ckpt), prift.load_reference(targs("prob", ref=str(ckpt)), torch.device("cpu"))
     x, y, m = data.collate(seqs)
     with torch.no_grad():
@@ -445,7 +469,7 @@ def test_reference_vectors_match_the_implementation(vectors):
         w = prift.token_weights(case["rule"], y, logits, ref, threshold=case["threshold"], signal=case["signal"])
         torch.testing.assert_close(w, torch.tensor(case["weights"]), rtol=0, atol=1e-6, msg=case["name"])
         assert (w * ce * m).sum().item() / m.sum().item() == pytest.approx(case["loss"], abs=1e-6), case["name"]
-    # and the whole file, recomputed by the script that wrote it (response_loss included)
+    # and the whole file, recomputed by the script that wrote it (prift_loss and chunked_loss included)
     new = refvec.compute(logits, ref, y, mask)
     for a, b in zip(vectors["cases"], new["cases"]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["kept"] == b["kept"], a["name"]

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import checkpoint
 import data
 import prift
 from model import GPT
@@ -29,9 +30,7 @@ BORDER = 1e-5  # |u - TAU| under this: rounding may put u on either side of the 
 def w(tmp_path_factory):
     root = tmp_path_factory.mktemp("prior")
     ckpt = make_checkpoint(root / "model", seed=0)
-    tok = data.load_tokenizer(ckpt)
-    end = data.end_token_id(tok, "plain", ckpt)
-    seqs, _ = data.encode(data.read_jsonl(make_data(root / "train.jsonl", n=24, seed=1)), tok, "plain", end, 96)
+    seqs, _ = data.Template.load(ckpt, "plain").encode(data.read_jsonl(make_data(root / "train.jsonl", n=24, seed=1)), 96)
     return argparse.Namespace(root=root, ckpt=ckpt, seqs=seqs)
 
 
@@ -40,7 +39,7 @@ def targs(w, rule, **kw):
     a.__dict__.update(model=str(w.ckpt), ref=str(w.ckpt), cache=str(w.root / "cache"), precision="fp32", lr=1e-2,
                       batch_size=8, micro_batch=4, epochs=1, max_steps=3, loss_chunk=None, seed=0)
     a.__dict__.update(kw)
-    prift.resolve_rule(a)
+    a = prift.settings(a)
     return a
 
 
@@ -136,8 +135,8 @@ def test_prior_cache_is_reused_and_rebuilt(w, tmp_path, monkeypatch):
     assert not torch.equal(torch.cat(new), torch.cat(first))
     prift.compute_prior(args, w.seqs, CPU)
     assert len(loads) == 4, "the rebuilt prior is reused in turn"
-    assert prift.prior_cache_path(targs(w, "mass", ref=str(ref), precision="bf16"), w.seqs) != \
-        prift.prior_cache_path(args, w.seqs)
+    assert checkpoint.prior_path(targs(w, "mass", ref=str(ref), precision="bf16"), w.seqs) != \
+        checkpoint.prior_path(args, w.seqs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,7 +155,7 @@ def test_chunked_loss_through_the_model_equals_plain(w, rule):
         model = GPT.from_pretrained(w.ckpt)
         assert model.lm_head.weight is model.model.embed_tokens.weight
         if chunked:
-            out = prift.response_loss(model(x, hidden_only=True)[m], model.lm_head, y[m], rule, signal, threshold,
+            out = prift.chunked_loss(model(x, hidden_only=True)[m], model.lm_head, y[m], rule, signal, threshold,
                                       prior, chunk=7)
             loss = out[0] / m.sum()
         else:
@@ -201,7 +200,7 @@ def test_no_tokens_by_vocabulary_tensor(signal):
     y = torch.randint(V, (N,), generator=g)
     with LargestTensor() as chunked:
         prior = prift.head_stats(h_ref, ref_head, y, chunk) if signal == "prior" else None
-        prift.response_loss(h, head, y, "mass", signal, TAU, prior, chunk)[0].backward()
+        prift.chunked_loss(h, head, y, "mass", signal, TAU, prior, chunk)[0].backward()
     assert chunked.most <= max(chunk * V, V * C) < N * V
     with LargestTensor() as plain:
         w8 = prift.token_weights("mass", y, head(h), ref_head(h_ref), signal=signal)

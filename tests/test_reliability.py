@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from tiny import ROOT, make_checkpoint, make_data, run_cli
 
+import checkpoint
 import data
 import prift
 from model import GPT
@@ -278,13 +279,12 @@ def test_data_lines_split_on_newline_only(w):
 def train_args(**over):
     a = argparse.Namespace(**{**dict(rule="profit", signal=None, threshold=None, lr=1e-3, batch_size=4, micro_batch=2,
                                      epochs=1, max_steps=6, seed=0, loss_chunk=None, save_every=0, fsdp=False), **over})
-    prift.resolve_rule(a)
+    a = prift.settings(a)
     return a
 
 
 def tiny_seqs(w):
-    tok = data.load_tokenizer(w.ck)
-    seqs, _ = data.encode(data.read_jsonl(w.data), tok, "plain", data.end_token_id(tok, "plain", w.ck), 64)
+    seqs, _ = data.Template.load(w.ck, "plain").encode(data.read_jsonl(w.data), 64)
     return seqs
 
 
@@ -336,13 +336,14 @@ def test_non_finite_step_is_skipped(poison, w, tmp_path, monkeypatch):
     model = GPT.from_pretrained(w.ck)
     rec = watch_steps(monkeypatch, model)
     bad = 2  # the third step (0-based 2)
-    loss = prift.response_loss
+    loss = prift.chunked_loss
     def poisoned(*a, **k):
         total = loss(*a, **k)
         if rec["step"] != bad:
             return total
-        return total * float("nan") if poison == "nan-gradient" else total + torch.tensor([math.inf, 0.0, 0.0])
-    monkeypatch.setattr(prift, "response_loss", poisoned)
+        # a NaN gradient, or an infinite loss with a finite gradient
+        return total._replace(weighted=total.weighted * float("nan") if poison == "nan-gradient" else total.weighted + math.inf)
+    monkeypatch.setattr(prift, "chunked_loss", poisoned)
     state = prift.train(train_args(max_steps=5), model, tiny_seqs(w), out=tmp_path)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5], "training went on after the skipped step"
@@ -358,13 +359,13 @@ def test_non_finite_steps_in_a_row_stop_with_checkpoint(w, monkeypatch, capsys):
     holds the weights of the last good step, and no final model is written."""
     model_weights = {}
     rec = watch_steps(monkeypatch)
-    loss = prift.response_loss
+    loss = prift.chunked_loss
     def poisoned(h, head, *a, **k):
         if rec["step"] not in model_weights:
             model_weights[rec["step"]] = {k_: v.detach().clone() for k_, v in head.state_dict().items()}
         total = loss(h, head, *a, **k)
-        return total * float("nan") if rec["step"] >= 3 else total
-    monkeypatch.setattr(prift, "response_loss", poisoned)
+        return prift.LossSums(*(t * float("nan") for t in total)) if rec["step"] >= 3 else total
+    monkeypatch.setattr(prift, "chunked_loss", poisoned)
     rc = main_rc(w.argv(max_steps=20, save_every=2, rule="profit"))
     out, err = capsys.readouterr()
     assert rc == 2, err
@@ -387,9 +388,9 @@ class Killed(BaseException):
 
 
 def kill_at_line(n, fn, *args):
-    """Run fn(*args), raising Killed before the n-th line executed in prift.py; returns True if fn finished
+    """Run fn(*args), raising Killed before the n-th line executed in checkpoint.py; returns True if fn finished
     first. (Lines of model.py's save_pretrained only write into the temporary directory.)"""
-    files, count = {prift.__file__}, [0]
+    files, count = {checkpoint.__file__}, [0]
     def local(frame, event, arg):
         if event == "line":
             count[0] += 1
@@ -409,7 +410,7 @@ def kill_at_line(n, fn, *args):
 
 
 def test_save_killed_at_every_line_leaves_previous_checkpoint(w, tmp_path):
-    """A kill before any line of save_checkpoint (and what it calls in prift.py) leaves
+    """A kill before any line of checkpoint.save (and what it calls in checkpoint.py) leaves
     `latest` whole: the previous checkpoint or the new one, never a mix; and the next save succeeds."""
     model = GPT.from_pretrained(w.ck)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -421,7 +422,7 @@ def test_save_killed_at_every_line_leaves_previous_checkpoint(w, tmp_path):
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(step)
-        prift.save_checkpoint(args, model, opt, {"step": step, "skipped": 0, "bad_in_row": 0, "kept_sum": 0.0}, out)
+        checkpoint.save(model, opt, {"step": step, "skipped": 0, "bad_in_row": 0, "kept_sum": 0.0}, out)
 
     def latest_step():
         state, trainer = load_latest(out)

@@ -8,6 +8,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import demo  # noqa: E402
 from model import GPT, Config  # noqa: E402
 
 
@@ -15,8 +16,8 @@ def make_checkpoint(path, seed=0, hidden=32, layers=2, vocab_size=120, tie=True)
     """A random llama-family checkpoint with a BPE tokenizer trained on the demo corpus: config.json,
     model.safetensors, tokenizer.json and tokenizer_config.json, as a downloaded one has."""
     path = Path(path)
-    rows = data.demo_pretrain_corpus(300, seed=0)
-    tok = data.demo_tokenizer([r["response"] for r in rows], vocab_size=vocab_size)
+    rows = demo.pretrain_corpus(300, seed=0)
+    tok = demo.tokenizer([r["response"] for r in rows], vocab_size=vocab_size)
     cfg = dict(model_type="llama", vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie, hidden_act="silu",
@@ -30,7 +31,7 @@ def make_checkpoint(path, seed=0, hidden=32, layers=2, vocab_size=120, tie=True)
 
 def make_data(path, n=24, seed=1, noise=0.3):
     """n demo word problems as prompt/response JSONL, with noise in a fraction of them."""
-    data.write_jsonl(data.demo_task(n, seed, noise), path)
+    data.write_jsonl(demo.task(n, seed, noise), path)
     return Path(path)
 
 

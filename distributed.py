@@ -1,0 +1,125 @@
+"""
+What running on real hardware needs and the method does not: torchrun process groups, DDP or FSDP2 around
+the model, full state dicts gathered from shards, bfloat16 autocast on CUDA, and output from rank 0 only.
+On one process every function here is a no-op or the obvious single-process answer.
+"""
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+
+def dist_info():
+    """(rank, world size); (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def init_from_env():
+    """Join the process group when launched by torchrun (it sets RANK); returns the device to run on."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device):
+    """bfloat16 autocast on CUDA; plain float32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def wrap_distributed(args, model, ref=None):
+    """DDP; or with --fsdp, FSDP2 (one unit per transformer block, and the root) for the model, in place, and
+    for the frozen reference of --prior inline the same way. Build the optimizer after this."""
+    if not dist.is_initialized():
+        return model
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for module in [model] + ([ref] if ref is not None else []):
+            for block in module.model.layers:
+                fully_shard(block)
+            # the root (embeddings, final norm, lm_head) stays unsharded after forward, as the loss applies
+            # lm_head outside forward; its gradient is reduce-scattered at the end of backward
+            fully_shard(module, reshard_after_forward=False)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model)
+
+
+def sync_grads(wrapped, last):
+    """Synchronise gradients across ranks on the last micro-batch of a step only."""
+    if hasattr(wrapped, "no_sync"):
+        return contextlib.nullcontext() if last else wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+def all_reduce(tensor, op="sum"):
+    """Sum (or max) a tensor over ranks in place; returns it."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def merge_from_ranks(d):
+    """The union of every rank's dict."""
+    if not dist.is_initialized():
+        return d
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, d)
+    return {k: v for g in gathered for k, v in g.items()}
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_fsdp(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model):
+    """Under FSDP2 every rank takes part in gathering the full state dict; otherwise None (use our own)."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return None
+
+
+def optimizer_state_dict(model, opt):
+    """Under FSDP2 every rank takes part in gathering the whole optimizer state (keyed by parameter name) onto
+    rank 0's CPU, as opt.state_dict() would give each rank only its own shards; otherwise opt.state_dict()."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def load_optimizer_state_dict(model, opt, state):
+    """The inverse of optimizer_state_dict: under FSDP2 each rank keeps its shards of the whole state. A state
+    keyed by name (saved under FSDP2) also loads into an unsharded model, to resume on one process."""
+    if is_fsdp(model) or isinstance(state["param_groups"][0]["params"][0], str):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
+def progress(iterable=None, **kw):
+    """A tqdm bar on rank 0 when stderr is a terminal (disable=None), so logs stay clean."""
+    return tqdm(iterable, disable=True if dist_info()[0] > 0 else None, **kw)
+
+
+def log(msg):
+    if dist_info()[0] == 0:
+        print(msg, flush=True)

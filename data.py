@@ -8,6 +8,7 @@ the template's end token, which is trained. Nothing of the prompt is.
 import json
 import math
 import re
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -118,35 +119,46 @@ def load_tokenizer(model_dir):
 
 class Template:
     """How one checkpoint's examples become token ids: its tokenizer, how a prompt is written (`name`), and the
-    token that ends a response, which is trained."""
-    def __init__(self, tok, name, end_token):
-        self.tok, self.name = tok, name
+    token that ends a response, which is trained.
+
+    auto     the checkpoint's own chat template (tokenizer_config.json's `chat_template`, or chat_template.jinja),
+             rendered as transformers' apply_chat_template renders it, with a generation prompt; the response
+             is followed by the tokenizer's EOS. This is the text the authors' trainer builds. A checkpoint
+             without a chat template gets `plain`.
+    plain    the prompt's turns one after the other (with a BOS if the tokenizer adds one), then the response
+             and the tokenizer's EOS
+    chatml   <|im_start|>role ... <|im_end|> turns; the response ends with <|im_end|>
+    llama3   <|begin_of_text|> and <|start_header_id|>role<|end_header_id|> turns; the response ends with <|eot_id|>
+    Prompt and response are tokenised separately, so the boundary of the loss mask is exact."""
+    def __init__(self, tok, name, end_token, eos=None, render=None):
+        self.tok, self.name, self.render = tok, name, render
         if end_token is None or tok.token_to_id(end_token) is None:
             raise DataError(f"the tokenizer has no end token for template {name!r} ({end_token or 'no EOS found'}); "
                             f"choose another --template")
         self.end_id = tok.token_to_id(end_token)
+        # generation stops at the end token or at the tokenizer's EOS, whichever the model writes
+        self.stop_ids = {self.end_id} | ({tok.token_to_id(eos)} if eos and tok.token_to_id(eos) is not None else set())
 
     @classmethod
     def load(cls, model_dir, name="auto"):
-        """The template of a checkpoint directory; `auto` picks chatml or llama3 by their tokens, else plain."""
-        tok = load_tokenizer(model_dir)
+        tok, config = load_tokenizer(model_dir), tokenizer_config(model_dir)
+        eos = token_text(config.get("eos_token")) or next((n for n in EOS_NAMES if tok.token_to_id(n) is not None), None)
         if name == "auto":
-            vocab = tok.get_vocab()
-            name = "chatml" if "<|im_start|>" in vocab else "llama3" if "<|start_header_id|>" in vocab else "plain"
-        if name != "plain":
-            return cls(tok, name, TEMPLATES[name][2])
-        cfg = Path(model_dir) / "tokenizer_config.json"
-        eos = json.loads(cfg.read_text()).get("eos_token") if cfg.exists() else None
-        eos = eos["content"] if isinstance(eos, dict) else eos
-        return cls(tok, name, eos or next((n for n in EOS_NAMES if tok.token_to_id(n) is not None), None))
+            render = ChatTemplate.load(model_dir, config)
+            return cls(tok, "auto", eos, eos, render) if render else cls(tok, "plain", eos, eos)
+        return cls(tok, name, eos if name == "plain" else TEMPLATES[name][2], eos)
 
     def prompt_ids(self, messages):
         """The token ids of a prompt (role/content turns), up to where the response begins."""
         if self.name == "plain":  # the turns' contents, one after the other; BOS if the tokenizer adds one
             return self.tok.encode("\n".join(m["content"] for m in messages)).ids
-        turn, gen_prompt, _ = TEMPLATES[self.name]
-        text = "".join(turn.format(**m) for m in messages) + gen_prompt
-        return self.tok.encode(("<|begin_of_text|>" if self.name == "llama3" else "") + text).ids
+        if self.render:
+            text = self.render(messages)
+        else:
+            turn, gen_prompt, _ = TEMPLATES[self.name]
+            text = ("<|begin_of_text|>" if self.name == "llama3" else "") + "".join(turn.format(**m) for m in messages)
+            text += gen_prompt
+        return self.tok.encode(text, add_special_tokens=False).ids  # the text holds its special tokens already
 
     def encode(self, examples, max_len):
         """Examples -> list of (ids, n_prompt): ids = prompt ids + response ids + end id, cut on the right
@@ -161,6 +173,68 @@ class Template:
                 continue
             kept.append(((prompt + response)[:max_len], len(prompt)))
         return kept, dropped
+
+
+def tokenizer_config(model_dir):
+    path = Path(model_dir) / "tokenizer_config.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); download it again")
+
+
+def token_text(token):
+    """A special token as tokenizer_config.json gives it: a string, or {"content": ...}."""
+    return token["content"] if isinstance(token, dict) else token
+
+
+class ChatTemplate:
+    """A checkpoint's chat template, compiled and rendered as transformers does (a sandboxed jinja2 environment
+    with trim_blocks, lstrip_blocks, loop controls, and the globals and filters templates use), with the
+    tokenizer's special tokens (bos_token, eos_token, ...) as variables. jinja2 comes with torch."""
+    def __init__(self, text, source, special):
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        class Generation(jinja2.ext.Extension):  # {% generation %}: marks assistant text; rendered as it is
+            tags = {"generation"}
+            def parse(self, parser):
+                next(parser.stream)
+                return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[jinja2.ext.loopcontrols, Generation])
+        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
+            json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+        self.source, self.special, self.error = source, special, jinja2.exceptions.TemplateError
+        try:
+            self.template = env.from_string(text)
+        except self.error as e:
+            raise DataError(f"{source}: the chat template does not compile ({e}); fix it or choose another --template")
+
+    @classmethod
+    def load(cls, model_dir, config):
+        """The chat template of a checkpoint directory, or None if it has none."""
+        text, source = config.get("chat_template"), Path(model_dir) / "tokenizer_config.json"
+        if isinstance(text, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            text = next((t["template"] for t in text if t.get("name") == "default"), None)
+        if not text and (Path(model_dir) / "chat_template.jinja").exists():
+            text, source = (Path(model_dir) / "chat_template.jinja").read_text(), Path(model_dir) / "chat_template.jinja"
+        special = {k: token_text(config[k]) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if config.get(k)}
+        return cls(text, source, special) if text else None
+
+    def __call__(self, messages):
+        """The prompt's text: the turns, then the generation prompt (where the assistant's answer begins)."""
+        try:
+            return self.template.render(messages=messages, tools=None, documents=None, add_generation_prompt=True,
+                                        **self.special)
+        except self.error as e:
+            raise DataError(f"{self.source}: the chat template failed to render a prompt ({e}); check the data's roles "
+                            f"or choose another --template")
 
 
 def collate(seqs, pad_id=0):

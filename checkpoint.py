@@ -56,6 +56,19 @@ def save(model, opt, state, out):
             shutil.rmtree(old, ignore_errors=True)
 
 
+class TrainingError(Exception):
+    pass
+
+
+def stop_if_diverged(state, out):
+    """Five steps in a row with a non-finite loss or gradient stop the run, naming the last good checkpoint."""
+    if state["bad_in_row"] >= 5:
+        last = out and latest(out)
+        raise TrainingError(f"5 steps in a row had a non-finite loss or gradient (the last at step {state['step']}), so "
+                            f"training stopped; lower --lr or check the data, and start again"
+                            + (f"; the last good checkpoint is {last}" if last else ""))
+
+
 def latest(out):
     """The newest complete checkpoint of a run, or None."""
     path = Path(out) / "checkpoints" / "latest"
@@ -126,9 +139,11 @@ def resumed_args(parser, args):
     return argparse.Namespace(**{**vars(args), **saved, "resume": resume_dir, "out": resume_dir, "overwrite": False})
 
 
-def check_out(parser, args):
+def check_out(parser, args, is_demo):
     """Refuse an --out that this run would write over by mistake, in one line."""
     out = args.out
+    if is_demo and args.resume:
+        parser.error("--resume continues --model/--data runs; the demo is short enough to run again")
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file; give a directory")
     if (out / "args.json").exists() and not args.overwrite and not args.resume:

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
+import checkpoint
 import data
 from cli import FRACTION, POSITIVE
 import evaluate
+import report
 from distributed import log
 from model import GPT, Config
 
@@ -138,7 +140,7 @@ def base_model(args, device, prift):
 
 def write_data(args, out):
     """Writes the demo's JSONL files into the run directory, so they can be read like any dataset."""
-    files = {"train": task(200, args.seed + 1, args.demo_noise, args.demo_noise_kind),
+    files = {"train": task(200, args.seed + 1, args.demo_noise, args.demo_noise_kind),  # (the same rows as --inspect's)
              "task": task(300, 99),
              "retention": task(200, 98, phrasings=PRETRAIN_PHRASINGS)}
     for name, rows in files.items():
@@ -166,12 +168,9 @@ def show_weights(tok, rows, seqs, weights, rule):
     """Print one noisy demonstration with the tokens that `rule` drops (weights: one (n_i,) tensor per example,
     from the prior before any update), and the kept fraction on tokens the clean solution does not have versus
     the others."""
-    color = sys.stdout.isatty()
-    kept_bad, kept_ok = [], []
-    shown = False
+    kept_bad, kept_ok, shown = [], [], False
     for row, (ids, n_prompt), w in zip(rows, seqs, weights):
-        resp = ids[n_prompt:]
-        w = w[:len(resp)].tolist()
+        resp, w = ids[n_prompt:], w.tolist()
         clean = tok.encode(row["clean_response"], add_special_tokens=False).ids + [resp[-1]]
         same = set()
         for a, _, n in difflib.SequenceMatcher(None, resp, clean, autojunk=False).get_matching_blocks():
@@ -179,14 +178,10 @@ def show_weights(tok, rows, seqs, weights, rule):
         for j, wj in enumerate(w):
             (kept_ok if j in same else kept_bad).append(wj > 0)
         if len(same) < len(resp) and not shown:
-            shown = True
-            # each token's text as it reads in context: decode growing prefixes and take the difference
-            texts = [tok.decode(ids[:n_prompt + j]) for j in range(len(resp) + 1)]
-            pieces = [b[len(a):] if b.startswith(a) else tok.decode([t]) for a, b, t in zip(texts, texts[1:], resp)]
-            text = "".join((f"\033[9;31m{p}\033[0m" if color else "_" * len(p)) if wj == 0 else p
-                           for p, wj in zip(pieces, w))
-            log(f"\nOne demonstration under --rule {rule} ({'struck out in red' if color else 'underscores'}: weight 0)")
-            log(f"  prompt:    {row['prompt']!r}\n  shown:     {row['response']!r}\n  trained:   {text!r}")
+            shown, pieces = True, report.token_texts(tok, ids, n_prompt)
+            log(f"\nOne demonstration under --rule {rule} ({'struck out in red' if sys.stdout.isatty() else 'underscores'}: "
+                f"weight 0)\n  prompt:    {row['prompt']!r}\n  shown:     {row['response']!r}\n"
+                f"  trained:   {report.terminal_view(pieces, w)!r}")
             if any(0 < wj < 1 for wj in w):
                 log("  weights:   " + " ".join(f"{p.strip() or '_'}:{wj:.2f}" for p, wj in zip(pieces, w)))
     if kept_bad:
@@ -208,11 +203,14 @@ def run(args, device, prift):
     """The demo: the base model, the prior once, each rule (and seed) fine-tuned from the same base on the same
     data in the same order, the table, and one demonstration as the rule trains it."""
     base = base_model(args, device, prift)
-    out = args.out
+    args.model, args.ref, args.template, out = str(base), str(base), "plain", args.out
+    if args.inspect:  # the prior's view of the demonstrations, no training
+        rows = task(200, args.seed + 1, args.demo_noise, args.demo_noise_kind)
+        return report.inspect(args, device, prift, [data.parse_example(r, "demo") for r in rows])
+    checkpoint.prepare_out(args, None)
     paths = write_data(args, out)
     sets = {name: data.read_jsonl(p) for name, p in paths.items()}
     template = data.Template.load(base, "plain")
-    args.model = args.ref = str(base)
     seqs, _ = template.encode(sets["train"], args.max_len)
     rules = RULES if args.rule == "all" else [args.rule]
     prior = prift.compute_prior(args, seqs, device)
@@ -231,6 +229,7 @@ def run(args, device, prift):
             run_dir.mkdir(parents=True, exist_ok=True)
             state = prift.train(a, model, seqs, prior=prior if a.signal == "prior" else None, out=run_dir)
             res = metrics(args, model, template, sets)
+            report.run_report(run_dir, [("base", results[0][1]), (rule, res)])
             res.update(kept=100 * state["kept"], train_s=time.time() - t0, rule=rule, seed=seed)
             runs.append(res)
             if len(rules) == 1 and args.seeds == 1:

@@ -84,12 +84,17 @@ def report(args, before, after):
     print_table(rows, ["ce", "greedy", f"avg@{k}", f"pass@{k}"], f"Evaluation on {args.eval_data}")
     if dist_info()[0] == 0:
         (args.out / "eval.json").write_text(json.dumps(dict(rows), indent=1))
+    return rows
+
+
+def fmt(v):
+    """A table cell: percentages to 0.1, small numbers (cross-entropy) to 0.001."""
+    return f"{v:.1f}" if isinstance(v, float) and abs(v) >= 1 else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def print_table(rows, columns, title=None):
     """rows: list of (name, metrics dict). Prints a Markdown table; returns its text."""
     cols = [c for c in columns if any(c in r for _, r in rows)]
-    fmt = lambda v: f"{v:.1f}" if isinstance(v, float) and abs(v) >= 1 else f"{v:.3f}" if isinstance(v, float) else str(v)
     lines = [f"| {' | '.join(['model'] + cols)} |", f"|{'---|' * (len(cols) + 1)}"]
     lines += [f"| {' | '.join([name] + [fmt(r.get(c, '')) for c in cols])} |" for name, r in rows]
     text = (f"\n{title}\n\n" if title else "\n") + "\n".join(lines) + "\n"

@@ -37,6 +37,7 @@ from cli import COUNT, FRACTION, POSITIVE, Parser, existing, number
 import data
 import demo
 import evaluate
+import report
 from distributed import all_reduce, autocast, barrier, dist_info, init_from_env, log, merge_from_ranks, progress, shutdown
 from distributed import sync_grads, wrap_distributed
 from model import GPT, CheckpointError, Config
@@ -260,18 +261,6 @@ def optimizer_step(model, opt, state, loss_is_finite):
     return grad_norm
 
 
-class TrainingError(Exception):
-    pass
-
-
-def stop_if_diverged(state, out):
-    if state["bad_in_row"] >= 5:
-        last = out and checkpoint.latest(out)
-        raise TrainingError(f"5 steps in a row had a non-finite loss or gradient (the last at step {state['step']}), so "
-                            f"training stopped; lower --lr or check the data, and start again"
-                            + (f"; the last good checkpoint is {last}" if last else ""))
-
-
 def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
     """Fine-tune `model` on `seqs` with args.rule, the prior's (p, u) of each example given (`prior`) or made by
     a reference model on every batch (`ref`). Each step's loss is normalised by the response tokens of the whole
@@ -312,7 +301,7 @@ def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
             checkpoint.append_metrics(out, row)
             bar.update()
             bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kept=f"{row['kept']:.2f}")
-            stop_if_diverged(state, out)
+            checkpoint.stop_if_diverged(state, out)
             signum = int(all_reduce(torch.tensor([stop.signum], device=device), op="max").item())  # all ranks stop
             if out and (signum or (args.save_every and state["step"] % args.save_every == 0 and state["step"] < total)):
                 checkpoint.save(model, opt, state, out)
@@ -348,8 +337,8 @@ def run(args, device):
     state = train(args, model, seqs, prior=prior, ref=ref, out=args.out, start=start)
     checkpoint.save_model(model, args.out)
     log(f"trained {state['step']} steps ({state['skipped']} skipped); model saved to {args.out}")
-    if eval_set:
-        evaluate.report(args, before, evaluate.scores(args, model, template, eval_set))
+    rows = evaluate.report(args, before, evaluate.scores(args, model, template, eval_set)) if eval_set else None
+    report.run_report(args.out, rows)
 
 
 def settings(args, **changes):
@@ -368,6 +357,8 @@ def parse_args(argv=None):
     g.add_argument("--threshold", type=FRACTION, help="mass: 0.5, profit: 0.1 by default")
     g.add_argument("--prior", default="precompute", choices=["precompute", "inline"],
                    help="prior signal computed once before training, or by a reference model on every batch")
+    g.add_argument("--inspect", type=POSITIVE, nargs="?", const=50, metavar="N",
+                   help="no training: write what the prior keeps to --out (tokens.jsonl; weights.html of N examples, 50)")
     g = parser.add_argument_group("model and data")  # no --model/--data: the built-in demo
     g.add_argument("--model", type=existing("dir"), help="Hugging Face checkpoint directory to fine-tune")
     g.add_argument("--ref", type=existing("dir"), help="frozen reference checkpoint (default: --model, before any update)")
@@ -412,9 +403,7 @@ def check_args(parser, args):
     args.ref = args.ref or args.model
     args.loss_chunk = args.loss_chunk or None
     args.out = Path(args.out or f"runs/{'demo-' if is_demo else ''}{args.rule}-{time.strftime('%Y%m%d-%H%M%S')}")
-    checkpoint.check_out(parser, args)
-    if is_demo and args.resume:
-        parser.error("--resume continues --model/--data runs; the demo is short enough to run again")
+    checkpoint.check_out(parser, args, is_demo)
     return is_demo
 
 
@@ -431,11 +420,12 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     try:
         if is_demo:
-            checkpoint.prepare_out(args, None)
             demo.run(args, device, sys.modules[__name__])
+        elif args.inspect:
+            report.inspect(args, device, sys.modules[__name__], data.read_jsonl(args.data))
         else:
             run(args, device)
-    except (CheckpointError, data.DataError, TrainingError) as e:
+    except (CheckpointError, data.DataError, checkpoint.TrainingError) as e:
         print(f"prift: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves a checkpoint on it)

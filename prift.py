@@ -229,19 +229,23 @@ def compute_prior(args, seqs, device):
 # ----------------------------------------------------------------------------------------------------
 # Training
 
-def get_lr(step, total, lr, warmup=0.1):
-    """Linear warmup over the first 10% of steps, then cosine to 0."""
+def get_lr(step, total, lr, warmup=0.1, from_zero=False):
+    """Linear warmup over the first 10% of steps, then cosine to 0. The first step runs at lr / n_warmup, or, as
+    the authors' scheduler does (from_zero), at 0."""
     n_warm = max(1, int(warmup * total))
     if step < n_warm:
-        return lr * (step + 1) / n_warm
+        return lr * (step + (not from_zero)) / n_warm
     return lr * 0.5 * (1 + math.cos(math.pi * (step - n_warm) / max(1, total - n_warm)))
 
 
-def batch_order(n, batch_size, step, seed):
+def steps_per_epoch(n, batch_size, drop_last=False):
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def batch_order(n, batch_size, step, seed, drop_last=False):
     """The example indices of optimizer step `step`: epochs are fresh permutations, fixed by the seed,
     so that every rule sees the same data in the same order and a resumed run takes up where it was."""
-    per_epoch = math.ceil(n / batch_size)
-    epoch, i = divmod(step, per_epoch)
+    epoch, i = divmod(step, steps_per_epoch(n, batch_size, drop_last))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
     return perm[i * batch_size:(i + 1) * batch_size]
 
@@ -266,18 +270,20 @@ def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
     a reference model on every batch (`ref`). Each step's loss is normalised by the response tokens of the whole
     global batch, so accumulation and data parallelism give the gradient of the full batch. `start`: a
     checkpoint's trainer state, to resume. Returns the loop's state, with the mean kept fraction."""
-    device, (rank, world) = next(model.parameters()).device, dist_info()
-    total = args.max_steps or args.epochs * math.ceil(len(seqs) / args.batch_size)
+    device, (rank, world), authors = next(model.parameters()).device, dist_info(), args.match_authors
+    total = args.max_steps or args.epochs * steps_per_epoch(len(seqs), args.batch_size, drop_last=authors)
+    if authors:  # bf16 weights, so bf16 AdamW state too
+        model.to(torch.bfloat16)
     wrapped = wrap_distributed(args, model, ref)  # first: fully_shard replaces the parameters with sharded ones
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     state = checkpoint.restore(model, opt, start)
     with progress(total=total, initial=state["step"], desc=f"train {args.rule}") as bar, checkpoint.interrupts() as stop:
         while state["step"] < total:
             step = state["step"]
-            idx = batch_order(len(seqs), args.batch_size, step, args.seed)
+            idx = batch_order(len(seqs), args.batch_size, step, args.seed, drop_last=authors)
             n_tokens = sum(data.n_response_tokens(seqs[i]) for i in idx)  # the whole global batch, known to every rank
             for group in opt.param_groups:
-                group["lr"] = lr = get_lr(step, total, args.lr)
+                group["lr"] = lr = get_lr(step, total, args.lr, from_zero=authors)
             sums, micro = torch.zeros(3, device=device), data.micro_batches(idx, rank, world, args.micro_batch)
             for j, (mb, keep) in enumerate(micro):
                 x, y, m = (t.to(device) for t in data.collate([seqs[i] for i in mb]))
@@ -289,8 +295,10 @@ def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
                     h = wrapped(x, hidden_only=True)[m]  # (N, C): the final hidden states at the response positions
                     part = chunked_loss(h, model.lm_head, y[m], args.rule, args.signal, args.threshold, prior_stats,
                                         args.loss_chunk)
-                    # DDP averages gradients over ranks; the loss is a sum over the global batch, so scale by world
-                    (part.weighted * keep * world / max(n_tokens, 1)).backward()
+                    # the loss is a sum over the global batch, and DDP averages gradients over ranks: scale by world.
+                    # The authors' trainer: each micro-batch's own mean, so a step's gradient sums those means
+                    scale = 1 / max(int(m.sum()), 1) if authors else world / max(n_tokens, 1)
+                    (part.weighted * keep * scale).backward()
                 sums += keep * torch.stack(part).detach()
             loss_sum, ce_sum, kept = all_reduce(sums).tolist()
             grad_norm = optimizer_step(model, opt, state, math.isfinite(loss_sum))
@@ -375,6 +383,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--loss-chunk", type=COUNT, default=0, help="positions per loss chunk (0: 128 MB of float32 logits)")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
+    g.add_argument("--match-authors", action="store_true", help="as the authors' trainer: the sum of micro-batch means, "
+                   "bf16 weights and optimizer state, warmup from 0, the last short batch dropped (README)")
     evaluate.add_arguments(parser)
     checkpoint.add_arguments(parser)
     demo.add_arguments(parser)
@@ -416,7 +426,7 @@ def main(argv=None):
     if args.rule != "all":
         args = settings(args)
     barrier()  # every rank has checked --out (e.g. for an args.json) before rank 0 writes there
-    args.precision = "bf16" if device.type == "cuda" else "fp32"
+    args.precision = "bf16" if device.type == "cuda" or args.match_authors else "fp32"
     torch.manual_seed(args.seed)
     try:
         if is_demo:

@@ -1,7 +1,6 @@
 """The method itself: the weights of every rule (analytic cases, ties, thresholds, signal swaps), that no
 gradient flows through a weight, the chunked loss against a plain computation, the normalisation by all
 response tokens, gradient accumulation, the frozen reference, and the reference vectors for porters."""
-import argparse
 import json
 import math
 
@@ -275,11 +274,9 @@ def ckpt(tmp_path_factory):
 
 
 def targs(rule, **kw):
-    a = argparse.Namespace(rule=rule, signal=None, threshold=None, lr=1e-3, batch_size=4, micro_batch=4, epochs=1,
-                           max_steps=1, seed=0, loss_chunk=None, save_every=0, fsdp=False, precision="fp32",
-                           prior="precompute")
-    for k, v in kw.items():
-        setattr(a, k, v)
+    a = prift.parse_args([])[1]  # the command line's defaults, then the test's sizes
+    a.__dict__.update({**dict(rule=rule, lr=1e-3, batch_size=4, micro_batch=4, epochs=1, max_steps=1, loss_chunk=None,
+                              precision="fp32"), **kw})
     a = prift.settings(a)
     return a
 
@@ -502,3 +499,58 @@ def test_reference_vectors_match_the_definition(vectors):
     assert prior["u"][0][1] == pytest.approx(0.4, abs=1e-3) and prior["p"][0][1] == pytest.approx(0.3, abs=1e-3)
     mass = next(c for c in vectors["cases"] if c["name"] == "mass")
     assert mass["weights"][0][1] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# --match-authors: the authors' trainer where this one differs on purpose, each part against a hand computation
+
+def test_match_authors_sums_micro_batch_means_in_bfloat16(ckpt, tmp_path, monkeypatch):
+    """(a) each micro-batch's loss is its own mean over its response tokens and a step's gradient is their sum,
+    clipped as such; (b) weights and AdamW state in bfloat16."""
+    seqs = uneven_seqs(GPT.from_pretrained(ckpt).config.vocab_size, seed=4)
+    ref = GPT.from_pretrained(ckpt).requires_grad_(False)
+    prior = prior_of(ref, seqs)
+    args = targs("mass", micro_batch=2, match_authors=True, save_every=1, max_steps=2)
+    model = GPT.from_pretrained(ckpt)
+    _, grads = train_capturing(args, model, seqs, monkeypatch, prior=prior, out=tmp_path)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    trainer = torch.load(tmp_path / "checkpoints" / "latest" / "trainer.pt", weights_only=False)
+    assert all(v.dtype == torch.bfloat16 for st in trainer["optimizer"]["state"].values()
+               for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))
+
+    by_hand = GPT.from_pretrained(ckpt).to(torch.bfloat16)
+    idx = prift.batch_order(len(seqs), 4, 0, 0, drop_last=True)
+    for mb in (idx[:2], idx[2:]):  # the loop's micro-batches of step 1, in its order
+        x, y, m = data.collate([seqs[i] for i in mb])
+        prift.prift_loss(by_hand(x), y, m, "mass", ref(x)).backward()  # n_tokens: this micro-batch's own
+    mean_of_batch = GPT.from_pretrained(ckpt).to(torch.bfloat16)
+    x, y, m = data.collate([seqs[i] for i in idx])
+    prift.prift_loss(mean_of_batch(x), y, m, "mass", ref(x)).backward()  # what prift does without the switch
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    for g, want, clean in zip(grads[0], by_hand.parameters(), mean_of_batch.parameters()):
+        assert rel(g, want.grad) < 3e-2 < 0.3 < rel(g, clean.grad)  # bfloat16: equal up to rounding, and not the mean
+    total = lambda ps: torch.cat([p.float().flatten() for p in ps]).norm().item()
+    assert total(grads[0]) == pytest.approx(total(p.grad for p in by_hand.parameters()), rel=1e-2)
+    assert total(grads[0]) > 1.5 * total(p.grad for p in mean_of_batch.parameters())  # two means summed, not one
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["grad_norm"] == pytest.approx(total(grads[0]), rel=1e-2)  # the norm clipped is the sum's
+
+
+def test_match_authors_warms_up_from_zero_and_drops_the_short_batch(ckpt, tmp_path):
+    """(c) the learning rate of step s < n_warmup is lr * s / n_warmup (0 at the first step), and 17 examples in
+    batches of 4 make 4 steps an epoch, not 5."""
+    vocab = GPT.from_pretrained(ckpt).config.vocab_size
+    seqs = uneven_seqs(vocab) * 4 + uneven_seqs(vocab, seed=9)[:1]  # 17 examples
+    args = targs("sft", batch_size=4, micro_batch=4, max_steps=None, epochs=3, lr=1e-3, match_authors=True)
+    prift.train(args, GPT.from_pretrained(ckpt), seqs, out=tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(r["tokens"] == sum(map(data.n_response_tokens, [seqs[i] for i in
+                                   prift.batch_order(17, 4, r["step"] - 1, 0, drop_last=True)])) for r in rows)
+    assert all(len(prift.batch_order(17, 4, s, 0, drop_last=True)) == 4 for s in range(12))
+    n_warm = 1  # int(0.1 * 12)
+    assert rows[0]["lr"] == 0.0
+    for r in rows[n_warm:]:
+        progress = (r["step"] - 1 - n_warm) / (12 - n_warm)
+        assert r["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-9)
+    assert [prift.get_lr(s, 100, 1.0, from_zero=True) for s in range(3)] == pytest.approx([0.0, 0.1, 0.2], abs=1e-15)
+    assert [prift.get_lr(s, 100, 1.0) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3], abs=1e-15)  # without it

@@ -6,7 +6,6 @@ SIGINT/SIGTERM.
 The bad-input cases run `prift.main(argv)`, the function that `python prift.py ARGV` runs, in this process
 (a fresh interpreter costs seconds per case on this machine); a few of them, and every signal and kill test,
 run the real command line in a subprocess."""
-import argparse
 import hashlib
 import json
 import math
@@ -277,8 +276,9 @@ def test_data_lines_split_on_newline_only(w):
 # During training, in this process: train() itself, or prift.main with a hook in the loop
 
 def train_args(**over):
-    a = argparse.Namespace(**{**dict(rule="profit", signal=None, threshold=None, lr=1e-3, batch_size=4, micro_batch=2,
-                                     epochs=1, max_steps=6, seed=0, loss_chunk=None, save_every=0, fsdp=False), **over})
+    a = prift.parse_args([])[1]  # the command line's defaults, then the test's sizes
+    a.__dict__.update(**{**dict(rule="profit", lr=1e-3, batch_size=4, micro_batch=2, epochs=1, max_steps=6,
+                                loss_chunk=None), **over})
     a = prift.settings(a)
     return a
 

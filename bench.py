@@ -6,11 +6,16 @@ Benchmark of training speed and memory, measured side by side in one run on one 
      pass that precomputes the prior; and transformers' own model doing the same step as our sft
      (forward, backward, clipping, AdamW), when transformers is installed;
   2. peak memory of the loss and weights alone (mass with the reference's signal, forward and backward,
-     from final hidden states and heads), chunked as prift.py does it versus the plain full softmax.
+     from final hidden states and heads), chunked as prift.py does it versus the plain full softmax;
+  3. on real lengths (REAL_LENGTHS below), the padded share of the positions the loop computes and its response
+     tokens per second, with micro-batches cut from each step's examples in random order (the loop before it
+     grouped them, and --match-authors now), grouped by length (the default), and by a token budget
+     (--micro-tokens).
 
     python bench.py                  # Llama-shaped, ~100M parameters, sequence 512; float32 (minutes on a CPU)
     python bench.py --quick          # tiny sizes, to check that it runs
     python bench.py --device cuda    # bfloat16 autocast, and model FLOPs utilisation
+    python bench.py --only lengths   # one of the three parts: train, loss, lengths
 
 Each configuration runs in a child process forked from this one (before any tensor work), so its memory is
 its own. Peak memory, CPU: the child's peak resident set (VmHWM) minus its resident set when it started
@@ -44,6 +49,15 @@ try:  # imported before forking, so that no child pays for it
     from transformers import LlamaForCausalLM  # noqa: F401  (its lazily imported module too)
 except ImportError:
     transformers = None
+
+REAL_LENGTHS = [  # examples per bin of 16 tokens: 0-15, 16-31, ...
+    0, 3, 5, 11, 16, 20, 31, 38, 48, 42, 32, 32, 29, 38, 25, 19, 28, 27, 24, 29, 31, 10, 24, 10, 16, 18,
+    12, 17, 17, 11, 10, 9, 10, 6, 3, 5, 3, 5, 1, 5, 1, 5, 5, 6, 2, 3, 2, 3, 1, 2, 1, 2, 2, 3, 0, 2, 0, 0,
+    2, 3, 2, 0, 0, 0, 1, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 1]
+# ... of problem + "\n" + solution of MATH500 (500) and Minerva Math (272), as their public test.jsonl files hold
+# them, tokenised by Llama 2's 32k-token tokenizer without a template: median 253, mean 297.5, longest 1,609. Measured
+# for this project; the histogram is shipped, the data is not.
 
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125}  # dense bf16
 
@@ -181,8 +195,49 @@ def run_loss(a, mode):
     return dict(meter.steps(1), loss=loss.item())
 
 
-def make_checkpoint(a, ckpt):
-    GPT(Config.from_dict(llama_config(a))).save_pretrained(ckpt)
+def real_length_seqs(n, vocab, seed=0):
+    """n random token sequences whose lengths follow REAL_LENGTHS (uniform within a bin); every token but the
+    first is trained, so 'response tokens' are all the positions a causal LM predicts."""
+    g = torch.Generator().manual_seed(seed)
+    bins = torch.multinomial(torch.tensor(REAL_LENGTHS, dtype=torch.float), n, replacement=True, generator=g)
+    lengths = (bins * 16 + torch.randint(16, (n,), generator=g)).clamp(min=2).tolist()
+    return [(torch.randint(vocab, (n_tokens,), generator=g).tolist(), 1) for n_tokens in lengths]
+
+
+LENGTH_MODES = {"random order": dict(by_length=False), "grouped by length": dict(by_length=True),
+                "token budget": dict(by_length=True, tokens=True)}
+
+
+def micro_batches(a, mode, seqs, idx, cut=data.micro_batches):
+    kw = LENGTH_MODES[mode]
+    return cut(seqs, idx, 0, 1, a.len_micro, a.len_tokens if kw.get("tokens") else None, kw["by_length"])
+
+
+def padded_share(a, mode, batch):
+    """Padded share of the positions computed (rows x longest; the inputs are a sequence but its last token) over
+    every step of 4 epochs of 1,024 examples in optimizer batches of `batch`."""
+    seqs, computed, real = real_length_seqs(1024, 2), 0, 0
+    for step in range(4 * 1024 // batch):
+        for mb, _ in micro_batches(a, mode, seqs, prift.batch_order(len(seqs), batch, step, 0)):
+            computed += len(mb) * max(len(seqs[i][0]) - 1 for i in mb)
+            real += sum(len(seqs[i][0]) - 1 for i in mb)
+    return 100 * (1 - real / computed)
+
+
+def run_lengths(a, mode, ckpt):
+    """The training loop (sft) on real lengths, its micro-batches cut as `mode` says."""
+    device, seqs = torch.device(a.device), real_length_seqs(a.len_batch * (a.warmup + a.steps), a.len_vocab)
+    args = train_args(a, "sft", "-", ckpt, None)
+    args.batch_size, args.max_steps = a.len_batch, a.warmup + a.steps
+    data.micro_batches = lambda seqs, idx, *_, **__: micro_batches(a, mode, seqs, idx)  # in this child process only
+    meter = Meter(device)
+    prift.train(args, GPT.from_pretrained(ckpt, device=device), seqs)
+    tokens = sum(data.n_response_tokens(s) for s in seqs[a.len_batch * a.warmup:])  # the timed steps' examples
+    return dict(meter.steps(a.warmup), tokens=tokens)
+
+
+def make_checkpoint(a, ckpt, config=None):
+    GPT(Config.from_dict(config or llama_config(a))).save_pretrained(ckpt)
 
 
 def child(fn, args, queue, log):
@@ -216,6 +271,7 @@ def in_child(fn, *args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: seconds, to check that it runs")
+    p.add_argument("--only", choices=["train", "loss", "lengths"], help="one part of the three")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, help="rounds over all configurations (2; quick 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first in every configuration")
@@ -223,23 +279,58 @@ def main():
     p.add_argument("--batch", type=int, help="sequences per step (CPU 1, CUDA 8; quick 2)")
     p.add_argument("--threads", type=int, help="CPU threads (torch's default; quick 1)")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU (known GPUs: by name)")
+    p.add_argument("--len-batch", type=int, help="real lengths: sequences per step (64; quick 16)")
+    p.add_argument("--len-micro", type=int, default=4, help="real lengths: sequences per micro-batch (the authors' 4)")
+    p.add_argument("--len-tokens", type=int, default=2048, help="real lengths: the token budget of --micro-tokens")
     a = p.parse_args()
     size = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=1024, seq_len=64,
-                loss_vocab=65536, loss_tokens=1024, loss_hidden=64) if a.quick else \
+                loss_vocab=65536, loss_tokens=1024, loss_hidden=64, len_hidden=64, len_layers=2, len_vocab=1024) \
+        if a.quick else \
         dict(hidden=768, intermediate=2048, layers=8, heads=12, kv_heads=4, vocab=32000, seq_len=512,
-             loss_vocab=151936, loss_tokens=2048, loss_hidden=896)  # loss: Qwen2.5-0.5B's vocabulary and width
+             loss_vocab=151936, loss_tokens=2048, loss_hidden=896,  # loss: Qwen2.5-0.5B's vocabulary and width
+             len_hidden=256, len_layers=4, len_vocab=2048)  # real lengths: a small model whose body, which padding
+    # costs, outweighs its head, which it does not (the loss makes logits at response positions only), as in an LLM
     a.__dict__.update(size)
     a.rounds = a.rounds or (1 if a.quick else 2)
     a.batch = a.batch or (2 if a.quick else 8 if a.device == "cuda" else 1)
+    a.len_batch = a.len_batch or (16 if a.quick else 64)
     a.threads = a.threads or (1 if a.quick else None)
     tmp = Path(tempfile.mkdtemp(prefix="prift-bench-"))
     try:
-        report(a, tmp)
+        if a.only in (None, "train"):
+            report_train(a, tmp)
+        if a.only in (None, "loss"):
+            report_loss(a)
+        if a.only in (None, "lengths"):
+            report_lengths(a, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def report(a, tmp):
+def report_lengths(a, tmp):
+    ckpt = tmp / "lengths-model"
+    config = dict(llama_config(a), hidden_size=a.len_hidden, intermediate_size=int(2.75 * a.len_hidden),
+                  num_hidden_layers=a.len_layers, num_attention_heads=4, num_key_value_heads=4, vocab_size=a.len_vocab,
+                  max_position_embeddings=2048)
+    in_child(make_checkpoint, a, ckpt, config)
+    res = {m: [] for m in LENGTH_MODES}
+    for r in range(a.rounds):
+        for mode in LENGTH_MODES:
+            res[mode].append(in_child(run_lengths, a, mode, ckpt))
+            print(f"  round {r + 1}/{a.rounds}: real lengths, {mode} done", file=sys.stderr, flush=True)
+    speed = {m: sum(x["tokens"] for x in v) / sum(sum(x["times"]) for x in v) for m, v in res.items()}
+    rows = [[m, f"{padded_share(a, m, 256):.1f}%", f"{padded_share(a, m, a.len_batch):.1f}%", f"{speed[m]:,.0f}",
+             f"{speed[m] / speed['random order']:.2f}x"] for m in LENGTH_MODES]
+    print(f"\nReal lengths (MATH500 + Minerva, Llama 2 tokenizer: median 253, longest 1,609 tokens), micro-batches of "
+          f"{a.len_micro} or a budget of {a.len_tokens} positions. Padded share of the positions computed, over 4 "
+          f"epochs of 1,024 examples, in optimizer batches of 256 (the paper's) and of {a.len_batch} (the timed run); "
+          f"response tokens per second of the training loop (sft, batch {a.len_batch}) on a {a.len_layers}-layer, "
+          f"width {a.len_hidden} Llama-shaped model, vocabulary {a.len_vocab}, {a.steps} steps x {a.rounds} rounds.\n")
+    print(table(["micro-batches", "padded (256)", f"padded ({a.len_batch})", "response tokens/s", "vs random order"],
+                rows))
+
+
+def report_train(a, tmp):
     ckpt, cache = tmp / "model", tmp / "cache"
     in_child(make_checkpoint, a, ckpt)  # in a child: this process stays small, its children start small
     with torch.device("meta"):
@@ -256,8 +347,6 @@ def report(a, tmp):
                 (run_prior, a, ckpt, tmp / f"cache-{r}") if c == pas else (run_ours, a, c[0], c[1], ckpt, cache)
             res[c].append(in_child(*run))
             print(f"  round {r + 1}/{a.rounds}: {c[0]} ({c[1]}) done", file=sys.stderr, flush=True)
-
-    loss = {m: in_child(run_loss, a, m) for m in ("plain", "chunked")}
 
     tokens, rows, sft = a.batch * a.seq_len, [], ("sft", "-")
     med = {c: statistics.median(t for x in v for t in x["times"]) for c, v in res.items()}
@@ -279,6 +368,10 @@ def report(a, tmp):
           f"same size (loading the reference not included).\n")
     print(table(["rule", "prior", "tokens/s", "step s", "CPU s", "time vs sft", "peak MB", "memory vs sft"]
                 + (["MFU"] if peak else []), rows))
+
+
+def report_loss(a):
+    loss = {m: in_child(run_loss, a, m) for m in ("plain", "chunked")}
     print(f"\nLoss and weights alone (mass, the reference's signal), forward and backward: vocabulary "
           f"{a.loss_vocab:,}, {a.loss_tokens:,} tokens, width {a.loss_hidden}; peak memory above the inputs and "
           f"heads.\n")

@@ -188,11 +188,13 @@ def save_model(model, out):
         model.save_pretrained(out, full)
 
 
-def append_metrics(out, row):
-    """One step's line in OUT/metrics.jsonl (rank 0 only)."""
+def record_step(out, row, bar):
+    """One step's line in OUT/metrics.jsonl (rank 0 only), and on the progress bar."""
     if out and dist_info()[0] == 0:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+    bar.update()
+    bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kept=f"{row['kept']:.2f}")
 
 
 def prior_path(args, seqs):

@@ -212,10 +212,9 @@ def compute_prior(args, seqs, device):
         return checkpoint.load_prior(path)
     ref = load_reference(args, device)
     rank, world = dist_info()
-    mine = sorted(range(rank, len(seqs), world), key=lambda i: len(seqs[i][0]))  # every world-th example; little padding
+    mine = sorted(range(rank, len(seqs), world), key=lambda i: len(seqs[i][0]))  # every world-th example, by length
     stats = {}
-    for s in progress(range(0, len(mine), args.micro_batch), desc="prior"):
-        idxs = mine[s:s + args.micro_batch]
+    for idxs in progress(data.length_batches(seqs, mine, args.micro_batch, args.micro_tokens), desc="prior"):
         x, y, m = (t.to(device) for t in data.collate([seqs[i] for i in idxs]))
         with autocast(device):
             pu = reference_stats(ref, x, y, m, args.loss_chunk).float().cpu()
@@ -284,7 +283,8 @@ def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
             n_tokens = sum(data.n_response_tokens(seqs[i]) for i in idx)  # the whole global batch, known to every rank
             for group in opt.param_groups:
                 group["lr"] = lr = get_lr(step, total, args.lr, from_zero=authors)
-            sums, micro = torch.zeros(3, device=device), data.micro_batches(idx, rank, world, args.micro_batch)
+            sums = torch.zeros(3, device=device)
+            micro = data.micro_batches(seqs, idx, rank, world, args.micro_batch, args.micro_tokens, by_length=not authors)
             for j, (mb, keep) in enumerate(micro):
                 x, y, m = (t.to(device) for t in data.collate([seqs[i] for i in mb]))
                 prior_stats = torch.cat([prior[i] for i in mb]).to(device) if prior is not None else None
@@ -306,9 +306,7 @@ def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
             row = dict(step=step + 1, lr=lr, loss=loss_sum / n, ce=ce_sum / n, kept=kept / n, grad_norm=grad_norm,
                        tokens=n_tokens, skipped=state["skipped"])
             state["kept_sum"] += row["kept"]
-            checkpoint.append_metrics(out, row)
-            bar.update()
-            bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kept=f"{row['kept']:.2f}")
+            checkpoint.record_step(out, row, bar)
             checkpoint.stop_if_diverged(state, out)
             signum = int(all_reduce(torch.tensor([stop.signum], device=device), op="max").item())  # all ranks stop
             if out and (signum or (args.save_every and state["step"] % args.save_every == 0 and state["step"] < total)):
@@ -378,6 +376,7 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=number(float, 0), help="peak learning rate (5e-5; demo 3e-4)")
     g.add_argument("--batch-size", type=POSITIVE, help="sequences per optimizer step (256; demo 16)")
     g.add_argument("--micro-batch", type=POSITIVE, help="sequences per forward pass (4; demo 16)")
+    g.add_argument("--micro-tokens", type=POSITIVE, help="instead: as many sequences as fit in N positions")
     g.add_argument("--epochs", type=POSITIVE, help="passes over the data (1; demo 10)")
     g.add_argument("--max-steps", type=POSITIVE, help="stop after this many optimizer steps instead")
     g.add_argument("--seed", type=int, default=0)
@@ -405,7 +404,7 @@ def check_args(parser, args):
     if args.rule == "all" and not is_demo:
         parser.error("--rule all compares the rules on the built-in demo; give one rule with --model/--data")
     world = dist_info()[1]
-    if args.batch_size % (args.micro_batch * world):
+    if args.batch_size % (args.micro_batch * world) and not args.micro_tokens:
         parser.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch}"
                      + (f" x {world} processes" if world > 1 else ""))
     if args.rule in ("uniform", "random") and args.threshold is None and not is_demo:

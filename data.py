@@ -77,30 +77,26 @@ def parse_example(row, where):
         turns = ([{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []) \
             + [{"role": "user", "content": row[p]}]
         response, answer = row[r], (row.get("answer") if r != "answer" else None)
-    final = last_boxed(response) if answer is None else str(answer)
+    final = extract_answer(response) if answer is None else str(answer)
     return {"messages": turns, "response": response, "answer": final}
 
 
-def last_boxed(text):
-    """Content of the last \\boxed{...} in text (nested braces allowed), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
+def extract_answer(text):
+    """The final answer in text: the content of the last \\boxed{...} or \\fbox{...} (nested braces allowed),
+    or of a \\boxed X without braces (X runs to the next space or $). None if there is none, or if the last
+    one never closes (a generation cut off inside it)."""
+    found = list(re.finditer(r"\\(?:boxed|fbox)(?:\s*\{|\s+([^\s$]+))", text))
+    if not found:
         return None
-    depth, i = 0, start + len("\\boxed")
+    m = found[-1]
+    if m.group(1) is not None:
+        return m.group(1)
+    depth, i = 1, m.end()
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
-            return text[i + 1:j]
+            return text[i:j]
     return None
-
-
-def normalize_answer(ans):
-    """Light normalisation before comparing answers: spaces, $, a trailing period, \\text{}, 1.0 == 1."""
-    if ans is None:
-        return None
-    ans = re.sub(r"\\text\{(.*?)\}", r"\1", ans).replace("$", "").replace(" ", "").rstrip(".")
-    ans = re.sub(r"^(-?\d+)\.0+$", r"\1", ans)
-    return ans
 
 
 # ----------------------------------------------------------------------------------------------------

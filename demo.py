@@ -211,7 +211,7 @@ def run(args, device, prift):
     base = base_model(args, device, prift)
     out = args.out
     paths = write_data(args, out)
-    sets = {name: data.read_jsonl(p) for name, p in paths.items()}
+    sets = {name: data.read_jsonl(p, need="response" if name == "train" else "answer") for name, p in paths.items()}
     template = data.Template.load(base, "plain")
     args.model = args.ref = str(base)
     seqs, _ = template.encode(sets["train"], args.max_len)

@@ -21,7 +21,8 @@ def add_arguments(parser):
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval-samples", type=COUNT, default=8, help="k for Avg@k and Pass@k (temperature 1)")
     g.add_argument("--eval-problems", type=COUNT, default=100, help="problems sampled k times (0: all)")
-    g.add_argument("--max-new-tokens", type=POSITIVE, help="generation length (default: twice the longest reference)")
+    g.add_argument("--max-new-tokens", type=POSITIVE,
+                   help="generation length (default: twice the longest reference solution; 4096, the paper's, if none)")
 
 
 @torch.no_grad()
@@ -60,15 +61,16 @@ def heldout_ce(model, seqs, micro_batch):
 
 
 def scores(args, model, template, examples, samples=None):
-    """Held-out cross-entropy; greedy accuracy, and Avg@k and Pass@k (k = samples, default --eval-samples) on the
-    first --eval-problems, over the examples with a known answer."""
+    """Held-out cross-entropy over the examples with a reference solution; greedy accuracy, and Avg@k and Pass@k
+    (k = samples, default --eval-samples) on the first --eval-problems, over the examples with a gold answer."""
     k = args.eval_samples if samples is None else samples
-    seqs, _ = template.encode(examples, args.max_len)
-    res = {"ce": heldout_ce(model, seqs, args.micro_batch)}
+    seqs, _ = template.encode([ex for ex in examples if ex["response"] is not None], args.max_len)
+    res = {"ce": heldout_ce(model, seqs, args.micro_batch)} if seqs else {}
     solvable = [ex for ex in examples if ex["answer"] is not None]
     if not solvable:
         return res
-    max_new = args.max_new_tokens or 2 * max(len(template.tok.encode(ex["response"]).ids) for ex in solvable) + 16
+    refs = [len(template.tok.encode(ex["response"]).ids) for ex in solvable if ex["response"] is not None]
+    max_new = args.max_new_tokens or (2 * max(refs) + 16 if refs else 4096)
     greedy = generate_answers(model, template, solvable, 1, 0, max_new, args.seed)
     res["greedy"] = 100 * sum(grade(g[0], ex["answer"]) for g, ex in zip(greedy, solvable)) / len(solvable)
     if k:

@@ -1,5 +1,6 @@
 """
-SFT data for prift: JSONL readers, prompt templates, loss masks, and batches.
+SFT data for prift: JSONL readers (training sets, and evaluation sets with their gold answers), prompt
+templates, loss masks, and batches.
 
 An example becomes one token sequence, prompt then response, and a count of prompt tokens. Prompt and
 response are tokenised separately so that the boundary of the loss mask is exact; the response ends with
@@ -14,8 +15,12 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-# (prompt field, response field) pairs, in the shapes people's datasets have
-FIELDS = [("prompt", "response"), ("question", "answer"), ("problem", "solution")]
+# Where each part of an example is found, first field first: datasets name them differently. `answer` is read
+# apart (see parse_example), and OlympiadBench ships its solutions and final answers as lists.
+PROMPT_FIELDS = ("prompt", "problem", "question")
+RESPONSE_FIELDS = ("response", "solution")
+ROLES = ("system", "user", "assistant")
+FINAL_ANSWER_MAX_CHARS = 100  # an `answer` of one line this long at most, no \boxed{} or ####: a final answer
 
 # template: (prompt text builder, end token). {sys} blocks appear only when a system message is given.
 TEMPLATES = {
@@ -31,9 +36,14 @@ class DataError(Exception):
     """Data that cannot be used as it is; the message names the file, the line and what to fix."""
 
 
-def read_jsonl(path):
-    """Read one example per line into {messages, response, answer}: messages are the turns before the
-    response (role/content dicts), answer is the final answer to check generations against, or None."""
+def read_jsonl(path, need="response"):
+    """Read one example per line into {messages, response, answer}: messages are the turns of the prompt
+    (role/content dicts), response the demonstration to train on, answer the gold final answer to check
+    generations against; response or answer may be None, not both. Training and evaluation read the same way
+    and need different parts: need="response" (training) makes a line without a response an error,
+    need="answer" (evaluation) a file in which no problem has a gold answer; the problems without one are
+    still read (held-out cross-entropy), and not scored."""
+    assert need in ("response", "answer"), need
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
@@ -50,58 +60,95 @@ def read_jsonl(path):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: not valid JSON ({e.msg})")
-        examples.append(parse_example(row, f"{path}:{n}"))
+        ex = parse_example(row, where := f"{path}:{n}")
+        if need == "response" and ex["response"] is None:
+            raise DataError(f"{where}: nothing to train on, only the final answer {ex['answer']!r}; give a worked "
+                            f"solution as 'response' or 'solution' (a file of problems and answers is --eval-data)")
+        examples.append(ex)
     if not examples:
         raise DataError(f"data file {path} holds no examples")
+    if need == "answer" and all(ex["answer"] is None for ex in examples):
+        raise DataError(f"{path}: no problem has a gold answer to score against (an 'answer' or 'final_answer' "
+                        f"field, or a \\boxed{{}} in the solution)")
     return examples
 
 
 def parse_example(row, where):
+    """One JSON object -> {messages, response, answer} (see read_jsonl). The layouts: prompt/response,
+    problem/solution (MATH, Minerva, NuminaMath), question/answer, messages (the last assistant turn is the
+    response), each with an optional gold `answer` (AIME: "204"; AMC23: 27.0) or OlympiadBench's `final_answer`
+    list; a `system` field opens the prompt. `answer` holds either the final answer or, in question/answer data,
+    a worked solution: it is the solution when it has a \\boxed{} (gold: the last one), a GSM8K "#### 18" line
+    (gold: 18), or is longer than a short line; else it is the final answer. Without a gold field the gold is
+    the last \\boxed{} of the response."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if "messages" in row:  # chat: the last assistant message is the response, the turns before it the prompt
+    if "messages" in row:  # chat: a last assistant message is the response, the turns before it the prompt
         msgs = row["messages"]
-        ok = isinstance(msgs, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                            and m.get("role") in ("system", "user", "assistant") for m in msgs)
-        if not ok or not msgs or msgs[-1]["role"] != "assistant":
-            raise DataError(f"{where}: 'messages' must be a list of {{role, content}} ending with an assistant message")
-        turns, response = msgs[:-1], msgs[-1]["content"]
-        answer = row.get("answer")
+        is_turn = lambda m: isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ROLES
+        if not (isinstance(msgs, list) and msgs and all(map(is_turn, msgs))):
+            raise DataError(f"{where}: 'messages' must be a list of {{role, content}}, role one of {', '.join(ROLES)}")
+        turns, response = (msgs[:-1], msgs[-1]["content"]) if msgs[-1]["role"] == "assistant" else (msgs, None)
+    elif (prompt := first_text(row, PROMPT_FIELDS)) is not None:
+        system = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
+        turns, response = system + [{"role": "user", "content": prompt}], first_text(row, RESPONSE_FIELDS)
     else:
-        for p, r in FIELDS:
-            if isinstance(row.get(p), str) and isinstance(row.get(r), str):
-                break
-        else:
-            shapes = ", ".join(f"{p}/{r}" for p, r in FIELDS)
-            raise DataError(f"{where}: no usable fields; expected string fields {shapes}, or 'messages' "
-                            f"(found: {', '.join(row) or 'none'})")
-        turns = ([{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []) \
-            + [{"role": "user", "content": row[p]}]
-        response, answer = row[r], (row.get("answer") if r != "answer" else None)
-    final = last_boxed(response) if answer is None else str(answer)
-    return {"messages": turns, "response": response, "answer": final}
+        raise unusable(row, where)
+    answer, gold = row.get("answer"), first_text(row, ["final_answer"])
+    if gold is not None:  # OlympiadBench: "$2$", or "$1$, $2$" with is_multiple_answer, kept whole
+        gold = re.sub(r"(?<!\\)\$", "", gold).strip()
+    elif isinstance(answer, (int, float)) and not isinstance(answer, bool):  # AMC23: 27.0 -> "27", 2.5 stays
+        gold = str(int(answer)) if float(answer).is_integer() else str(answer)
+    elif isinstance(answer, str) and "####" in answer:  # GSM8K: the reasoning, then "#### 1,000"
+        response = answer if response is None else response
+        gold = answer.rsplit("####", 1)[1].strip().replace(",", "")
+    elif isinstance(answer, str) and (extract_answer(answer) is not None or response is None and (
+            "\n" in answer.strip() or len(answer) > FINAL_ANSWER_MAX_CHARS)):
+        response = answer if response is None else response  # a worked solution, as question/answer data has
+        gold = extract_answer(answer)
+    elif isinstance(answer, str):
+        gold = answer.strip()
+    elif response is not None:
+        gold = extract_answer(response)
+    gold = gold or None  # an empty answer, or an empty \boxed{}, checks nothing
+    if response is None and gold is None:
+        raise unusable(row, where)
+    return {"messages": turns, "response": response, "answer": gold}
 
 
-def last_boxed(text):
-    """Content of the last \\boxed{...} in text (nested braces allowed), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
+def unusable(row, where):
+    found = ", ".join(f"{k} ({type(v).__name__})" for k, v in row.items()) or "nothing"
+    return DataError(f"{where}: no usable fields; expected a prompt with a response or a gold answer: prompt/response, "
+                     f"problem/solution, question/answer (a solution or a final answer), a final_answer, or 'messages' "
+                     f"(found: {found})")
+
+
+def first_text(row, fields):
+    """The first of `fields` that row holds as a string, or as a list that starts with one; else None."""
+    for f in fields:
+        value = row.get(f)
+        value = value[0] if isinstance(value, list) and value else value
+        if isinstance(value, str):
+            return value
     return None
 
 
-def normalize_answer(ans):
-    """Light normalisation before comparing answers: spaces, $, a trailing period, \\text{}, 1.0 == 1."""
-    if ans is None:
+def extract_answer(text):
+    """The final answer in text: the content of the last \\boxed{...} or \\fbox{...} (nested braces allowed),
+    or of a \\boxed X without braces (X runs to the next space or $). None if there is none, or if the last
+    one never closes (a generation cut off inside it)."""
+    found = list(re.finditer(r"\\(?:boxed|fbox)(?:\s*\{|\s+([^\s$]+))", text))
+    if not found:
         return None
-    ans = re.sub(r"\\text\{(.*?)\}", r"\1", ans).replace("$", "").replace(" ", "").rstrip(".")
-    ans = re.sub(r"^(-?\d+)\.0+$", r"\1", ans)
-    return ans
+    m = found[-1]
+    if m.group(1) is not None:
+        return m.group(1)
+    depth, i = 1, m.end()
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------

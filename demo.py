@@ -156,10 +156,11 @@ def metrics(args, model, template, sets):
     retention of the pretraining skill, and how often a wrong answer shown in training comes back."""
     res = evaluate.scores(args, model, template, sets["task"], samples=8)
     retention = evaluate.scores(args, model, template, sets["retention"], samples=0)
-    noisy = [ex for ex in sets["train"] if data.last_boxed(ex["response"]) != ex["answer"]]
+    noisy = [ex for ex in sets["train"] if data.extract_answer(ex["response"]) != ex["answer"]]
     if noisy:
         said = evaluate.generate_answers(model, template, noisy, 1, 0, args.max_new_tokens or 48, args.seed)
-        res["wrong copied"] = 100 * sum(s[0] == data.last_boxed(ex["response"]) for s, ex in zip(said, noisy)) / len(noisy)
+        wrong = [data.extract_answer(ex["response"]) for ex in noisy]
+        res["wrong copied"] = 100 * sum(evaluate.grade(s[0], w) for s, w in zip(said, wrong)) / len(noisy)
     res["task greedy"], res["retention"] = res.pop("greedy"), retention["greedy"]
     return res
 
@@ -209,7 +210,7 @@ def run(args, device, prift):
         return report.inspect(args, device, prift, [data.parse_example(r, "demo") for r in rows])
     checkpoint.prepare_out(args, None)
     paths = write_data(args, out)
-    sets = {name: data.read_jsonl(p) for name, p in paths.items()}
+    sets = {name: data.read_jsonl(p, need="response" if name == "train" else "answer") for name, p in paths.items()}
     template = data.Template.load(base, "plain")
     seqs, _ = template.encode(sets["train"], args.max_len)
     rules = RULES if args.rule == "all" else [args.rule]

@@ -324,8 +324,8 @@ def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
 def run(args, device):
     """Fine-tune --model on --data with one rule, evaluate before and after, write everything to --out."""
     template = data.Template.load(args.model, args.template)
-    seqs, dropped = template.encode(data.read_jsonl(args.data), args.max_len)
-    eval_set = data.read_jsonl(args.eval_data) if args.eval_data else None
+    seqs, dropped = template.encode(data.read_jsonl(args.data, need="response"), args.max_len)
+    eval_set = data.read_jsonl(args.eval_data, need="answer") if args.eval_data else None
     if not seqs:
         raise data.DataError(f"no usable example in {args.data}: every prompt fills --max-len {args.max_len} "
                              f"(raise it), or prompt and response are both empty")

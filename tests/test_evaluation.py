@@ -1,0 +1,276 @@
+"""Evaluation as the paper does it: every benchmark's layout reads with its gold answer, and a response's final
+answer is graded by mathematical equivalence (math-verify), or, without math-verify, as normalised text."""
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import tiny
+import data
+import evaluate
+from prift import main
+
+# ----------------------------------------------------------------------------------------------------
+# The evaluation sets, in the layouts they ship in (a few rows each)
+
+MATH500 = [  # {problem, solution, answer}: the explicit answer wins over the solution's \boxed{}
+    {"problem": "Convert the point $(0,3)$ in rectangular coordinates to polar coordinates.  Enter your answer in "
+                "the form $(r,\\theta),$ where $r > 0$ and $0 \\le \\theta < 2 \\pi.$",
+     "solution": "We have that $r = \\sqrt{0^2 + 3^2} = 3.$  Also, if we draw the line connecting the origin and "
+                 "$(0,3),$ this line makes an angle of $\\frac{\\pi}{2}$ with the positive $x$-axis.\n\nTherefore, "
+                 "the polar coordinates are $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$",
+     "answer": "\\left( 3, \\frac{\\pi}{2} \\right)", "subject": "Precalculus", "level": 2,
+     "unique_id": "test/precalculus/807.json"},
+    {"problem": "What is the value of $\\frac{1}{2} + \\frac{1}{4} - \\frac{1}{4}$?",
+     "solution": "The last two terms cancel, leaving $\\boxed{\\dfrac{1}{2}}$.",
+     "answer": "\\frac{1}{2}", "subject": "Prealgebra", "level": 1, "unique_id": "test/prealgebra/1.json"},
+]
+MINERVA = [  # {problem, solution}: the gold is the solution's last \boxed{}
+    {"problem": "Each of the two Magellan telescopes has a diameter of $6.5 \\mathrm{~m}$. In one configuration the "
+                "effective focal length is $72 \\mathrm{~m}$. Find the diameter of the image of a planet (in "
+                "$\\mathrm{cm}$ ) at this focus if the angular diameter of the planet at the time of the observation "
+                "is $45^{\\prime \\prime}$.",
+     "solution": "Start with:\n\\[\ns=\\alpha f \\text {, }\n\\]\nwhere $s$ is the diameter of the image, $f$ the "
+                 "focal length, and $\\alpha$ the angular diameter of the planet. For the values given in the "
+                 "problem:\n\\[\ns=\\frac{45}{3600} \\frac{\\pi}{180} 7200=\\boxed{1.6}\n\\]",
+     "type": "Introduction to Astronomy (8.282J Spring 2006)", "idx": 0},
+    {"problem": "Preamble: A first-order chemical reaction has a rate constant $k$. Find the half-life in terms of $k$.",
+     "solution": "Setting $e^{-kt} = \\frac{1}{2}$ gives an earlier guess $\\boxed{k}$, corrected to "
+                 "$t_{1/2} = \\boxed{\\frac{\\ln{2}}{k}}$.", "type": "Chemistry", "idx": 1},
+]
+AIME24 = [  # {problem, solution, answer, question}: question repeats problem; answer "204" is the gold
+    {"id": 60, "problem": "Every morning Aya goes for a $9$-kilometer-long walk and stops at a coffee shop "
+                          "afterwards. Find the number of minutes the walk takes her, including the $t$ minutes "
+                          "spent in the coffee shop.",
+     "solution": "$\\frac{9}{s} + t = 4$ in hours and $\\frac{9}{s+2} + t = 2.4$ in hours. ... so the walk takes "
+                 "$3 \\cdot 60 + 24 = 204$ minutes.",
+     "answer": "204", "url": "https://artofproblemsolving.com/wiki/index.php/2024_AIME_I_Problems/Problem_1",
+     "question": "Every morning Aya goes for a $9$-kilometer-long walk and stops at a coffee shop afterwards. Find "
+                 "the number of minutes the walk takes her, including the $t$ minutes spent in the coffee shop."},
+]
+AIME25 = [  # {question, answer}: no solution, so nothing to train on
+    {"question": "Find the sum of all integer bases $b>9$ for which $17_b$ is a divisor of $97_b$.", "answer": "70"},
+    {"question": "Find the number of ordered pairs $(x,y)$, where both $x$ and $y$ are integers between $-100$ and "
+                 "$100$ inclusive, such that $12x^2-xy-6y^2=0$.", "answer": "117"},
+]
+AMC23 = [  # {problem, question, answer}: the answer is a number
+    {"problem": "Cities $A$ and $B$ are $45$ miles apart. Alicia lives in $A$ and Beth lives in $B$. Alicia bikes "
+                "towards $B$ at 18 miles per hour. Leaving at the same time, Beth bikes toward $A$ at 12 miles per "
+                "hour. How many miles from City $A$ will they be when they meet?",
+     "question": "Cities $A$ and $B$ are $45$ miles apart. How many miles from City $A$ will they meet?",
+     "answer": 27.0},
+    {"problem": "A rectangle has area $10$ and length $4$. What is its width?",
+     "question": "A rectangle has area $10$ and length $4$. What is its width?", "answer": 2.5},
+]
+OLYMPIADBENCH = [  # final_answer[0] without its $; a multiple answer is kept whole
+    {"id": 1606, "question": "Let $n$ be a positive integer. Find the smallest number of colours needed.",
+     "solution": ["Two colours suffice: colour the cells like a chessboard. One colour does not, so the answer is 2."],
+     "final_answer": ["$2$"], "context": None, "is_multiple_answer": False, "unit": None, "answer_type": "Numerical",
+     "question_type": "Open-ended", "subfield": "Combinatorics", "subject": "Math", "language": "English"},
+    {"id": 2001, "question": "Find all real $x$ such that $x^2 - 3x + 2 = 0$.",
+     "solution": ["Factor: $(x-1)(x-2)=0$.", "By the quadratic formula, $x = \\frac{3 \\pm 1}{2}$."],
+     "final_answer": ["$1$, $2$"], "context": None, "is_multiple_answer": True, "unit": None,
+     "answer_type": "Numerical", "question_type": "Open-ended", "subfield": "Algebra", "subject": "Math",
+     "language": "English"},
+    {"id": 2002, "question": "A square has area $400 \\mathrm{~cm}^2$. Find its side.",
+     "solution": ["$\\sqrt{400} = 20$."], "final_answer": ["$20$"], "context": None, "is_multiple_answer": False,
+     "unit": "cm", "answer_type": "Numerical", "question_type": "Open-ended", "subfield": "Geometry",
+     "subject": "Math", "language": "English"},
+]
+GSM8K = [  # {question, answer}: the answer is the worked solution, its "#### 72" line the gold
+    {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips to her "
+                 "friends in May. How many clips did Natalia sell altogether in April and May?",
+     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+               "altogether in April and May.\n#### 72"},
+    {"question": "A school buys 4 boxes of 250 pencils each. How many pencils does it buy?",
+     "answer": "It buys 4 * 250 = <<4*250=1000>>1,000 pencils.\n#### 1,000"},
+]
+LAYOUTS = {  # name: (rows, gold answers, prompt field, has a response to train on)
+    "math500": (MATH500, ["\\left( 3, \\frac{\\pi}{2} \\right)", "\\frac{1}{2}"], "problem", True),
+    "minerva": (MINERVA, ["1.6", "\\frac{\\ln{2}}{k}"], "problem", True),
+    "aime24": (AIME24, ["204"], "problem", True),
+    "aime25": (AIME25, ["70", "117"], "question", False),
+    "amc23": (AMC23, ["27", "2.5"], "problem", False),
+    "olympiadbench": (OLYMPIADBENCH, ["2", "1, 2", "20"], "question", True),
+    "gsm8k": (GSM8K, ["72", "1000"], "question", True),
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_every_evaluation_layout_reads_with_its_gold_answer(name, tmp_path):
+    rows, golds, prompt_field, trainable = LAYOUTS[name]
+    path = tmp_path / f"{name}.jsonl"
+    data.write_jsonl(rows, path)
+    examples = data.read_jsonl(path, need="answer")
+    assert [ex["answer"] for ex in examples] == golds
+    assert [ex["messages"] for ex in examples] == [[{"role": "user", "content": r[prompt_field]}] for r in rows]
+    if trainable:  # the worked solution is the response; the same file trains
+        response_field = "answer" if name == "gsm8k" else "solution"
+        first = lambda v: v[0] if isinstance(v, list) else v
+        assert [ex["response"] for ex in examples] == [first(r[response_field]) for r in rows]
+        assert data.read_jsonl(path, need="response") == examples
+    else:  # a bare final answer is not a response to train on: one line naming file:line and what to do
+        assert all(ex["response"] is None for ex in examples)
+        with pytest.raises(data.DataError) as e:
+            data.read_jsonl(path, need="response")
+        msg = str(e.value)
+        assert "\n" not in msg and f"{path}:1:" in msg and golds[0] in msg and "'response'" in msg
+
+
+def test_an_evaluation_file_needs_a_gold_answer_somewhere(tmp_path):
+    """No problem with a gold answer: an error naming the file, never a silent zero. Some with one: the rest
+    are read (held-out cross-entropy) and left out of the answer scores."""
+    none = [{"prompt": "Say hello.", "response": "Hello!"}, {"prompt": "Count to 3.", "response": "1, 2, 3"}]
+    path = tmp_path / "no-gold.jsonl"
+    data.write_jsonl(none, path)
+    assert [ex["answer"] for ex in data.read_jsonl(path, need="response")] == [None, None]  # fine for training
+    with pytest.raises(data.DataError) as e:
+        data.read_jsonl(path, need="answer")
+    assert str(e.value).startswith(f"{path}: no problem has a gold answer") and "\n" not in str(e.value)
+    some = tmp_path / "some-gold.jsonl"
+    data.write_jsonl(none + AIME25[:1], some)
+    assert [ex["answer"] for ex in data.read_jsonl(some, need="answer")] == [None, None, "70"]
+
+
+@pytest.mark.parametrize("row, gold", [
+    ({"question": "What is 2+2?", "answer": "4"}, "4"),                                 # a short answer
+    ({"question": "Solve $x+1=4$.", "answer": "x = 3"}, "x = 3"),
+    ({"prompt": "Q", "response": "so \\boxed 5", "answer": 5}, "5"),                   # an integer answer
+    ({"prompt": "Q", "response": "It is \\fbox{2}."}, "2"),
+    ({"prompt": "Q", "response": "No boxed answer here."}, None),
+    ({"prompt": "Q", "response": "An empty \\boxed{}."}, None),
+    ({"question": "Q", "answer": "Worked.\nLine two, and no box."}, None),               # several lines: a solution
+])
+def test_gold_answer_rules(row, gold):
+    assert data.parse_example(row, "x")["answer"] == gold
+
+
+def test_eval_data_without_solutions_runs_through_the_cli(tmp_path, capsys):
+    """AMC23-style --eval-data (problems and numeric answers, no solutions): no held-out cross-entropy, and
+    greedy, Avg@k and Pass@k graded against the answers."""
+    ckpt, train = tiny.make_checkpoint(tmp_path / "ckpt"), tiny.make_data(tmp_path / "train.jsonl", n=8)
+    evals = tmp_path / "amc23.jsonl"
+    data.write_jsonl(AMC23, evals)
+    out = tmp_path / "out"
+    argv = ["--model", ckpt, "--data", train, "--eval-data", evals, "--rule", "sft", "--max-steps", 1, "--batch-size", 4,
+            "--micro-batch", 4, "--eval-samples", 2, "--max-new-tokens", 4, "--out", out, "--cache", tmp_path / "cache"]
+    assert main([str(a) for a in argv]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert set(result) == {"base", "sft"}
+    assert all(set(r) == {"greedy", "avg@2", "pass@2"} for r in result.values())
+    assert "| model | greedy | avg@2 | pass@2 |" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grading
+
+SAME_TEXT = [  # (a model's response, the gold answer): equal once notation is normalised, math-verify or not
+    ("The answer is $\\boxed{\\dfrac12}$.", "\\frac{1}{2}"),
+    ("\\boxed{x=3}", "3"),
+    ("\\boxed{10^\\circ}", "10"),
+    ("\\boxed{10\\%}", "10"),
+    ("\\boxed{1,000}", "1000"),
+    ("\\boxed{3.5}", "3.50"),
+    ("\\boxed{18\\text{ dollars}}", "18"),
+    ("\\boxed{\\$18}", "18"),
+    ("so $\\boxed 5$ apples", "5"),
+    ("\\fbox{2}", "2"),
+    ("First \\boxed{1}, but no: \\boxed{2}", "2"),                     # the last one wins
+]
+SAME_VALUE = [  # equal as mathematics only
+    ("\\boxed{0.5}", "\\frac{1}{2}"),
+    ("\\boxed{1/2}", "\\frac{1}{2}"),
+    ("\\boxed{(3,\\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("\\boxed{2, 1}", "1, 2"),                                          # OlympiadBench's multiple answers
+    ("\\boxed{\\frac{5}{2}}", "2.5"),                                  # AMC23's numbers
+    ("\\boxed{(1,2)}", "1<x<2"),  # gold first: math-verify matches a gold relation with a set, not the reverse
+]
+EQUAL = SAME_TEXT + SAME_VALUE
+NOT_EQUAL = [
+    # 0.33 is 1/3 rounded: another number (1% off). math-verify compares numbers to 6 decimals and the Qwen2.5-Math
+    # harness to a relative 1e-4, so neither counts it; a reference implementation should not be looser.
+    ("\\boxed{0.33}", "\\frac{1}{3}"),
+    ("\\boxed{2}", "3"),
+    ("\\boxed{x^2}", "x^3"),
+    ("\\boxed{\\sqrt{2}}", "2"),
+    ("\\boxed{-2}", "2"),
+    ("The answer is 2.", "2"),                                            # no boxed answer
+    ("\\boxed{}", "2"),                                                   # an empty box
+    ("\\boxed{2}, no: \\boxed{3}", "2"),                                 # an earlier box does not count
+    ("cut off in \\boxed{12", "12"),                                      # a box never closed
+]
+
+
+def test_extract_answer():
+    assert data.extract_answer("We get \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
+    assert data.extract_answer("\\boxed{a{b}c} and \\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}") == \
+        "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert data.extract_answer("so $\\boxed 5$.") == "5" and data.extract_answer("\\boxed 12 apples") == "12"
+    assert data.extract_answer("\\fbox{2}") == "2" and data.extract_answer("\\boxed{}") == ""
+    assert data.extract_answer("no answer") is None and data.extract_answer("\\boxed{12") is None
+    assert evaluate.extract_answer is data.extract_answer  # one function finds gold and generated answers
+
+
+@pytest.mark.parametrize("text, gold", EQUAL)
+def test_equivalent_answers_are_graded_right(text, gold):
+    assert evaluate.load_math_verify() is not None, "math-verify is a test requirement (requirements-test.txt)"
+    assert evaluate.grade(text, gold)
+
+
+@pytest.mark.parametrize("text, gold", NOT_EQUAL)
+def test_different_answers_are_graded_wrong(text, gold):
+    assert not evaluate.grade(text, gold)
+
+
+def test_grading_outside_the_main_thread():
+    """math-verify's time limits use signal.alarm, which raises outside the main thread: grade() runs there
+    without one instead."""
+    results = []
+    cases = SAME_VALUE[:2] + NOT_EQUAL[:2]
+    worker = threading.Thread(target=lambda: results.append([evaluate.grade(text, gold) for text, gold in cases]))
+    worker.start()
+    worker.join()
+    assert results == [[True, True, False, False]]
+
+
+@pytest.fixture
+def without_math_verify(monkeypatch):
+    """A None in sys.modules makes `import math_verify` raise ImportError, as where it is not installed."""
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    evaluate.load_math_verify.cache_clear()
+    yield
+    evaluate.load_math_verify.cache_clear()  # before monkeypatch puts math_verify back
+
+
+def test_fallback_without_math_verify(without_math_verify, capsys):
+    """Without math-verify grade() compares normalised text, and says so once, in one line on stdout."""
+    assert all(evaluate.grade(t, g) for t, g in SAME_TEXT)
+    assert not any(evaluate.grade(t, g) for t, g in NOT_EQUAL + SAME_VALUE)  # text, not mathematics
+    out = capsys.readouterr()
+    assert out.out == "grading: math-verify is not installed, so answers are compared as normalised text " \
+                      "(pip install math-verify)\n" and out.err == ""
+
+
+@pytest.mark.parametrize("a, b", [("\\dfrac12", "\\frac{1}{2}"), ("x = 3", "3"), ("10^{\\circ}", "10"),
+                                  ("10\\%", "10"), ("1,000", "1000"), ("3.50", "3.5"), ("27.0", "27"),
+                                  ("18\\text{ dollars}", "18"), ("\\$18", "18"), ("$5$.", "5"),
+                                  ("\\text{(C)}", "(C)")])
+def test_normalize_answer(a, b):
+    assert evaluate.normalize_answer(a) == evaluate.normalize_answer(b) == b.replace(" ", "")
+
+
+def test_fallback_in_a_process_without_math_verify(tmp_path):
+    """A real absence: the runtime-only runner refuses every module requirements.txt does not install."""
+    script = tmp_path / "grade.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(tiny.ROOT)!r})\n" + r"""
+import evaluate
+print(evaluate.grade(r"\boxed{18\text{ dollars}}", "18"), evaluate.grade(r"\boxed{0.5}", "1/2"))
+print(evaluate.grade(r"\boxed{3.5}", "3.50"))
+""")
+    r = subprocess.run([sys.executable, str(tiny.ROOT / "tests" / "runtime_only.py"), str(script)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == ["grading: math-verify is not installed, so answers are compared as normalised "
+                                     "text (pip install math-verify)", "True False", "True"]

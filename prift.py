@@ -431,7 +431,7 @@ def main(argv=None):
         if is_demo:
             demo.run(args, device, sys.modules[__name__])
         elif args.inspect:
-            report.inspect(args, device, sys.modules[__name__], data.read_jsonl(args.data))
+            report.inspect(args, device, sys.modules[__name__], data.read_jsonl(args.data, need="response"))
         else:
             run(args, device)
     except (CheckpointError, data.DataError, checkpoint.TrainingError) as e:

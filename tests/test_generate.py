@@ -1,5 +1,8 @@
 """generate.py: the cache against full forward passes, mixed-length batches against one prompt at a time and
 against transformers' generate, stop tokens, the position cap, dropping finished rows, and sampling."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -7,6 +10,7 @@ import generate as gen
 from conftest import FAMILIES, VOCAB, load_hf, make_hf_checkpoint
 from generate import generate, left_pad, sample
 from model import GPT
+from tiny import ROOT
 
 PROMPT = [5, 17, 42, 8, 30]
 # prompts of lengths 5, 1, 13, 20, 8: every row but the longest is left-padded, one of them to 20 slots
@@ -169,3 +173,13 @@ def test_sample_frequencies():
     assert (freq(1.0, 0.7) - torch.tensor([0.625, 0.375, 0, 0])).abs().max() < 0.01  # the nucleus: 0.5 + 0.3
     assert (freq(0.5, 1.0) - p ** 2 / (p ** 2).sum()).abs().max() < 0.01
     assert sample(logits[:2], 0, 1.0).tolist() == [0, 0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The benchmark runs
+
+def test_bench_generate_quick():
+    r = subprocess.run([sys.executable, str(ROOT / "bench_generate.py"), "--quick"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| greedy |" in r.stdout and "| sampled x" in r.stdout and "ours / transformers" in r.stdout

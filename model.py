@@ -130,7 +130,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(cfg, positions):
-    """cos, sin of shape (T, head_dim) for the given positions, in float32."""
+    """cos, sin for the given positions, in float32: (T, head_dim) for positions (T,) shared by all rows, or
+    (B, 1, T, head_dim) for per-row positions (B, T) (left-padded generation), to broadcast over the heads."""
     d = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device).float() / d)
     if cfg.rope_scaling:  # Llama 3.x: stretch the low frequencies by `factor`, blend the middle band
@@ -139,8 +140,10 @@ def rope_cos_sin(cfg, positions):
         wavelen = 2 * math.pi / inv_freq
         smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
         inv_freq = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
-    freqs = torch.outer(positions.float(), inv_freq)   # (T, d/2)
-    emb = torch.cat((freqs, freqs), dim=-1)             # (T, d): rotate-half layout, as Hugging Face stores q/k
+    freqs = positions.float()[..., None] * inv_freq     # (..., T, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)             # (..., T, d): rotate-half layout, as Hugging Face stores q/k
+    if positions.dim() == 2:
+        emb = emb[:, None]                              # (B, 1, T, d)
     return emb.cos(), emb.sin()
 
 
@@ -156,10 +159,13 @@ class KVCache(nn.Module):
         self.k = torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
-    def update(self, pos, k, v):  # k, v: (B, n_kv, T, d), written at positions pos..pos+T
+    def update(self, pos, k, v):  # k, v: (B, n_kv, T, d), written at slots pos..pos+T
         T = k.shape[2]
         self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k, v
         return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
+
+    def select(self, rows):  # rows (B',): keep, reorder or repeat batch rows (drop finished ones, copy a prompt)
+        self.k, self.v = self.k[rows], self.v[rows]
 
 
 class Attention(nn.Module):
@@ -175,7 +181,7 @@ class Attention(nn.Module):
         if cfg.family["qk_norm"]:  # Qwen3: RMSNorm over each head's vector, before the rotation
             self.q_norm, self.k_norm = RMSNorm(d, cfg.norm_eps), RMSNorm(d, cfg.norm_eps)
 
-    def forward(self, x, rope, cache=None, pos=0):
+    def forward(self, x, rope, cache=None, pos=0, mask=None):
         B, T, _ = x.shape
         d = self.cfg.head_dim
         q = self.q_proj(x).view(B, T, -1, d)  # (B, T, H, d)
@@ -189,8 +195,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(pos, k, v)
-        # causal over the new tokens; a single new token attends to every cached one
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=k.shape[1] != q.shape[1])
+        # mask None: causal over the new tokens (a single new token attends to every cached one), the fast path
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=k.shape[1] != q.shape[1])
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -218,8 +225,8 @@ class Block(nn.Module):
         self.input_layernorm, self.self_attn = norm(), Attention(cfg)
         self.post_attention_layernorm, self.mlp = norm(), MLP(cfg)
 
-    def forward(self, x, rope, cache=None, pos=0):
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, pos)
+    def forward(self, x, rope, cache=None, pos=0, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -245,10 +252,14 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx, caches=None, pos=0, hidden_only=False):
-        """idx (B, T) token ids at positions pos..pos+T. Returns logits (B, T, vocab), or with hidden_only
-        the final normalised hidden states (B, T, C), from which the loss makes logits chunk by chunk."""
-        positions = torch.arange(pos, pos + idx.shape[1], device=idx.device)
+    def forward(self, idx, caches=None, pos=0, positions=None, mask=None, hidden_only=False):
+        """idx (B, T) token ids. Returns logits (B, T, vocab), or with hidden_only the final normalised hidden
+        states (B, T, C), from which the loss makes logits chunk by chunk. Training and scoring pass idx alone:
+        positions 0..T-1, causal attention. Generation (generate.py) passes one KVCache per layer, written at
+        slots pos..pos+T, and for left-padded rows each token's position in its own row, positions (B, T), and
+        mask (B, 1, T, pos+T), True where a query may attend to a key (causal, padding left out)."""
+        if positions is None:
+            positions = torch.arange(pos, pos + idx.shape[1], device=idx.device)  # (T,), the same in every row
         x = self.model.embed_tokens(idx)
         rope = None
         if self.config.family["pos"] == "learned":
@@ -256,44 +267,14 @@ class GPT(nn.Module):
         else:
             rope = rope_cos_sin(self.config, positions)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope, caches[i] if caches else None, pos)
+            x = layer(x, rope, caches[i] if caches else None, pos, mask)
         x = self.model.norm(x)
         return x if hidden_only else self.lm_head(x)
 
-    # ------------------------------------------------------------------------------------------------
-    # Generation: temperature / top-p sampling or greedy, with a key/value cache
-
-    @torch.no_grad()
-    def generate(self, prompt, max_new_tokens, temperature=1.0, top_p=1.0, num_samples=1, eos_id=None,
-                 use_cache=True, generator=None):
-        """prompt: a list of token ids, or a list of such lists of one length (a batch of prompts).
-        Draws num_samples continuations of each in one batch; temperature 0 is greedy. Returns one list
-        of new token ids per row (prompt-major), each ending at (and including) eos_id."""
-        dev = self.lm_head.weight.device
-        prompts = prompt if prompt and isinstance(prompt[0], list) else [prompt]
-        idx = torch.tensor([p for p in prompts for _ in range(num_samples)], device=dev)  # (S, T0)
-        num_samples = idx.shape[0]
-        T0 = idx.shape[1]
-        caches = None
-        if use_cache:
-            K, d, dt = self.config.num_kv_heads, self.config.head_dim, self.lm_head.weight.dtype
-            caches = [KVCache(num_samples, K, T0 + max_new_tokens, d, dt, dev) for _ in self.model.layers]
-        done = torch.zeros(num_samples, dtype=torch.bool, device=dev)
-        out, pos, step_in = [], 0, idx
-        for _ in range(max_new_tokens):
-            logits = self(step_in, caches, pos)[:, -1].float()  # (S, V)
-            if use_cache:
-                pos += step_in.shape[1]
-            nxt = sample(logits, temperature, top_p, generator)  # (S,)
-            out.append(nxt)
-            if eos_id is not None:
-                done |= nxt == eos_id
-            if done.all():
-                break
-            idx = torch.cat([idx, nxt[:, None]], dim=1)
-            step_in = nxt[:, None] if use_cache else idx
-        toks = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(num_samples)]
-        return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in toks]
+    def generate(self, prompts, max_new_tokens, eos_id=None, **kw):
+        """Kept only for evaluate.py's call of today; generate.generate is the one to use (and to read)."""
+        from generate import generate
+        return generate(self, prompts, max_new_tokens, stop_ids=() if eos_id is None else (eos_id,), **kw)
 
     # ------------------------------------------------------------------------------------------------
     # Hugging Face checkpoints
@@ -372,20 +353,6 @@ class GPT(nn.Module):
             src = self.source_dir and Path(self.source_dir) / name
             if src and src.exists() and src.resolve() != (path / name).resolve():
                 shutil.copy(src, path / name)
-
-
-def sample(logits, temperature, top_p, generator=None):
-    """logits (S, V) -> next token ids (S,). temperature 0 is greedy; top_p keeps the smallest set of
-    tokens whose probability reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens entirely beyond the nucleus
-        sorted_p[drop] = 0
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def gpt2_keys(state, to_hf):

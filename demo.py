@@ -30,7 +30,8 @@ from distributed import log
 from model import GPT, Config
 
 RULES = ["sft", "dft", "prob", "mass", "profit", "uniform", "random"]
-DEFAULTS = dict(lr=3e-4, batch_size=16, micro_batch=16, epochs=10)  # when the command line gives none
+DEFAULTS = dict(lr=3e-4, batch_size=16, micro_batch=16, epochs=10,  # when the command line gives none
+                eval_samples=8, eval_problems=100, eval_prompt="template", max_new_tokens=48, temperature=1.0, top_p=1.0)
 COLUMNS = ["task greedy", "avg@8", "pass@8", "retention", "wrong copied", "kept", "ce"]
 
 def add_arguments(parser):
@@ -154,14 +155,14 @@ def write_data(args, out):
 def metrics(args, model, template, sets):
     """The report's numbers for one model: new-task accuracy (greedy; Avg@8/Pass@8 at temperature 1),
     retention of the pretraining skill, and how often a wrong answer shown in training comes back."""
-    res = evaluate.scores(args, model, template, sets["task"], samples=8)
-    retention = evaluate.scores(args, model, template, sets["retention"], samples=0)
-    noisy = [ex for ex in sets["train"] if data.extract_answer(ex["response"]) != ex["answer"]]
-    if noisy:
-        said = evaluate.generate_answers(model, template, noisy, 1, 0, args.max_new_tokens or 48, args.seed)
-        wrong = [data.extract_answer(ex["response"]) for ex in noisy]
-        res["wrong copied"] = 100 * sum(evaluate.grade(s[0], w) for s, w in zip(said, wrong)) / len(noisy)
-    res["task greedy"], res["retention"] = res.pop("greedy"), retention["greedy"]
+    greedy = lambda examples: evaluate.scores(args, model, template, examples, 0, greedy=True, problems=0, ce=False)["greedy"]
+    res = evaluate.scores(args, model, template, sets["task"], samples=8, greedy=False)  # ce, avg@8, pass@8
+    res["task greedy"], res["retention"] = greedy(sets["task"]), greedy(sets["retention"])
+    # the noisy demonstrations' prompts, graded against the wrong answer they showed
+    shown = [{**ex, "answer": data.extract_answer(ex["response"])} for ex in sets["train"]]
+    wrong = [ex for ex, orig in zip(shown, sets["train"]) if ex["answer"] != orig["answer"]]
+    if wrong:
+        res["wrong copied"] = greedy(wrong)
     return res
 
 

@@ -1,57 +1,109 @@
 """
-Evaluation by generation: sample answers to held-out problems, take the last \\boxed{...} of each, grade it
-against the gold answer by mathematical equivalence, and score greedy accuracy, Avg@k (the mean accuracy over
-k samples at temperature 1) and Pass@k (the share of problems solved at least once in k samples).
+Evaluation as the paper does it: sample k answers to every problem of one or more benchmark files, grade each
+final answer (the last \\boxed{...}) against the gold answer by mathematical equivalence, and report Avg@k (the
+mean accuracy over all samples), Pass@k (the share of problems solved at least once) and, when asked, greedy
+accuracy: per file, and as the unweighted mean over the files, the paper's headline.
+
+    python evaluate.py --model DIR --data math500.jsonl minerva.jsonl olympiadbench.jsonl aime24.jsonl amc23.jsonl
+
+The defaults are the authors' protocol: 16 samples per problem at temperature 1.0 and top_p 1.0, up to 4,096
+new tokens (fewer where the model's context ends), the "qwen-boxed" prompt, and generation stopped at the
+template's end token, <|im_end|> or the tokenizer's EOS. Every sample, its final answer and its grade go to
+--out (eval.json). prift.py --eval-data runs the same code before and after fine-tuning.
 """
+import argparse
 import functools
 import json
 import re
+import sys
 import threading
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import data
-from cli import COUNT, POSITIVE
+from cli import COUNT, POSITIVE, Parser, existing, number
 from data import extract_answer  # the final answer of a response; data.py finds gold answers in solutions with it
-from distributed import autocast, dist_info, log, progress
+from distributed import autocast, dist_info, init_from_env, log, progress
+from generate import generate
+from model import GPT, CheckpointError
+
+# The authors' evaluation prompt (Qwen2.5-Math's "qwen-boxed"), {input} the problem as the benchmark states it
+QWEN_BOXED = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{input}\nPlease reason "
+              "step by step, and put your final answer within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
+PAPER = dict(eval_samples=16, eval_problems=0, max_new_tokens=4096, temperature=1.0, top_p=1.0, eval_prompt="qwen-boxed")
 
 
-def add_arguments(parser):
+def prompt_kind(text):
+    """An argparse type: qwen-boxed, template (the training template), or a text with {input} in it."""
+    if text not in ("qwen-boxed", "template") and "{input}" not in text:
+        raise argparse.ArgumentTypeError(f"expected qwen-boxed, template, or a text with {{input}} where the problem "
+                                         f"goes; got {text!r}")
+    return text
+
+
+def add_arguments(parser, prefix="eval-"):
+    """The evaluation options of prift.py (--eval-samples, ...) and of this file's command line (--samples, ...).
+    Their defaults (None here) are the paper's, PAPER, or the demo's."""
     g = parser.add_argument_group("evaluation")
-    g.add_argument("--eval-samples", type=COUNT, default=8, help="k for Avg@k and Pass@k (temperature 1)")
-    g.add_argument("--eval-problems", type=COUNT, default=100, help="problems sampled k times (0: all)")
-    g.add_argument("--max-new-tokens", type=POSITIVE,
-                   help="generation length (default: twice the longest reference solution; 4096, the paper's, if none)")
+    g.add_argument(f"--{prefix}samples", dest="eval_samples", type=COUNT, help="k of Avg@k and Pass@k (16)")
+    g.add_argument(f"--{prefix}problems", dest="eval_problems", type=COUNT, help="the first N of each file (0, all)")
+    g.add_argument(f"--{prefix}prompt", dest="eval_prompt", type=prompt_kind,
+                   help="qwen-boxed (the authors'), template (the training template), or a text with {input}")
+    g.add_argument("--greedy", action="store_true", help="greedy accuracy too")
+    g.add_argument("--temperature", type=number(float, 0, low_ok=True), help="of the k samples (1.0)")
+    g.add_argument("--top-p", type=number(float, 0, high=1), help="nucleus of the k samples (1.0)")
+    g.add_argument("--max-new-tokens", type=POSITIVE, help="4096, fewer where the model's context ends")
+
+
+def prompt_ids(args, template, example):
+    """The token ids a model is evaluated on: the training template, or a text with the problem in it."""
+    if args.eval_prompt == "template":
+        return template.prompt_ids(example["messages"])
+    problem = [m["content"] for m in example["messages"] if m["role"] == "user"][-1]
+    text = (QWEN_BOXED if args.eval_prompt == "qwen-boxed" else args.eval_prompt).replace("{input}", problem)
+    return template.tok.encode(text, add_special_tokens=args.eval_prompt != "qwen-boxed").ids  # qwen-boxed has its own
+
+
+def stop_ids(args, template):
+    """Where generation stops: the template's end token, the tokenizer's EOS, and with qwen-boxed <|im_end|>."""
+    chatml = [template.tok.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")] if args.eval_prompt == "qwen-boxed" else []
+    return template.stop_ids | {t for t in chatml if t is not None}
 
 
 @torch.no_grad()
-def generate_answers(model, template, examples, k, temperature, max_new, seed, batch=64):
-    """k generations for each example's prompt -> a list (per example) of k generated texts."""
+def sample(args, model, template, examples, k, temperature, max_new, rows_per_batch=64, bar=None):
+    """k generated texts for each example (a list per example). Prompts of any lengths share a batch; they are
+    sorted by length first, so that little of a batch is padding."""
     model.eval()
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    prompts = [template.prompt_ids(ex["messages"]) for ex in examples]
-    texts = [None] * len(prompts)
-    by_len = {}
-    for i, p in enumerate(prompts):  # prompts of one length share a batch and need no padding
-        by_len.setdefault(len(p), []).append(i)
-    groups = [g[s:s + max(1, batch // k)] for g in by_len.values() for s in range(0, len(g), max(1, batch // k))]
-    for g in progress(groups, desc="generate", leave=False):
-        rows = model.generate([prompts[i] for i in g], max_new, temperature=temperature, num_samples=k,
-                              eos_id=template.end_id, generator=gen)
-        for j, i in enumerate(g):
-            texts[i] = [template.tok.decode(r) for r in rows[j * k:(j + 1) * k]]
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    prompts = [prompt_ids(args, template, ex) for ex in examples]
+    fits = sorted((i for i, p in enumerate(prompts) if len(p) < model.config.max_positions), key=lambda i: len(prompts[i]))
+    texts = {i: [""] * k for i in range(len(prompts)) if i not in set(fits)}  # a problem the model cannot read: wrong
+    if texts:
+        log(f"evaluate: {len(texts)} of {len(prompts)} prompts do not fit in the model's {model.config.max_positions} "
+            f"positions; they count as wrong")
+    per_batch = max(1, rows_per_batch // k)
+    for s in range(0, len(fits), per_batch):
+        part = fits[s:s + per_batch]
+        rows = generate(model, [prompts[i] for i in part], max_new, temperature=temperature, top_p=args.top_p,
+                        num_samples=k, stop_ids=stop_ids(args, template), generator=gen)
+        texts.update({i: [template.tok.decode(r) for r in rows[j * k:(j + 1) * k]] for j, i in enumerate(part)})
+        if bar is not None:
+            bar.update(len(part))
     model.train()
-    return texts
+    return [texts[i] for i in range(len(prompts))]
 
 
 @torch.no_grad()
 def heldout_ce(model, seqs, micro_batch):
-    """Mean cross-entropy over the response tokens of held-out examples (logits made a few rows at a time)."""
+    """Mean cross-entropy over the response tokens of held-out examples (batched by length; logits made a few
+    rows at a time)."""
     device, total, count = next(model.parameters()).device, 0.0, 0
     rows = max(16, 2 ** 25 // model.config.vocab_size)  # 128 MB of float32 logits at a time
-    for s in range(0, len(seqs), micro_batch):
-        x, y, m = (t.to(device) for t in data.collate(seqs[s:s + micro_batch]))
+    for batch in data.length_batches(seqs, sorted(range(len(seqs)), key=lambda i: len(seqs[i][0])), micro_batch):
+        x, y, m = (t.to(device) for t in data.collate([seqs[i] for i in batch]))
         with autocast(device):
             h, y = model(x, hidden_only=True)[m], y[m]  # (N, C), (N,): the response positions only
             for r in range(0, len(y), rows):
@@ -60,48 +112,78 @@ def heldout_ce(model, seqs, micro_batch):
     return total / max(count, 1)
 
 
-def scores(args, model, template, examples, samples=None):
-    """Held-out cross-entropy over the examples with a reference solution; greedy accuracy, and Avg@k and Pass@k
-    (k = samples, default --eval-samples) on the first --eval-problems, over the examples with a gold answer."""
-    k = args.eval_samples if samples is None else samples
-    seqs, _ = template.encode([ex for ex in examples if ex["response"] is not None], args.max_len)
+def scores(args, model, template, examples, samples=None, greedy=None, problems=None, ce=True, records=None):
+    """One model on one set of examples: held-out cross-entropy over those with a reference solution; Avg@k and
+    Pass@k (k = samples, default --eval-samples) and greedy accuracy (greedy, default --greedy) on the first
+    `problems` (default --eval-problems; 0: all) of those with a gold answer. records: a list to append each
+    problem's samples and grades to."""
+    k, greedy = args.eval_samples if samples is None else samples, args.greedy if greedy is None else greedy
+    seqs, _ = template.encode([ex for ex in examples if ex["response"] is not None], args.max_len) if ce else ([], 0)
     res = {"ce": heldout_ce(model, seqs, args.micro_batch)} if seqs else {}
-    solvable = [ex for ex in examples if ex["answer"] is not None]
-    if not solvable:
+    problems = args.eval_problems if problems is None else problems
+    solvable = [ex for ex in examples if ex["answer"] is not None][:problems or None]
+    if not solvable or not (k or greedy):
         return res
-    refs = [len(template.tok.encode(ex["response"]).ids) for ex in solvable if ex["response"] is not None]
-    max_new = args.max_new_tokens or (2 * max(refs) + 16 if refs else 4096)
-    greedy = generate_answers(model, template, solvable, 1, 0, max_new, args.seed)
-    res["greedy"] = 100 * sum(grade(g[0], ex["answer"]) for g, ex in zip(greedy, solvable)) / len(solvable)
-    if k:
-        sub = solvable[:args.eval_problems] if args.eval_problems else solvable
-        samples = generate_answers(model, template, sub, k, 1.0, max_new, args.seed)
-        hits = [[grade(text, ex["answer"]) for text in row] for row, ex in zip(samples, sub)]
-        res[f"avg@{k}"] = 100 * sum(sum(h) / k for h in hits) / len(hits)
-        res[f"pass@{k}"] = 100 * sum(any(h) for h in hits) / len(hits)
+    with progress(total=len(solvable) * (bool(k) + greedy), desc="evaluate", leave=False) as bar:
+        if greedy:
+            texts = sample(args, model, template, solvable, 1, 0, args.max_new_tokens, bar=bar)
+            hits = [grade(t[0], ex["answer"]) for t, ex in zip(texts, solvable)]
+            res["greedy"] = 100 * sum(hits) / len(hits)
+        if k:
+            texts = sample(args, model, template, solvable, k, args.temperature, args.max_new_tokens, bar=bar)
+            hits = [[grade(t, ex["answer"]) for t in row] for row, ex in zip(texts, solvable)]
+            res[f"avg@{k}"] = 100 * sum(sum(h) / k for h in hits) / len(hits)
+            res[f"pass@{k}"] = 100 * sum(any(h) for h in hits) / len(hits)
+            if records is not None:
+                records += [{"prompt": ex["messages"][-1]["content"], "gold": ex["answer"], "samples": [
+                    {"text": t, "answer": extract_answer(t), "correct": h} for t, h in zip(row, hit)]}
+                    for ex, row, hit in zip(solvable, texts, hits)]
     return res
+
+
+def evaluate_files(args, model, template, sets):
+    """scores() of one model on each set ({file: examples}), with every sample: {file: {"scores", "problems"}}."""
+    out = {}
+    for path, examples in sets.items():
+        records = []
+        out[str(path)] = {"scores": scores(args, model, template, examples, records=records), "problems": records}
+    return out
+
+
+def table(results, k):
+    """results: {model name: evaluate_files(...)}. A row per model and file, and the unweighted mean over the
+    files of each model (the paper's headline). Prints it; returns the rows."""
+    rows = []
+    for name, per_file in results.items():
+        for path, r in per_file.items():
+            rows.append((f"{name} {Path(path).stem}".strip(), r["scores"]))
+        if len(per_file) > 1:
+            cols = {c for r in per_file.values() for c in r["scores"]}
+            rows.append((f"{name} mean".strip(), {c: sum(r["scores"].get(c, 0) for r in per_file.values()) / len(per_file)
+                                                  for c in cols}))
+    print_table(rows, [f"avg@{k}", f"pass@{k}", "greedy", "ce"])
+    return rows
 
 
 def report(args, before, after):
     """The evaluation before and after fine-tuning (before: None on a resumed run), printed and in OUT/eval.json."""
-    rows = ([("base", before)] if before else []) + [(args.rule, after)]
-    k = args.eval_samples
-    print_table(rows, ["ce", "greedy", f"avg@{k}", f"pass@{k}"], f"Evaluation on {args.eval_data}")
+    results = {"base": before, args.rule: after} if before else {args.rule: after}
+    rows = table(results, args.eval_samples)
     if dist_info()[0] == 0:
-        (args.out / "eval.json").write_text(json.dumps(dict(rows), indent=1))
+        (args.out / "eval.json").write_text(json.dumps(results, indent=1))
     return rows
 
 
-def fmt(v):
-    """A table cell: percentages to 0.1, small numbers (cross-entropy) to 0.001."""
-    return f"{v:.1f}" if isinstance(v, float) and abs(v) >= 1 else f"{v:.3f}" if isinstance(v, float) else str(v)
+def fmt(v, column):
+    """A table cell: cross-entropy to 0.001, percentages to 0.1."""
+    return (f"{v:.3f}" if column == "ce" else f"{v:.1f}") if isinstance(v, (int, float)) else str(v)
 
 
 def print_table(rows, columns, title=None):
     """rows: list of (name, metrics dict). Prints a Markdown table; returns its text."""
     cols = [c for c in columns if any(c in r for _, r in rows)]
     lines = [f"| {' | '.join(['model'] + cols)} |", f"|{'---|' * (len(cols) + 1)}"]
-    lines += [f"| {' | '.join([name] + [fmt(r.get(c, '')) for c in cols])} |" for name, r in rows]
+    lines += [f"| {' | '.join([name] + [fmt(r.get(c, ''), c) for c in cols])} |" for name, r in rows]
     text = (f"\n{title}\n\n" if title else "\n") + "\n".join(lines) + "\n"
     log(text)
     return text
@@ -156,3 +238,39 @@ def normalize_answer(ans):
     ans = re.sub(r"^[a-zA-Z]=", "", ans)                                # x=3 -> 3
     ans = re.sub(r"(\.\d*?)0+(?!\d)", r"\1", ans)                       # 3.50 -> 3.5, 27.0 -> 27.
     return re.sub(r"(\d)\.(?!\d)", r"\1", ans)                          # 27. -> 27
+
+
+def main(argv=None):
+    parser = Parser(prog="evaluate", description="Score a Hugging Face checkpoint on benchmark files as the paper does.")
+    parser.add_argument("--model", required=True, type=existing("dir"), help="Hugging Face checkpoint directory")
+    parser.add_argument("--data", required=True, nargs="+", type=existing("file"), help="benchmark JSONL files")
+    parser.add_argument("--template", default="auto", choices=["auto", *data.TEMPLATES], help="for --prompt template")
+    parser.add_argument("--out", default="eval.json", help="every sample, its final answer and its grade (eval.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--seed", type=int, default=0)
+    add_arguments(parser, prefix="")
+    args = parser.parse_args(argv)
+    for key, value in PAPER.items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    if args.eval_samples == 0:
+        parser.error("argument --samples: must be positive, got 0")
+    if Path(args.out).exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists; give another file, or --overwrite to replace it")
+    device = init_from_env()
+    try:
+        template = data.Template.load(args.model, args.template)
+        model = GPT.from_pretrained(args.model, dtype=torch.bfloat16 if device.type == "cuda" else None, device=device)
+        args.max_len, args.micro_batch = model.config.max_positions, 4  # the cross-entropy of reference solutions
+        sets = {path: data.read_jsonl(path, need="answer") for path in args.data}  # all checked before the first runs
+        results = evaluate_files(args, model, template, sets)
+    except (CheckpointError, data.DataError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    table({"": results}, args.eval_samples)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    log(f"every sample, its answer and its grade: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -271,11 +271,6 @@ class GPT(nn.Module):
         x = self.model.norm(x)
         return x if hidden_only else self.lm_head(x)
 
-    def generate(self, prompts, max_new_tokens, eos_id=None, **kw):
-        """Kept only for evaluate.py's call of today; generate.generate is the one to use (and to read)."""
-        from generate import generate
-        return generate(self, prompts, max_new_tokens, stop_ids=() if eos_id is None else (eos_id,), **kw)
-
     # ------------------------------------------------------------------------------------------------
     # Hugging Face checkpoints
 

@@ -325,7 +325,7 @@ def run(args, device):
     """Fine-tune --model on --data with one rule, evaluate before and after, write everything to --out."""
     template = data.Template.load(args.model, args.template)
     seqs, dropped = template.encode(data.read_jsonl(args.data, need="response"), args.max_len)
-    eval_set = data.read_jsonl(args.eval_data, need="answer") if args.eval_data else None
+    eval_sets = {path: data.read_jsonl(path, need="answer") for path in args.eval_data or []}  # each checked now
     if not seqs:
         raise data.DataError(f"no usable example in {args.data}: every prompt fills --max-len {args.max_len} "
                              f"(raise it), or prompt and response are both empty")
@@ -339,11 +339,12 @@ def run(args, device):
     prior = compute_prior(args, seqs, device) if args.signal == "prior" and args.prior == "precompute" else None
     ref = load_reference(args, device) if args.signal == "prior" and args.prior == "inline" else None
     checkpoint.prepare_out(args, start)  # every input has been read and checked: only now is --out written
-    before = evaluate.scores(args, model, template, eval_set) if eval_set and not start else None
+    before = evaluate.evaluate_files(args, model, template, eval_sets) if eval_sets and not start else None
     state = train(args, model, seqs, prior=prior, ref=ref, out=args.out, start=start)
     checkpoint.save_model(model, args.out)
     log(f"trained {state['step']} steps ({state['skipped']} skipped); model saved to {args.out}")
-    rows = evaluate.report(args, before, evaluate.scores(args, model, template, eval_set)) if eval_set else None
+    after = evaluate.evaluate_files(args, model, template, eval_sets) if eval_sets else None
+    rows = evaluate.report(args, before, after) if after else None
     report.run_report(args.out, rows)
 
 
@@ -369,7 +370,7 @@ def parse_args(argv=None):
     g.add_argument("--model", type=existing("dir"), help="Hugging Face checkpoint directory to fine-tune")
     g.add_argument("--ref", type=existing("dir"), help="frozen reference checkpoint (default: --model, before any update)")
     g.add_argument("--data", type=existing("file"), help="training JSONL (prompt/response, problem/solution, messages...)")
-    g.add_argument("--eval-data", type=existing("file"), help="held-out JSONL, same formats")
+    g.add_argument("--eval-data", type=existing("file"), nargs="+", help="benchmark or held-out JSONL files")
     g.add_argument("--template", default="auto", choices=["auto", *data.TEMPLATES])
     g.add_argument("--max-len", type=POSITIVE, default=2048, help="tokens per example, prompt + response (right truncation)")
     g = parser.add_argument_group("optimisation")  # AdamW (0.9, 0.95), wd 0.01, 10% warmup then cosine, clip 1.0
@@ -394,7 +395,7 @@ def check_args(parser, args):
     """What argparse's types cannot see alone: defaults that depend on the mode, combinations, paths, --out.
     Every mistake: one line, exit code 2, nothing written. Returns True for the built-in demo."""
     is_demo = not args.model and not args.data
-    paper = dict(lr=5e-5, batch_size=256, micro_batch=4, epochs=1)  # the paper's recipe; the demo has its own
+    paper = dict(lr=5e-5, batch_size=256, micro_batch=4, epochs=1, **evaluate.PAPER)  # the paper's; the demo has its own
     for k, v in (demo.DEFAULTS if is_demo else paper).items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -19,7 +19,7 @@ from collections import Counter
 import checkpoint
 import data
 import evaluate
-from distributed import log
+from distributed import dist_info, log
 
 
 def inspect(args, device, prift, examples):
@@ -96,7 +96,9 @@ def terminal_view(pieces, ws):
 
 
 def run_report(out, eval_rows=None):
-    """OUT/report.html: the curves of OUT/metrics.jsonl, and the evaluation table."""
+    """OUT/report.html: the curves of OUT/metrics.jsonl, and the evaluation table (rank 0 writes it)."""
+    if dist_info()[0] != 0:
+        return
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     charts = "".join(chart(rows, key) for key in ("loss", "ce", "kept", "lr", "grad_norm"))
     table = ""
@@ -104,7 +106,7 @@ def run_report(out, eval_rows=None):
         cols = sorted({c for _, r in eval_rows for c in r}, key=lambda c: (c != "ce", c))
         table = "<h2>evaluation</h2><table><tr><th>model</th>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
         table += "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(
-            f"<td>{evaluate.fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for name, r in eval_rows) + "</table>"
+            f"<td>{evaluate.fmt(r.get(c, ''), c)}</td>" for c in cols) + "</tr>" for name, r in eval_rows) + "</table>"
     (out / "report.html").write_text(PAGE.format(title=html.escape(f"{out}: {len(rows)} steps"), body=charts + table))
 
 

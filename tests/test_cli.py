@@ -284,8 +284,11 @@ def test_cli_with_eval_data_and_transformers_loads_the_result(env, processes):
     check_run_dir(out, 3, "mass")
     table = [line for line in r.stdout.splitlines() if line.startswith("|")]
     assert table[0].split("|")[1].strip() == "model" and "ce" in table[0] and "pass@2" in table[0]
-    assert [line.split("|")[1].strip() for line in table[2:]] == ["base", "mass"]
-    assert set(json.loads((out / "eval.json").read_text())) == {"base", "mass"}
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["base eval", "mass eval"]  # model and file
+    results = json.loads((out / "eval.json").read_text())
+    assert set(results) == {"base", "mass"} and list(results["mass"]) == [str(env["eval"])]
+    problems = results["mass"][str(env["eval"])]["problems"]
+    assert len(problems) == 2 and all(len(p["samples"]) == 2 for p in problems)  # --eval-problems 2, --eval-samples 2
     assert (env["ckpt"] / "model.safetensors").read_bytes() == processes["snapshot"]   # the reference, on disk
     idx = torch.randint(0, 120, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -155,12 +155,13 @@ def test_eval_data_without_solutions_runs_through_the_cli(tmp_path, capsys):
     data.write_jsonl(AMC23, evals)
     out = tmp_path / "out"
     argv = ["--model", ckpt, "--data", train, "--eval-data", evals, "--rule", "sft", "--max-steps", 1, "--batch-size", 4,
-            "--micro-batch", 4, "--eval-samples", 2, "--max-new-tokens", 4, "--out", out, "--cache", tmp_path / "cache"]
+            "--micro-batch", 4, "--eval-samples", 2, "--greedy", "--eval-prompt", "template", "--max-new-tokens", 4,
+            "--out", out, "--cache", tmp_path / "cache"]
     assert main([str(a) for a in argv]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert set(result) == {"base", "sft"}
-    assert all(set(r) == {"greedy", "avg@2", "pass@2"} for r in result.values())
-    assert "| model | greedy | avg@2 | pass@2 |" in capsys.readouterr().out
+    assert all(set(r[str(evals)]["scores"]) == {"greedy", "avg@2", "pass@2"} for r in result.values())
+    assert "| model | avg@2 | pass@2 | greedy |" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -274,3 +275,74 @@ print(evaluate.grade(r"\boxed{3.5}", "3.50"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines() == ["grading: math-verify is not installed, so answers are compared as normalised "
                                      "text (pip install math-verify)", "True False", "True"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# python evaluate.py: any checkpoint, several files, the paper's protocol by default
+
+def run_evaluate(args, cwd):
+    return subprocess.run([sys.executable, str(tiny.ROOT / "evaluate.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_evaluate_scores_a_checkpoint_on_two_files(tmp_path):
+    ckpt = tiny.make_checkpoint(tmp_path / "ckpt")
+    files = [tmp_path / "task.jsonl", tmp_path / "amc23.jsonl"]
+    tiny.make_data(files[0], n=5, seed=4, noise=0.0)
+    data.write_jsonl(AMC23, files[1])
+    out = tmp_path / "eval.json"
+    r = run_evaluate(["--model", ckpt, "--data", *files, "--samples", 3, "--greedy", "--prompt", "template",
+                      "--max-new-tokens", 6, "--out", out], tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    rows = [line.split("|")[1].strip() for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert rows == ["model", "task", "amc23", "mean"], r.stdout  # a row per file, and their unweighted mean
+    assert "| model | avg@3 | pass@3 | greedy | ce |" in r.stdout
+    results = json.loads(out.read_text())
+    assert list(results) == [str(f) for f in files]
+    for path, n in zip(files, (5, len(AMC23))):
+        problems, scores = results[str(path)]["problems"], results[str(path)]["scores"]
+        assert len(problems) == n and all(len(p["samples"]) == 3 for p in problems)
+        graded = [evaluate.grade(s["text"], p["gold"]) == s["correct"] for p in problems for s in p["samples"]]
+        assert all(graded)
+        hits = [[s["correct"] for s in p["samples"]] for p in problems]
+        assert scores["avg@3"] == pytest.approx(100 * sum(map(sum, hits)) / (3 * n))
+        assert scores["pass@3"] == pytest.approx(100 * sum(map(any, hits)) / n)
+    assert "ce" in results[str(files[0])]["scores"] and "ce" not in results[str(files[1])]["scores"]  # solutions?
+
+
+@pytest.mark.parametrize("case", ["unknown-prompt", "samples-0", "no-checkpoint", "no-file", "out-exists", "no-answers"])
+def test_evaluate_bad_input(tmp_path, case):
+    ckpt = tiny.make_checkpoint(tmp_path / "ckpt")
+    task = tiny.make_data(tmp_path / "task.jsonl", n=3)
+    (tmp_path / "eval.json").write_text("{}")
+    data.write_jsonl([{"prompt": "Q", "response": "no boxed answer"}], tmp_path / "plain.jsonl")
+    args = {"unknown-prompt": ["--model", ckpt, "--data", task, "--prompt", "qwen"],
+            "samples-0": ["--model", ckpt, "--data", task, "--samples", 0],
+            "no-checkpoint": ["--model", tmp_path / "nope", "--data", task],
+            "no-file": ["--model", ckpt, "--data", task, tmp_path / "missing.jsonl"],
+            "out-exists": ["--model", ckpt, "--data", task, "--out", tmp_path / "eval.json"],
+            "no-answers": ["--model", ckpt, "--data", tmp_path / "plain.jsonl", "--out", tmp_path / "new.json"]}[case]
+    r = run_evaluate(args, tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("evaluate: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert (tmp_path / "eval.json").read_text() == "{}" and not (tmp_path / "new.json").exists()
+
+
+def test_qwen_boxed_is_the_authors_prompt(tmp_path):
+    """The problem in the authors' chatml prompt, special tokens as tokens; generation stops at <|im_end|> or
+    <|endoftext|>."""
+    ckpt = tiny.make_checkpoint(tmp_path / "ckpt")
+    tok = data.load_tokenizer(ckpt)
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(ckpt / "tokenizer.json"))
+    template = data.Template.load(ckpt, "auto")
+    args = evaluate.argparse.Namespace(eval_prompt="qwen-boxed")
+    example = data.parse_example({"problem": "Kim had 2 cards and got 3 more. How many now?", "answer": "5"}, "x")
+    ids = evaluate.prompt_ids(args, template, example)
+    expected = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nKim had 2 cards and got 3 "
+                "more. How many now?\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    assert ids == tok.encode(expected, add_special_tokens=False).ids
+    assert ids.count(tok.token_to_id("<|im_start|>")) == 3 and ids[-1] != tok.token_to_id("<|im_end|>")
+    assert evaluate.stop_ids(args, template) == {tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")}
+    args.eval_prompt = "Problem: {input}\nAnswer:"
+    assert template.tok.decode(evaluate.prompt_ids(args, template, example)) .startswith("Problem:")

@@ -78,4 +78,4 @@ def test_every_run_writes_a_report(work, tmp_path):
     for key in ("loss", "ce", "kept", "lr", "grad_norm"):
         assert f"<figcaption>{key}</figcaption>" in page
     assert page.count("<polyline") == 5 and page.count(",") > 5 * 3  # 3 steps, a point each
-    assert "<h2>evaluation</h2>" in page and "<td>base</td>" in page and "<td>mass</td>" in page
+    assert "<h2>evaluation</h2>" in page and "<td>base train</td>" in page and "<td>mass train</td>" in page

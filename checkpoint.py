@@ -136,6 +136,8 @@ def resumed_args(parser, args):
         parser.error(f"--resume {resume_dir}: args.json is not valid JSON ({e}); the run cannot be continued")
     if not isinstance(saved, dict):
         parser.error(f"--resume {resume_dir}: args.json does not hold the arguments of a prift run")
+    if isinstance(saved.get("eval_data"), str):  # written before --eval-data took several files
+        saved["eval_data"] = [saved["eval_data"]]
     return argparse.Namespace(**{**vars(args), **saved, "resume": resume_dir, "out": resume_dir, "overwrite": False})
 
 

@@ -155,7 +155,8 @@ def write_data(args, out):
 def metrics(args, model, template, sets):
     """The report's numbers for one model: new-task accuracy (greedy; Avg@8/Pass@8 at temperature 1),
     retention of the pretraining skill, and how often a wrong answer shown in training comes back."""
-    greedy = lambda examples: evaluate.scores(args, model, template, examples, 0, greedy=True, problems=0, ce=False)["greedy"]
+    def greedy(examples):  # greedy accuracy on every problem
+        return evaluate.scores(args, model, template, examples, 0, greedy=True, problems=0, ce=False)["greedy"]
     res = evaluate.scores(args, model, template, sets["task"], samples=8, greedy=False)  # ce, avg@8, pass@8
     res["task greedy"], res["retention"] = greedy(sets["task"]), greedy(sets["retention"])
     # the noisy demonstrations' prompts, graded against the wrong answer they showed

@@ -482,6 +482,21 @@ def test_resume_is_bit_identical(extra, w, monkeypatch, capsys):
     assert read_metrics(w.out) == read_metrics(whole)
 
 
+def test_a_run_from_before_resumes(w, monkeypatch, capsys):
+    """An args.json as the first version of prift wrote it: no option added since (they take their defaults) and
+    --eval-data a single file. The run resumes and finishes, and evaluates that file."""
+    assert run_interrupted(w, w.argv(eval_data=w.data, eval_samples=1, max_new_tokens=2, max_steps=4, save_every=2),
+                           3, monkeypatch) == 128 + signal.SIGTERM
+    saved = json.loads((w.out / "args.json").read_text())
+    for key in ("micro_tokens", "match_authors", "inspect", "eval_prompt", "greedy", "temperature", "top_p"):
+        del saved[key]
+    saved["eval_data"] = str(w.data)
+    (w.out / "args.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert main_rc(["--resume", w.out]) == 0
+    assert metrics_steps(w.out) == [1, 2, 3, 4] and list(json.loads((w.out / "eval.json").read_text())) == ["mass"]
+
+
 def wait_for(cond, proc, timeout=120, poll=0.002):
     t0 = time.time()
     while not cond():

@@ -27,7 +27,7 @@ from cli import COUNT, POSITIVE, Parser, existing, number
 from data import extract_answer  # the final answer of a response; data.py finds gold answers in solutions with it
 from distributed import autocast, dist_info, init_from_env, log, progress
 from generate import generate
-from model import GPT, CheckpointError
+from model import GPT, CheckpointError, logits_chunk
 
 # The authors' evaluation prompt (Qwen2.5-Math's "qwen-boxed"), {input} the problem as the benchmark states it
 QWEN_BOXED = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{input}\nPlease reason "
@@ -79,16 +79,18 @@ def sample(args, model, template, examples, k, temperature, max_new, rows_per_ba
     model.eval()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     prompts = [prompt_ids(args, template, ex) for ex in examples]
-    fits = sorted((i for i, p in enumerate(prompts) if len(p) < model.config.max_positions), key=lambda i: len(prompts[i]))
-    texts = {i: [""] * k for i in range(len(prompts)) if i not in set(fits)}  # a problem the model cannot read: wrong
+    # a problem whose prompt does not fit in the model's context cannot be read: it counts as wrong
+    texts = {i: [""] * k for i, p in enumerate(prompts) if len(p) >= model.config.max_positions}
     if texts:
         log(f"evaluate: {len(texts)} of {len(prompts)} prompts do not fit in the model's {model.config.max_positions} "
             f"positions; they count as wrong")
+    fits = sorted((i for i in range(len(prompts)) if i not in texts), key=lambda i: len(prompts[i]))
+    stop = stop_ids(args, template)
     per_batch = max(1, rows_per_batch // k)
     for s in range(0, len(fits), per_batch):
         part = fits[s:s + per_batch]
         rows = generate(model, [prompts[i] for i in part], max_new, temperature=temperature, top_p=args.top_p,
-                        num_samples=k, stop_ids=stop_ids(args, template), generator=gen)
+                        num_samples=k, stop_ids=stop, generator=gen)
         texts.update({i: [template.tok.decode(r) for r in rows[j * k:(j + 1) * k]] for j, i in enumerate(part)})
         if bar is not None:
             bar.update(len(part))
@@ -101,7 +103,7 @@ def heldout_ce(model, seqs, micro_batch):
     """Mean cross-entropy over the response tokens of held-out examples (batched by length; logits made a few
     rows at a time)."""
     device, total, count = next(model.parameters()).device, 0.0, 0
-    rows = max(16, 2 ** 25 // model.config.vocab_size)  # 128 MB of float32 logits at a time
+    rows = logits_chunk(model.config.vocab_size)
     for batch in data.length_batches(seqs, sorted(range(len(seqs)), key=lambda i: len(seqs[i][0])), micro_batch):
         x, y, m = (t.to(device) for t in data.collate([seqs[i] for i in batch]))
         with autocast(device):

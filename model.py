@@ -129,6 +129,12 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
+def logits_chunk(vocab_size):
+    """Rows of logits to make at a time, from a head over vocab_size tokens: as many as fit in 128 MB of float32
+    (the loss, the prior and held-out cross-entropy never hold more)."""
+    return max(16, 2 ** 25 // vocab_size)
+
+
 def rope_cos_sin(cfg, positions):
     """cos, sin for the given positions, in float32: (T, head_dim) for positions (T,) shared by all rows, or
     (B, 1, T, head_dim) for per-row positions (B, T) (left-padded generation), to broadcast over the heads."""

@@ -40,7 +40,7 @@ import evaluate
 import report
 from distributed import all_reduce, autocast, barrier, dist_info, init_from_env, log, merge_from_ranks, progress, shutdown
 from distributed import sync_grads, wrap_distributed
-from model import GPT, CheckpointError, Config
+from model import GPT, CheckpointError, Config, logits_chunk
 
 
 class Rule(NamedTuple):
@@ -122,11 +122,6 @@ class LossSums(NamedTuple):
     kept: torch.Tensor       # the number of tokens with w_t > 0
 
 
-def default_chunk(head):
-    """Positions per chunk such that one chunk's float32 logits take 128 MB."""
-    return max(16, 2 ** 25 // head.weight.shape[0])
-
-
 class ChunkedLoss(torch.autograd.Function):
     """sum_t w_t CE_t (and sum_t CE_t, and the kept count) from hidden states, `chunk` positions at a time. Each
     chunk's logits are made, used and freed; their exact gradient (w_t times softmax minus one-hot; w_t is
@@ -177,8 +172,8 @@ def chunked_loss(h, head, targets, rule, signal=None, threshold=None, prior=None
     at the N response positions of a micro-batch, head the output layer (V, C), targets (N,), prior (N, 2) the
     reference's (p, u) there. The same numbers as prift_loss, but no more than `chunk` rows of logits exist at
     a time, so no (tokens x vocabulary) float32 tensor is ever made."""
-    sums = ChunkedLoss.apply(h, head.weight, targets, prior, rule, signal, threshold, chunk or default_chunk(head),
-                             torch.is_grad_enabled())
+    chunk = chunk or logits_chunk(head.weight.shape[0])
+    sums = ChunkedLoss.apply(h, head.weight, targets, prior, rule, signal, threshold, chunk, torch.is_grad_enabled())
     return LossSums(*sums.unbind())
 
 
@@ -188,7 +183,7 @@ def chunked_loss(h, head, targets, rule, signal=None, threshold=None, prior=None
 @torch.no_grad()
 def head_stats(h, head, targets, chunk=None):
     """(p, u) of targets (N,) from final hidden states h (N, C) and a head, `chunk` rows at a time: (N, 2)."""
-    chunk = chunk or default_chunk(head)
+    chunk = chunk or logits_chunk(head.weight.shape[0])
     out = [torch.stack(target_stats(head(h[s:s + chunk]), targets[s:s + chunk]), 1) for s in range(0, len(targets), chunk)]
     return torch.cat(out) if out else torch.zeros(0, 2, device=h.device)
 

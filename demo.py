@@ -25,6 +25,7 @@ import checkpoint
 import data
 from cli import FRACTION, POSITIVE
 import evaluate
+import inspection
 import report
 from distributed import log
 from model import GPT, Config
@@ -181,10 +182,10 @@ def show_weights(tok, rows, seqs, weights, rule):
         for j, wj in enumerate(w):
             (kept_ok if j in same else kept_bad).append(wj > 0)
         if len(same) < len(resp) and not shown:
-            shown, pieces = True, report.token_texts(tok, ids, n_prompt)
+            shown, pieces = True, inspection.token_texts(tok, ids, n_prompt)
             log(f"\nOne demonstration under --rule {rule} ({'struck out in red' if sys.stdout.isatty() else 'underscores'}: "
                 f"weight 0)\n  prompt:    {row['prompt']!r}\n  shown:     {row['response']!r}\n"
-                f"  trained:   {report.terminal_view(pieces, w)!r}")
+                f"  trained:   {inspection.terminal_view(pieces, w)!r}")
             if any(0 < wj < 1 for wj in w):
                 log("  weights:   " + " ".join(f"{p.strip() or '_'}:{wj:.2f}" for p, wj in zip(pieces, w)))
     if kept_bad:
@@ -209,7 +210,7 @@ def run(args, device, prift):
     args.model, args.ref, args.template, out = str(base), str(base), "plain", args.out
     if args.inspect:  # the prior's view of the demonstrations, no training
         rows = task(200, args.seed + 1, args.demo_noise, args.demo_noise_kind)
-        return report.inspect(args, device, prift, [data.parse_example(r, "demo") for r in rows])
+        return inspection.inspect(args, device, prift, [data.parse_example(r, "demo") for r in rows])
     checkpoint.prepare_out(args, None)
     paths = write_data(args, out)
     sets = {name: data.read_jsonl(p, need="response" if name == "train" else "answer") for name, p in paths.items()}

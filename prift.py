@@ -37,6 +37,7 @@ from cli import COUNT, FRACTION, POSITIVE, Parser, existing, number
 import data
 import demo
 import evaluate
+import inspection
 import report
 from distributed import all_reduce, autocast, barrier, dist_info, init_from_env, log, merge_from_ranks, progress, shutdown
 from distributed import sync_grads, wrap_distributed
@@ -427,7 +428,7 @@ def main(argv=None):
         if is_demo:
             demo.run(args, device, sys.modules[__name__])
         elif args.inspect:
-            report.inspect(args, device, sys.modules[__name__], data.read_jsonl(args.data, need="response"))
+            inspection.inspect(args, device, sys.modules[__name__], data.read_jsonl(args.data, need="response"))
         else:
             run(args, device)
     except (CheckpointError, data.DataError, checkpoint.TrainingError) as e:

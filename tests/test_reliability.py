@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny import ROOT, make_checkpoint, make_data, run_cli
+from tiny import ROOT, assert_some_kept, make_checkpoint, make_data, run_cli
 
 import checkpoint
 import data
@@ -38,7 +38,8 @@ TRAIN = dict(batch_size=4, micro_batch=2, max_len=64)  # 24 examples: 6 steps an
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    return make_checkpoint(root / "ck"), make_data(root / "train.jsonl", n=24)
+    # pretrained a little, so that profit (the default of train_args) keeps some tokens, not none
+    return make_checkpoint(root / "ck", pretrain_steps=20), make_data(root / "train.jsonl", n=24)
 
 
 class Work:
@@ -348,6 +349,7 @@ def test_non_finite_step_is_skipped(poison, w, tmp_path, monkeypatch):
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5], "training went on after the skipped step"
     assert [r["skipped"] for r in rows] == [0, 0, 1, 1, 1] and state["skipped"] == 1
+    assert_some_kept(rows)  # profit: the good steps have a gradient
     w3, w4 = rec["weights"][bad], rec["weights"][bad + 1]
     assert all(torch.equal(w3[k], w4[k]) for k in w3), "the skipped step changed the weights"
     assert not all(torch.equal(rec["weights"][bad - 1][k], w3[k]) for k in w3), "the good steps did not"
@@ -480,6 +482,7 @@ def test_resume_is_bit_identical(extra, w, monkeypatch, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
     assert metrics_steps(w.out) == list(range(1, 10))
     assert read_metrics(w.out) == read_metrics(whole)
+    assert_some_kept(read_metrics(whole))
 
 
 def test_a_run_from_before_resumes(w, monkeypatch, capsys):

@@ -194,6 +194,8 @@ def test_template_mask_boundary(template, tmp_path):
     assert dropped == 0
     x, y, m = data.collate(seqs)
     for b, (ex, (ids, n_prompt)) in enumerate(zip(examples, seqs)):
+        # the prompt's ids are the code's own here (this test is about where the mask starts and ends); that they
+        # are the template's text is test_templates' (transformers' apply_chat_template on the jinja equivalent)
         prompt = tpl.prompt_ids(ex["messages"])
         response = tok.encode(ex["response"], add_special_tokens=False).ids
         assert ids == prompt + response + [end_id] and n_prompt == len(prompt)

@@ -521,12 +521,34 @@ def test_reference_vectors_match_the_definition(vectors):
 # ----------------------------------------------------------------------------------------------------
 # --match-authors: the authors' trainer where this one differs on purpose, each part against a hand computation
 
+def mean_weighted_ce(hf, examples):
+    """From scratch, in float64: sum over the examples' response tokens of w * CE, over their number; hf a
+    transformers model (float64) for the logits, w the mass weight 1[u >= 0.5] with u = q(y) plus the mass of the
+    tokens strictly less likely than y, q the same model's probabilities (the reference before any update)."""
+    num, den, margins = 0.0, 0, []
+    for ids, n_prompt in examples:
+        first = max(n_prompt, 1)                                           # the first response token with a context
+        logits = hf(torch.tensor([ids])).logits[0, first - 1:-1]           # (n, V): the logits predicting ids[first:]
+        target = torch.tensor(ids[first:])
+        q = logits.detach().softmax(-1)
+        qy = q[torch.arange(len(target)), target]
+        u = (q * (q < qy[:, None])).sum(1) + qy
+        margins.append((u - 0.5).abs().min().item())
+        ce = -logits.log_softmax(-1)[torch.arange(len(target)), target]
+        num = num + ((u >= 0.5).double() * ce).sum()
+        den += len(target)
+    assert min(margins) > 1e-4, "a u this close to 0.5 could fall on either side in float32"
+    return num / den
+
+
 def test_match_authors_sums_micro_batch_means_in_bfloat16(ckpt, tmp_path, monkeypatch):
     """(a) each micro-batch's loss is its own mean over its response tokens and a step's gradient is their sum,
-    clipped as such; (b) weights and AdamW state in bfloat16."""
+    clipped as such; (b) weights and AdamW state in bfloat16. The oracle: transformers' model of the checkpoint in
+    float64 on the same bfloat16-rounded weights, and the loss written out (mean_weighted_ce). prift's gradient, made
+    in bfloat16 arithmetic, agrees to what that allows (a relative 6e-2 of each parameter's gradient, 1e-2 of the
+    whole), and is far from the gradient of the mean over the whole batch (more than 0.3)."""
     seqs = uneven_seqs(seed=4)
-    ref = GPT.from_pretrained(ckpt).requires_grad_(False)
-    prior = prior_of(ref, seqs)
+    prior = prior_of(GPT.from_pretrained(ckpt).requires_grad_(False), seqs)
     args = targs("mass", micro_batch=2, match_authors=True, save_every=1, max_steps=2)
     model = GPT.from_pretrained(ckpt)
     _, grads = train_capturing(args, model, seqs, monkeypatch, prior=prior, out=tmp_path)
@@ -535,21 +557,23 @@ def test_match_authors_sums_micro_batch_means_in_bfloat16(ckpt, tmp_path, monkey
     assert all(v.dtype == torch.bfloat16 for st in trainer["optimizer"]["state"].values()
                for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))
 
-    by_hand = GPT.from_pretrained(ckpt).to(torch.bfloat16)
+    from conftest import load_hf
     idx = prift.batch_order(len(seqs), 4, 0, 0, drop_last=True)
-    for mb in (idx[:2], idx[2:]):  # the loop's micro-batches of step 1, in its order
-        x, y, m = data.collate([seqs[i] for i in mb])
-        prift.prift_loss(by_hand(x), y, m, "mass", ref(x)).backward()  # n_tokens: this micro-batch's own
-    mean_of_batch = GPT.from_pretrained(ckpt).to(torch.bfloat16)
-    x, y, m = data.collate([seqs[i] for i in idx])
-    prift.prift_loss(mean_of_batch(x), y, m, "mass", ref(x)).backward()  # what prift does without the switch
-    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
-    for g, want, clean in zip(grads[0], by_hand.parameters(), mean_of_batch.parameters()):
-        assert rel(g, want.grad) < 3e-2 < 0.3 < rel(g, clean.grad)  # bfloat16: equal up to rounding, and not the mean
-    total = lambda ps: torch.cat([p.float().flatten() for p in ps]).norm().item()
-    assert total(grads[0]) == pytest.approx(total(p.grad for p in by_hand.parameters()), rel=1e-2)
-    assert total(grads[0]) > 1.5 * total(p.grad for p in mean_of_batch.parameters())  # two means summed, not one
-    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    oracle = {}
+    for name, parts in (("sum", (idx[:2], idx[2:])), ("mean", (idx,))):  # the loop's micro-batches; the whole batch
+        hf = load_hf(ckpt, torch.float64)
+        with torch.no_grad():  # the weights prift trains: rounded to bfloat16 (the arithmetic stays float64)
+            for p in hf.parameters():
+                p.copy_(p.bfloat16())
+        sum(mean_weighted_ce(hf, [seqs[i] for i in mb]) for mb in parts).backward()
+        oracle[name] = {n: p.grad for n, p in hf.named_parameters()}
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+    for (name, _), g in zip(model.named_parameters(), grads[0]):
+        assert rel(g, oracle["sum"][name]) < 6e-2 < 0.3 < rel(g, oracle["mean"][name]), name
+    total = lambda gs: torch.cat([g.double().flatten() for g in gs]).norm().item()
+    assert total(grads[0]) == pytest.approx(total(oracle["sum"].values()), rel=1e-2)
+    assert total(grads[0]) > 1.5 * total(oracle["mean"].values())  # two means summed, not one
+    row = read_metrics(tmp_path)[0]
     assert row["grad_norm"] == pytest.approx(total(grads[0]), rel=1e-2)  # the norm clipped is the sum's
 
 
@@ -570,3 +594,34 @@ def test_match_authors_warms_up_from_zero_and_drops_the_short_batch(ckpt, tmp_pa
         assert r["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-9)
     assert [prift.get_lr(s, 100, 1.0, from_zero=True) for s in range(3)] == pytest.approx([0.0, 0.1, 0.2], abs=1e-15)
     assert [prift.get_lr(s, 100, 1.0) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3], abs=1e-15)  # without it
+
+
+# ----------------------------------------------------------------------------------------------------
+# The optimizer: AdamW (0.9, 0.95), weight decay 0.01, the gradient clipped at norm 1.0
+
+def test_two_steps_are_clipped_adamw_by_hand(ckpt, tmp_path, monkeypatch):
+    """prift.train's first two updates against a hand-written AdamW in float64: betas (0.9, 0.95), eps 1e-8,
+    decoupled weight decay 0.01, after clipping the whole gradient to norm 1.0 (scaled by 1 / (norm + 1e-6), as
+    torch's clip does). Two steps, because the first Adam step is lr * g / |g| whatever the betas and the clip."""
+    seqs = uneven_seqs(seed=5)
+    lr = 1e-2  # both steps at it: with 2 steps the warmup is one step, and the cosine starts at its top
+    args = targs("uniform", threshold=3.0, lr=lr, batch_size=2, micro_batch=2, max_steps=2)  # every CE x 3: norm > 1
+    model = GPT.from_pretrained(ckpt)
+    start = [p.detach().double().clone() for p in model.parameters()]
+    _, grads = train_capturing(args, model, seqs, monkeypatch, out=tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [r["lr"] for r in rows] == [lr, lr] and all(r["grad_norm"] > 1.5 for r in rows)  # the clip acts
+
+    b1, b2, eps, wd = 0.9, 0.95, 1e-8, 0.01
+    params, m, v = start, [torch.zeros_like(p) for p in start], [torch.zeros_like(p) for p in start]
+    for t, g in enumerate(grads, 1):
+        g = [x.double() for x in g]
+        norm = torch.sqrt(sum((x ** 2).sum() for x in g))
+        assert rows[t - 1]["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+        g = [x * min(1.0, 1.0 / (norm.item() + 1e-6)) for x in g]
+        m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]
+        v = [b2 * vi + (1 - b2) * gi ** 2 for vi, gi in zip(v, g)]
+        params = [p * (1 - lr * wd) - lr * (mi / (1 - b1 ** t)) / ((vi / (1 - b2 ** t)).sqrt() + eps)
+                  for p, mi, vi in zip(params, m, v)]
+    for got, want in zip(model.parameters(), params):
+        torch.testing.assert_close(got.detach().double(), want, rtol=0, atol=2e-6)

@@ -625,3 +625,42 @@ def test_two_steps_are_clipped_adamw_by_hand(ckpt, tmp_path, monkeypatch):
                   for p, mi, vi in zip(params, m, v)]
     for got, want in zip(model.parameters(), params):
         torch.testing.assert_close(got.detach().double(), want, rtol=0, atol=2e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# bfloat16 autocast, the arithmetic of every GPU run, on the CPU
+
+@pytest.mark.parametrize("rule", ["dft", "mass", "profit"])
+def test_chunked_loss_under_bfloat16_autocast(rule):
+    """Under torch.autocast("cpu", bfloat16) the chunks' matrix products run in bfloat16 and the softmax in
+    float32. The oracle: the same loss computed plainly in float32 from bfloat16-rounded h and head (and
+    logits rounded to bfloat16, as a bfloat16 product returns them); the gradient to bfloat16's precision."""
+    g = torch.Generator().manual_seed(6)
+    N, C, V = 37, 16, 50
+    h0, W0 = torch.randn(N, C, generator=g), 0.5 * torch.randn(V, C, generator=g)
+    y = (h0 @ W0.T).argsort(1, descending=True)[torch.arange(N), torch.randint(0, 4, (N,), generator=g)]  # top-4 targets
+    h, head = h0.clone().requires_grad_(), torch.nn.Linear(C, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(W0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prift.chunked_loss(h, head, y, rule, "online", prift.RULES[rule].threshold, chunk=8)
+    out.weighted.backward()
+
+    bf = lambda t: t.bfloat16().float()
+    hp, Wp = bf(h0).requires_grad_(), bf(W0).requires_grad_()
+    logits = hp @ Wp.T
+    logits = logits + (bf(logits) - logits).detach()        # the values rounded to bfloat16, the gradient through
+    probs = logits.detach().softmax(-1)
+    p = probs[torch.arange(N), y]
+    u = (probs * (probs < p[:, None])).sum(1) + p
+    w = {"dft": p, "mass": (u >= 0.5).float(), "profit": (p >= 0.1).float()}[rule]
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    (w * ce).sum().backward()
+    if rule != "dft":
+        assert 0 < (w > 0).sum() < N
+    torch.testing.assert_close(out.weighted, (w * ce).sum().detach(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(out.ce, ce.sum().detach(), rtol=1e-4, atol=0)
+    assert out.kept.item() == (w > 0).sum().item()
+    # the gradients are products of bfloat16 operands: a relative 2^-8 each, summed over the chunk
+    for got, want in ((h.grad, hp.grad), (head.weight.grad, Wp.grad)):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2

@@ -11,7 +11,7 @@ import torch
 
 import data
 import prift
-from tiny import ROOT, make_checkpoint, make_data
+from tiny import ROOT, assert_some_kept, make_checkpoint, make_data
 
 
 def lengths_seqs(lengths, vocab=100, seed=0):
@@ -90,6 +90,7 @@ def read_run(out):
 def assert_same_update(got, want, loss_tol=1e-6, weight_tol=1e-5):
     (rows, weights), (rows0, weights0) = got, want
     assert len(rows) == len(rows0) == 6
+    assert_some_kept(rows0)  # mass: some weights 0, some 1, so that a wrong grouping of the weights would show
     for r, r0 in zip(rows, rows0):
         assert r["tokens"] == r0["tokens"] and abs(r["loss"] - r0["loss"]) <= loss_tol * max(1, abs(r0["loss"]))
     err = max((weights[k] - weights0[k]).abs().max().item() for k in weights)

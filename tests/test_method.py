@@ -129,6 +129,8 @@ def test_thresholds_on_both_sides(signal):
 
 
 def test_signal_swaps():
+    """Which logits each rule reads. The oracle is token_weights itself with the logits swapped: the values of
+    each rule's weight are checked by hand above; this test is only about the source of the signal."""
     g = torch.Generator().manual_seed(1)
     logits, ref = torch.randn(3, 6, 9, generator=g) * 2, torch.randn(3, 6, 9, generator=g) * 2
     y = torch.randint(0, 9, (3, 6), generator=g)
@@ -171,6 +173,7 @@ def test_softmax_in_float32():
     y = torch.randint(0, 300, (5,), generator=g)
     p, u = prift.target_stats(logits, y)
     assert p.dtype == u.dtype == torch.float32
+    # the oracle: the same function on the same values given as float32 (which the hand cases above check)
     p32, u32 = prift.target_stats(logits.float(), y)
     torch.testing.assert_close((p, u), (p32, u32), rtol=0, atol=0)
 
@@ -221,7 +224,7 @@ def test_chunked_loss_gradient_is_weighted_ce(rule):
     prift.chunked_loss(h, head, y, rule, "online", threshold, chunk=5)[0].backward()
     logits = h.detach() @ head.weight.detach().T
     probs = logits.softmax(-1)
-    w = prift.token_weights(rule, y, logits, signal="online")
+    w = prift.token_weights(rule, y, logits, signal="online")  # the weights' values are the hand cases'; here: d/dh
     assert 0 < (w > 0).sum() < N or rule == "dft"
     dlogits = w[:, None] * (probs - torch.nn.functional.one_hot(y, V))
     torch.testing.assert_close(h.grad, dlogits @ head.weight.detach(), rtol=1e-5, atol=1e-6)
@@ -253,6 +256,7 @@ def test_chunked_loss_equals_plain(rule, chunk):
 
     hp, Wp = h0.clone().requires_grad_(), W0.clone().requires_grad_()
     logits = hp @ Wp.T                                                             # (N, V)
+    # the weights from token_weights (checked by hand above): what is tested here is the chunked CE and gradient
     w = prift.token_weights(rule, y[None], logits[None], ref_logits[None])[0]
     ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
     plain = (w * ce).sum()
@@ -327,7 +331,7 @@ def full_batch_loss(model, seqs, rule, ref=None, denominator="tokens"):
     x, y, m = data.collate(seqs)
     logits = model(x)
     ref_logits = ref(x).detach() if ref is not None else None
-    w = prift.token_weights(rule, y, logits, ref_logits)
+    w = prift.token_weights(rule, y, logits, ref_logits)  # checked by hand above; here the sum and its denominator
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
     num = (w * ce * m).sum()
     return num / (m.sum() if denominator == "tokens" else (w * m).sum()), w, m

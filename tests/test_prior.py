@@ -160,6 +160,7 @@ def test_chunked_loss_through_the_model_equals_plain(w, rule):
             loss = out[0] / m.sum()
         else:
             logits = model(x)
+            # the weights from the code (checked by hand in test_method): what is tested is the loss through the model
             if signal == "prior":
                 wt = torch.zeros(y.shape)
                 wt[m] = prift.weights_from_stats(rule, prior[:, 0], prior[:, 1], threshold)

@@ -327,6 +327,8 @@ def test_micro_batch_without_response_tokens(rule, w, tmp_path):
         state = prift.train(a, model, batch, prior=pr if a.signal == "prior" else None, out=tmp_path / str(i))
         rows = read_metrics(tmp_path / str(i))
         assert state["skipped"] == 0 and len(rows) == steps
+        if i == 0 and rule != "sft":
+            assert_some_kept(rows)
         assert all(math.isfinite(r[k]) for r in rows for k in ("loss", "ce", "kept", "grad_norm")), rows
         assert all(torch.isfinite(p).all() for p in model.parameters())
     assert [r["tokens"] for r in rows] == [0, 0]
@@ -375,6 +377,7 @@ def test_non_finite_steps_in_a_row_stop_with_checkpoint(w, monkeypatch, capsys):
     assert "non-finite" in line and "5 steps in a row" in line and str(w.out / "checkpoints" / "latest") in line, line
     steps = read_metrics(w.out)
     assert [r["step"] for r in steps] == list(range(1, 9)) and steps[-1]["skipped"] == 5
+    assert_some_kept(steps[:3])  # profit: the good steps had a gradient
     state, trainer = load_latest(w.out)
     assert trainer["state"]["step"] == 6
     assert torch.equal(state["lm_head.weight"], model_weights[3]["weight"]), "not the weights of the last good step"

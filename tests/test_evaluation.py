@@ -162,6 +162,9 @@ def test_eval_data_without_solutions_runs_through_the_cli(tmp_path, capsys):
     result = json.loads((out / "eval.json").read_text())
     assert set(result) == {"base", "sft"}
     assert all(set(r[str(evals)]["scores"]) == {"greedy", "avg@2", "pass@2"} for r in result.values())
+    # 4 new tokens of a random model: no \boxed{27} or \boxed{2.5}, so every score is 0 (the values on right and
+    # wrong answers are test_avg_and_pass_at_k_by_hand's)
+    assert all(v == 0 for r in result.values() for v in r[str(evals)]["scores"].values())
     assert "| model | avg@2 | pass@2 | greedy |" in capsys.readouterr().out
 
 

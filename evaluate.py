@@ -15,6 +15,7 @@ import argparse
 import functools
 import json
 import re
+import statistics
 import sys
 import threading
 from pathlib import Path
@@ -127,20 +128,28 @@ def scores(args, model, template, examples, samples=None, greedy=None, problems=
     if not solvable or not (k or greedy):
         return res
     with progress(total=len(solvable) * (bool(k) + greedy), desc="evaluate", leave=False) as bar:
+        golds = [ex["answer"] for ex in solvable]
         if greedy:
             texts = sample(args, model, template, solvable, 1, 0, args.max_new_tokens, bar=bar)
-            hits = [grade(t[0], ex["answer"]) for t, ex in zip(texts, solvable)]
-            res["greedy"] = 100 * sum(hits) / len(hits)
+            res["greedy"] = answer_scores(texts, golds)[0]["avg@1"]
         if k:
             texts = sample(args, model, template, solvable, k, args.temperature, args.max_new_tokens, bar=bar)
-            hits = [[grade(t, ex["answer"]) for t in row] for row, ex in zip(texts, solvable)]
-            res[f"avg@{k}"] = 100 * sum(sum(h) / k for h in hits) / len(hits)
-            res[f"pass@{k}"] = 100 * sum(any(h) for h in hits) / len(hits)
+            found, hits = answer_scores(texts, golds)
+            res.update(found)
             if records is not None:
                 records += [{"prompt": ex["messages"][-1]["content"], "gold": ex["answer"], "samples": [
                     {"text": t, "answer": extract_answer(t), "correct": h} for t, h in zip(row, hit)]}
                     for ex, row, hit in zip(solvable, texts, hits)]
     return res
+
+
+def answer_scores(texts, golds):
+    """texts: the k responses to each problem, golds: the problems' gold answers -> ({avg@k, pass@k}, the grades).
+    Avg@k: the mean accuracy over all samples; Pass@k: the percentage of problems solved by at least one."""
+    hits = [[grade(t, gold) for t in row] for row, gold in zip(texts, golds, strict=True)]
+    k = len(hits[0])
+    return {f"avg@{k}": 100 * sum(sum(h) / k for h in hits) / len(hits),
+            f"pass@{k}": 100 * sum(any(h) for h in hits) / len(hits)}, hits
 
 
 def evaluate_files(args, model, template, sets):
@@ -154,15 +163,15 @@ def evaluate_files(args, model, template, sets):
 
 def table(results, k):
     """results: {model name: evaluate_files(...)}. A row per model and file, and the unweighted mean over the
-    files of each model (the paper's headline). Prints it; returns the rows."""
+    files of each model (the paper's headline), each column over the files that have it. Prints it; returns the rows."""
     rows = []
     for name, per_file in results.items():
         for path, r in per_file.items():
             rows.append((f"{name} {Path(path).stem}".strip(), r["scores"]))
         if len(per_file) > 1:
-            cols = {c for r in per_file.values() for c in r["scores"]}
-            rows.append((f"{name} mean".strip(), {c: sum(r["scores"].get(c, 0) for r in per_file.values()) / len(per_file)
-                                                  for c in cols}))
+            cols = {c for r in per_file.values() for c in r["scores"]}  # a file without a column has no say in its mean
+            rows.append((f"{name} mean".strip(), {c: statistics.mean(r["scores"][c] for r in per_file.values()
+                                                                     if c in r["scores"]) for c in cols}))
     print_table(rows, [f"avg@{k}", f"pass@{k}", "greedy", "ce"])
     return rows
 

@@ -11,7 +11,7 @@ import torch
 
 import data
 import prift
-from tiny import ROOT, make_checkpoint, make_data
+from tiny import ROOT, assert_some_kept, make_checkpoint, make_data
 
 
 def lengths_seqs(lengths, vocab=100, seed=0):
@@ -90,6 +90,7 @@ def read_run(out):
 def assert_same_update(got, want, loss_tol=1e-6, weight_tol=1e-5):
     (rows, weights), (rows0, weights0) = got, want
     assert len(rows) == len(rows0) == 6
+    assert_some_kept(rows0)  # mass: some weights 0, some 1, so that a wrong grouping of the weights would show
     for r, r0 in zip(rows, rows0):
         assert r["tokens"] == r0["tokens"] and abs(r["loss"] - r0["loss"]) <= loss_tol * max(1, abs(r0["loss"]))
     err = max((weights[k] - weights0[k]).abs().max().item() for k in weights)
@@ -115,3 +116,42 @@ def test_grouped_under_torchrun_keeps_the_update(uneven, monkeypatch):
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_update(read_run(root / "ddp"), today)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What one example trains: the mask, its count, and right truncation at --max-len
+
+@pytest.mark.parametrize("n_prompt", [0, 1, 3])
+def test_mask_and_response_count_agree(n_prompt):
+    """ids of 6 tokens: the targets are ids[1:]; those at positions >= n_prompt are response tokens. With an empty
+    prompt (a pretraining row without BOS) the first token has nothing before it, so 5 tokens are trained, not 6."""
+    ids = [5, 6, 7, 8, 9, 10]
+    x, y, m = data.collate([(ids, n_prompt), ([1, 2], 1)])
+    trained = ids[max(n_prompt, 1):]  # by hand: every token after the prompt that has a token before it
+    assert y[0][m[0]].tolist() == trained and x[0].tolist() == ids[:-1]
+    assert data.n_response_tokens((ids, n_prompt)) == m[0].sum().item() == len(trained) == {0: 5, 1: 5, 3: 3}[n_prompt]
+
+
+def test_an_empty_prompt_trains_every_token_after_the_first(tmp_path):
+    """A plain-template row with an empty prompt (the tokenizer adds no BOS): n_prompt 0, and the count that
+    normalises the loss is the mask's."""
+    ckpt = make_checkpoint(tmp_path / "ck")
+    tpl = data.Template.load(ckpt, "plain")
+    (ids, n_prompt), = tpl.encode([{"messages": [{"role": "user", "content": ""}], "response": "Kim had 3 cards."}], 64)[0]
+    assert n_prompt == 0 and ids == tpl.tok.encode("Kim had 3 cards.").ids + [tpl.end_id]
+    assert data.n_response_tokens((ids, n_prompt)) == data.collate([(ids, n_prompt)])[2].sum().item() == len(ids) - 1
+
+
+def test_long_examples_are_cut_on_the_right(tmp_path):
+    """prompt + response + end token longer than --max-len: the first max_len tokens are kept (the end token is
+    lost), not the example dropped; an example whose prompt alone fills max_len is dropped."""
+    ckpt = make_checkpoint(tmp_path / "ck")
+    tpl = data.Template.load(ckpt, "plain")
+    tok = tpl.tok
+    ex = {"messages": [{"role": "user", "content": "Q: Kim had 3 cards.\nA:"}], "response": " 3+4=7. The answer is 7."}
+    prompt, response = tok.encode(ex["messages"][0]["content"]).ids, tok.encode(ex["response"]).ids
+    full = prompt + response + [tpl.end_id]
+    for max_len in (len(prompt) + 1, len(prompt) + 4, len(full) - 1, len(full), len(full) + 5):
+        seqs, dropped = tpl.encode([ex], max_len)
+        assert dropped == 0 and seqs == [(full[:max_len], len(prompt))], max_len
+    assert tpl.encode([ex], len(prompt)) == ([], 1)

@@ -16,7 +16,7 @@ import data
 import demo
 import prift
 from model import GPT, Config
-from tiny import make_checkpoint, make_data, run_cli
+from tiny import assert_some_kept, make_checkpoint, make_data, run_cli
 
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                "<|eot_id|>"]
@@ -25,7 +25,7 @@ CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_heade
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    ckpt = make_checkpoint(root / "model", seed=0)
+    ckpt = make_checkpoint(root / "model", seed=0, pretrain_steps=20)  # so that profit's p >= 0.1 keeps some tokens
     return dict(root=root, ckpt=ckpt, train=make_data(root / "train.jsonl", n=8, seed=1),
                 eval=make_data(root / "eval.jsonl", n=3, seed=2, noise=0.0))
 
@@ -66,6 +66,8 @@ def check_run_dir(out, steps, rule):
     for r in rows:
         assert all(math.isfinite(r[k]) for k in ("loss", "ce", "kept")), r
         assert 0 <= r["kept"] <= 1 and 0 <= r["loss"] <= r["ce"] + 1e-9 or rule == "sft", r
+    if rule in ("mass", "profit", "random"):  # a 0/1 rule: not all weights 0, not all 1
+        assert_some_kept(rows)
     return args, rows
 
 
@@ -192,6 +194,8 @@ def test_template_mask_boundary(template, tmp_path):
     assert dropped == 0
     x, y, m = data.collate(seqs)
     for b, (ex, (ids, n_prompt)) in enumerate(zip(examples, seqs)):
+        # the prompt's ids are the code's own here (this test is about where the mask starts and ends); that they
+        # are the template's text is test_templates' (transformers' apply_chat_template on the jinja equivalent)
         prompt = tpl.prompt_ids(ex["messages"])
         response = tok.encode(ex["response"], add_special_tokens=False).ids
         assert ids == prompt + response + [end_id] and n_prompt == len(prompt)

@@ -9,6 +9,7 @@ import pytest
 
 import tiny
 import data
+from conftest import load_hf
 import evaluate
 from prift import main
 
@@ -161,6 +162,9 @@ def test_eval_data_without_solutions_runs_through_the_cli(tmp_path, capsys):
     result = json.loads((out / "eval.json").read_text())
     assert set(result) == {"base", "sft"}
     assert all(set(r[str(evals)]["scores"]) == {"greedy", "avg@2", "pass@2"} for r in result.values())
+    # 4 new tokens of a random model: no \boxed{27} or \boxed{2.5}, so every score is 0 (the values on right and
+    # wrong answers are test_avg_and_pass_at_k_by_hand's)
+    assert all(v == 0 for r in result.values() for v in r[str(evals)]["scores"].values())
     assert "| model | avg@2 | pass@2 | greedy |" in capsys.readouterr().out
 
 
@@ -302,12 +306,24 @@ def test_evaluate_scores_a_checkpoint_on_two_files(tmp_path):
     for path, n in zip(files, (5, len(AMC23))):
         problems, scores = results[str(path)]["problems"], results[str(path)]["scores"]
         assert len(problems) == n and all(len(p["samples"]) == 3 for p in problems)
-        graded = [evaluate.grade(s["text"], p["gold"]) == s["correct"] for p in problems for s in p["samples"]]
-        assert all(graded)
-        hits = [[s["correct"] for s in p["samples"]] for p in problems]
-        assert scores["avg@3"] == pytest.approx(100 * sum(map(sum, hits)) / (3 * n))
-        assert scores["pass@3"] == pytest.approx(100 * sum(map(any, hits)) / n)
-    assert "ce" in results[str(files[0])]["scores"] and "ce" not in results[str(files[1])]["scores"]  # solutions?
+        # A random model's samples hold no final answer equal to the gold, so every one is wrong and the scores are
+        # 0 (right and wrong answers together: test_avg_and_pass_at_k_by_hand; grade(): the EQUAL/NOT_EQUAL cases)
+        assert not any(s["correct"] or s["answer"] == p["gold"] for p in problems for s in p["samples"])
+        assert scores["avg@3"] == scores["pass@3"] == scores["greedy"] == 0
+    # held-out ce only where there are solutions: the task file's, by transformers and a plain cross-entropy
+    assert "ce" not in results[str(files[1])]["scores"]
+    import torch
+    tok, hf = data.load_tokenizer(ckpt), load_hf(ckpt)
+    total = count = 0
+    for ex in data.read_jsonl(files[0]):
+        prompt = tok.encode(ex["messages"][0]["content"]).ids  # the checkpoint has no chat template: plain
+        ids = prompt + tok.encode(ex["response"]).ids + [tok.token_to_id("<|endoftext|>")]
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0]
+        total += torch.nn.functional.cross_entropy(logits[len(prompt) - 1:-1], torch.tensor(ids[len(prompt):]),
+                                                   reduction="sum").item()
+        count += len(ids) - len(prompt)
+    assert results[str(files[0])]["scores"]["ce"] == pytest.approx(total / count, rel=1e-5)
 
 
 @pytest.mark.parametrize("case", ["unknown-prompt", "samples-0", "no-checkpoint", "no-file", "out-exists", "no-answers"])
@@ -346,3 +362,67 @@ def test_qwen_boxed_is_the_authors_prompt(tmp_path):
     assert evaluate.stop_ids(args, template) == {tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")}
     args.eval_prompt = "Problem: {input}\nAnswer:"
     assert template.tok.decode(evaluate.prompt_ids(args, template, example)) .startswith("Problem:")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The scores: Avg@k, Pass@k, held-out cross-entropy and the mean row, against hand values
+
+def test_avg_and_pass_at_k_by_hand():
+    """Three problems, four samples each, whose grades are known by reading them: 2 + 0 + 1 right answers.
+    Avg@4 = (2/4 + 0/4 + 1/4) / 3 = 25%; Pass@4 = 2 of 3 problems solved at least once."""
+    texts = [["so \\boxed{4}", "\\boxed{5}", "no final answer", "it is \\boxed{4.0}"],    # gold 4: right, right
+             ["\\boxed{3}", "\\boxed{}", "\\boxed{2}, no: \\boxed{3}", "cut off in \\boxed{2"],  # gold 2: none
+             ["\\boxed{0.5}", "\\boxed{2}", "\\boxed{1/3}", "\\boxed{-0.5}"]]             # gold 1/2: one
+    scores, hits = evaluate.answer_scores(texts, ["4", "2", "\\frac{1}{2}"])
+    assert hits == [[True, False, False, True], [False] * 4, [True, False, False, False]]
+    assert scores == {"avg@4": pytest.approx(25.0), "pass@4": pytest.approx(200 / 3)}
+    assert evaluate.answer_scores([["\\boxed{7}"], ["\\boxed{6}"]], ["7", "7"])[0] == {"avg@1": 50.0, "pass@1": 50.0}
+
+
+def test_mean_row_is_over_the_files_that_have_the_column(capsys):
+    """One file with a held-out ce of 0.8, one without (no solutions): the mean's ce is 0.800, not 0.400."""
+    results = {"sft": {"a.jsonl": {"scores": {"avg@2": 50.0, "pass@2": 100.0, "ce": 0.8}},
+                       "b.jsonl": {"scores": {"avg@2": 0.0, "pass@2": 0.0}}}}
+    rows = dict(evaluate.table(results, 2))
+    assert rows["sft mean"] == {"avg@2": 25.0, "pass@2": 50.0, "ce": 0.8}
+    assert "| sft mean | 25.0 | 50.0 | 0.800 |" in capsys.readouterr().out
+
+
+def test_heldout_ce_is_cross_entropy_over_all_response_tokens(tmp_path):
+    """heldout_ce against transformers' logits of the same checkpoint and a plain F.cross_entropy: the mean over
+    every response token of every example (examples of three lengths, so that a mean of the examples' means, or a
+    sum divided by the number of examples, differs), an empty prompt among them."""
+    import torch
+    import torch.nn.functional as F
+    from model import GPT
+    ckpt = tiny.make_checkpoint(tmp_path / "ckpt", pretrain_steps=20)
+    tok, eos = data.load_tokenizer(ckpt), 0
+    assert tok.id_to_token(eos) == "<|endoftext|>"
+    texts = [("Q: Kim had 3 cards.\nA:", " 3+4"), ("", "Ben had 9 coins."), ("Q: Ava?\nA:", " 5+1=6. The answer is \\boxed{6}.")]
+    seqs = [(tok.encode(p).ids + tok.encode(r).ids + [eos], len(tok.encode(p).ids)) for p, r in texts]
+    hf, total, count, per_example = load_hf(ckpt), 0.0, 0, []
+    for ids, n_prompt in seqs:
+        first = max(n_prompt, 1)   # the first token predicted: the first response token (the very first has no context)
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0].double()     # (T, V)
+        ce = F.cross_entropy(logits[first - 1:-1], torch.tensor(ids[first:]), reduction="sum").item()
+        total, count = total + ce, count + len(ids) - first
+        per_example.append(ce / (len(ids) - first))
+    assert seqs[1][1] == 0 and len({len(ids) - max(n, 1) for ids, n in seqs}) == 3  # an empty prompt; 3 lengths
+    got = evaluate.heldout_ce(GPT.from_pretrained(ckpt), seqs, micro_batch=2)
+    assert got == pytest.approx(total / count, rel=1e-5)
+    assert abs(total / count - sum(per_example) / 3) > 1e-3  # the test can tell the two means apart
+
+
+def test_a_prompt_longer_than_the_context_counts_as_wrong(tmp_path):
+    """A problem the model cannot read gets k empty samples (wrong), in its place among the others."""
+    from model import GPT
+    ckpt = tiny.make_checkpoint(tmp_path / "ckpt")
+    model, template = GPT.from_pretrained(ckpt), data.Template.load(ckpt, "plain")
+    long = {"messages": [{"role": "user", "content": "Kim had 3 cards. " * 60}], "response": None, "answer": "3"}
+    short = {"messages": [{"role": "user", "content": "Q: Kim had 3 cards.\nA:"}], "response": None, "answer": "3"}
+    assert len(template.prompt_ids(long["messages"])) > model.config.max_positions == 256
+    args = evaluate.argparse.Namespace(eval_prompt="template", seed=0, top_p=1.0)
+    texts = evaluate.sample(args, model, template, [short, long, short], 2, 1.0, 3)
+    assert texts[1] == ["", ""] and all(t and len(t) == 2 for t in (texts[0], texts[2]))
+    assert evaluate.answer_scores([["\\boxed{3}"] * 2, texts[1]], ["3", "3"])[0] == {"avg@2": 50.0, "pass@2": 50.0}

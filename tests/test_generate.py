@@ -183,3 +183,34 @@ def test_bench_generate_quick():
                        timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| greedy |" in r.stdout and "| sampled x" in r.stdout and "ours / transformers" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# bfloat16, as on a GPU (autocast in training's evaluation, bfloat16 weights in evaluate.py), on the CPU
+
+@pytest.mark.parametrize("mode", ["autocast", "bf16-weights"])
+def test_greedy_in_bfloat16(tmp_path, mode):
+    """Greedy generation under torch.autocast("cpu", bfloat16), and with the weights in bfloat16: every token is
+    the argmax, up to bfloat16's rounding of the activations, of a float32 forward pass (no cache) of the same
+    bfloat16-rounded weights over the prompt and the tokens before it."""
+    path = make_hf_checkpoint(tmp_path, "llama")
+    model = GPT.from_pretrained(path).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16())                        # the float32 model below has exactly these weights
+    oracle = GPT.from_pretrained(path).eval()
+    oracle.load_state_dict(model.state_dict())
+    if mode == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rows = generate(model, PROMPTS, 12, temperature=0)
+    else:
+        rows = generate(model.to(torch.bfloat16), PROMPTS, 12, temperature=0)
+    gaps, same = [], []
+    for prompt, tokens in zip(PROMPTS, rows):
+        assert len(tokens) == 12
+        with torch.no_grad():
+            logits = oracle(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1]   # (12, V)
+        gaps.append((logits.max(-1).values - logits[torch.arange(12), torch.tensor(tokens)]) / logits.abs().max())
+        same.append(logits.argmax(-1) == torch.tensor(tokens))
+    assert torch.cat(gaps).max() < 1e-2          # a token bfloat16 could prefer: within 1% of the logits' range
+    assert torch.cat(same).float().mean() > 0.9  # and nearly always the very argmax

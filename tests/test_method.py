@@ -1,6 +1,7 @@
 """The method itself: the weights of every rule (analytic cases, ties, thresholds, signal swaps), that no
 gradient flows through a weight, the chunked loss against a plain computation, the normalisation by all
 response tokens, gradient accumulation, the frozen reference, and the reference vectors for porters."""
+import functools
 import json
 import math
 
@@ -8,16 +9,18 @@ import pytest
 import torch
 
 import data
+import demo
 import prift
 from model import GPT
-from tiny import make_checkpoint, make_data
+from tiny import assert_some_kept, make_checkpoint, make_data, read_metrics
 import make_reference_vectors as refvec
 
 RULES = ["sft", "dft", "prob", "mass", "profit"]
 
 
 def stats(probs, target):
-    """(p, u) of one target from a list of probabilities, straight from METHOD.md's definition, in float64."""
+    """(p, u) of one target from a list of probabilities, in float64, straight from the definition: p = q(y), and
+    u = q(y) plus the mass of every token strictly less likely than y (ties with y not counted)."""
     q = probs[target]
     return q, sum(x for x in probs if x < q) + q
 
@@ -49,7 +52,7 @@ def test_uniform_logits_give_one_over_v(V):
     assert prift.token_weights("mass", y, logits, logits).eq(1.0 if V <= 2 else 0.0).all()
 
 
-HAND = [  # (probabilities, target) with u worked out by METHOD.md's definition in stats()
+HAND = [  # (probabilities, target) with u worked out by hand (the comments), and by the definition in stats()
     ([0.5, 0.2, 0.2, 0.1], 0),              # unique argmax: u = 1
     ([0.5, 0.2, 0.2, 0.1], 1),              # tied with token 2, which is not counted: u = 0.1 + 0.2 = 0.3
     ([0.5, 0.2, 0.2, 0.1], 3),              # least likely: u = p = 0.1
@@ -126,6 +129,8 @@ def test_thresholds_on_both_sides(signal):
 
 
 def test_signal_swaps():
+    """Which logits each rule reads. The oracle is token_weights itself with the logits swapped: the values of
+    each rule's weight are checked by hand above; this test is only about the source of the signal."""
     g = torch.Generator().manual_seed(1)
     logits, ref = torch.randn(3, 6, 9, generator=g) * 2, torch.randn(3, 6, 9, generator=g) * 2
     y = torch.randint(0, 9, (3, 6), generator=g)
@@ -168,6 +173,7 @@ def test_softmax_in_float32():
     y = torch.randint(0, 300, (5,), generator=g)
     p, u = prift.target_stats(logits, y)
     assert p.dtype == u.dtype == torch.float32
+    # the oracle: the same function on the same values given as float32 (which the hand cases above check)
     p32, u32 = prift.target_stats(logits.float(), y)
     torch.testing.assert_close((p, u), (p32, u32), rtol=0, atol=0)
 
@@ -218,7 +224,7 @@ def test_chunked_loss_gradient_is_weighted_ce(rule):
     prift.chunked_loss(h, head, y, rule, "online", threshold, chunk=5)[0].backward()
     logits = h.detach() @ head.weight.detach().T
     probs = logits.softmax(-1)
-    w = prift.token_weights(rule, y, logits, signal="online")
+    w = prift.token_weights(rule, y, logits, signal="online")  # the weights' values are the hand cases'; here: d/dh
     assert 0 < (w > 0).sum() < N or rule == "dft"
     dlogits = w[:, None] * (probs - torch.nn.functional.one_hot(y, V))
     torch.testing.assert_close(h.grad, dlogits @ head.weight.detach(), rtol=1e-5, atol=1e-6)
@@ -250,6 +256,7 @@ def test_chunked_loss_equals_plain(rule, chunk):
 
     hp, Wp = h0.clone().requires_grad_(), W0.clone().requires_grad_()
     logits = hp @ Wp.T                                                             # (N, V)
+    # the weights from token_weights (checked by hand above): what is tested here is the chunked CE and gradient
     w = prift.token_weights(rule, y[None], logits[None], ref_logits[None])[0]
     ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
     plain = (w * ce).sum()
@@ -270,7 +277,8 @@ def test_chunked_loss_equals_plain(rule, chunk):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", seed=0)
+    # pretrained a little: a random one gives every token p < 0.1, and profit would keep none
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", seed=0, pretrain_steps=20)
 
 
 def targs(rule, **kw):
@@ -281,11 +289,19 @@ def targs(rule, **kw):
     return a
 
 
-def uneven_seqs(vocab, seed=0):
-    """Four examples whose responses have 2, 5, 11 and 23 tokens: micro-batch means weigh them unequally."""
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, vocab, (np_ + nr,), generator=g).tolist(), np_)
-            for np_, nr in ((3, 2), (6, 5), (4, 11), (2, 23))]
+@functools.cache
+def text_stream():
+    """The demo's kind of text in the tiny checkpoints' tokens (make_checkpoint trains the same tokenizer)."""
+    tok = demo.tokenizer([r["response"] for r in demo.pretrain_corpus(300, seed=0)], vocab_size=120)
+    return [i for r in demo.pretrain_corpus(40, seed=7) for i in tok.encode(r["response"]).ids]
+
+
+def uneven_seqs(seed=0):
+    """Four examples whose responses have 2, 5, 11 and 23 tokens: micro-batch means weigh them unequally. Pieces
+    of text, so that the pretrained checkpoint predicts some of their tokens well (profit keeps about half)."""
+    g, stream = torch.Generator().manual_seed(seed), text_stream()
+    starts = torch.randint(0, len(stream) - 25, (4,), generator=g).tolist()
+    return [(stream[s:s + np_ + nr], np_) for s, (np_, nr) in zip(starts, ((3, 2), (6, 5), (4, 11), (2, 23)))]
 
 
 def train_capturing(args, model, seqs, monkeypatch, **kw):
@@ -310,11 +326,12 @@ def prior_of(ref, seqs):
 
 
 def full_batch_loss(model, seqs, rule, ref=None, denominator="tokens"):
-    """The loss of METHOD.md over the whole batch, computed plainly: sum(w * CE * m) / sum(m)."""
+    """The loss over the whole batch, computed plainly: sum(w * CE * m) / sum(m), where m marks every response
+    token (also those weighted 0), CE is the model's cross-entropy and w the rule's detached weight."""
     x, y, m = data.collate(seqs)
     logits = model(x)
     ref_logits = ref(x).detach() if ref is not None else None
-    w = prift.token_weights(rule, y, logits, ref_logits)
+    w = prift.token_weights(rule, y, logits, ref_logits)  # checked by hand above; here the sum and its denominator
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
     num = (w * ce * m).sum()
     return num / (m.sum() if denominator == "tokens" else (w * m).sum()), w, m
@@ -323,7 +340,7 @@ def full_batch_loss(model, seqs, rule, ref=None, denominator="tokens"):
 @pytest.mark.parametrize("rule", ["mass", "dft"])
 def test_loss_is_normalised_by_all_response_tokens(ckpt, tmp_path, monkeypatch, rule):
     model, ref = GPT.from_pretrained(ckpt), GPT.from_pretrained(ckpt).requires_grad_(False)
-    seqs = uneven_seqs(model.config.vocab_size)
+    seqs = uneven_seqs()
     expected, w, m = full_batch_loss(model, seqs, rule, ref)
     wrong = full_batch_loss(model, seqs, rule, ref, denominator="weights")[0]
     if rule == "mass":
@@ -349,7 +366,7 @@ def test_prift_loss_is_what_the_training_loop_computes(ckpt, tmp_path, monkeypat
     """prift_loss, the function a porter copies, called on each of two micro-batches with the whole batch's
     response-token count: the same loss and the same gradient as the training loop's chunked loss."""
     model, ref = GPT.from_pretrained(ckpt), GPT.from_pretrained(ckpt).requires_grad_(False)
-    seqs = uneven_seqs(model.config.vocab_size, seed=3)
+    seqs = uneven_seqs(seed=3)
     n_tokens = sum(map(data.n_response_tokens, seqs))
     loss = 0.0
     for half in (seqs[:2], seqs[2:]):  # micro-batches of the optimizer batch, as a trainer accumulates them
@@ -364,16 +381,19 @@ def test_prift_loss_is_what_the_training_loop_computes(ckpt, tmp_path, monkeypat
     args = targs(rule, micro_batch=2)
     prior = prior_of(ref, seqs) if args.signal == "prior" else None
     _, grads = train_capturing(args, model, seqs, monkeypatch, prior=prior, out=tmp_path)
-    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == pytest.approx(loss, rel=1e-6)
+    rows = read_metrics(tmp_path)
+    assert rows[0]["loss"] == pytest.approx(loss, rel=1e-6)
+    if rule in ("mass", "profit"):
+        assert_some_kept(rows)
     for g, e in zip(grads[0], want):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("rule", ["sft", "mass"])
+@pytest.mark.parametrize("rule", ["sft", "mass", "profit"])
 def test_gradient_accumulation_matches_full_batch(ckpt, monkeypatch, rule):
     base = GPT.from_pretrained(ckpt)
     ref = GPT.from_pretrained(ckpt).requires_grad_(False)
-    seqs = uneven_seqs(base.config.vocab_size, seed=1)
+    seqs = uneven_seqs(seed=1)
     prior = prior_of(ref, seqs) if prift.RULES[rule][0] == "prior" else None
     runs = {}
     for mb in (1, 4):
@@ -382,9 +402,9 @@ def test_gradient_accumulation_matches_full_batch(ckpt, monkeypatch, rule):
         runs[mb] = grads[0], [p.detach() for p in model.parameters()]
     (g1, p1), (g4, p4) = runs[1], runs[4]
     for a, b in zip(g1, g4):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
-    for a, b in zip(p1, p4):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # float32 sums in another order
+    for a, b in zip(p1, p4):  # AdamW's first step is lr g / (|g| + 1e-8): float32 noise in a tiny g shows more
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(p1, base.parameters())), "the step changed nothing"
 
     # the test can fail: averaging the four micro-batch means (each over its own response tokens) would
@@ -435,7 +455,7 @@ def test_inline_reference_stays_frozen(ckpt, tmp_path, rule):
     model = GPT.from_pretrained(ckpt)
     before_ref = {k: v.clone() for k, v in ref.state_dict().items()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    seqs = uneven_seqs(model.config.vocab_size, seed=2)
+    seqs = uneven_seqs(seed=2)
     state = prift.train(args, model, seqs, ref=ref)
     assert state["step"] == 2 and state["skipped"] == 0
     assert all(not p.requires_grad and p.grad is None for p in ref.parameters())
@@ -474,7 +494,8 @@ def test_reference_vectors_match_the_implementation(vectors):
 
 
 def test_reference_vectors_match_the_definition(vectors):
-    """The file agrees with a naive float64 reading of METHOD.md, so a porter can trust it."""
+    """The file agrees with a naive float64 reading of the definitions (sft 1, dft/prob p, profit 1[p >= tau],
+    mass 1[u >= tau]; the loss sum(w CE m) / sum(m)), so a porter can trust it."""
     i = vectors["inputs"]
     def softmax(row):
         z = max(row)
@@ -504,12 +525,34 @@ def test_reference_vectors_match_the_definition(vectors):
 # ----------------------------------------------------------------------------------------------------
 # --match-authors: the authors' trainer where this one differs on purpose, each part against a hand computation
 
+def mean_weighted_ce(hf, examples):
+    """From scratch, in float64: sum over the examples' response tokens of w * CE, over their number; hf a
+    transformers model (float64) for the logits, w the mass weight 1[u >= 0.5] with u = q(y) plus the mass of the
+    tokens strictly less likely than y, q the same model's probabilities (the reference before any update)."""
+    num, den, margins = 0.0, 0, []
+    for ids, n_prompt in examples:
+        first = max(n_prompt, 1)                                           # the first response token with a context
+        logits = hf(torch.tensor([ids])).logits[0, first - 1:-1]           # (n, V): the logits predicting ids[first:]
+        target = torch.tensor(ids[first:])
+        q = logits.detach().softmax(-1)
+        qy = q[torch.arange(len(target)), target]
+        u = (q * (q < qy[:, None])).sum(1) + qy
+        margins.append((u - 0.5).abs().min().item())
+        ce = -logits.log_softmax(-1)[torch.arange(len(target)), target]
+        num = num + ((u >= 0.5).double() * ce).sum()
+        den += len(target)
+    assert min(margins) > 1e-4, "a u this close to 0.5 could fall on either side in float32"
+    return num / den
+
+
 def test_match_authors_sums_micro_batch_means_in_bfloat16(ckpt, tmp_path, monkeypatch):
     """(a) each micro-batch's loss is its own mean over its response tokens and a step's gradient is their sum,
-    clipped as such; (b) weights and AdamW state in bfloat16."""
-    seqs = uneven_seqs(GPT.from_pretrained(ckpt).config.vocab_size, seed=4)
-    ref = GPT.from_pretrained(ckpt).requires_grad_(False)
-    prior = prior_of(ref, seqs)
+    clipped as such; (b) weights and AdamW state in bfloat16. The oracle: transformers' model of the checkpoint in
+    float64 on the same bfloat16-rounded weights, and the loss written out (mean_weighted_ce). prift's gradient, made
+    in bfloat16 arithmetic, agrees to what that allows (a relative 6e-2 of each parameter's gradient, 1e-2 of the
+    whole), and is far from the gradient of the mean over the whole batch (more than 0.3)."""
+    seqs = uneven_seqs(seed=4)
+    prior = prior_of(GPT.from_pretrained(ckpt).requires_grad_(False), seqs)
     args = targs("mass", micro_batch=2, match_authors=True, save_every=1, max_steps=2)
     model = GPT.from_pretrained(ckpt)
     _, grads = train_capturing(args, model, seqs, monkeypatch, prior=prior, out=tmp_path)
@@ -518,29 +561,30 @@ def test_match_authors_sums_micro_batch_means_in_bfloat16(ckpt, tmp_path, monkey
     assert all(v.dtype == torch.bfloat16 for st in trainer["optimizer"]["state"].values()
                for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))
 
-    by_hand = GPT.from_pretrained(ckpt).to(torch.bfloat16)
+    from conftest import load_hf
     idx = prift.batch_order(len(seqs), 4, 0, 0, drop_last=True)
-    for mb in (idx[:2], idx[2:]):  # the loop's micro-batches of step 1, in its order
-        x, y, m = data.collate([seqs[i] for i in mb])
-        prift.prift_loss(by_hand(x), y, m, "mass", ref(x)).backward()  # n_tokens: this micro-batch's own
-    mean_of_batch = GPT.from_pretrained(ckpt).to(torch.bfloat16)
-    x, y, m = data.collate([seqs[i] for i in idx])
-    prift.prift_loss(mean_of_batch(x), y, m, "mass", ref(x)).backward()  # what prift does without the switch
-    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
-    for g, want, clean in zip(grads[0], by_hand.parameters(), mean_of_batch.parameters()):
-        assert rel(g, want.grad) < 3e-2 < 0.3 < rel(g, clean.grad)  # bfloat16: equal up to rounding, and not the mean
-    total = lambda ps: torch.cat([p.float().flatten() for p in ps]).norm().item()
-    assert total(grads[0]) == pytest.approx(total(p.grad for p in by_hand.parameters()), rel=1e-2)
-    assert total(grads[0]) > 1.5 * total(p.grad for p in mean_of_batch.parameters())  # two means summed, not one
-    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    oracle = {}
+    for name, parts in (("sum", (idx[:2], idx[2:])), ("mean", (idx,))):  # the loop's micro-batches; the whole batch
+        hf = load_hf(ckpt, torch.float64)
+        with torch.no_grad():  # the weights prift trains: rounded to bfloat16 (the arithmetic stays float64)
+            for p in hf.parameters():
+                p.copy_(p.bfloat16())
+        sum(mean_weighted_ce(hf, [seqs[i] for i in mb]) for mb in parts).backward()
+        oracle[name] = {n: p.grad for n, p in hf.named_parameters()}
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+    for (name, _), g in zip(model.named_parameters(), grads[0]):
+        assert rel(g, oracle["sum"][name]) < 6e-2 < 0.3 < rel(g, oracle["mean"][name]), name
+    total = lambda gs: torch.cat([g.double().flatten() for g in gs]).norm().item()
+    assert total(grads[0]) == pytest.approx(total(oracle["sum"].values()), rel=1e-2)
+    assert total(grads[0]) > 1.5 * total(oracle["mean"].values())  # two means summed, not one
+    row = read_metrics(tmp_path)[0]
     assert row["grad_norm"] == pytest.approx(total(grads[0]), rel=1e-2)  # the norm clipped is the sum's
 
 
 def test_match_authors_warms_up_from_zero_and_drops_the_short_batch(ckpt, tmp_path):
     """(c) the learning rate of step s < n_warmup is lr * s / n_warmup (0 at the first step), and 17 examples in
     batches of 4 make 4 steps an epoch, not 5."""
-    vocab = GPT.from_pretrained(ckpt).config.vocab_size
-    seqs = uneven_seqs(vocab) * 4 + uneven_seqs(vocab, seed=9)[:1]  # 17 examples
+    seqs = uneven_seqs() * 4 + uneven_seqs(seed=9)[:1]  # 17 examples
     args = targs("sft", batch_size=4, micro_batch=4, max_steps=None, epochs=3, lr=1e-3, match_authors=True)
     prift.train(args, GPT.from_pretrained(ckpt), seqs, out=tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -554,3 +598,73 @@ def test_match_authors_warms_up_from_zero_and_drops_the_short_batch(ckpt, tmp_pa
         assert r["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-9)
     assert [prift.get_lr(s, 100, 1.0, from_zero=True) for s in range(3)] == pytest.approx([0.0, 0.1, 0.2], abs=1e-15)
     assert [prift.get_lr(s, 100, 1.0) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3], abs=1e-15)  # without it
+
+
+# ----------------------------------------------------------------------------------------------------
+# The optimizer: AdamW (0.9, 0.95), weight decay 0.01, the gradient clipped at norm 1.0
+
+def test_two_steps_are_clipped_adamw_by_hand(ckpt, tmp_path, monkeypatch):
+    """prift.train's first two updates against a hand-written AdamW in float64: betas (0.9, 0.95), eps 1e-8,
+    decoupled weight decay 0.01, after clipping the whole gradient to norm 1.0 (scaled by 1 / (norm + 1e-6), as
+    torch's clip does). Two steps, because the first Adam step is lr * g / |g| whatever the betas and the clip."""
+    seqs = uneven_seqs(seed=5)
+    lr = 1e-2  # both steps at it: with 2 steps the warmup is one step, and the cosine starts at its top
+    args = targs("uniform", threshold=3.0, lr=lr, batch_size=2, micro_batch=2, max_steps=2)  # every CE x 3: norm > 1
+    model = GPT.from_pretrained(ckpt)
+    start = [p.detach().double().clone() for p in model.parameters()]
+    _, grads = train_capturing(args, model, seqs, monkeypatch, out=tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [r["lr"] for r in rows] == [lr, lr] and all(r["grad_norm"] > 1.5 for r in rows)  # the clip acts
+
+    b1, b2, eps, wd = 0.9, 0.95, 1e-8, 0.01
+    params, m, v = start, [torch.zeros_like(p) for p in start], [torch.zeros_like(p) for p in start]
+    for t, g in enumerate(grads, 1):
+        g = [x.double() for x in g]
+        norm = torch.sqrt(sum((x ** 2).sum() for x in g))
+        assert rows[t - 1]["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+        g = [x * min(1.0, 1.0 / (norm.item() + 1e-6)) for x in g]
+        m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]
+        v = [b2 * vi + (1 - b2) * gi ** 2 for vi, gi in zip(v, g)]
+        params = [p * (1 - lr * wd) - lr * (mi / (1 - b1 ** t)) / ((vi / (1 - b2 ** t)).sqrt() + eps)
+                  for p, mi, vi in zip(params, m, v)]
+    for got, want in zip(model.parameters(), params):
+        torch.testing.assert_close(got.detach().double(), want, rtol=0, atol=2e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# bfloat16 autocast, the arithmetic of every GPU run, on the CPU
+
+@pytest.mark.parametrize("rule", ["dft", "mass", "profit"])
+def test_chunked_loss_under_bfloat16_autocast(rule):
+    """Under torch.autocast("cpu", bfloat16) the chunks' matrix products run in bfloat16 and the softmax in
+    float32. The oracle: the same loss computed plainly in float32 from bfloat16-rounded h and head (and
+    logits rounded to bfloat16, as a bfloat16 product returns them); the gradient to bfloat16's precision."""
+    g = torch.Generator().manual_seed(6)
+    N, C, V = 37, 16, 50
+    h0, W0 = torch.randn(N, C, generator=g), 0.5 * torch.randn(V, C, generator=g)
+    y = (h0 @ W0.T).argsort(1, descending=True)[torch.arange(N), torch.randint(0, 4, (N,), generator=g)]  # top-4 targets
+    h, head = h0.clone().requires_grad_(), torch.nn.Linear(C, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(W0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prift.chunked_loss(h, head, y, rule, "online", prift.RULES[rule].threshold, chunk=8)
+    out.weighted.backward()
+
+    bf = lambda t: t.bfloat16().float()
+    hp, Wp = bf(h0).requires_grad_(), bf(W0).requires_grad_()
+    logits = hp @ Wp.T
+    logits = logits + (bf(logits) - logits).detach()        # the values rounded to bfloat16, the gradient through
+    probs = logits.detach().softmax(-1)
+    p = probs[torch.arange(N), y]
+    u = (probs * (probs < p[:, None])).sum(1) + p
+    w = {"dft": p, "mass": (u >= 0.5).float(), "profit": (p >= 0.1).float()}[rule]
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    (w * ce).sum().backward()
+    if rule != "dft":
+        assert 0 < (w > 0).sum() < N
+    torch.testing.assert_close(out.weighted, (w * ce).sum().detach(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(out.ce, ce.sum().detach(), rtol=1e-4, atol=0)
+    assert out.kept.item() == (w > 0).sum().item()
+    # the gradients are products of bfloat16 operands: a relative 2^-8 each, summed over the chunk
+    for got, want in ((h.grad, hp.grad), (head.weight.grad, Wp.grad)):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2

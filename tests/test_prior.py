@@ -160,6 +160,7 @@ def test_chunked_loss_through_the_model_equals_plain(w, rule):
             loss = out[0] / m.sum()
         else:
             logits = model(x)
+            # the weights from the code (checked by hand in test_method): what is tested is the loss through the model
             if signal == "prior":
                 wt = torch.zeros(y.shape)
                 wt[m] = prift.weights_from_stats(rule, prior[:, 0], prior[:, 1], threshold)
@@ -206,3 +207,38 @@ def test_no_tokens_by_vocabulary_tensor(signal):
         w8 = prift.token_weights("mass", y, head(h), ref_head(h_ref), signal=signal)
         (w8 * torch.nn.functional.cross_entropy(head(h), y, reduction="none")).sum().backward()
     assert plain.most >= N * V  # the check can fail
+
+
+# ----------------------------------------------------------------------------------------------------
+# bfloat16 autocast, as on a GPU, on the CPU
+
+def stats_from_logits(logits, y):
+    """(p, u) by the definition, from logits (N, V) in float32: p = q(y), u = p + the mass of tokens less likely."""
+    q = logits.float().softmax(-1)
+    p = q[torch.arange(len(y)), y]
+    return p, (q * (q < p[:, None])).sum(1) + p
+
+
+def test_prior_under_bfloat16_autocast(w):
+    """The reference's (p, u) under torch.autocast("cpu", bfloat16): the head's product in bfloat16, the softmax
+    in float32. Oracle: float32 arithmetic on bfloat16-rounded hidden states and head, the logits rounded to
+    bfloat16 as the product returns them; through the whole model, a float32 model with bfloat16-rounded weights,
+    to the precision bfloat16 activations allow."""
+    x, y, m = data.collate(w.seqs[:6])
+    ref = prift.load_reference(targs(w, "mass"), CPU)
+    h = ref(x, hidden_only=True)[m]                                   # (N, C) float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pu = prift.head_stats(h, ref.lm_head, y[m], chunk=16)
+        whole = prift.reference_stats(ref, x, y, m, chunk=16)
+    bf = lambda t: t.bfloat16().float()
+    p, u = stats_from_logits(bf(bf(h) @ bf(ref.lm_head.weight).T), y[m])
+    assert pu.dtype == torch.float32
+    torch.testing.assert_close(pu, torch.stack([p, u], 1), rtol=1e-5, atol=1e-6)
+
+    rounded = prift.load_reference(targs(w, "mass"), CPU)
+    with torch.no_grad():
+        for t in rounded.parameters():
+            t.copy_(bf(t))
+        p, u = stats_from_logits(rounded(x)[m], y[m])
+    err = (whole - torch.stack([p, u], 1)).abs()
+    assert err.max() < 2e-2 and err.mean() < 2e-3, (err.max(), err.mean())

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny import ROOT, make_checkpoint, make_data, run_cli
+from tiny import ROOT, assert_some_kept, make_checkpoint, make_data, run_cli
 
 import checkpoint
 import data
@@ -38,7 +38,8 @@ TRAIN = dict(batch_size=4, micro_batch=2, max_len=64)  # 24 examples: 6 steps an
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    return make_checkpoint(root / "ck"), make_data(root / "train.jsonl", n=24)
+    # pretrained a little, so that profit (the default of train_args) keeps some tokens, not none
+    return make_checkpoint(root / "ck", pretrain_steps=20), make_data(root / "train.jsonl", n=24)
 
 
 class Work:
@@ -326,6 +327,8 @@ def test_micro_batch_without_response_tokens(rule, w, tmp_path):
         state = prift.train(a, model, batch, prior=pr if a.signal == "prior" else None, out=tmp_path / str(i))
         rows = read_metrics(tmp_path / str(i))
         assert state["skipped"] == 0 and len(rows) == steps
+        if i == 0 and rule != "sft":
+            assert_some_kept(rows)
         assert all(math.isfinite(r[k]) for r in rows for k in ("loss", "ce", "kept", "grad_norm")), rows
         assert all(torch.isfinite(p).all() for p in model.parameters())
     assert [r["tokens"] for r in rows] == [0, 0]
@@ -348,6 +351,7 @@ def test_non_finite_step_is_skipped(poison, w, tmp_path, monkeypatch):
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5], "training went on after the skipped step"
     assert [r["skipped"] for r in rows] == [0, 0, 1, 1, 1] and state["skipped"] == 1
+    assert_some_kept(rows)  # profit: the good steps have a gradient
     w3, w4 = rec["weights"][bad], rec["weights"][bad + 1]
     assert all(torch.equal(w3[k], w4[k]) for k in w3), "the skipped step changed the weights"
     assert not all(torch.equal(rec["weights"][bad - 1][k], w3[k]) for k in w3), "the good steps did not"
@@ -373,6 +377,7 @@ def test_non_finite_steps_in_a_row_stop_with_checkpoint(w, monkeypatch, capsys):
     assert "non-finite" in line and "5 steps in a row" in line and str(w.out / "checkpoints" / "latest") in line, line
     steps = read_metrics(w.out)
     assert [r["step"] for r in steps] == list(range(1, 9)) and steps[-1]["skipped"] == 5
+    assert_some_kept(steps[:3])  # profit: the good steps had a gradient
     state, trainer = load_latest(w.out)
     assert trainer["state"]["step"] == 6
     assert torch.equal(state["lm_head.weight"], model_weights[3]["weight"]), "not the weights of the last good step"
@@ -480,6 +485,7 @@ def test_resume_is_bit_identical(extra, w, monkeypatch, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
     assert metrics_steps(w.out) == list(range(1, 10))
     assert read_metrics(w.out) == read_metrics(whole)
+    assert_some_kept(read_metrics(whole))
 
 
 def test_a_run_from_before_resumes(w, monkeypatch, capsys):

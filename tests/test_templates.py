@@ -185,3 +185,29 @@ def test_a_template_that_fails_is_one_line_naming_the_file(tmp_path):
     (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
     r = run_cli(["--model", ckpt, "--data", path, "--out", tmp_path / "out", "--cache", tmp_path / "cache"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not compile" in r.stderr
+
+
+# The named templates (--template chatml, llama3) written as chat templates, for transformers to render
+NAMED = {  # name: (the jinja text, the token that ends a response)
+    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}", "<|im_end|>"),
+    "llama3": ("{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+               "'<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}", "<|eot_id|>"),
+}
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_named_template_is_its_chat_template_in_transformers(tmp_path, name):
+    """--template chatml / llama3 give the ids transformers' apply_chat_template gives on the same template written
+    in jinja (system turns, several turns), the response ended by the template's end token."""
+    jinja, end = NAMED[name]
+    ckpt = write_checkpoint(tmp_path / name, "llama3" if name == "llama3" else "qwen3")  # llama3's adds a BOS itself
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": jinja, "eos_token": end}))
+    path = tmp_path / "train.jsonl"
+    data.write_jsonl(EXAMPLES, path)
+    examples = data.read_jsonl(path)
+    template = data.Template.load(ckpt, name)
+    assert template.name == name and template.render is None  # the named template, not the checkpoint's
+    assert template.encode(examples, 4096) == (authors_ids(ckpt, examples), 0)

@@ -8,16 +8,15 @@ model published atomically; and the cache of computed priors.
     OUT/checkpoints/step-NNNNNNN/     the model (a Hugging Face checkpoint) and trainer.pt (optimizer, step, rng)
     OUT/checkpoints/latest            a link to the newest complete one
     OUT/.lock                         locked (flock) by the process running in OUT, and holding its pid
-    OUT/model.safetensors, ...        the final model: the files of the last step's checkpoint
+    OUT/model.safetensors, ...        the final model (a Hugging Face checkpoint); the run is finished when it is there
 
 Each checkpoint is written under a temporary name and then published by atomically replacing the `latest`
 link, so a kill at any moment, even during a save, leaves the previous one whole. trainer.pt is read with
 torch.load(weights_only=True), which builds tensors and plain containers and never calls code a file names.
-At the end the last step's checkpoint is saved, without optimizer state (no step is left to take), and only
-then are its files linked into OUT one by one, each by an atomic rename: a kill or a full disk before the
-model is whole leaves a run that --resume finishes to the same weights (from step 0 if it had no checkpoint
-yet: training is deterministic). Nothing in OUT that prift did not write is deleted, and nothing is written
-through a symbolic link.
+The final model is written into OUT/final.tmp and its files are then renamed into OUT, the weights last: a
+kill or a full disk before that leaves a run that --resume trains again from its last checkpoint (from step 0
+if it has none: training is deterministic) to the same weights. What a kill leaves half-written is removed on
+the next start. Nothing in OUT that prift did not write is deleted, and nothing is written through a link.
 
     CACHE/prior/KEY.safetensors       the reference's (p, u) of every response token of a dataset: `stats`
                                       (N, 2), and `offsets` (n_examples + 1,) where each example's rows start
@@ -48,10 +47,8 @@ from rundir import STEP, TEMPORARY, file_sha256, lock, not_ours
 
 
 def save(model, opt, state, out):
-    """Write a checkpoint of the model, the optimizer (None for the last step's: no step is left to take) and the
-    loop's state (a dict with 'step') into out."""
-    full = full_state_dict(model)  # collectives under FSDP2: every rank
-    optim = optimizer_state_dict(model, opt) if opt is not None else None
+    """Write a checkpoint of the model, the optimizer and the loop's state (a dict with 'step') into out."""
+    full, optim = full_state_dict(model), optimizer_state_dict(model, opt)  # collectives under FSDP2: every rank
     if dist_info()[0] != 0:
         return
     ckpt = out / "checkpoints" / f"step-{state['step']:07d}"
@@ -68,9 +65,8 @@ def save(model, opt, state, out):
                    tmp / "trainer.pt")
     except (OSError, SafetensorError, RuntimeError) as e:  # a full disk, most often
         remove(tmp)
-        last = latest(out)
         raise CheckpointError(f"writing the checkpoint {ckpt} failed ({e}); make room and continue with: python prift.py "
-                              f"--resume {out} (it goes on from {last or 'step 0'} to the same weights)")
+                              f"--resume {out} (from {latest(out) or 'step 0'}, to the same weights)")
     os.replace(tmp, ckpt)
     link = out / "checkpoints" / "latest.tmp"
     link.unlink(missing_ok=True)
@@ -113,8 +109,7 @@ def restore(model, opt, start):
     and the random-number states as they were."""
     state = {"step": 0, "skipped": 0, "bad_in_row": 0, "kept_sum": 0.0}
     if start:
-        if start["optimizer"] is not None:
-            load_optimizer_state_dict(model, opt, start["optimizer"])
+        load_optimizer_state_dict(model, opt, start["optimizer"])
         state.update(start["state"])
         torch.set_rng_state(start["rng"])
         if start.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -151,7 +146,7 @@ def read_trainer_state(path):
     state = start.get("state") if isinstance(start, dict) else None
     ok = isinstance(state, dict) and type(state.get("step")) is int and state["step"] >= 0 \
         and isinstance(start.get("rng"), torch.Tensor) and start["rng"].dtype == torch.uint8 \
-        and isinstance(start.get("optimizer"), (dict, type(None)))
+        and isinstance(start.get("optimizer"), dict)
     if not ok:
         raise CheckpointError(f"{path} is not a prift trainer state (optimizer, state, rng); start again with --overwrite")
     return start
@@ -228,30 +223,25 @@ def truncate_metrics(path, step):
         os.replace(path.with_suffix(".tmp"), path)
 
 
-def save_model(model, out, state):
-    """The final model in OUT. First the last step's checkpoint (state: what train() returned), then its files are
-    linked into OUT (copied where links are not possible) under a temporary name and renamed into place, the
-    weights last. Until they are, --resume finishes the run from that checkpoint."""
-    final = {"step": state["step"], "skipped": state["skipped"], "bad_in_row": 0, "kept_sum": state["kept"] * state["step"]}
-    save(model, None, final, out)
+def save_model(model, out):
+    """The final model in OUT, whole or not at all: written into OUT/final.tmp, then each file renamed into OUT, the
+    weights last (a run whose model.safetensors is there is finished). A kill or a full disk before that leaves the
+    run to --resume, which trains again from its last checkpoint (or from step 0) to the same weights."""
+    full = full_state_dict(model)  # under FSDP2 gathered from every rank, written by rank 0
     if dist_info()[0] != 0:
         return
-    ckpt = out / "checkpoints" / f"step-{state['step']:07d}"
-    for name in sorted((p.name for p in ckpt.iterdir() if p.name != "trainer.pt"), key=lambda n: n == "model.safetensors"):
-        if (out / name).exists() and os.path.samefile(ckpt / name, out / name):
-            continue  # published before a kill: a resumed run ends here again
-        tmp = out / f"{name}.tmp"
+    tmp = out / "final.tmp"
+    remove(tmp)
+    try:
+        model.save_pretrained(tmp, full)
+    except (OSError, SafetensorError, RuntimeError) as e:  # a full disk, most often
         remove(tmp)
-        try:
-            try:
-                os.link(ckpt / name, tmp)
-            except OSError:
-                shutil.copyfile(ckpt / name, tmp)
-        except OSError as e:
-            remove(tmp)
-            raise CheckpointError(f"writing the final model into {out} failed ({e}); make room and run python prift.py "
-                                  f"--resume {out}: it ends the run from its last checkpoint, {ckpt}")
-        os.replace(tmp, out / name)
+        last = latest(out)
+        raise CheckpointError(f"writing the final model into {out} failed ({e}); make room and run python prift.py "
+                              f"--resume {out}: it trains again from {last or 'step 0'} to the same weights")
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "model.safetensors"):
+        os.replace(tmp / name, out / name)
+    tmp.rmdir()
 
 
 def record_step(out, row, bar):

@@ -339,7 +339,7 @@ def run(args, device):
     checkpoint.prepare_out(args, start)  # every input has been read and checked: only now is --out written
     before = evaluate.evaluate_files(args, model, template, eval_sets) if eval_sets and not start else None
     state = train(args, model, seqs, prior=prior, ref=ref, out=args.out, start=start)
-    checkpoint.save_model(model, args.out, state)
+    checkpoint.save_model(model, args.out)
     log(f"trained {state['step']} steps ({state['skipped']} skipped); model saved to {args.out}")
     after = evaluate.evaluate_files(args, model, template, eval_sets) if eval_sets else None
     rows = evaluate.report(args, before, after) if after else None

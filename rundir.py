@@ -17,7 +17,7 @@ from model import TOKENIZER_FILES, CheckpointError
 MODEL_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES)
 RUN_FILES = {"args.json", "metrics.jsonl", "report.html", "eval.json", "tokens.jsonl", "weights.html", "results.md",
              "results.json", ".lock", *MODEL_FILES}
-TEMPORARY = {"metrics.tmp", "args.json.tmp", *(f"{name}.tmp" for name in MODEL_FILES)}  # a kill can leave these
+TEMPORARY = {"metrics.tmp", "args.json.tmp", "final.tmp"}  # what a kill can leave (final.tmp: a directory)
 STEP = re.compile(r"step-\d{7}")
 MAX_LEN = 1 << 20        # --max-len: tokens per example; more is a typo (no model reads a million positions)
 MAX_SAMPLES = 10_000     # --eval-samples / evaluate.py --samples: k of Avg@k; more is a typo, and its memory grows with k
@@ -146,6 +146,8 @@ def not_ours(out):
     """The entries of a run directory that prift did not write: any name it does not write, or of a kind it does not
     write (a directory where it writes a file; a symbolic link, marked @, but checkpoints/latest)."""
     def kind_ok(p):
+        if p.name == "final.tmp":  # the final model, before its files are renamed into OUT
+            return p.is_dir() and all(q.name in MODEL_FILES and q.is_file() and not q.is_symlink() for q in p.iterdir())
         if p.name in RUN_FILES or p.name in TEMPORARY:
             return p.is_file()
         if p.name == "checkpoints":

@@ -264,7 +264,7 @@ def main(argv=None):
         parser.error(f"--out {out} exists{'' if out.is_file() else ' and is not a file'}; give another file"
                      + (", or --overwrite to replace it" if out.is_file() else ""))
     try:  # can --out be written? Known now, not after the whole evaluation
-        tempfile.TemporaryFile(dir=out.parent if str(out.parent) else ".").close()
+        tempfile.TemporaryFile(dir=out.parent).close()
     except OSError as e:
         parser.error(f"--out {out}: its directory cannot be written ({e.strerror}); give a file in a directory that exists")
     device = init_from_env()

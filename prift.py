@@ -417,7 +417,7 @@ def check_args(parser, args):
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    if args.resume:  # the run's own arguments, from its args.json
+    if args.resume:  # the run's own arguments from its args.json, checked by the parser (or with --resume alone, ours)
         args = rundir.resumed_args(parser, args)
     device = init_from_env()
     is_demo = check_args(parser, args)

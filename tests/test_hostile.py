@@ -460,6 +460,9 @@ def test_a_prior_cache_that_does_not_fit_is_computed_again(w, capsys):
     bad = {"garbage": None, "shape": {**good, "stats": good["stats"][:-1]},
            "offsets": {**good, "offsets": good["offsets"].flip(0)},
            "nan": {**good, "stats": torch.full_like(good["stats"], float("nan"))}}
+    orphan, live = path.with_name(f"{path.stem}.999999999.tmp"), path.with_name(f"{path.stem}.{os.getppid()}.tmp")
+    orphan.write_bytes(b"left by a killed run")  # no process has that pid: removed when the prior is saved again
+    live.write_bytes(b"being written by a process that runs")
     for name, content in bad.items():
         path.write_bytes(b"\0" * 64) if content is None else save_file(content, path)
         capsys.readouterr()
@@ -467,6 +470,7 @@ def test_a_prior_cache_that_does_not_fit_is_computed_again(w, capsys):
         assert "does not fit the data" in capsys.readouterr().out, name
         again = load_file(path)
         assert all(torch.equal(again[k], good[k]) for k in good) and len(again["stats"]) == n
+    assert not orphan.exists() and live.exists()
 
 
 def test_json_python_rejects_is_one_line(w, capsys):

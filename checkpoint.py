@@ -45,7 +45,6 @@ from model import CheckpointError
 from rundir import STEP, TEMPORARY, file_sha256, lock, not_ours
 
 
-
 def save(model, opt, state, out):
     """Write a checkpoint of the model, the optimizer and the loop's state (a dict with 'step') into out."""
     full, optim = full_state_dict(model), optimizer_state_dict(model, opt)  # collectives under FSDP2: every rank

@@ -36,41 +36,70 @@ class DataError(Exception):
     """Data that cannot be used as it is; the message names the file, the line and what to fix."""
 
 
-def read_jsonl(path, need="response"):
+def read_jsonl(path, need="response", max_len=None):
     """Read one example per line into {messages, response, answer}: messages are the turns of the prompt
     (role/content dicts), response the demonstration to train on, answer the gold final answer to check
     generations against; response or answer may be None, not both. Training and evaluation read the same way
     and need different parts: need="response" (training) makes a line without a response an error,
     need="answer" (evaluation) a file in which no problem has a gold answer; the problems without one are
-    still read (held-out cross-entropy), and not scored."""
+    still read (held-out cross-entropy), and not scored.
+
+    A line longer than line_limit(max_len) bytes is refused, naming it, before it is read whole: at most max_len
+    tokens of it are used, and tokenising all of it would take memory in proportion to its length (hundreds of
+    bytes per character), not to max_len. A line under the limit is used exactly as written."""
     assert need in ("response", "answer"), need
-    path = Path(path)
+    path, limit = Path(path), line_limit(max_len)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     examples = []
-    # lines end at \n only: str.splitlines would also cut at U+2028, U+0085 and others, which JSON strings may hold
-    for n, line in enumerate(path.read_bytes().split(b"\n"), 1):
-        try:
-            line = line.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)")
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})")
-        ex = parse_example(row, where := f"{path}:{n}")
-        if need == "response" and ex["response"] is None:
-            raise DataError(f"{where}: nothing to train on, only the final answer {ex['answer']!r}; give a worked "
-                            f"solution as 'response' or 'solution' (a file of problems and answers is --eval-data)")
-        examples.append(ex)
+    with open(path, "rb") as f:
+        # lines end at \n only: str.splitlines would also cut at U+2028, U+0085 and others, which JSON strings may hold
+        for n, line in enumerate(iter(lambda: f.readline(limit + 1), b""), 1):
+            line = line.removesuffix(b"\n")
+            if len(line) > limit:
+                raise DataError(f"{path}:{n}: a line of more than {limit / 2**20:.0f} MiB, of which --max-len {max_len} "
+                                f"tokens at most would be used; shorten or remove it (or raise --max-len)")
+            examples += read_line(line, n, f"{path}:{n}", need)
     if not examples:
         raise DataError(f"data file {path} holds no examples")
     if need == "answer" and all(ex["answer"] is None for ex in examples):
         raise DataError(f"{path}: no problem has a gold answer to score against (an 'answer' or 'final_answer' "
                         f"field, or a \\boxed{{}} in the solution)")
     return examples
+
+
+def line_limit(max_len):
+    """The longest line read, in bytes: 256 per token of max_len, at least 1 MiB (64 MiB when max_len is not known).
+    A real example this long would be cut to under 1/64 of itself, even at 4 bytes a token."""
+    return max(2**20, 256 * max_len) if max_len else 2**26
+
+
+def read_line(line, n, where, need):
+    """One line's example, as a list of none (a blank line) or one. JSON that Python's parser rejects, however it
+    rejects it, is one error naming the line."""
+    try:
+        line = line.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the line)")
+    if not line.strip():
+        return []
+    try:
+        row = json.loads(line)
+        if "\\u" in line:  # a \ud800 escape without its pair decodes to a lone surrogate, which is not text
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})")
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read")
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: a \\u escape of half a surrogate pair (\\ud800-\\udfff alone), which is not text")
+    except ValueError as e:  # an integer of thousands of digits: Python's limit on converting them
+        raise DataError(f"{where}: a number too long to read ({str(e).split(';')[0]})")
+    ex = parse_example(row, where)
+    if need == "response" and ex["response"] is None:
+        raise DataError(f"{where}: nothing to train on, only the final answer {ex['answer']!r}; give a worked "
+                        f"solution as 'response' or 'solution' (a file of problems and answers is --eval-data)")
+    return [ex]
 
 
 def parse_example(row, where):
@@ -98,7 +127,7 @@ def parse_example(row, where):
     if gold is not None:  # OlympiadBench: "$2$", or "$1$, $2$" with is_multiple_answer, kept whole
         gold = re.sub(r"(?<!\\)\$", "", gold).strip()
     elif isinstance(answer, (int, float)) and not isinstance(answer, bool):  # AMC23: 27.0 -> "27", 2.5 stays
-        gold = str(int(answer)) if float(answer).is_integer() else str(answer)
+        gold = str(answer) if isinstance(answer, int) or not answer.is_integer() else str(int(answer))
     elif isinstance(answer, str) and "####" in answer:  # GSM8K: the reasoning, then "#### 1,000"
         response = answer if response is None else response
         gold = answer.rsplit("####", 1)[1].strip().replace(",", "")

@@ -14,9 +14,11 @@ template's end token, <|im_end|> or the tokenizer's EOS. Every sample, its final
 import argparse
 import functools
 import json
+import os
 import re
 import statistics
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from data import extract_answer  # the final answer of a response; data.py finds
 from distributed import autocast, dist_info, init_from_env, log, progress
 from generate import generate
 from model import GPT, CheckpointError, logits_chunk
+from rundir import MAX_SAMPLES
 
 # The authors' evaluation prompt (Qwen2.5-Math's "qwen-boxed"), {input} the problem as the benchmark states it
 QWEN_BOXED = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{input}\nPlease reason "
@@ -263,22 +266,29 @@ def main(argv=None):
     args = parser.parse_args(argv)
     for key, value in PAPER.items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
-    if args.eval_samples == 0:
-        parser.error("argument --samples: must be positive, got 0")
-    if Path(args.out).exists() and not args.overwrite:
-        parser.error(f"--out {args.out} exists; give another file, or --overwrite to replace it")
+    if not 0 < args.eval_samples <= MAX_SAMPLES:
+        parser.error(f"argument --samples: must be in [1, {MAX_SAMPLES}], got {args.eval_samples}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite or out.is_dir() or out.is_symlink():
+        parser.error(f"--out {out} exists{'' if out.is_file() else ' and is not a file'}; give another file"
+                     + (", or --overwrite to replace it" if out.is_file() else ""))
+    try:  # can --out be written? Known now, not after the whole evaluation
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as e:
+        parser.error(f"--out {out}: its directory cannot be written ({e.strerror}); give a file in a directory that exists")
     device = init_from_env()
     try:
         template = data.Template.load(args.model, args.template)
         model = GPT.from_pretrained(args.model, dtype=torch.bfloat16 if device.type == "cuda" else None, device=device)
         args.max_len, args.micro_batch = model.config.max_positions, 4  # the cross-entropy of reference solutions
-        sets = {path: data.read_jsonl(path, need="answer") for path in args.data}  # all checked before the first runs
+        sets = {path: data.read_jsonl(path, "answer", args.max_len) for path in args.data}  # all checked before the first runs
         results = evaluate_files(args, model, template, sets)
     except (CheckpointError, data.DataError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     table({"": results}, args.eval_samples)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    out.with_name(out.name + ".tmp").write_text(json.dumps(results, indent=1))
+    os.replace(out.with_name(out.name + ".tmp"), out)  # whole, or not at all
     log(f"every sample, its answer and its grade: {args.out}")
     return 0
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from hf_files import MAX_LAYERS, CheckpointError, eos_field, field, read_headers, read_tensors, weight_files
 
 # What differs between the families, in one place. Everything else is read from config.json.
 FAMILIES = {  # norm, position encoding, MLP, bias on q/k/v, per-head RMSNorm on q and k
@@ -25,10 +26,6 @@ FAMILIES = {  # norm, position encoding, MLP, bias on q/k/v, per-head RMSNorm on
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "chat_template.jinja", "generation_config.json")
-
-
-class CheckpointError(Exception):
-    """A checkpoint directory that cannot be loaded as it is; the message says what to fix."""
 
 
 @dataclass
@@ -53,38 +50,58 @@ class Config:
 
     @classmethod
     def from_dict(cls, d):
+        """A config.json's dict, every field this model reads checked for type and range before anything is built
+        (a CheckpointError names the field)."""
         mt = d.get("model_type")
-        if mt not in FAMILIES:
+        if not isinstance(mt, str) or mt not in FAMILIES:
             raise CheckpointError(f"model_type {mt!r} is not supported; supported families: {', '.join(FAMILIES)}")
+        common = dict(vocab_size=field(d, "vocab_size", int, 1, 2**24),
+                      tie_word_embeddings=field(d, "tie_word_embeddings", bool, default=mt == "gpt2"),
+                      initializer_range=field(d, "initializer_range", float, 0, 10, default=0.02),
+                      eos_token_id=eos_field(d), raw=d)
         if mt == "gpt2":
             if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh") \
                     or d.get("scale_attn_by_inverse_layer_idx"):
                 raise CheckpointError("this GPT-2 variant (activation or attention scaling) is not supported")
-            C = d["n_embd"]
-            return cls(mt, d["vocab_size"], C, d["n_layer"], d["n_head"], d["n_head"], C // d["n_head"],
-                       d.get("n_inner") or 4 * C, d["n_positions"], d["layer_norm_epsilon"],
-                       tie_word_embeddings=d.get("tie_word_embeddings", True),
-                       initializer_range=d.get("initializer_range", 0.02),
-                       eos_token_id=d.get("eos_token_id"), raw=d)
+            C, H = field(d, "n_embd", int, 1, 2**17), field(d, "n_head", int, 1, 2**12)
+            if C % H:
+                raise CheckpointError(f"n_embd {C} is not a multiple of n_head {H}")
+            return cls(mt, hidden_size=C, num_layers=field(d, "n_layer", int, 1, MAX_LAYERS), num_heads=H, num_kv_heads=H,
+                       head_dim=C // H, intermediate_size=field(d, "n_inner", int, 1, 2**20, default=4 * C),
+                       max_positions=field(d, "n_positions", int, 1, 2**24),
+                       norm_eps=field(d, "layer_norm_epsilon", float, 1e-30, 1), **common)
         if d.get("use_sliding_window"):
             raise CheckpointError("sliding-window attention (use_sliding_window: true) is not supported")
         if d.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"hidden_act {d['hidden_act']!r} is not supported (only silu)")
         # transformers 5.x writes rope_parameters; 4.x writes rope_theta and rope_scaling at top level
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"rope_parameters / rope_scaling is {rope!r}, not an object")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise CheckpointError(f"rope type {rope_type!r} is not supported (default and llama3 are)")
-        H = d["num_attention_heads"]
-        return cls(mt, d["vocab_size"], d["hidden_size"], d["num_hidden_layers"], H,
-                   d.get("num_key_value_heads") or H, d.get("head_dim") or d["hidden_size"] // H,
-                   d["intermediate_size"], d.get("max_position_embeddings", 2048), d["rms_norm_eps"],
-                   rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+        if rope_type == "llama3":  # the band between low and high frequency factors is blended: they must differ
+            rope = dict(rope, factor=field(rope, "factor", float, 1e-6, 1e6),
+                        original_max_position_embeddings=field(rope, "original_max_position_embeddings", int, 1, 2**24),
+                        low_freq_factor=field(rope, "low_freq_factor", float, 1e-6, 1e6),
+                        high_freq_factor=field(rope, "high_freq_factor", float, 1e-6, 1e6))
+            if rope["high_freq_factor"] <= rope["low_freq_factor"]:
+                raise CheckpointError("rope high_freq_factor must be above low_freq_factor")
+        C, H = field(d, "hidden_size", int, 1, 2**17), field(d, "num_attention_heads", int, 1, 2**12)
+        K = field(d, "num_key_value_heads", int, 1, H, default=H)
+        head_dim = field(d, "head_dim", int, 2, 2**12, default=C // H if C % H == 0 else None)
+        if H % K or head_dim % 2:
+            raise CheckpointError(f"num_attention_heads {H} is not a multiple of num_key_value_heads {K}, or head_dim "
+                                  f"{head_dim} is odd")
+        return cls(mt, hidden_size=C, num_layers=field(d, "num_hidden_layers", int, 1, MAX_LAYERS), num_heads=H,
+                   num_kv_heads=K, head_dim=head_dim, intermediate_size=field(d, "intermediate_size", int, 1, 2**20),
+                   max_positions=field(d, "max_position_embeddings", int, 1, 2**24, default=2048),
+                   norm_eps=field(d, "rms_norm_eps", float, 1e-30, 1),
+                   rope_theta=field(rope, "rope_theta", float, 1e-6, 1e12, default=field(d, "rope_theta", float, 1e-6, 1e12,
+                                                                                          default=10000.0)),
                    rope_scaling=rope if rope_type == "llama3" else None,
-                   attention_bias=d.get("attention_bias", False),
-                   tie_word_embeddings=d.get("tie_word_embeddings", False),
-                   initializer_range=d.get("initializer_range", 0.02),
-                   eos_token_id=d.get("eos_token_id"), raw=d)
+                   attention_bias=field(d, "attention_bias", bool, default=False), **common)
 
     @classmethod
     def load(cls, path):
@@ -92,22 +109,18 @@ class Config:
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path} is not a directory; pass a Hugging Face checkpoint directory")
-        if not (path / "config.json").exists():
-            raise CheckpointError(f"{path} has no config.json; pass a Hugging Face checkpoint directory")
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} has no config.json (a regular file); pass a Hugging Face checkpoint directory")
         try:
             d = json.loads((path / "config.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({e})")
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({str(e).split(';')[0]})")
         if not isinstance(d, dict):
             raise CheckpointError(f"{path / 'config.json'} is not a JSON object")
         try:
             return cls.from_dict(d)
         except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}")
-        except KeyError as e:
-            raise CheckpointError(f"{path / 'config.json'} lacks the field {e}")
-        except (TypeError, ValueError, ZeroDivisionError) as e:
-            raise CheckpointError(f"{path / 'config.json'} has a field of the wrong type or value ({e})")
+            raise CheckpointError(f"{path / 'config.json'}: {e}")
 
     @property
     def family(self):
@@ -283,48 +296,32 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
         """Load config.json + model.safetensors (or a sharded index) from a directory. dtype defaults to
-        float32. The model is built on the meta device and the tensors are assigned, so the weights are
-        held in memory once."""
+        float32. The tensors' names, shapes and dtypes are compared with what the config implies from the files'
+        headers alone, before any tensor is read; then each is read, refused if not finite, and assigned to a model
+        built on the meta device, so the weights are held in memory once."""
         path = Path(path)
         cfg = Config.load(path)
-        if (path / "model.safetensors").exists():
-            files = [path / "model.safetensors"]
-        elif (path / "model.safetensors.index.json").exists():
-            try:
-                index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CheckpointError(f"{path / 'model.safetensors.index.json'} is not a valid index (no weight_map)")
-            files = [path / f for f in sorted(set(index.values()))]
-        else:
-            raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json")
-        dtype, device = dtype or torch.float32, torch.device(device or "cpu")
-        state = {}
-        for f in files:
-            if not f.exists():
-                raise CheckpointError(f"weights file {f} is missing (named in the index)")
-            try:
-                with safe_open(f, framework="pt", device="cpu") as sf:
-                    for key in sf.keys():
-                        state[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
-            except SafetensorError as e:
-                raise CheckpointError(f"weights file {f} cannot be read as safetensors ({e}); download it again")
-        if cfg.model_type == "gpt2":
-            state = gpt2_keys(state, to_hf=False)
+        stored = read_headers(weight_files(path))  # name -> (file, a meta tensor of its shape)
+        skip = {k for k in stored if k == "lm_head.weight" and cfg.tie_word_embeddings  # the tied head is the embedding
+                or cfg.model_type == "gpt2" and k.endswith((".attn.bias", ".attn.masked_bias"))}  # GPT-2's mask buffers
+        shapes = {k: v for k, (f, v) in stored.items() if k not in skip}
+        shapes = gpt2_keys(shapes, to_hf=False) if cfg.model_type == "gpt2" else shapes  # names and shapes, on meta
         with torch.device("meta"):
             model = cls(cfg)
-        if cfg.tie_word_embeddings:
-            state.pop("lm_head.weight", None)  # some tied checkpoints store the head too; it is the embedding
         expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
         for k, shape in expected.items():
-            if k not in state:
+            if k not in shapes:
                 raise CheckpointError(f"tensor {k} of shape {tuple(shape)} is missing from the checkpoint in {path}")
-            if state[k].shape != shape:
-                raise CheckpointError(f"tensor {k} has shape {tuple(state[k].shape)} in the checkpoint in {path}, "
+            if shapes[k].shape != shape:
+                raise CheckpointError(f"tensor {k} has shape {tuple(shapes[k].shape)} in the checkpoint in {path}, "
                                       f"the config implies {tuple(shape)}")
-        for k in state:
+        for k in shapes:
             if k not in expected:
-                raise CheckpointError(f"unexpected tensor {k} of shape {tuple(state[k].shape)} in the checkpoint "
+                raise CheckpointError(f"unexpected tensor {k} of shape {tuple(shapes[k].shape)} in the checkpoint "
                                       f"in {path} (config.json does not describe it)")
+        state = read_tensors({k: f for k, (f, _) in stored.items() if k not in skip}, dtype or torch.float32,
+                             torch.device(device or "cpu"))
+        state = gpt2_keys(state, to_hf=False) if cfg.model_type == "gpt2" else state
         if cfg.tie_word_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)

@@ -39,6 +39,7 @@ import demo
 import evaluate
 import inspection
 import report
+import rundir
 from distributed import all_reduce, autocast, barrier, dist_info, init_from_env, log, merge_from_ranks, progress, shutdown
 from distributed import sync_grads, wrap_distributed
 from model import GPT, CheckpointError, Config, logits_chunk
@@ -320,8 +321,8 @@ def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
 def run(args, device):
     """Fine-tune --model on --data with one rule, evaluate before and after, write everything to --out."""
     template = data.Template.load(args.model, args.template)
-    seqs, dropped = template.encode(data.read_jsonl(args.data, need="response"), args.max_len)
-    eval_sets = {path: data.read_jsonl(path, need="answer") for path in args.eval_data or []}  # each checked now
+    seqs, dropped = template.encode(data.read_jsonl(args.data, need="response", max_len=args.max_len), args.max_len)
+    eval_sets = {path: data.read_jsonl(path, need="answer", max_len=args.max_len) for path in args.eval_data or []}
     if not seqs:
         raise data.DataError(f"no usable example in {args.data}: every prompt fills --max-len {args.max_len} "
                              f"(raise it), or prompt and response are both empty")
@@ -332,6 +333,7 @@ def run(args, device):
                               f"model's ({model.config.vocab_size}); --ref must share the model's tokenizer")
     log(f"data: {len(seqs)} examples, {sum(map(data.n_response_tokens, seqs))} response tokens, template "
         f"{template.name}" + (f", {dropped} dropped (prompt fills --max-len, or nothing to train)" if dropped else ""))
+    rundir.check_run(args, seqs, model.config, steps_per_epoch(len(seqs), args.batch_size, args.match_authors))
     prior = compute_prior(args, seqs, device) if args.signal == "prior" and args.prior == "precompute" else None
     ref = load_reference(args, device) if args.signal == "prior" and args.prior == "inline" else None
     checkpoint.prepare_out(args, start)  # every input has been read and checked: only now is --out written
@@ -409,14 +411,14 @@ def check_args(parser, args):
     args.ref = args.ref or args.model
     args.loss_chunk = args.loss_chunk or None
     args.out = Path(args.out or f"runs/{'demo-' if is_demo else ''}{args.rule}-{time.strftime('%Y%m%d-%H%M%S')}")
-    checkpoint.check_out(parser, args, is_demo)
+    rundir.check_out(parser, args, is_demo)
     return is_demo
 
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    if args.resume:  # the run's own arguments, from its args.json
-        args = checkpoint.resumed_args(parser, args)
+    if args.resume:  # the run's own arguments from its args.json, checked by the parser (or with --resume alone, ours)
+        args = rundir.resumed_args(parser, args)
     device = init_from_env()
     is_demo = check_args(parser, args)
     if args.rule != "all":
@@ -428,7 +430,7 @@ def main(argv=None):
         if is_demo:
             demo.run(args, device, sys.modules[__name__])
         elif args.inspect:
-            inspection.inspect(args, device, sys.modules[__name__], data.read_jsonl(args.data, need="response"))
+            inspection.inspect(args, device, sys.modules[__name__], data.read_jsonl(args.data, "response", args.max_len))
         else:
             run(args, device)
     except (CheckpointError, data.DataError, checkpoint.TrainingError) as e:
@@ -439,6 +441,7 @@ def main(argv=None):
         return 130
     finally:
         shutdown()
+        rundir.unlock()
     return 0
 
 

@@ -19,9 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-import data
 from cli import Parser
-from distributed import dist_info
 
 CURVES = {"loss": "loss: the rule's weighted cross-entropy, nats per response token",
           "ce": "cross-entropy of the response tokens, unweighted (nats)",
@@ -46,6 +44,8 @@ def run_report(out, eval_rows, seqs, state):
     (name, scores) as evaluate.table gives them, "base FILE" before training and "RULE FILE" after (or None);
     seqs: the (ids, n_prompt) trained on; state: train()'s, with train_s (its seconds) and from_step (the step a
     resumed run began at)."""
+    import data  # here, not above: report.py's command line reads files only, and starts without torch
+    from distributed import dist_info
     rank, world = dist_info()
     if rank != 0:
         return
@@ -252,7 +252,7 @@ def chart(key, lines, raw):
     for label, colour, pts in lines:
         shown = moving_mean(pts) if smooth else pts
         if smooth and raw:
-            svg += polyline(pts, sx, sy, colour, "raw")
+            svg += polyline(pts, sx, sy, colour, "raw", label)
         svg += polyline(shown, sx, sy, colour, "line", label)
     if smooth:
         note = f" (bold: the mean over {2 * half_width(max(map(len, [p for *_, p in lines]))) + 1} steps around each)"

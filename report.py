@@ -97,6 +97,8 @@ def load_run(path):
     if not rows:
         raise NotARun(f"{path}/metrics.jsonl holds no step; give a run that has trained at least one step")
     args, run = read_object(path / "args.json"), read_object(path / "run.json")
+    if not isinstance(run.get("evaluation", {}), dict):
+        raise NotARun(f"{path}/run.json is not one that prift wrote; move it aside, or give another run")
     args.setdefault("rule", path.name.split("-")[0])
     return dict(dir=path, args=args, rows=rows, run=run)
 
@@ -126,10 +128,11 @@ def run_page(run):
 def what_ran(a, r):
     """(label, value) of the arguments that decide what a run is, with the counts of its data."""
     steps = f"at most {a['max_steps']}" if a.get("max_steps") else f"{a.get('epochs', '?')} epoch(s)"
+    evals = a.get("eval_data") or []  # a list; one file in the args.json of runs from before it was
     micro = f"{a['micro_tokens']} positions" if a.get("micro_tokens") else a.get("micro_batch")
     return [("rule", a.get("rule")), ("signal", a.get("signal") or "none"), ("threshold", short(a.get("threshold"))),
             ("model", a.get("model")), ("reference", a.get("ref") if a.get("signal") == "prior" else "not used"),
-            ("data", a.get("data") or "the demo's"), ("evaluated on", ", ".join(map(str, a.get("eval_data") or []))),
+            ("data", a.get("data") or "the demo's"), ("evaluated on", ", ".join(map(str, evals if isinstance(evals, list) else [evals]))),
             ("template", a.get("template")), ("examples", r.get("examples")), ("response tokens", r.get("response_tokens")),
             ("batch", a.get("batch_size") and f"{a['batch_size']} sequences, micro-batch {micro}"),
             ("learning rate", short(a.get("lr"))), ("length", steps), ("seed", a.get("seed")),
@@ -185,8 +188,8 @@ def compare_page(runs, where):
     curves = "".join(chart(key, [(l, c, values(run["rows"], key)) for l, c, run in zip(labels, colours, runs)], raw=False)
                      for key in CURVES)
     return PAGE.format(title=esc(f"{len(runs)} runs side by side"), body=compare_table(runs, labels, colours, where)
-                       + f'<h2>Curves</h2><p class="legend">{legend}</p><p class="n">{HOVER} Loss and ce: the moving '
-                         f'mean; each run\'s own page has the raw line too.</p>{curves}')
+                       + f'<h2>Curves</h2><p class="legend">{legend}</p><p class="n">{HOVER} Each run\'s own page '
+                         f'has the raw loss and ce under their moving mean.</p>{curves}')
 
 
 def compare_table(runs, labels, colours, where):
@@ -248,14 +251,13 @@ def chart(key, lines, raw):
     svg += "".join(f'<line class="grid" x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{TOP}" y2="{H - BOTTOM}"/>'
                    f'<text class="tick" x="{sx(x):.1f}" y="{H - BOTTOM + 14}" text-anchor="middle">{x:g}</text>' for x in xt)
     svg += f'<text class="axis" x="{(LEFT + W - RIGHT) / 2}" y="{H - 4}" text-anchor="middle">optimizer step</text>'
-    smooth, note = key in SMOOTHED, ""
+    h, note = half_width(max(len(pts) for *_, pts in lines)), ""  # one window for every run of the chart
     for label, colour, pts in lines:
-        shown = moving_mean(pts) if smooth else pts
-        if smooth and raw:
+        if key in SMOOTHED and raw:
             svg += polyline(pts, sx, sy, colour, "raw", label)
-        svg += polyline(shown, sx, sy, colour, "line", label)
-    if smooth:
-        note = f" (bold: the mean over {2 * half_width(max(map(len, [p for *_, p in lines]))) + 1} steps around each)"
+        svg += polyline(moving_mean(pts, h) if key in SMOOTHED else pts, sx, sy, colour, "line", label)
+    if key in SMOOTHED:
+        note = f" ({'bold' if raw else 'drawn'}: the mean of each step and the {h} on either side)"
     svg += hover_bands(key, lines, sx, xt)
     return (f'<figure data-key="{key}"><figcaption>{esc(CURVES[key])}{note}</figcaption>'
             f'<svg width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img">{svg}</svg></figure>')
@@ -271,8 +273,9 @@ def hover_bands(key, lines, sx, xt, most=1000):
     every run."""
     by_run = [(label, dict(pts)) for label, _, pts in lines]
     steps = sorted({x for _, v in by_run for x in v})
-    steps = steps[::math.ceil(len(steps) / most)]
-    half = (sx(xt[0] + 1) - sx(xt[0])) / 2 if len(steps) > 1 else 4
+    stride = math.ceil(len(steps) / most)
+    steps = steps[::stride]
+    half = (sx(xt[0] + stride) - sx(xt[0])) / 2
     out = ""
     for x in steps:
         text = f"step {x}" + "".join(f"\n{label + ': ' if len(lines) > 1 else key + ' '}{v[x]:.5g}"
@@ -294,12 +297,13 @@ def ticks(lo, hi, integer=False, n=4):
 
 
 def half_width(n):
+    """The moving mean's reach on either side, for n steps: about 2.5% of the run."""
     return max(1, n // 40)
 
 
-def moving_mean(pts):
-    """Each point's value replaced by the mean of the values within half_width(len) steps of it."""
-    h, ys = half_width(len(pts)), [y for _, y in pts]
+def moving_mean(pts, h):
+    """Each point's value replaced by the mean of the values of the points within h of it on either side."""
+    ys = [y for _, y in pts]
     return [(x, sum(ys[max(0, i - h):i + h + 1]) / len(ys[max(0, i - h):i + h + 1])) for i, (x, _) in enumerate(pts)]
 
 

@@ -13,6 +13,7 @@ import torch
 import browser_check
 import data
 import demo
+import report
 from conftest import load_hf
 from tiny import ROOT, make_checkpoint, make_data, run_cli
 
@@ -271,3 +272,16 @@ def test_pages_in_a_real_browser(two_runs, demo_all, tmp_path):
     broken.write_text((two_runs[0] / "report.html").read_text().replace('points="', 'points="nan,', 1))
     dom, console = browser_check.render(broken)
     assert any("Expected number" in p for p in browser_check.check_page(dom, console))
+
+
+def test_a_long_run_stays_a_page_to_open(tmp_path):
+    """3,000 steps: every step drawn, hover bands for at most 1,000 of them, the moving mean over 75 on either side."""
+    rows = [dict(step=i, lr=1e-4, loss=math.sin(i) + i / 1000, ce=2.0, kept=0.5, grad_norm=1.0) for i in range(1, 3001)]
+    run = write_run(tmp_path / "mass-long", rows, {"rule": "mass"})
+    report.compare([run], tmp_path / "page.html")
+    fig = figures((tmp_path / "page.html").read_text())["loss"]
+    assert "the 75 on either side" in fig and fig.count("<rect") == 1000 and fig.count("<title>step 1\n") == 1
+    drawn = plotted(fig)["mass"]
+    loss = [r["loss"] for r in rows]
+    expected = [(i + 1, sum(loss[max(0, i - 75):i + 76]) / len(loss[max(0, i - 75):i + 76])) for i in range(3000)]
+    close(drawn, expected, fig)

@@ -128,11 +128,12 @@ def run_page(run):
 def what_ran(a, r):
     """(label, value) of the arguments that decide what a run is, with the counts of its data."""
     steps = f"at most {a['max_steps']}" if a.get("max_steps") else f"{a.get('epochs', '?')} epoch(s)"
-    evals = a.get("eval_data") or []  # a list; one file in the args.json of runs from before it was
+    evals = a.get("eval_data") or []
+    evals = ", ".join(map(str, evals if isinstance(evals, list) else [evals]))  # one file, in runs from before lists
     micro = f"{a['micro_tokens']} positions" if a.get("micro_tokens") else a.get("micro_batch")
     return [("rule", a.get("rule")), ("signal", a.get("signal") or "none"), ("threshold", short(a.get("threshold"))),
             ("model", a.get("model")), ("reference", a.get("ref") if a.get("signal") == "prior" else "not used"),
-            ("data", a.get("data") or "the demo's"), ("evaluated on", ", ".join(map(str, evals if isinstance(evals, list) else [evals]))),
+            ("data", a.get("data") or "the demo's"), ("evaluated on", evals),
             ("template", a.get("template")), ("examples", r.get("examples")), ("response tokens", r.get("response_tokens")),
             ("batch", a.get("batch_size") and f"{a['batch_size']} sequences, micro-batch {micro}"),
             ("learning rate", short(a.get("lr"))), ("length", steps), ("seed", a.get("seed")),
@@ -161,8 +162,9 @@ def evaluation_table(evaluation):
             change = a[col] - b[col] if all(type(d.get(col)) in (int, float) for d in (b, a)) else None
             better = change is not None and change != 0 and (change < 0) == (col == "ce")  # ce: lower is better
             shown = "" if change is None else f"{change:+.3f}" if col == "ce" else f"{change:+.1f}"
-            body += (f"<tr><td>{esc(file)}</td><td>{esc(col)}</td><td>{cell(b.get(col), col)}</td><td>"
-                     f"{cell(a.get(col), col)}</td><td class=\"{'up' if better else 'down' if change else ''}\">{shown}</td></tr>")
+            colour = "up" if better else "down" if change else ""
+            body += (f"<tr><td>{esc(file)}</td><td>{esc(col)}</td><td>{cell(b.get(col), col)}</td>"
+                     f'<td>{cell(a.get(col), col)}</td><td class="{colour}">{shown}</td></tr>')
     return ("<table><tr><th>file</th><th>measure</th><th>before</th><th>after</th><th>change</th></tr>"
             f"{body}</table><p class=\"n\">%, except ce (nats per token)</p>")
 
@@ -222,8 +224,9 @@ def compare_table(runs, labels, colours, where):
             cells.append(f"{cell(b, col)} → {cell(after, col)}" if b is not None else cell(after, col))
         out += "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
     common = "".join(f"<dt>{k}</dt><dd>{esc(v)}</dd>" for k, v in same.items())
+    head = "".join(f"<th>{esc(h)}</th>" for h in head)
     return ((f'<div>Every run: <dl class="inline">{common}</dl></div>' if common else "")
-            + f'<div class="wide"><table class="runs"><tr>{"".join(f"<th>{esc(h)}</th>" for h in head)}</tr>{out}</table></div>'
+            + f'<div class="wide"><table class="runs"><tr>{head}</tr>{out}</table></div>'
             '<p class="n">final: the last step. Evaluation: before → after training, % except ce (nats).</p>')
 
 
@@ -344,7 +347,9 @@ def duration(s):
 
 
 def definitions(items):
-    return "<dl>" + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v) if v not in (None, '') else '—'}</dd>" for k, v in items) + "</dl>"
+    """A list of label: value, a dash where the value is not known."""
+    return "<dl>" + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v) if v not in (None, '') else '—'}</dd>"
+                            for k, v in items) + "</dl>"
 
 
 def section(title, body, id):
@@ -358,13 +363,14 @@ h1 {{ font-size: 1.5em; margin: 0 }} h2 {{ font-size: 1.1em; margin: .2em 0 .4em
 .top section {{ border: 1px solid #ddd; border-radius: 6px; padding: .6em 1em; flex: 1 1 20em }}
 dl {{ display: grid; grid-template-columns: max-content auto; gap: .1em 1em; margin: 0 }} dt {{ color: #666 }}
 dd {{ margin: 0; overflow-wrap: anywhere }} .up {{ color: #1a7f37 }} .down {{ color: #c62828 }}
+dl.inline, dl.inline dt, dl.inline dd {{ display: inline; margin-right: .4em }} dl.inline dd {{ margin-right: 1.2em }}
 .ex {{ font-family: monospace; white-space: pre-wrap; border-bottom: 1px solid #ddd; padding: .5em 0 }}
-.prompt {{ color: #888 }} .n {{ color: #777; font-size: 85% }} figure {{ display: inline-block; width: 540px; margin: .5em 1.5em .5em 0; vertical-align: top }}
-figcaption {{ font-size: 90% }} table {{ border-collapse: collapse; margin: .3em 0 }}
-td, th {{ border: 1px solid #ccc; padding: .15em .5em; text-align: left }} td {{ font-variant-numeric: tabular-nums }}
-dl.inline {{ display: inline }} dl.inline dt, dl.inline dd {{ display: inline; margin-right: .4em }}
-dl.inline dd {{ margin-right: 1.2em }} .wide {{ overflow-x: auto }} .runs td {{ white-space: nowrap }} .key {{ margin-right: 1.2em; white-space: nowrap }} .key i, .swatch {{ display: inline-block; width: 1.6em; height: 4px;
-  vertical-align: middle; margin-right: .4em }}
+.prompt {{ color: #888 }} .n {{ color: #777; font-size: 85% }} figcaption {{ font-size: 90% }}
+figure {{ display: inline-block; width: 540px; margin: .5em 1.5em .5em 0; vertical-align: top }}
+table {{ border-collapse: collapse; margin: .3em 0 }} td, th {{ border: 1px solid #ccc; padding: .15em .5em; text-align: left }}
+td {{ font-variant-numeric: tabular-nums }} .wide {{ overflow-x: auto }} .runs td {{ white-space: nowrap }}
+.key {{ margin-right: 1.2em; white-space: nowrap }}
+.key i, .swatch {{ display: inline-block; width: 1.6em; height: 4px; vertical-align: middle; margin-right: .4em }}
 svg text {{ font-size: 10px; fill: #555 }} svg .axis {{ fill: #333 }} .grid {{ stroke: #eee }}
 polyline {{ fill: none; stroke-width: 1.8 }} polyline.raw {{ stroke-width: 1; opacity: .35 }}
 rect.hover {{ fill: #000; fill-opacity: 0 }} rect.hover:hover {{ fill-opacity: .07 }}

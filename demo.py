@@ -221,20 +221,24 @@ def run(args, device, prift):
     flat = torch.cat(prior)
     control = {"uniform": flat[:, 0].mean().item(), "random": (flat[:, 1] >= 0.5).float().mean().item()}
     results = [("base", metrics(args, GPT.from_pretrained(base, device=device), template, sets))]
-    runs = []
+    runs, dirs = [], []
     for seed in range(args.seed, args.seed + args.seeds):
         for rule in rules:
             # one rule: as the command line gave it; --rule all: each rule with its own signal and threshold
             a = prift.settings(args, seed=seed) if rule == args.rule else prift.settings(args, rule=rule, seed=seed)
             a.threshold = control[rule] if rule in control and a.threshold is None else a.threshold
             model = GPT.from_pretrained(base, device=device)
-            t0 = time.time()
             run_dir = out / "runs" / f"{rule}-seed{seed}" if args.seeds > 1 or len(rules) > 1 else out
-            run_dir.mkdir(parents=True, exist_ok=True)
+            dirs.append(run_dir)
+            if run_dir != out:  # its own arguments, for its report and the comparison page
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "args.json").write_text(json.dumps({**vars(a), "data": str(paths["train"])}, indent=1, default=str))
+            t0 = time.time()
             state = prift.train(a, model, seqs, prior=prior if a.signal == "prior" else None, out=run_dir)
+            state.update(train_s=time.time() - t0, from_step=0)
             res = metrics(args, model, template, sets)
-            report.run_report(run_dir, [("base", results[0][1]), (rule, res)])
-            res.update(kept=100 * state["kept"], train_s=time.time() - t0, rule=rule, seed=seed)
+            report.run_report(run_dir, [("base demo", results[0][1]), (f"{rule} demo", res)], seqs, state)
+            res.update(kept=100 * state["kept"], train_s=state["train_s"], rule=rule, seed=seed)
             runs.append(res)
             if len(rules) == 1 and args.seeds == 1:
                 model.save_pretrained(out)
@@ -242,6 +246,8 @@ def run(args, device, prift):
     title = (f"Demo: {len(seqs)} demonstrations, {round(100 * args.demo_noise)}% {args.demo_noise_kind}, "
              f"{args.seeds} seed(s), new-task greedy on 300, Avg@8/Pass@8 on {args.eval_problems}, retention on 200")
     table = evaluate.print_table(results, COLUMNS, title)
+    if len(dirs) > 1:  # the rules (and seeds) side by side: curves overlaid, a row per run
+        report.compare(dirs, out / "compare.html")
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps(runs, indent=1))
     shown = prift.settings(args, rule="mass") if args.rule == "all" else args

@@ -338,12 +338,14 @@ def run(args, device):
     ref = load_reference(args, device) if args.signal == "prior" and args.prior == "inline" else None
     checkpoint.prepare_out(args, start)  # every input has been read and checked: only now is --out written
     before = evaluate.evaluate_files(args, model, template, eval_sets) if eval_sets and not start else None
+    t0 = time.time()
     state = train(args, model, seqs, prior=prior, ref=ref, out=args.out, start=start)
+    state.update(train_s=time.time() - t0, from_step=start["state"]["step"] if start else 0)
     checkpoint.save_model(model, args.out)
     log(f"trained {state['step']} steps ({state['skipped']} skipped); model saved to {args.out}")
     after = evaluate.evaluate_files(args, model, template, eval_sets) if eval_sets else None
     rows = evaluate.report(args, before, after) if after else None
-    report.run_report(args.out, rows)
+    report.run_report(args.out, rows, seqs, state)
 
 
 def settings(args, **changes):

@@ -64,6 +64,15 @@ def make_inputs():
     return logits, ref, targets, mask
 
 
+def as_trainers_give(logits, targets, mask, ref=None):
+    """Position-aligned (logits (B, T, V), targets (B, T) of the next tokens, mask (B, T)) as a trainer has them
+    for prift_loss: one more position, whose logits are never used, and unshifted Hugging Face labels (-100 where
+    not trained). Returns logits (B, T+1, V), labels (B, T+1), and ref (B, T+1, V) if given."""
+    pad = lambda z: None if z is None else torch.nn.functional.pad(z, (0, 0, 0, 1))
+    labels = torch.nn.functional.pad(torch.where(mask.bool(), targets, -100), (1, 0), value=-100)
+    return pad(logits), labels, pad(ref)
+
+
 def compute(logits, ref, targets, mask):
     """Everything the JSON file holds but the inputs, with prift's functions, as plain lists."""
     m = mask.bool()
@@ -83,7 +92,8 @@ def compute(logits, ref, targets, mask):
         total = prift.chunked_loss(logits[m], head, targets[m], rule, signal, threshold, prior, chunk=3)
         n = m.sum().item()
         loss = (w * ce * mask).sum().item() / n
-        plain = prift.prift_loss(logits, targets, mask, rule, ref, threshold=threshold, signal=signal).item()
+        full, labels, full_ref = as_trainers_give(logits, targets, mask, ref)
+        plain = prift.prift_loss(full, labels, rule, full_ref, threshold=threshold, signal=signal).item()
         if abs(loss - total.weighted.item() / n) > 1e-6 or abs(loss - plain) > 1e-6:
             raise AssertionError(f"{name}: token_weights, prift_loss and chunked_loss disagree "
                                  f"({loss}, {plain}, {total.weighted.item() / n})")

@@ -354,7 +354,8 @@ def test_prift_loss_is_what_the_training_loop_computes(ckpt, tmp_path, monkeypat
     loss = 0.0
     for half in (seqs[:2], seqs[2:]):  # micro-batches of the optimizer batch, as a trainer accumulates them
         x, y, m = data.collate(half)
-        part = prift.prift_loss(model(x), y, m, rule, ref(x).detach(), n_tokens=n_tokens)
+        logits, labels, ref_logits = refvec.as_trainers_give(model(x), y, m, ref(x).detach())
+        part = prift.prift_loss(logits, labels, rule, ref_logits, n_tokens=n_tokens)
         part.backward()
         loss += part.item()
     want = [p.grad.clone() for p in model.parameters()]
@@ -522,10 +523,12 @@ def test_match_authors_sums_micro_batch_means_in_bfloat16(ckpt, tmp_path, monkey
     idx = prift.batch_order(len(seqs), 4, 0, 0, drop_last=True)
     for mb in (idx[:2], idx[2:]):  # the loop's micro-batches of step 1, in its order
         x, y, m = data.collate([seqs[i] for i in mb])
-        prift.prift_loss(by_hand(x), y, m, "mass", ref(x)).backward()  # n_tokens: this micro-batch's own
+        logits, labels, ref_logits = refvec.as_trainers_give(by_hand(x), y, m, ref(x))
+        prift.prift_loss(logits, labels, "mass", ref_logits).backward()  # n_tokens: this micro-batch's own
     mean_of_batch = GPT.from_pretrained(ckpt).to(torch.bfloat16)
     x, y, m = data.collate([seqs[i] for i in idx])
-    prift.prift_loss(mean_of_batch(x), y, m, "mass", ref(x)).backward()  # what prift does without the switch
+    logits, labels, ref_logits = refvec.as_trainers_give(mean_of_batch(x), y, m, ref(x))
+    prift.prift_loss(logits, labels, "mass", ref_logits).backward()  # what prift does without the switch
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
     for g, want, clean in zip(grads[0], by_hand.parameters(), mean_of_batch.parameters()):
         assert rel(g, want.grad) < 3e-2 < 0.3 < rel(g, clean.grad)  # bfloat16: equal up to rounding, and not the mean

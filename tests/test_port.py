@@ -53,12 +53,13 @@ def run_trl(model_dir, export, out, rule, inline):
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32) if inline else None
     config = SFTConfig(output_dir=str(out), per_device_train_batch_size=MICRO, gradient_accumulation_steps=BATCH // MICRO // world,
                        max_steps=STEPS, bf16=False, max_length=None, remove_unused_columns=False, report_to="none",
-                       train_sampling_strategy="sequential", save_strategy="no", disable_tqdm=True,
+                       train_sampling_strategy="sequential", save_strategy="no", disable_tqdm=True, logging_steps=1,
                        use_cpu=True, ddp_backend="gloo" if world > 1 else None)
     trainer = Recording(model=model, args=config, train_dataset=train, rule=rule, ref_model=ref,
                         optimizers=prift_optimizer(model, LR, STEPS))
     trainer.train()
-    return trainer, Recording.seen
+    grad_norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    return trainer, Recording.seen + [{"grad_norms": grad_norms}]
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +79,16 @@ def work(tmp_path_factory):
 
 def prift_run(work, rule):
     metrics = [json.loads(line) for line in (work / f"prift-{rule}" / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in metrics], load_file(work / f"prift-{rule}" / "model.safetensors")
+    return [r["loss"] for r in metrics], [r["grad_norm"] for r in metrics], load_file(work / f"prift-{rule}" / "model.safetensors")
 
 
 def assert_same_as_prift(work, rule, seen, weights, world=1):
-    """seen: every rank's micro-batches, rank by rank, in order."""
+    """seen: every rank's micro-batches, rank by rank, in order, then the step's gradient norms."""
     rows = [json.loads(line) for line in (work / "prior" / "tokens.jsonl").read_text().splitlines()]
     by_ids = {tuple(r["input_ids"]): r for r in rows}
     steps = [0.0] * STEPS
     per_step = BATCH // MICRO // world  # each rank's micro-batches in a step
-    for rank_seen in seen:
+    for *rank_seen, last in seen:
         assert len(rank_seen) == STEPS * per_step
         for j, mb in enumerate(rank_seen):
             steps[j // per_step] += mb["loss"]
@@ -96,8 +97,10 @@ def assert_same_as_prift(work, rule, seen, weights, world=1):
                 n = len(row["input_ids"])
                 if rule == "mass":  # the weights are prift's own (tokens.jsonl's `weight`, shifted as trained)
                     assert w[:n - 1] == row["weight"][1:] and not any(w[n - 1:])
-    losses, final = prift_run(work, rule)
+    losses, grad_norms, final = prift_run(work, rule)
     assert max(abs(a - b) for a, b in zip(steps, losses)) <= 1e-6, (steps, losses)
+    # the gradient itself, not only the update: AdamW would hide a gradient off by a constant factor
+    assert last["grad_norms"] == pytest.approx(grad_norms, rel=1e-5)
     assert set(final) <= set(weights)  # transformers' state dict also names the tied head
     err = max((weights[k] - final[k]).abs().max().item() for k in final)
     moved = max((final[k] - load_file(work / "model" / "model.safetensors")[k]).abs().max().item() for k in final)

@@ -5,6 +5,7 @@ on one process and on two (torchrun, gloo, CPU). Also: README's TRL snippet runs
 
 Run as a script (under torchrun) this file trains one TRL run and writes what it saw to OUT/rank-R.json."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -105,6 +106,61 @@ def assert_same_as_prift(work, rule, seen, weights, world=1):
     err = max((weights[k] - final[k]).abs().max().item() for k in final)
     moved = max((final[k] - load_file(work / "model" / "model.safetensors")[k]).abs().max().item() for k in final)
     assert err <= 1e-5 < moved / 10, (err, moved)  # within 1e-5, and the training moved the weights far more
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference vectors for the cases that bite porters, each against a plain float64 computation
+
+def stats64(logits, target):
+    """p and u of `target` under softmax(logits), in float64 by hand: ties with the target are not counted."""
+    top = max(logits)
+    e = [math.exp(x - top) for x in logits]
+    q = [x / sum(e) for x in e]
+    return q[target], sum(x for x in q if x < q[target]) + q[target]
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    return json.loads((ROOT / "tests" / "reference_vectors.json").read_text())
+
+
+def test_reference_vectors_bf16_reference_with_ties(vectors):
+    case = vectors["bf16_reference"]
+    # the bfloat16 rows are the float32 ones as bfloat16 rounds them, and the rounding changes weights
+    assert torch.equal(torch.tensor(case["ref_logits_float32"]).bfloat16().float(), torch.tensor(case["bfloat16"]["ref_logits"]))
+    assert case["float32"]["mass"] == [1.0, 1.0, 1.0] and case["bfloat16"]["mass"] == [0.0, 0.0, 1.0]
+    for name in ("float32", "bfloat16"):
+        c = case[name]
+        for row, t, p, u, w in zip(c["ref_logits"], case["targets"], c["p"], c["u"], c["mass"]):
+            p64, u64 = stats64(row, t)
+            assert p == pytest.approx(p64, abs=1e-6) and u == pytest.approx(u64, abs=1e-6) and w == float(u64 >= 0.5)
+        logits = torch.tensor(c["ref_logits"], dtype=torch.bfloat16 if name == "bfloat16" else torch.float32)
+        p, u = prift.target_stats(logits, torch.tensor(case["targets"]))  # and the implementation, as it is now
+        assert p.tolist() == pytest.approx(c["p"], abs=1e-6) and u.tolist() == pytest.approx(c["u"], abs=1e-6)
+
+
+def test_reference_vectors_accumulation_over_two_ranks(vectors):
+    case = vectors["accumulation"]
+    nums, counts = [], []
+    for mb in case["micro_batches"]:
+        num = count = 0
+        for logits, ref, labels in zip(mb["logits"], mb["ref_logits"], mb["labels"]):
+            for t in range(1, len(labels)):  # position t - 1 predicts labels[t]
+                if labels[t] != -100:
+                    p, _ = stats64(logits[t - 1], labels[t])
+                    _, u = stats64(ref[t - 1], labels[t])
+                    num, count = num + (u >= 0.5) * -math.log(p), count + 1
+        nums, counts = nums + [num], counts + [count]
+    n = sum(counts)
+    assert case["n_tokens"] == n and len(nums) == 4 and len(set(counts)) > 1  # uneven micro-batches
+    for mb, num, count in zip(case["micro_batches"], nums, counts):
+        assert mb["loss"] == pytest.approx(num / n, abs=1e-6) and mb["own_mean"] == pytest.approx(num / count, abs=1e-6)
+        got = prift.prift_loss(*(torch.tensor(mb[k]) for k in ("logits", "labels")), "mass", torch.tensor(mb["ref_logits"]),
+                               n_tokens=n)
+        assert got.item() == pytest.approx(mb["loss"], abs=1e-6)
+    assert case["step_loss"] == pytest.approx(sum(nums) / n, abs=1e-6)
+    assert case["authors_sum_of_means"] == pytest.approx(sum(a / c for a, c in zip(nums, counts)) / 2, abs=1e-6)
+    assert abs(case["step_loss"] - case["authors_sum_of_means"]) > 0.1  # the two normalisations differ
 
 
 @pytest.mark.parametrize("rule,inline", [("mass", False), ("mass", True), ("dft", False)])

@@ -197,6 +197,29 @@ def test_the_readme_snippet_runs(work, tmp_path, monkeypatch):
     assert any(not torch.equal(v.detach(), before[k]) for k, v in trainer.model.state_dict().items() if k in before)
 
 
+def test_the_readme_prift_loss_snippet_runs(work):
+    """README's block for any other trainer, on a batch of the export: its loss is sum w_t CE_t / n_tokens with
+    prift's weights (tokens.jsonl) and the cross-entropy in float64 by hand."""
+    from transformers import AutoModelForCausalLM
+    readme = (ROOT / "README.md").read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", readme, re.S) if "prift_loss(" in c)
+    rows = [json.loads(line) for line in (work / "prior" / "tokens.jsonl").read_text().splitlines()][:3]
+    T = max(len(r["input_ids"]) for r in rows)
+    pad = lambda key, value: torch.tensor([r[key] + [value] * (T - len(r[key])) for r in rows])
+    batch = {"input_ids": pad("input_ids", 0), "labels": pad("labels", -100),
+             "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (T - len(r["input_ids"])) for r in rows])}
+    model, ref = (AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32) for _ in range(2))
+    n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    scope = dict(torch=torch, model=model, ref=ref, batch=batch, n_tokens=n_tokens, world_size=1)
+    exec(code, scope)
+    with torch.no_grad():
+        logp = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits.double().log_softmax(-1)
+    want = sum(-r["weight"][t] * logp[b, t - 1, r["labels"][t]].item() for b, r in enumerate(rows)
+               for t in range(1, len(r["labels"])) if r["labels"][t] != -100) / n_tokens
+    assert scope["loss"].item() == pytest.approx(want, abs=1e-6)
+    assert all(p.grad is not None for p in model.parameters())
+
+
 if __name__ == "__main__":  # under torchrun: WORK OUT; PriFT-mass with the exported prior, then the inline reference
     import torch.distributed as dist
     from safetensors.torch import save_file

@@ -12,7 +12,9 @@ own). PriftTrainer weights each label's cross-entropy by the rule's detached wei
 
 with q and u from those columns (no reference model in memory: an SFT step's cost), or from `ref_model`, a frozen
 model run on every batch on the policy's own inputs. The loss is sum_t w_t CE_t over the whole optimizer batch
-(all micro-batches, all ranks), divided by its trained tokens, also those of weight 0.
+(all micro-batches, all ranks), divided by its trained tokens, also those of weight 0. Settings (prift's README,
+"For porters"): SFTConfig(remove_unused_columns=False, max_length=None, bf16=False on a CPU, use_cpu=True under
+torchrun on CPUs) and optimizers=prift_optimizer(model, lr, total_steps) for prift's optimizer and schedule.
 """
 import math
 

@@ -95,8 +95,9 @@ class PriftTrainer(SFTTrainer):
                 raise ValueError("mass with the online signal needs the full logits: use prift.py")
             p = u = log_probs.detach().exp()
         elif self.signal == "prior" and self.ref_model is not None:
+            policy_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "prior_p", "prior_u")}
             with torch.no_grad():  # the policy's own inputs: attention mask, position ids
-                ref_logits = self.ref_model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits
+                ref_logits = self.ref_model(**policy_inputs, use_cache=False).logits
             p, u = target_stats(ref_logits[:, :-1], labels)
         elif self.signal == "prior":
             if "prior_p" not in inputs:

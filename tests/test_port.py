@@ -182,6 +182,23 @@ def test_trl_trainer_equals_prift_on_two_processes(work, tmp_path):
         assert_same_as_prift(work, "mass", seen, load_file(tmp_path / inline / "model.safetensors"), world=2)
 
 
+@pytest.mark.parametrize("setting,message", [(dict(remove_unused_columns=True), "remove_unused_columns=False"),
+                                             (dict(max_length=50), "max_length=None")])
+def test_trl_trainer_refuses_a_lost_prior(work, tmp_path, setting, message):
+    """SFTTrainer's defaults drop the prior's columns, or truncate the ids and not them: one clear error, not a
+    silent training without the prior."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+    from trl_prift import PriftTrainer
+    train = datasets.load_dataset("json", data_files=str(work / "prior" / "tokens.jsonl"), split="train")
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+    config = SFTConfig(**{**dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, bf16=False,
+                                 max_length=None, remove_unused_columns=False, report_to="none"), **setting})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PriftTrainer(model=model, args=config, train_dataset=train, rule="mass").train()
+
+
 def test_the_readme_snippet_runs(work, tmp_path, monkeypatch):
     """README's TRL code, as written there, with its checkpoint path pointed at the tiny one."""
     readme = (ROOT / "README.md").read_text()

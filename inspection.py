@@ -1,18 +1,24 @@
 """
 Which tokens each rule keeps, before any training: the prior computed as training computes it, each response
-token's weight, written for a person (weights.html, a summary) and for a program (tokens.jsonl).
+token's weight, written for a person (weights.html, a summary) and for a program or another trainer
+(tokens.jsonl and prior.json: the prior as a dataset).
 
     python prift.py --rule mass --model DIR --data FILE --inspect [N] --out DIR2    # the prior's view, no training
 
-    OUT/tokens.jsonl    one object per example, in data order: `ids` (prompt + response, as trained), `n_prompt`,
-                        and for each response token (ids[n_prompt:]) `p` (the reference's probability of it), `u`
-                        (its mass score) and `weight` under --rule
+    OUT/tokens.jsonl    one object per example, in data order, every list as long as `input_ids` (prompt + response,
+                        as trained): `labels` as Hugging Face trainers take them (unshifted: labels[t] is predicted
+                        from input_ids[:t]; the response and its end token, -100 on the prompt), and aligned with
+                        `labels`, the reference's `prior_p` (its probability of the label) and `prior_u` (the label's
+                        mass score) and the label's `weight` under --rule; 0.0 where `labels` is -100
+    OUT/prior.json      what the prior was made with: the reference checkpoint, the template and its end token,
+                        --max-len, the rule and threshold of `weight`, the counts
     OUT/weights.html    the first N examples, each response token coloured by its weight, p and u on hover
 """
 import html
 import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 import checkpoint
 import data
@@ -34,13 +40,18 @@ def inspect(args, device, prift, examples):
     checkpoint.prepare_out(args, None)  # every input has been read and checked
     with open(args.out / "tokens.jsonl", "w") as f:
         for (ids, n_prompt), stats, w in zip(seqs, prior, weights):
-            skip = [None] * (n_prompt == 0)  # with an empty prompt the first token is not predicted, so not trained
-            f.write(json.dumps({"ids": ids, "n_prompt": n_prompt, "p": skip + stats[:, 0].tolist(),
-                                "u": skip + stats[:, 1].tolist(), "weight": skip + w.tolist()}) + "\n")
+            n = max(n_prompt, 1)  # with an empty prompt the first token is not predicted, so not trained
+            none = [0.0] * n
+            f.write(json.dumps({"input_ids": ids, "labels": [-100] * n + ids[n:], "prior_p": none + stats[:, 0].tolist(),
+                                "prior_u": none + stats[:, 1].tolist(), "weight": none + w.tolist()}) + "\n")
+    meta = dict(reference=str(Path(args.ref).resolve()), template=template.name, end_token=template.tok.id_to_token(
+        template.end_id), max_len=args.max_len, rule=args.rule, threshold=args.threshold, precision=args.precision,
+        examples=len(seqs), response_tokens=sum(len(stats) for stats in prior))
+    (args.out / "prior.json").write_text(json.dumps(meta, indent=1) + "\n")
     pieces = [token_texts(template.tok, ids, n_prompt) for ids, n_prompt in seqs[:args.inspect]]
     (args.out / "weights.html").write_text(weights_page(args, template.tok, seqs, prior, weights, pieces))
     summary(template.tok, seqs, weights)
-    log(f"\nwritten to {args.out}: tokens.jsonl, weights.html (the first {min(args.inspect, len(seqs))} examples)")
+    log(f"\nwritten to {args.out}: tokens.jsonl, prior.json, weights.html (the first {min(args.inspect, len(seqs))} examples)")
 
 
 def token_texts(tok, ids, n_prompt):

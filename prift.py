@@ -107,14 +107,18 @@ def token_weights(rule, targets, logits, ref_logits=None, threshold=None, signal
 # ----------------------------------------------------------------------------------------------------
 # The loss
 
-def prift_loss(logits, labels, mask, rule="mass", ref_logits=None, n_tokens=None, threshold=None, signal=None):
-    """The PriFT loss from full logits, as a porter writes it into a trainer. logits (B, T, V) of the model
-    being trained, labels (B, T) the next tokens, mask (B, T) true on response tokens, ref_logits (B, T, V) of
-    the frozen reference (rules with the prior signal). n_tokens: the response tokens of the whole optimizer
-    batch (all micro-batches, all ranks), so that accumulation gives the full batch's gradient; default: the
-    mask's. The training loop computes the same numbers with chunked_loss (tested)."""
-    w = token_weights(rule, labels, logits, ref_logits, threshold, signal)                            # (B, T)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(w)  # (B, T)
+def prift_loss(logits, labels, rule="mass", ref_logits=None, n_tokens=None, threshold=None, signal=None):
+    """The PriFT loss in a trainer's conventions, the function to copy: logits (B, T, V) of the model being trained
+    and ref_logits (B, T, V) of the frozen reference (rules with the prior signal), both over the whole input, and
+    labels (B, T) as Hugging Face gives them: unshifted (position t predicts labels[t + 1]), -100 where not trained.
+    n_tokens is the number of trained labels (not -100) in the whole optimizer batch, all micro-batches and all
+    ranks, so that accumulation gives the full batch's gradient (default: this call's own, a micro-batch mean).
+    Multiply the loss by the world size when n_tokens counts all ranks and DDP averages gradients over them.
+    The training loop computes the same numbers with chunked_loss (tested)."""
+    logits, labels, ref_logits = logits[:, :-1], labels[:, 1:], None if ref_logits is None else ref_logits[:, :-1]
+    mask = labels != -100                                                                               # (B, T-1)
+    w = token_weights(rule, labels, logits, ref_logits, threshold, signal)                             # (B, T-1)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(w)   # 0 at -100
     return (w * ce * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
 
 

@@ -4,8 +4,13 @@ prift's own functions, for anyone porting PriFT to another framework (TRL, LLaMA
     python tests/make_reference_vectors.py            # rewrite the file
     python tests/make_reference_vectors.py --check    # recompute and compare with the file (1e-6)
 
-tests/test_method.py recomputes the vectors with the current code, and checks them against a naive
-float64 implementation of METHOD.md, on every test run.
+The definition they follow: each response token t (EOS included) gets a detached weight w_t from a signal's
+probability of it, p_t, or its mass score u_t = the signal's probability of every token strictly less likely than
+the target (ties not counted) plus p_t; the loss over an optimizer batch is sum_t w_t CE_t m_t / sum_t m_t, the
+denominator counting every response token of the whole batch (all micro-batches, all ranks), also those of weight 0.
+tests/test_method.py recomputes the main vectors with the current code and checks them against a plain float64
+computation of that definition on every test run; tests/test_port.py does the same for the two cases that bite
+porters: a bfloat16 reference with ties at the top, and gradient accumulation over 2 ranks.
 """
 import json
 import math
@@ -64,6 +69,15 @@ def make_inputs():
     return logits, ref, targets, mask
 
 
+def as_trainers_give(logits, targets, mask, ref=None):
+    """Position-aligned (logits (B, T, V), targets (B, T) of the next tokens, mask (B, T)) as a trainer has them
+    for prift_loss: one more position, whose logits are never used, and unshifted Hugging Face labels (-100 where
+    not trained). Returns logits (B, T+1, V), labels (B, T+1), and ref (B, T+1, V) if given."""
+    pad = lambda z: None if z is None else torch.nn.functional.pad(z, (0, 0, 0, 1))
+    labels = torch.nn.functional.pad(torch.where(mask.bool(), targets, -100), (1, 0), value=-100)
+    return pad(logits), labels, pad(ref)
+
+
 def compute(logits, ref, targets, mask):
     """Everything the JSON file holds but the inputs, with prift's functions, as plain lists."""
     m = mask.bool()
@@ -83,7 +97,8 @@ def compute(logits, ref, targets, mask):
         total = prift.chunked_loss(logits[m], head, targets[m], rule, signal, threshold, prior, chunk=3)
         n = m.sum().item()
         loss = (w * ce * mask).sum().item() / n
-        plain = prift.prift_loss(logits, targets, mask, rule, ref, threshold=threshold, signal=signal).item()
+        full, labels, full_ref = as_trainers_give(logits, targets, mask, ref)
+        plain = prift.prift_loss(full, labels, rule, full_ref, threshold=threshold, signal=signal).item()
         if abs(loss - total.weighted.item() / n) > 1e-6 or abs(loss - plain) > 1e-6:
             raise AssertionError(f"{name}: token_weights, prift_loss and chunked_loss disagree "
                                  f"({loss}, {plain}, {total.weighted.item() / n})")
@@ -101,6 +116,54 @@ def margins(out):
             assert closest > 1e-3, f"{signal} {name} is {closest} from its threshold {tau}"
 
 
+def bf16_case():
+    """A reference in bfloat16, where logits that differ in float32 become equal: tied targets lose the mass of
+    their ties. Row 0: three top logits 2.0, 2.003, 2.001 round to one bfloat16 value, the target the highest of
+    them in float32 (the unique argmax, kept by mass) and one of three ties in bfloat16 (u about 0.44, dropped).
+    Row 1: below the top, the target ties with the one token just under it in float32 (u 0.65 kept, 0.44 dropped).
+    Row 2: no tie, the same weight in both."""
+    f32 = torch.tensor([[2.0, 2.003, 2.001, 1.0, 0.0, -1.0], [2.0, 1.5, 1.503, 0.8, 0.5, 0.0],
+                        [0.3, 1.2, -0.4, 2.1, 0.0, 0.7]])
+    targets = torch.tensor([1, 2, 3])
+    out = {"description": "mass weights from a reference's logits in float32 and the same logits rounded to "
+           "bfloat16 (softmax in float32 either way); ties are not counted in u, so bfloat16's ties change weights",
+           "targets": targets.tolist(), "ref_logits_float32": f32.tolist()}
+    for name, logits in (("float32", f32), ("bfloat16", f32.bfloat16())):
+        p, u = prift.target_stats(logits, targets)
+        out[name] = {"ref_logits": logits.float().tolist(), "p": p.tolist(), "u": u.tolist(),
+                     "mass": prift.weights_from_stats("mass", p, u, 0.5).tolist()}
+    return out
+
+
+def accumulation_case():
+    """One optimizer batch of 8 sequences on 2 ranks, each rank 2 micro-batches of 2, the response lengths uneven.
+    Each micro-batch's loss is prift_loss with n_tokens = the whole batch's trained labels; the rank backpropagates it
+    times the world size (DDP averages gradients over ranks); all losses add up to the full batch's loss."""
+    g = torch.Generator().manual_seed(18)
+    world, micro, v, t = 2, 2, 5, 6
+    batches = []
+    for _ in range(world * micro):
+        logits, ref = torch.randn(2, t, v, generator=g).round(decimals=3), torch.randn(2, t, v, generator=g).round(decimals=3)
+        ids = torch.randint(0, v, (2, t), generator=g)
+        starts = torch.randint(1, t - 1, (2,), generator=g)  # where each response begins
+        labels = torch.where(torch.arange(t) >= starts[:, None], ids, -100)
+        batches.append({"logits": logits, "ref_logits": ref, "labels": labels})
+    n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    for b in batches:
+        b["loss"] = prift.prift_loss(b["logits"], b["labels"], "mass", b["ref_logits"], n_tokens=n_tokens).item()
+        b["own_mean"] = prift.prift_loss(b["logits"], b["labels"], "mass", b["ref_logits"]).item()
+    return {"description": "PriFT-mass over an optimizer batch of 4 micro-batches: rank r runs micro-batches 2r and "
+            "2r+1. Labels are Hugging Face's (unshifted, -100 not trained). n_tokens counts the trained labels of "
+            "all four. Each rank calls backward on loss x world (DDP averages gradients over ranks), so the "
+            "gradient is that of step_loss, the full batch's loss. own_mean is each micro-batch's own mean, "
+            "and authors_sum_of_means what the authors' trainer's gradient is the gradient of: the sum of a rank's "
+            "own means, averaged over ranks.",
+            "world": world, "n_tokens": n_tokens, "rule": "mass", "threshold": 0.5,
+            "step_loss": sum(b["loss"] for b in batches),
+            "authors_sum_of_means": sum(b["own_mean"] for b in batches) / world,
+            "micro_batches": [{k: v.tolist() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]}
+
+
 def build():
     logits, ref, targets, mask = make_inputs()
     out = compute(logits, ref, targets, mask)
@@ -108,7 +171,7 @@ def build():
     return {"description": DESCRIPTION, "generated_by": "tests/make_reference_vectors.py",
             "shape": {"B": B, "T": T, "V": V},
             "inputs": {"logits": logits.tolist(), "ref_logits": ref.tolist(), "targets": targets.tolist(),
-                       "mask": mask.tolist()}, **out}
+                       "mask": mask.tolist()}, **out, "bf16_reference": bf16_case(), "accumulation": accumulation_case()}
 
 
 def load_inputs(vectors):

@@ -371,7 +371,8 @@ def test_prift_loss_is_what_the_training_loop_computes(ckpt, tmp_path, monkeypat
     loss = 0.0
     for half in (seqs[:2], seqs[2:]):  # micro-batches of the optimizer batch, as a trainer accumulates them
         x, y, m = data.collate(half)
-        part = prift.prift_loss(model(x), y, m, rule, ref(x).detach(), n_tokens=n_tokens)
+        logits, labels, ref_logits = refvec.as_trainers_give(model(x), y, m, ref(x).detach())
+        part = prift.prift_loss(logits, labels, rule, ref_logits, n_tokens=n_tokens)
         part.backward()
         loss += part.item()
     want = [p.grad.clone() for p in model.parameters()]

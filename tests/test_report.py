@@ -32,28 +32,37 @@ def test_inspect_writes_what_the_prior_keeps(work, tmp_path):
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
     seqs, _ = data.Template.load(ckpt, "auto").encode(data.read_jsonl(train), 2048)
-    assert [(row["ids"], row["n_prompt"]) for row in rows] == seqs  # in data order, exactly as trained
+    assert [row["input_ids"] for row in rows] == [ids for ids, _ in seqs]  # in data order, exactly as trained
+    for row, (ids, n_prompt) in zip(rows, seqs):  # Hugging Face's labels: unshifted, -100 on the prompt
+        assert row["labels"] == [-100] * n_prompt + ids[n_prompt:] and n_prompt > 0
+        assert len(row["prior_p"]) == len(row["prior_u"]) == len(row["weight"]) == len(ids)
+    meta = json.loads((out / "prior.json").read_text())
+    assert meta["reference"] == str(ckpt.resolve()) and meta["template"] == "plain" and meta["end_token"] == "<|endoftext|>"
+    assert meta["examples"] == len(rows) and meta["response_tokens"] == sum(l != -100 for r in rows for l in r["labels"])
 
     hf = load_hf(ckpt)  # an independent computation of p and u: transformers' model, the definition by hand
     kept = total = 0
     for row in rows:
-        ids, n = row["ids"], row["n_prompt"]
+        ids = row["input_ids"]
         with torch.no_grad():
             probs = hf(torch.tensor([ids])).logits[0].float().softmax(-1)  # (T, V)
-        for j, t in enumerate(range(n, len(ids))):
+        for t in range(1, len(ids)):
+            if row["labels"][t] == -100:
+                assert row["prior_p"][t] == row["prior_u"][t] == row["weight"][t] == 0.0
+                continue
             q = probs[t - 1]
             p = q[ids[t]].item()
             u = q[q < q[ids[t]]].sum().item() + p
-            assert row["p"][j] == pytest.approx(p, abs=1e-5) and row["u"][j] == pytest.approx(u, abs=1e-5)
-            assert row["weight"][j] == (1.0 if row["u"][j] >= 0.5 else 0.0)
-            kept, total = kept + (row["weight"][j] > 0), total + 1
+            assert row["prior_p"][t] == pytest.approx(p, abs=1e-5) and row["prior_u"][t] == pytest.approx(u, abs=1e-5)
+            assert row["weight"][t] == (1.0 if row["prior_u"][t] >= 0.5 else 0.0)
+            kept, total = kept + (row["weight"][t] > 0), total + 1
     assert 0 < kept < total, "a random model's prior should keep some tokens and drop others"
     assert f"kept: {100 * kept / total:.1f}% of {total} response tokens" in r.stdout
     assert "kept by position in the response (tenths):" in r.stdout and "most often dropped:" in r.stdout
 
     page = (out / "weights.html").read_text()
     assert page.count('class="ex"') == 5 and page.count("line-through") == sum(
-        w == 0 for row in rows[:5] for w in row["weight"])
+        w == 0 for row in rows[:5] for w, label in zip(row["weight"], row["labels"]) if label != -100)
     assert re.search(r'title="p=0\.\d{4} u=[01]\.\d{4} weight=[01]\.0000"', page)
     assert not (out / "model.safetensors").exists() and not (out / "metrics.jsonl").exists(), "nothing was trained"
 
@@ -72,7 +81,8 @@ def test_inspect_on_the_demo(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = (out / "tokens.jsonl").read_text().splitlines()
     assert len(rows) == 200 and (out / "weights.html").read_text().count('class="ex"') == 3
-    assert all(0 < w < 1 for w in json.loads(rows[0])["weight"])  # prob: the prior's probability itself
+    row = json.loads(rows[0])
+    assert all(0 < w < 1 for w, label in zip(row["weight"], row["labels"]) if label != -100)  # prob: the prior's q
 
 
 # ----------------------------------------------------------------------------------------------------

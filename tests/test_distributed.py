@@ -123,7 +123,7 @@ def test_fsdp_matches_one_process(work, model, rule, extra):
     assert ckpt.resolve().name == "step-0000002"
     saved = load_file(ckpt / "model.safetensors")
     assert saved.keys() == load_file(work / model / "model.safetensors").keys()
-    state = torch.load(ckpt / "trainer.pt", weights_only=False)["optimizer"]["state"]
+    state = torch.load(ckpt / "trainer.pt", weights_only=True)["optimizer"]["state"]
     assert len(state) == len(saved) and all(v["exp_avg"].shape == saved[k].shape for k, v in state.items()), \
         "the optimizer state of the whole model, not one rank's shards"
     final = got[2]
@@ -227,7 +227,7 @@ def test_fsdp_in_one_process(work, tmp_path, monkeypatch, group_of_one):
     assert ckpt.resolve().name == "step-0000001"
     again = GPT.from_pretrained(ckpt)
     prift.train(args, again, seqs, ref=prift.load_reference(args, "cpu"), out=out,
-                start=torch.load(ckpt / "trainer.pt", weights_only=False))
+                start=torch.load(ckpt / "trainer.pt", weights_only=True))
     resumed = distributed.full_state_dict(again)
     assert resumed.keys() == final.keys()
     err = max((resumed[k] - final[k]).abs().max().item() for k in final)

@@ -558,7 +558,7 @@ def test_match_authors_sums_micro_batch_means_in_bfloat16(ckpt, tmp_path, monkey
     model = GPT.from_pretrained(ckpt)
     _, grads = train_capturing(args, model, seqs, monkeypatch, prior=prior, out=tmp_path)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    trainer = torch.load(tmp_path / "checkpoints" / "latest" / "trainer.pt", weights_only=False)
+    trainer = torch.load(tmp_path / "checkpoints" / "latest" / "trainer.pt", weights_only=True)
     assert all(v.dtype == torch.bfloat16 for st in trainer["optimizer"]["state"].values()
                for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))
 

@@ -102,7 +102,7 @@ def load_latest(out):
     """The checkpoint `latest` points to, loaded as a resume would: (model state, trainer state)."""
     ckpt = Path(out) / "checkpoints" / "latest"
     model = GPT.from_pretrained(ckpt)
-    trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
+    trainer = torch.load(ckpt / "trainer.pt", weights_only=True)
     return model.state_dict(), trainer
 
 

@@ -85,8 +85,8 @@ def count_params(cfg):
 
 
 def plan(cfg, *, tokens, world, fsdp, cuda, authors, checkpointing, ref_cfg=None, loss_chunk=None, accumulate=True):
-    """Bytes per GPU of each part of a training step at its peak, for micro-batches of `tokens` positions.
-    Returns {part: bytes}, and 'total': the step's peak."""
+    """Bytes per GPU of each part of a training step at its peak, for micro-batches of `tokens` positions; fsdp:
+    sharded over `world` processes. Returns {part: bytes}, and 'total': the step's peak."""
     P, P_root, P_block = count_params(cfg)
     wb = 2 if authors else 4                       # weights, gradients and AdamW state: float32, or bf16 (authors)
     mode = "bf16" if authors or (cuda and fsdp) else "autocast" if cuda else "fp32"
@@ -95,7 +95,7 @@ def plan(cfg, *, tokens, world, fsdp, cuda, authors, checkpointing, ref_cfg=None
     parts = dict(weights=P * wb / shard, gradients=P * wb / shard, optimizer=2 * P * wb / shard)
     # what exists besides: gathered blocks and root under FSDP2; bf16 copies autocast keeps; DDP's buckets
     extra = 0
-    if fsdp and world > 1:
+    if fsdp:
         # the root stays gathered all step, two blocks at a time (the one computing, the next prefetched); with
         # accumulation FSDP2 keeps every parameter's gradient unsharded, in float32, until the last micro-batch
         extra = (P_root + 2 * P_block) * (2 if cuda or authors else 4) + 4 * (P if accumulate else P_root + P_block)
@@ -111,19 +111,22 @@ def plan(cfg, *, tokens, world, fsdp, cuda, authors, checkpointing, ref_cfg=None
     parts["activations"] = tokens * (kept + model_bytes(cfg, mode) + 3 * b * cfg.intermediate_size)
     V, C = cfg.vocab_size, cfg.hidden_size
     chunk = min(loss_chunk or logits_chunk(V), tokens)
-    # one chunk of float32 logits (and its bf16 gradient), the head cast to bf16 under autocast; h at the response
-    # positions and d(loss)/dh, per micro-batch
-    parts["loss chunk"] = chunk * V * (4 + (b == 2) * 2) + (V * C * 2 if mode == "autocast" else 0) \
-        + tokens * (C * (4 if mode == "autocast" else b) + C * b + 16)
+    # float32 logits (and their bf16 gradient) of two chunks, as the loop makes the next before it lets go of the
+    # last; the head cast to bf16 under autocast; h at the response positions and d(loss)/dh, per micro-batch
+    parts["loss chunk"] = (1 + (tokens > chunk)) * chunk * V * (4 + (b == 2) * 2) \
+        + (V * C * 2 if mode == "autocast" else 0) + tokens * (C * (4 if mode == "autocast" else b) + C * b + 16)
     parts["inline reference"] = 0
     if ref_cfg is not None:
         R, R_root, _ = count_params(ref_cfg)
         rb = 2 if cuda or authors else 4
-        parts["inline reference"] = R * rb / shard + (R_root * rb if fsdp and world > 1 else 0)
-    # the peak: before backward with the activations, or at the optimizer step, whose AdamW makes one temporary
-    # float per (local) parameter when the activations are gone
-    state = sum(v for k, v in parts.items() if k not in ("activations", "loss chunk"))
-    parts["total"] = state + max(parts["activations"] + parts["loss chunk"], P * wb / shard)
+        parts["inline reference"] = R * rb / shard + (R_root * rb if fsdp else 0)
+    # The peak comes as backward starts, with every activation and (when gradients accumulate over micro-batches)
+    # every gradient, or else only the head's, which the loss makes in forward; or at the optimizer step, whose
+    # AdamW makes one temporary float per (local) parameter once the activations are gone.
+    held = parts["weights"] + parts["optimizer"] + extra + parts["inline reference"]
+    grads_then = parts["gradients"] if accumulate else V * C * wb
+    parts["total"] = held + max(grads_then + parts["activations"] + parts["loss chunk"],
+                                parts["gradients"] + P * wb / shard)
     return parts
 
 
@@ -131,10 +134,10 @@ def run_plan(args, world, cuda):
     """The plan of this run's arguments."""
     cfg = Config.load(args.model)
     ref = Config.load(args.ref) if args.signal == "prior" and args.prior == "inline" else None
-    tokens = args.micro_tokens or args.micro_batch * args.max_len
+    tokens = max(args.micro_tokens, args.max_len) if args.micro_tokens else args.micro_batch * args.max_len
     checkpointing = grad_checkpoint(args, torch.device("cuda" if cuda else "cpu"))
     accumulate = args.batch_size > args.micro_batch * world or bool(args.micro_tokens)
-    return cfg, plan(cfg, tokens=tokens, world=world, fsdp=args.fsdp, cuda=cuda, authors=args.match_authors,
+    return cfg, plan(cfg, tokens=tokens, world=world, fsdp=args.fsdp and world > 1, cuda=cuda, authors=args.match_authors,
                      checkpointing=checkpointing, ref_cfg=ref, loss_chunk=args.loss_chunk, accumulate=accumulate)
 
 
@@ -149,15 +152,16 @@ def what_fits(args, world, cuda, card):
     steps = [("grad_checkpoint", True, "--grad-checkpoint"), ("prior", "precompute", "--prior precompute")]
     if n > 1:
         steps.append(("fsdp", True, "--fsdp"))
+    a.grad_checkpoint = grad_checkpoint(a, torch.device("cuda" if cuda else "cpu"))
     for key, value, flag in steps:
         if getattr(a, key) != value and (key != "prior" or a.signal == "prior"):
             setattr(a, key, value)
             tried.append(flag)
             if fits(run_plan(a, n, cuda)[1], card):
                 return " ".join(tried)
-    while (a.micro_tokens or a.micro_batch) > 1:
+    while (a.micro_tokens or a.max_len) > a.max_len or (not a.micro_tokens and a.micro_batch > 1):
         if a.micro_tokens:
-            a.micro_tokens //= 2
+            a.micro_tokens = max(a.micro_tokens // 2, a.max_len)
         else:
             a.micro_batch //= 2
         if fits(run_plan(a, n, cuda)[1], card):
@@ -180,7 +184,7 @@ def describe(args, world, cuda):
     ckpt = "on" if grad_checkpoint(args, torch.device("cuda" if cuda else "cpu")) else "off"
     lines = [f"memory plan per {'GPU' if cuda else 'process'}: {cfg.model_type}, {P / 1e9:.2f}B parameters, "
              f"{cfg.num_layers} layers; {how}; {precision}; micro-batch {tokens}; activation checkpointing {ckpt}"]
-    lines += [f"  {k:<19}{v / GiB:8.2f} GiB" for k, v in parts.items() if v or k == "total"]
+    lines += [f"  {k:<19}{v / GiB:8.2f} GiB" for k, v in parts.items()]
     for card in CARDS:
         if fits(parts, card):
             lines.append(f"  a {card} GB card: fits")

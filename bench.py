@@ -404,9 +404,8 @@ def mfu(a, n_params, tokens, seconds, peak):
 
 def report_memory(a, tmp):
     m = argparse.Namespace(**{**vars(a), "seq_len": 64 if a.quick else 2048, "batch": 2})
-    ckpt = tmp / "memory-model"
+    ckpt, res = tmp / "memory-model", {on: [] for on in (False, True)}
     in_child(make_checkpoint, m, ckpt)
-    res = {on: [] for on in (False, True)}
     for r in range(a.rounds):
         for on in res:
             res[on].append(in_child(run_memory, m, on, ckpt))
@@ -422,12 +421,13 @@ def report_memory(a, tmp):
         planned = memory.plan(cfg, tokens=m.batch * m.seq_len, world=1, fsdp=False, cuda=cuda, authors=False,
                               checkpointing=on, accumulate=False)["total"] / 2 ** 20
         rows.append(["on" if on else "off", f"{mem[on]:,.0f}", f"{mem[on] / mem[False]:.2f}x", f"{planned:,.0f}",
-                     f"{planned / mem[on]:.2f}", f"{med[on]:.2f}", f"{cpu[on]:.2f}", f"{med[on] / med[False]:.2f}x"]
+                     f"{planned / mem[on]:.2f}", f"{med[on]:.2f}", f"{cpu[on]:.2f}",
+                     f"{med[on] / med[False]:.2f}x / {cpu[on] / cpu[False]:.2f}x"]
                     + ([mfu(m, n_params, 2 * m.seq_len, med[on], peak)] if peak else []))
     print(f"\nActivation checkpointing: Llama-shaped, {n_params / 1e6:.0f}M parameters, a step of one micro-batch of "
           f"{m.batch} x {m.seq_len:,} tokens, sft, {'bfloat16 autocast' if cuda else 'float32'}, {name}; "
           f"median of {a.rounds} x {a.steps} steps. plan: memory.py's total for this run.\n")
-    print(table(["checkpointing", "peak MB", "vs off", "plan MB", "plan / peak", "step s", "CPU s", "vs off"]
+    print(table(["checkpointing", "peak MB", "vs off", "plan MB", "plan / peak", "step s", "CPU s", "vs off (s / CPU s)"]
                 + (["MFU"] if peak else []), rows))
 
 

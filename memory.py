@@ -182,9 +182,11 @@ def describe(args, world, cuda):
     precision = "bf16 weights (--match-authors)" if args.match_authors else \
         ("bf16 autocast" + (", bf16 gathers" if args.fsdp and world > 1 else "")) if cuda else "float32"
     ckpt = "on" if grad_checkpoint(args, torch.device("cuda" if cuda else "cpu")) else "off"
-    lines = [f"memory plan per {'GPU' if cuda else 'process'}: {cfg.model_type}, {P / 1e9:.2f}B parameters, "
+    lines = [f"memory plan per {'GPU' if cuda else 'process'}: {cfg.model_type}, "
+             f"{f'{P / 1e9:.2f}B' if P >= 1e9 else f'{P / 1e6:.1f}M' if P >= 1e6 else f'{P:,}'} parameters, "
              f"{cfg.num_layers} layers; {how}; {precision}; micro-batch {tokens}; activation checkpointing {ckpt}"]
-    lines += [f"  {k:<19}{v / GiB:8.2f} GiB" for k, v in parts.items()]
+    unit, size = ("GiB", GiB) if parts["total"] >= GiB else ("MiB", 2 ** 20)
+    lines += [f"  {k:<19}{v / size:8.2f} {unit}" for k, v in parts.items()]
     for card in CARDS:
         if fits(parts, card):
             lines.append(f"  a {card} GB card: fits")
@@ -197,12 +199,13 @@ def describe(args, world, cuda):
 def print_plan(args, device, is_demo):
     """Every --model/--data run prints its plan first; --plan prints it alone and exits. The demo has no plan, and
     --inspect, which does not train, prints one only when asked."""
-    if is_demo and args.plan:
+    plan_only = vars(args).pop("plan")  # not part of the run: kept out of its args.json, so --resume DIR --plan plans
+    if is_demo and plan_only:
         print("prift: error: --plan needs --model and --data (the plan is read from the model's config.json)",
               file=sys.stderr)
         raise SystemExit(2)
-    if is_demo or (args.inspect and not args.plan):
+    if is_demo or (args.inspect and not plan_only):
         return
     log(describe(args, dist_info()[1], device.type == "cuda"))
-    if args.plan:
+    if plan_only:
         raise SystemExit(0)

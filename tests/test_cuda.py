@@ -157,8 +157,10 @@ def test_memory_plan_against_measured_peak():
 
 
 def test_bench_quick():
+    """All four parts at tiny sizes; MFU where the GPU's peak is known by name."""
+    import bench as bench_py
     out = bench(ROOT / "bench.py", "--quick")
-    assert "MFU" in out
+    assert "MFU" in out or not any(k in torch.cuda.get_device_name() for k in bench_py.PEAK_TFLOPS), out
 
 
 def test_bench_generate():

@@ -104,29 +104,31 @@ def plan(cfg, *, tokens, world, fsdp, cuda, authors, checkpointing, ref_cfg=None
     if world > 1 and not fsdp:
         extra += P * wb  # DDP's gradient buckets
     parts["gathers and copies"] = extra
-    L = cfg.num_layers
-    kept = cfg.hidden_size * (2 if mode == "bf16" else 4) * L + block_bytes(cfg, mode) if checkpointing \
-        else block_bytes(cfg, mode) * L
-    # backward's own working set: the gradients of one MLP's intermediates (about three of them at once)
-    parts["activations"] = tokens * (kept + model_bytes(cfg, mode) + 3 * b * cfg.intermediate_size)
-    V, C = cfg.vocab_size, cfg.hidden_size
+    L, V, C = cfg.num_layers, cfg.vocab_size, cfg.hidden_size
+    # kept from forward to backward: every block's activations, or with checkpointing only its input (B, T, C)
+    kept = (C * (2 if mode == "bf16" else 4) * L if checkpointing else block_bytes(cfg, mode) * L) + model_bytes(cfg, mode)
+    # in backward, besides: the block being remade (checkpointing), and backward's own working set, the gradients
+    # of one MLP's intermediates (about three of them at once)
+    parts["activations"] = tokens * (kept + checkpointing * block_bytes(cfg, mode) + 3 * b * cfg.intermediate_size)
     chunk = min(loss_chunk or logits_chunk(V), tokens)
     # float32 logits (and their bf16 gradient) of two chunks, as the loop makes the next before it lets go of the
-    # last; the head cast to bf16 under autocast; h at the response positions and d(loss)/dh, per micro-batch
-    parts["loss chunk"] = (1 + (tokens > chunk)) * chunk * V * (4 + (b == 2) * 2) \
-        + (V * C * 2 if mode == "autocast" else 0) + tokens * (C * (4 if mode == "autocast" else b) + C * b + 16)
+    # last, and the head cast to bf16 under autocast, all gone by backward; h at the response positions and
+    # d(loss)/dh, which stay
+    logits = (1 + (tokens > chunk)) * chunk * V * (4 + (b == 2) * 2) + (V * C * 2 if mode == "autocast" else 0)
+    parts["loss chunk"] = logits + tokens * (C * (4 if mode == "autocast" else b) + C * b + 16)
     parts["inline reference"] = 0
     if ref_cfg is not None:
         R, R_root, _ = count_params(ref_cfg)
         rb = 2 if cuda or authors else 4
         parts["inline reference"] = R * rb / shard + (R_root * rb if fsdp else 0)
-    # The peak comes as backward starts, with every activation and (when gradients accumulate over micro-batches)
-    # every gradient, or else only the head's, which the loss makes in forward; or at the optimizer step, whose
-    # AdamW makes one temporary float per (local) parameter once the activations are gone.
+    # The peak comes at the end of forward (what forward keeps, and the loss's logits) or in backward (its working
+    # set instead of the logits), with every gradient when they accumulate over micro-batches, or else only the
+    # head's, which the loss makes in forward; or at the optimizer step, whose AdamW makes one temporary float per
+    # (local) parameter once the activations are gone.
     held = parts["weights"] + parts["optimizer"] + extra + parts["inline reference"]
     grads_then = parts["gradients"] if accumulate else V * C * wb
-    parts["total"] = held + max(grads_then + parts["activations"] + parts["loss chunk"],
-                                parts["gradients"] + P * wb / shard)
+    activations = max(tokens * kept + parts["loss chunk"], parts["activations"] + parts["loss chunk"] - logits)
+    parts["total"] = held + max(grads_then + activations, parts["gradients"] + P * wb / shard)
     return parts
 
 

@@ -18,7 +18,7 @@ from distributed import dist_info, grad_checkpoint, log
 from model import GPT, Config, logits_chunk
 
 GiB = 2 ** 30
-CARDS = (24, 40, 80)  # GB, as sold: 24 GB is 24 GiB of device memory (RTX 4090, A10G: 22.5-24), 40 and 80 (A100)
+CARDS = (24, 40, 80)  # GB as sold, which for these cards means GiB of device memory (RTX 4090, A100 40 and 80 GB)
 HEADROOM = 0.9  # what a plan may fill: the CUDA context, NCCL's buffers and the allocator's fragmentation take the rest
 
 
@@ -76,6 +76,7 @@ def model_bytes(cfg, mode):
 # The plan
 
 def count_params(cfg):
+    """Parameters of the model (tied ones once), of its root (embeddings, final norm, head), and of one block."""
     with torch.device("meta"):
         model = GPT(cfg)
     root = [model.model.embed_tokens, model.model.norm, model.lm_head] + \

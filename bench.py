@@ -11,11 +11,13 @@ Benchmark of training speed and memory, measured side by side in one run on one 
      tokens per second, with micro-batches cut from each step's examples in random order (the loop before it
      grouped them, and --match-authors now), grouped by length (the default), and by a token budget
      (--micro-tokens).
+  4. peak memory and step time with and without activation checkpointing (--grad-checkpoint), at sequence 2,048,
+     beside what memory.py's plan says the run needs.
 
     python bench.py                  # Llama-shaped, ~100M parameters, sequence 512; float32 (minutes on a CPU)
     python bench.py --quick          # tiny sizes, to check that it runs
     python bench.py --device cuda    # bfloat16 autocast, and model FLOPs utilisation
-    python bench.py --only lengths   # one of the three parts: train, loss, lengths
+    python bench.py --only memory    # one of the four parts: train, loss, lengths, memory
 
 Each configuration runs in a child process forked from this one (before any tensor work), so its memory is
 its own. Peak memory, CPU: the child's peak resident set (VmHWM) minus its resident set when it started
@@ -27,6 +29,8 @@ is the CPU time of the child's threads in a step: on a machine shared with other
 it (for --threads 1) means the step waited for a core, and the wall-clock figures are not to be trusted.
 """
 import argparse
+import ctypes
+import ctypes.util
 import multiprocessing as mp
 import os
 import shutil
@@ -40,6 +44,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import data
+import memory
 import prift
 from distributed import autocast
 from model import GPT, Config
@@ -236,6 +241,21 @@ def run_lengths(a, mode, ckpt):
     return dict(meter.steps(a.warmup), tokens=tokens)
 
 
+def run_memory(a, checkpointing, ckpt):
+    """sft, a step of one micro-batch, with or without activation checkpointing. On the CPU, glibc's malloc is told
+    to map every block of 1 MB or more on its own (M_MMAP_THRESHOLD, -3), so that a freed tensor leaves the resident
+    set at once: the peak is then that of live tensors, as torch.cuda.max_memory_allocated is on a GPU, and not
+    that plus what malloc's heap holds freed (15-25% more here)."""
+    if a.device == "cpu":
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 2 ** 20)
+    device, seqs = torch.device(a.device), synthetic_data(a)
+    args = train_args(a, "sft", "-", ckpt, None)
+    args.grad_checkpoint = checkpointing
+    meter = Meter(device)
+    prift.train(args, GPT.from_pretrained(ckpt, device=device), seqs)
+    return meter.steps(a.warmup)
+
+
 def make_checkpoint(a, ckpt, config=None):
     GPT(Config.from_dict(config or llama_config(a))).save_pretrained(ckpt)
 
@@ -271,7 +291,7 @@ def in_child(fn, *args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: seconds, to check that it runs")
-    p.add_argument("--only", choices=["train", "loss", "lengths"], help="one part of the three")
+    p.add_argument("--only", choices=["train", "loss", "lengths", "memory"], help="one part of the four")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, help="rounds over all configurations (2; quick 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first in every configuration")
@@ -303,6 +323,8 @@ def main():
             report_loss(a)
         if a.only in (None, "lengths"):
             report_lengths(a, tmp)
+        if a.only in (None, "memory"):
+            report_memory(a, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -354,19 +376,58 @@ def report_train(a, tmp):
     mem = {c: max(x["mem"] for x in v) for c, v in res.items()}
     threads = a.threads or torch.get_num_threads()
     name = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {threads} thread{'s' * (threads > 1)}"
-    peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None) if a.device == "cuda" else None
+    peak = peak_tflops(a, name)
     for c in configs + [pas]:
         row = [c[0], c[1], f"{tokens / med[c]:,.0f}", f"{med[c]:.3f}", f"{cpu[c]:.3f}", f"{med[c] / med[sft]:.2f}x",
                f"{mem[c]:,.0f}", f"{mem[c] / mem[sft]:.2f}x"]
-        if peak:  # model FLOPs per token: 6 x (parameters but the embedding) + causal attention 6 x layers x T x C
-            flops = tokens * (6 * (n_params - a.vocab * a.hidden) + 6 * a.layers * a.seq_len * a.hidden)
-            row.append(f"{100 * flops / med[c] / (peak * 1e12):.1f}%" if "pass" not in c[0] else "")
+        if peak:
+            row.append(mfu(a, n_params, tokens, med[c], peak) if "pass" not in c[0] else "")
         rows.append(row)
     print(f"\nTraining: Llama-shaped, {n_params / 1e6:.0f}M parameters, {a.batch} x {a.seq_len} tokens per step, "
           f"{'bfloat16 autocast' if a.device == 'cuda' else 'float32'}, {name}, torch {torch.__version__}; median "
           f"of {a.rounds} x {a.steps} steps. prior pass: the no-grad pass of --prior precompute, per batch of the "
           f"same size (loading the reference not included).\n")
     print(table(["rule", "prior", "tokens/s", "step s", "CPU s", "time vs sft", "peak MB", "memory vs sft"]
+                + (["MFU"] if peak else []), rows))
+
+
+def peak_tflops(a, name):
+    return a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None) if a.device == "cuda" else None
+
+
+def mfu(a, n_params, tokens, seconds, peak):
+    """Model FLOPs per token: 6 x (parameters but the embedding) + causal attention 6 x layers x T x C; a block
+    recomputed in backward is not counted again."""
+    flops = tokens * (6 * (n_params - a.vocab * a.hidden) + 6 * a.layers * a.seq_len * a.hidden)
+    return f"{100 * flops / seconds / (peak * 1e12):.1f}%"
+
+
+def report_memory(a, tmp):
+    m = argparse.Namespace(**{**vars(a), "seq_len": 64 if a.quick else 2048, "batch": 2})
+    ckpt, res = tmp / "memory-model", {on: [] for on in (False, True)}
+    in_child(make_checkpoint, m, ckpt)
+    for r in range(a.rounds):
+        for on in res:
+            res[on].append(in_child(run_memory, m, on, ckpt))
+            print(f"  round {r + 1}/{a.rounds}: checkpointing {'on' if on else 'off'} done", file=sys.stderr, flush=True)
+    cfg = Config.from_dict(llama_config(m))
+    n_params, cuda = memory.count_params(cfg)[0], a.device == "cuda"
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {a.threads or torch.get_num_threads()} thread(s)"
+    peak, rows = peak_tflops(a, name), []
+    med = {on: statistics.median(t for x in v for t in x["times"]) for on, v in res.items()}
+    cpu = {on: statistics.median(t for x in v for t in x["cpu"]) for on, v in res.items()}
+    mem = {on: max(x["mem"] for x in v) for on, v in res.items()}
+    for on in res:
+        planned = memory.plan(cfg, tokens=m.batch * m.seq_len, world=1, fsdp=False, cuda=cuda, authors=False,
+                              checkpointing=on, accumulate=False)["total"] / 2 ** 20
+        rows.append(["on" if on else "off", f"{mem[on]:,.0f}", f"{mem[on] / mem[False]:.2f}x", f"{planned:,.0f}",
+                     f"{planned / mem[on]:.2f}", f"{med[on]:.2f}", f"{cpu[on]:.2f}",
+                     f"{med[on] / med[False]:.2f}x / {cpu[on] / cpu[False]:.2f}x"]
+                    + ([mfu(m, n_params, 2 * m.seq_len, med[on], peak)] if peak else []))
+    print(f"\nActivation checkpointing: Llama-shaped, {n_params / 1e6:.0f}M parameters, a step of one micro-batch of "
+          f"{m.batch} x {m.seq_len:,} tokens, sft, {'bfloat16 autocast' if cuda else 'float32'}, {name}; "
+          f"median of {a.rounds} x {a.steps} steps. plan: memory.py's total for this run.\n")
+    print(table(["checkpointing", "peak MB", "vs off", "plan MB", "plan / peak", "step s", "CPU s", "vs off (s / CPU s)"]
                 + (["MFU"] if peak else []), rows))
 
 

@@ -1,6 +1,7 @@
 """
 What running on real hardware needs and the method does not: torchrun process groups, DDP or FSDP2 around
-the model, full state dicts gathered from shards, bfloat16 autocast on CUDA, and output from rank 0 only.
+the model (FSDP2 gathering bfloat16 on CUDA), activation checkpointing, full state dicts gathered from shards,
+bfloat16 autocast on CUDA, and output from rank 0 only. What a run needs in memory is memory.py's.
 On one process every function here is a no-op or the obvious single-process answer.
 """
 import contextlib
@@ -31,19 +32,40 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def grad_checkpoint(args, device):
+    """--grad-checkpoint / --no-grad-checkpoint; by default on with CUDA (the paper's recipe does not fit a GPU
+    without it, see README), off on the CPU (the demo and the tests, whose memory is not the limit)."""
+    return device.type == "cuda" if args.grad_checkpoint is None else args.grad_checkpoint
+
+
+def fsdp_policy(device):
+    """FSDP2's precision on CUDA: blocks all-gathered in bfloat16 (half the bytes of float32, and what autocast
+    would compute in anyway), gradients reduce-scattered in float32, the sharded master weights and AdamW state
+    float32. On the CPU everything stays float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
 def wrap_distributed(args, model, ref=None):
-    """DDP; or with --fsdp, FSDP2 (one unit per transformer block, and the root) for the model, in place, and
-    for the frozen reference of --prior inline the same way. Build the optimizer after this."""
+    """Activation checkpointing of every block as asked; then DDP, or with --fsdp, FSDP2 (one unit per transformer
+    block, and the root) for the model, in place, and for the frozen reference of --prior inline the same way.
+    Build the optimizer after this."""
+    device = next(model.parameters()).device
+    for block in model.model.layers:  # before fully_shard, so that each unit's gathers wrap its recomputation
+        block.recompute = grad_checkpoint(args, device)
     if not dist.is_initialized():
         return model
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
+        policy = fsdp_policy(device)
         for module in [model] + ([ref] if ref is not None else []):
             for block in module.model.layers:
-                fully_shard(block)
+                fully_shard(block, mp_policy=policy)
             # the root (embeddings, final norm, lm_head) stays unsharded after forward, as the loss applies
             # lm_head outside forward; its gradient is reduce-scattered at the end of backward
-            fully_shard(module, reshard_after_forward=False)
+            fully_shard(module, reshard_after_forward=False, mp_policy=policy)
         return model
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model)

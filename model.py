@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
 from hf_files import MAX_LAYERS, CheckpointError, eos_field, field, read_headers, read_tensors, weight_files
 
@@ -243,8 +244,16 @@ class Block(nn.Module):
             else (lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps))
         self.input_layernorm, self.self_attn = norm(), Attention(cfg)
         self.post_attention_layernorm, self.mlp = norm(), MLP(cfg)
+        self.recompute = False  # activation checkpointing (--grad-checkpoint), set by distributed.wrap_distributed
 
     def forward(self, x, rope, cache=None, pos=0, mask=None):
+        if self.recompute and torch.is_grad_enabled():
+            # Keep only the input x (B, T, C) for backward, and run the block again there to remake what its
+            # backward needs (non-reentrant: autograd, autocast and FSDP2's hooks work as without it).
+            return checkpoint(self.body, x, rope, cache, pos, mask, use_reentrant=False)
+        return self.body(x, rope, cache, pos, mask)
+
+    def body(self, x, rope, cache=None, pos=0, mask=None):
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 

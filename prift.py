@@ -38,6 +38,7 @@ import data
 import demo
 import evaluate
 import inspection
+import memory
 import report
 import rundir
 from distributed import all_reduce, autocast, barrier, dist_info, init_from_env, log, merge_from_ranks, progress, shutdown
@@ -392,6 +393,7 @@ def parse_args(argv=None):
     evaluate.add_arguments(parser)
     checkpoint.add_arguments(parser)
     demo.add_arguments(parser)
+    memory.add_arguments(parser)
     return parser, parser.parse_args(argv)
 
 
@@ -433,6 +435,7 @@ def main(argv=None):
     args.precision = "bf16" if device.type == "cuda" or args.match_authors else "fp32"
     torch.manual_seed(args.seed)
     try:
+        memory.print_plan(args, device, is_demo)  # what the run needs in memory; with --plan, that alone
         if is_demo:
             demo.run(args, device, sys.modules[__name__])
         elif args.inspect:

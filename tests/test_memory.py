@@ -1,0 +1,255 @@
+"""What running for real needs in memory (memory.py, issue 19): the plan's count of activations against what
+autograd itself saves, for every family and precision; activation checkpointing gives the losses and weights of
+a run without it, in one process and in two (DDP and FSDP2, gloo); FSDP2's bfloat16 gathers (the CUDA policy,
+run here on the CPU) give the gradient of bfloat16 weight copies with float32 master weights; --plan.
+
+The two-process checks run in one torchrun launch of this file as a script (worker() below), to start the
+interpreters once."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import tiny
+from tiny import ROOT
+
+import memory  # noqa: E402  (tiny put the repository on the path)
+import model as M  # noqa: E402
+from model import GPT, Config  # noqa: E402
+
+FAMILIES = ("gpt2", "llama", "qwen2", "qwen3")
+TRAIN = ["--batch-size", "8", "--micro-batch", "2", "--max-steps", "2", "--lr", "1e-3", "--max-len", "128"]
+
+
+def tiny_config(family, layers=3):
+    """GQA (4 query heads, 2 key/value heads); qwen3's head_dim is not hidden / heads."""
+    if family == "gpt2":
+        d = dict(model_type="gpt2", vocab_size=100, n_embd=64, n_layer=layers, n_head=4, n_positions=512,
+                 layer_norm_epsilon=1e-5)
+    else:
+        d = dict(model_type=family, vocab_size=100, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+                 head_dim=24 if family == "qwen3" else 16)
+    return Config.from_dict(d)
+
+
+def saved_bytes(model, T, mode):
+    """Bytes of the distinct storages autograd saves for backward in a forward pass over T tokens (the final
+    hidden states, as the training loop asks), the parameters not counted."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    idx = torch.randint(100, (1, T), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        model(idx, hidden_only=True)
+    return sum(v for k, v in seen.items() if k not in params)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_activations_are_what_autograd_saves(family, mode):
+    """The plan's bytes per token (3 blocks and the rest) equal autograd's own: the difference between 256 and
+    128 tokens of what its saved-tensor hooks see (so that constant terms, such as autocast's cast weights, drop
+    out). 'bf16' is what FSDP2's bfloat16 gathers and --match-authors compute with."""
+    cfg = tiny_config(family)
+    model = GPT(cfg)
+    if mode == "bf16":
+        model.to(torch.bfloat16)
+    per_token = (saved_bytes(model, 256, mode) - saved_bytes(model, 128, mode)) / 128
+    assert per_token == 3 * memory.block_bytes(cfg, mode) + memory.model_bytes(cfg, mode)
+
+
+def test_parameter_count_matches_transformers():
+    """The plan's weights, gradients and AdamW state come from the parameter count: transformers' own."""
+    from conftest import hf_config
+    import transformers
+    for family in FAMILIES:
+        for tied in (False, True):
+            hf = transformers.AutoModelForCausalLM.from_config(hf_config(family, tie_word_embeddings=tied))
+            cfg = Config.from_dict(hf.config.to_dict())
+            assert memory.count_params(cfg)[0] == hf.num_parameters()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Activation checkpointing changes nothing but memory and time
+
+def in_process_args(work, *extra):
+    import data
+    import prift
+    p, args = prift.parse_args(["--model", str(work / "tied"), "--data", str(work / "train.jsonl"), "--out",
+                                str(work / "unused"), *TRAIN, *map(str, extra)])
+    prift.check_args(p, args)
+    args = prift.settings(args)
+    args.precision = "fp32"
+    seqs, _ = data.Template.load(args.model, "auto").encode(data.read_jsonl(args.data), 128)
+    return args, seqs
+
+
+def train_rows(work, *extra):
+    """(metrics rows, final weights, block forwards run) of 2 steps of prift.train in this process. Under FSDP2
+    the weights are gathered on rank 0; other ranks get none."""
+    import checkpoint
+    import distributed
+    import prift
+    args, seqs = in_process_args(work, *extra)
+    rows, calls, record, body = [], [], checkpoint.record_step, M.Block.body
+    checkpoint.record_step = lambda out, row, bar: (rows.append(row), record(out, row, bar))
+    M.Block.body = lambda self, *a: (calls.append(1), body(self, *a))[1]
+    try:
+        model = GPT.from_pretrained(args.model)
+        prift.train(args, model, seqs)
+        weights = distributed.full_state_dict(model) if distributed.is_fsdp(model) else model.state_dict()
+    finally:
+        checkpoint.record_step, M.Block.body = record, body
+    return rows, {k: v.detach().clone() for k, v in weights.items()}, len(calls)
+
+
+def max_difference(a, b):
+    return max(((a[k] - b[k]).abs().max().item() for k in a), default=0.0)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("memory")
+    tiny.make_checkpoint(d / "tied", tie=True)
+    tiny.make_data(d / "train.jsonl", n=17)
+    return d
+
+
+def test_grad_checkpoint_equal_in_one_process(work):
+    """mass and sft, float32, 2 steps of 4 micro-batches: the same losses and weights within 1e-6, and every block
+    ran twice per micro-batch (recomputed in backward)."""
+    for rule in ("sft", "dft"):
+        rows, weights, calls = train_rows(work, "--rule", rule, "--no-grad-checkpoint")
+        rows_c, weights_c, calls_c = train_rows(work, "--rule", rule, "--grad-checkpoint")
+        assert calls_c == 2 * calls == 2 * 2 * 4 * 2  # 2 layers, 4 micro-batches, 2 steps
+        for r, rc in zip(rows, rows_c):
+            assert all(abs(r[k] - rc[k]) <= 1e-6 for k in ("loss", "ce", "grad_norm")), (r, rc)
+        assert max_difference(weights, weights_c) <= 1e-6
+        start = GPT.from_pretrained(work / "tied").state_dict()
+        assert max_difference(weights, start) > 1e-4, "the weights moved"
+
+
+def test_two_processes(work, tmp_path):
+    """torchrun, 2 gloo processes: checkpointing under DDP and under FSDP2 gives the losses and weights of the same
+    run without it (1e-6); FSDP2 with the CUDA policy gathers bfloat16 blocks and its float32 gradient is the
+    float32 sum of the bfloat16 gradients that bfloat16 copies of the weights give on each rank's micro-batch."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("this torch build has no torch.distributed with the gloo backend")
+    out = tmp_path / "results.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        __file__, str(work), str(out)], env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    res = json.loads(out.read_text())
+    for mode in ("ddp", "fsdp"):
+        got = res[mode]
+        assert got["calls_checkpointed"] == 2 * got["calls"] > 0
+        assert got["loss_difference"] <= 1e-6 and got["weight_difference"] <= 1e-6, got
+        assert got["moved"] > 1e-4
+    mp = res["bf16 gathers"]
+    assert mp["gathered_dtypes"] == ["torch.bfloat16"] and mp["master_dtypes"] == ["torch.float32"]
+    assert mp["grad_dtypes"] == ["torch.float32"]
+    # equal to the bfloat16 computation, and measurably not the float32 one
+    assert mp["vs_bf16_copies"] <= 1e-6 * mp["scale"] and mp["vs_float32"] > 1e-3 * mp["scale"], mp
+
+
+def worker(work, out):
+    """Under torchrun: the checks of test_two_processes; rank 0 writes what it measured to `out`."""
+    import data
+    import distributed
+    import prift
+    distributed.init_from_env()
+    rank, world = distributed.dist_info()
+    res = {}
+    for mode, extra in (("ddp", ()), ("fsdp", ("--fsdp",))):
+        rows, weights, calls = train_rows(work, "--rule", "dft", *extra)
+        rows_c, weights_c, calls_c = train_rows(work, "--rule", "dft", "--grad-checkpoint", *extra)
+        start = GPT.from_pretrained(work / "tied").state_dict()
+        res[mode] = dict(calls=calls, calls_checkpointed=calls_c, weight_difference=max_difference(weights, weights_c),
+                         loss_difference=max(abs(r[k] - rc[k]) for r, rc in zip(rows, rows_c) for k in ("loss", "ce")),
+                         moved=max_difference(weights, start))
+
+    # FSDP2 with the policy it takes on CUDA (building the policy needs no GPU)
+    args, seqs = in_process_args(work, "--rule", "dft", "--fsdp")
+    policy = distributed.fsdp_policy(torch.device("cuda"))
+    distributed.fsdp_policy = lambda device: policy
+    batch = [seqs[i] for i in range(8)]
+    n_tokens = sum(data.n_response_tokens(s) for s in batch)
+
+    def grads(model, wrapped, ranks):
+        """The float32 sum over `ranks` of the gradient of each one's half of the global batch's loss, computed
+        as the training loop does (each rank's own .grad, so that no sum is taken in bfloat16)."""
+        total, dtypes = {}, set()
+        for r in ranks:
+            x, y, m = data.collate(batch[4 * r:4 * r + 4])
+            part = prift.chunked_loss(wrapped(x, hidden_only=True)[m], model.lm_head, y[m], "dft", "online")
+            (part.weighted * world / n_tokens).backward()
+            for k, p in model.named_parameters():
+                dtypes.add(str(p.grad.dtype))
+                total[k] = total.get(k, 0) + (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float()
+            model.zero_grad(set_to_none=True)
+        return total, sorted(dtypes)
+
+    model, gathered = GPT.from_pretrained(args.model), set()
+    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda mod, _: gathered.add(str(mod.weight.dtype)))
+    g_fsdp, grad_dtypes = grads(model, distributed.wrap_distributed(args, model), [rank])  # reduce-scattered: the mean over ranks
+    copies = GPT.from_pretrained(args.model).to(torch.bfloat16)  # what every rank computes with: its weights rounded
+    g_copies = {k: v / world for k, v in grads(copies, copies, range(world))[0].items()}
+    plain = GPT.from_pretrained(args.model)
+    g_plain = {k: v / world for k, v in grads(plain, plain, range(world))[0].items()}
+    res["bf16 gathers"] = dict(gathered_dtypes=sorted(gathered), master_dtypes=sorted({str(p.dtype) for p in model.parameters()}),
+                               grad_dtypes=grad_dtypes,
+                               vs_bf16_copies=max_difference(g_fsdp, g_copies), vs_float32=max_difference(g_fsdp, g_plain),
+                               scale=max(v.abs().max().item() for v in g_plain.values()))
+    if rank == 0:
+        Path(out).write_text(json.dumps(res))
+    distributed.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------------
+# --plan
+
+def test_plan_alone_loads_no_weights(work, tmp_path):
+    """--plan prints every part and the three cards, exits 0 and writes nothing; it reads config.json only (the
+    weights file here is not a safetensors file at all). Without --model: one line, exit code 2."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text((work / "tied" / "config.json").read_text())
+    (ckpt / "model.safetensors").write_text("not weights")
+    out = tmp_path / "out"
+    r = tiny.run_cli(["--plan", "--model", ckpt, "--data", work / "train.jsonl", "--out", out, "--micro-batch", "2"])
+    assert r.returncode == 0, r.stderr
+    for part in ("weights", "gradients", "optimizer", "activations", "loss chunk", "total", "a 24 GB card: fits"):
+        assert part in r.stdout, r.stdout
+    assert "micro-batch 2 x 2,048 tokens" in r.stdout and not out.exists()
+    r = tiny.run_cli(["--plan"])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--plan needs --model" in r.stderr
+
+
+def test_plan_says_which_switch_fits():
+    """Qwen2.5-Math-7B's shape (config.json only) at the paper's 4 x 2,048 tokens on one GPU: too big for 80 GB;
+    checkpointing does not fix weights and AdamW's 16 bytes per parameter, FSDP2 over enough GPUs does; and the
+    activations without checkpointing outweigh those with it."""
+    cfg = Config.from_dict(dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                max_position_embeddings=4096, rms_norm_eps=1e-6))
+    kw = dict(tokens=4 * 2048, world=1, fsdp=False, cuda=True, authors=False)
+    off, on = memory.plan(cfg, checkpointing=False, **kw), memory.plan(cfg, checkpointing=True, **kw)
+    assert off["activations"] > 5 * on["activations"]
+    assert on["weights"] == 4 * memory.count_params(cfg)[0] and on["optimizer"] == 2 * on["weights"]
+    assert not memory.fits(on, 80)
+    sharded = memory.plan(cfg, checkpointing=True, **{**kw, "world": 8, "fsdp": True, "accumulate": False})
+    assert memory.fits(sharded, 80) and sharded["weights"] == on["weights"] / 8
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]), sys.argv[2])

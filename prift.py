@@ -16,8 +16,7 @@ The denominator counts every response token, also those weighted 0. The claim of
 SOURCE of the weight: `--signal prior|online` swaps it for any rule. Since q never changes, its signal
 for every response token is computed once before training (`--prior precompute`) and no reference
 model is kept in memory; `--prior inline` runs the reference beside the model on every batch instead.
-Read on for the rules, the loss (`prift_loss` to copy; `chunked_loss`, the same numbers in bounded memory),
-the prior computed once, the training loop, the command line.
+Read on: the rules, the loss (`prift_loss` to copy; `chunked_loss`, bounded memory), the prior, the loop, the CLI.
 
     python prift.py --rule mass                                    # the built-in demo, on a CPU
     python prift.py --rule mass --model DIR --data train.jsonl     # a real checkpoint and dataset
@@ -43,7 +42,7 @@ import report
 import rundir
 from distributed import all_reduce, autocast, barrier, dist_info, init_from_env, log, merge_from_ranks, progress, shutdown
 from distributed import sync_grads, wrap_distributed
-from model import GPT, CheckpointError, Config, logits_chunk
+from model import GPT, CheckpointError, logits_chunk
 
 
 class Rule(NamedTuple):
@@ -328,14 +327,8 @@ def run(args, device):
     template = data.Template.load(args.model, args.template)
     seqs, dropped = template.encode(data.read_jsonl(args.data, need="response", max_len=args.max_len), args.max_len)
     eval_sets = {path: data.read_jsonl(path, need="answer", max_len=args.max_len) for path in args.eval_data or []}
-    if not seqs:
-        raise data.DataError(f"no usable example in {args.data}: every prompt fills --max-len {args.max_len} "
-                             f"(raise it), or prompt and response are both empty")
     ckpt, start = checkpoint.resume_point(args.out) if args.resume else (None, None)
     model = GPT.from_pretrained(ckpt or args.model, device=device)
-    if args.signal == "prior" and Config.load(args.ref).vocab_size != model.config.vocab_size:
-        raise CheckpointError(f"the reference's vocabulary ({Config.load(args.ref).vocab_size} tokens) differs from the "
-                              f"model's ({model.config.vocab_size}); --ref must share the model's tokenizer")
     log(f"data: {len(seqs)} examples, {sum(map(data.n_response_tokens, seqs))} response tokens, template "
         f"{template.name}" + (f", {dropped} dropped (prompt fills --max-len, or nothing to train)" if dropped else ""))
     rundir.check_run(args, seqs, model.config, steps_per_epoch(len(seqs), args.batch_size, args.match_authors))
@@ -429,8 +422,7 @@ def main(argv=None):
         args = rundir.resumed_args(parser, args)
     device = init_from_env()
     is_demo = check_args(parser, args)
-    if args.rule != "all":
-        args = settings(args)
+    args = settings(args) if args.rule != "all" else args
     barrier()  # every rank has checked --out (e.g. for an args.json) before rank 0 writes there
     args.precision = "bf16" if device.type == "cuda" or args.match_authors else "fp32"
     torch.manual_seed(args.seed)

@@ -12,7 +12,8 @@ import os
 import re
 from pathlib import Path
 
-from model import TOKENIZER_FILES, CheckpointError
+from data import DataError
+from model import TOKENIZER_FILES, CheckpointError, Config
 
 MODEL_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES)
 RUN_FILES = {"args.json", "metrics.jsonl", "report.html", "eval.json", "tokens.jsonl", "weights.html", "results.md",
@@ -80,9 +81,16 @@ def recorded_args(parser, run_dir):
 
 
 def check_run(args, seqs, config, steps_per_epoch):
-    """What needs the data and the model, checked before anything is written: at least one step to train, every
-    example within the model's context, and on --resume the run's own data (the sha256 args.json recorded) and,
-    for a command line given with --resume alone, the run's own model, reference and method."""
+    """What needs the data and the model, checked before anything is written: an example to train on, a reference
+    with the model's vocabulary, at least one step to train, every example within the model's context, and on
+    --resume the run's own data (the sha256 args.json recorded) and, for a command line given with --resume alone,
+    the run's own model, reference and method."""
+    if not seqs:
+        raise DataError(f"no usable example in {args.data}: every prompt fills --max-len {args.max_len} (raise it), "
+                        f"or prompt and response are both empty")
+    if args.signal == "prior" and (ref_vocab := Config.load(args.ref).vocab_size) != config.vocab_size:
+        raise CheckpointError(f"the reference's vocabulary ({ref_vocab} tokens) differs from the model's "
+                              f"({config.vocab_size}); --ref must share the model's tokenizer")
     if steps_per_epoch == 0:
         raise CheckpointError(f"{len(seqs)} usable examples make no batch of --batch-size {args.batch_size} (--match-authors "
                               f"drops the last short batch), so nothing would be trained; lower --batch-size")

@@ -16,8 +16,8 @@ from data import DataError
 from model import TOKENIZER_FILES, CheckpointError, Config
 
 MODEL_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES)
-RUN_FILES = {"args.json", "metrics.jsonl", "report.html", "eval.json", "tokens.jsonl", "weights.html", "results.md",
-             "results.json", ".lock", *MODEL_FILES}
+RUN_FILES = {"args.json", "metrics.jsonl", "run.json", "report.html", "eval.json", "tokens.jsonl", "prior.json",
+             "weights.html", "results.md", "results.json", "compare.html", ".lock", *MODEL_FILES}
 TEMPORARY = {"metrics.tmp", "args.json.tmp", "final.tmp"}  # what a kill can leave (final.tmp: a directory)
 STEP = re.compile(r"step-\d{7}")
 MAX_LEN = 1 << 20        # --max-len: tokens per example; more is a typo (no model reads a million positions)

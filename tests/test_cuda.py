@@ -8,7 +8,6 @@ checkpointing against none under bfloat16 autocast; FSDP2 with bfloat16 gathers 
 generation against transformers' generate; the memory plan against torch.cuda.max_memory_allocated; and
 bench.py and bench_generate.py on the GPU. Written without a GPU to run them on: the tolerances are bfloat16's."""
 import json
-import os
 import re
 import subprocess
 import sys

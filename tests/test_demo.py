@@ -47,7 +47,6 @@ def test_weight_display_marks_exactly_the_zero_weight_tokens(tmp_path):
     ids, n_prompt = seqs[0]
     n = len(ids) - n_prompt
     u = torch.rand(n, generator=torch.Generator().manual_seed(0))  # a made-up prior: mass keeps u >= 0.5
-    prior = [torch.stack([u, u], 1)]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         demo.show_weights(tok, [row], seqs, [prift.weights_from_stats("mass", u, u, 0.5)], "mass")

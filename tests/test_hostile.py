@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny import ROOT, make_checkpoint, make_data
+from tiny import ROOT, Work, main_rc, make_checkpoint, make_data, one_error_line, snapshot
 
 import checkpoint
 import evaluate
@@ -42,61 +42,9 @@ def assets(tmp_path_factory):
     return make_checkpoint(root / "ck"), make_data(root / "train.jsonl", n=12)
 
 
-class Work:
-    """A fresh copy of the tiny checkpoint and data in tmp_path; `out` does not exist yet."""
-    def __init__(self, tmp, assets):
-        self.root = tmp
-        self.ck = Path(shutil.copytree(assets[0], tmp / "ck"))
-        self.data = Path(shutil.copy(assets[1], tmp / "train.jsonl"))
-        self.out, self.cache = tmp / "out", tmp / "cache"
-
-    def argv(self, *extra, **over):
-        flags = {"model": self.ck, "data": self.data, "out": self.out, "cache": self.cache, **SHORT, **over}
-        return [a for k, v in flags.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))] + [*extra]
-
-    def finished(self, out=None, **over):
-        """A finished run in out (default w.out), made by prift."""
-        assert main_rc(self.argv(out=out or self.out, **over)) == 0
-        return out or self.out
-
-
 @pytest.fixture
 def w(tmp_path, assets):
-    return Work(tmp_path, assets)
-
-
-def main_rc(argv, entry=prift.main):
-    try:
-        return entry([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-
-
-def snapshot(root):
-    """Every path under root with its content hash (size, for a huge file) and modification time: any write or
-    removal shows."""
-    snap = {}
-    for p in sorted(Path(root).rglob("*")):
-        key = str(p.relative_to(root))
-        if p.is_symlink():
-            snap[key] = ("link", os.readlink(p))
-        elif p.is_fifo():
-            snap[key] = "fifo"
-        elif p.is_file() and p.stat().st_size > 2**26:  # a huge (sparse) test file: not read
-            snap[key] = (p.stat().st_size, p.stat().st_mtime_ns)
-        elif p.is_file():
-            snap[key] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-        else:
-            snap[key] = "dir"
-    return snap
-
-
-def one_error_line(err, prog="prift"):
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert "Traceback" not in err, err
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith(f"{prog}: error: "), lines[0]
-    return lines[0]
+    return Work(tmp_path, assets, **SHORT)
 
 
 def refused(argv, root, capsys, *fragments, entry=prift.main, prog="prift"):

@@ -6,7 +6,6 @@ SIGINT/SIGTERM.
 The bad-input cases run `prift.main(argv)`, the function that `python prift.py ARGV` runs, in this process
 (a fresh interpreter costs seconds per case on this machine); a few of them, and every signal and kill test,
 run the real command line in a subprocess."""
-import hashlib
 import json
 import math
 import os
@@ -22,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny import ROOT, assert_some_kept, make_checkpoint, make_data, run_cli
+from tiny import ROOT, Work, assert_some_kept, main_rc, make_checkpoint, make_data, one_error_line, run_cli, snapshot
 
 import checkpoint
 import data
@@ -42,56 +41,9 @@ def assets(tmp_path_factory):
     return make_checkpoint(root / "ck", pretrain_steps=20), make_data(root / "train.jsonl", n=24)
 
 
-class Work:
-    """A fresh copy of the tiny checkpoint and data in tmp_path; `out` does not exist yet."""
-    def __init__(self, tmp, assets):
-        self.root = tmp
-        self.ck = Path(shutil.copytree(assets[0], tmp / "ck"))
-        self.data = Path(shutil.copy(assets[1], tmp / "train.jsonl"))
-        self.out, self.cache = tmp / "out", tmp / "cache"
-
-    def argv(self, *extra, **over):
-        """The command line of a short run; keyword arguments replace a flag's value (None drops it)."""
-        flags = {"model": self.ck, "data": self.data, "out": self.out, "cache": self.cache, "max_steps": 2, **TRAIN}
-        flags.update(over)
-        args = [a for k, v in flags.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))]
-        return args + [str(e) for e in extra]
-
-
 @pytest.fixture
 def w(tmp_path, assets):
-    return Work(tmp_path, assets)
-
-
-def main_rc(argv):
-    """prift.main as `python prift.py` runs it: its return value, or the code it exits with."""
-    try:
-        return prift.main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-
-
-def snapshot(root):
-    """Every path under root with its content hash and modification time: any write shows."""
-    snap = {}
-    for p in sorted(Path(root).rglob("*")):
-        key = str(p.relative_to(root))
-        if p.is_symlink():
-            snap[key] = ("link", os.readlink(p))
-        elif p.is_file():
-            snap[key] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-        else:
-            snap[key] = "dir"
-    return snap
-
-
-def one_error_line(err):
-    """The single line a user error prints on stderr."""
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert "Traceback" not in err, err
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith("prift: error: "), lines[0]
-    return lines[0]
+    return Work(tmp_path, assets, max_steps=2, **TRAIN)
 
 
 def metrics_steps(out):
@@ -421,7 +373,7 @@ def test_save_killed_at_every_line_leaves_previous_checkpoint(w, tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.tensor([[1, 2, 3]])).sum().backward()
     opt.step()
-    out, args = tmp_path / "run", train_args()
+    out = tmp_path / "run"
 
     def save(step):
         with torch.no_grad():

@@ -10,7 +10,6 @@ import pytest
 from tokenizers import processors
 
 import data
-import demo
 from tiny import make_checkpoint, run_cli
 
 QWEN25 = (

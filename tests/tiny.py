@@ -1,5 +1,8 @@
-"""Tiny real checkpoints and JSONL data for the tests, made in a few hundred milliseconds."""
+"""Tiny real checkpoints and JSONL data for the tests, made in a few hundred milliseconds, and run directories."""
+import hashlib
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -73,3 +76,64 @@ def run_cli(args, cwd=None, timeout=300, **kw):
     import subprocess
     return subprocess.run([sys.executable, str(ROOT / "prift.py"), *map(str, args)], cwd=cwd, timeout=timeout,
                            capture_output=True, text=True, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run directories: a fresh copy of a run's inputs, prift.main in this process, and what it left on disk
+
+class Work:
+    """A fresh copy of a tiny checkpoint and its data (assets: their paths) in tmp; `out` does not exist yet.
+    flags: the command line's defaults for this test file."""
+    def __init__(self, tmp, assets, **flags):
+        self.root, self.flags = tmp, flags
+        self.ck = Path(shutil.copytree(assets[0], tmp / "ck"))
+        self.data = Path(shutil.copy(assets[1], tmp / "train.jsonl"))
+        self.out, self.cache = tmp / "out", tmp / "cache"
+
+    def argv(self, *extra, **over):
+        """The command line of a short run; keyword arguments replace a flag's value (None drops it)."""
+        flags = {"model": self.ck, "data": self.data, "out": self.out, "cache": self.cache, **self.flags, **over}
+        return [a for k, v in flags.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))] + \
+            [str(e) for e in extra]
+
+    def finished(self, out=None, **over):
+        """A finished run in out (default self.out), made by prift."""
+        assert main_rc(self.argv(out=out or self.out, **over)) == 0
+        return out or self.out
+
+
+def main_rc(argv, entry=None):
+    """prift.main (or entry) as `python prift.py` runs it: its return value, or the code it exits with."""
+    import prift
+    try:
+        return (entry or prift.main)([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+def snapshot(root):
+    """Every path under root with its content hash (size, for a huge file) and modification time: any write or
+    removal shows."""
+    snap = {}
+    for p in sorted(Path(root).rglob("*")):
+        key = str(p.relative_to(root))
+        if p.is_symlink():
+            snap[key] = ("link", os.readlink(p))
+        elif p.is_fifo():
+            snap[key] = "fifo"
+        elif p.is_file() and p.stat().st_size > 2**26:  # a huge (sparse) test file: not read
+            snap[key] = (p.stat().st_size, p.stat().st_mtime_ns)
+        elif p.is_file():
+            snap[key] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        else:
+            snap[key] = "dir"
+    return snap
+
+
+def one_error_line(err, prog="prift"):
+    """The single line a user error prints on stderr."""
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    return lines[0]

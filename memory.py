@@ -97,9 +97,10 @@ def plan(cfg, *, tokens, world, fsdp, cuda, authors, checkpointing, ref_cfg=None
     # what exists besides: gathered blocks and root under FSDP2; bf16 copies autocast keeps; DDP's buckets
     extra = 0
     if fsdp:
-        # the root stays gathered all step, two blocks at a time (the one computing, the next prefetched); with
-        # accumulation FSDP2 keeps every parameter's gradient unsharded, in float32, until the last micro-batch
-        extra = (P_root + 2 * P_block) * (2 if cuda or authors else 4) + 4 * (P if accumulate else P_root + P_block)
+        # the root stays gathered all step, two blocks at a time (the one computing, the next prefetched); and the
+        # float32 gradient of what is being reduce-scattered, whole for a moment (a block, and the root's), as
+        # prift reduce-scatters after every micro-batch (distributed.sync_grads)
+        extra = (P_root + 2 * P_block) * (2 if cuda or authors else 4) + 4 * (P_root + P_block)
     elif cuda and not authors:
         extra = 2 * (P - P_root)  # autocast's cache: a bfloat16 copy of each block weight, kept until backward ends
     if world > 1 and not fsdp:

@@ -197,9 +197,10 @@ def test_ddp_all_reduces_once_per_step(work, tmp_path, monkeypatch, group_of_one
 
 @pytest.mark.skipif(NO_FSDP2 is not None, reason=NO_FSDP2 or "")
 def test_fsdp_in_one_process(work, tmp_path, monkeypatch, group_of_one):
-    """FSDP2 is told to reduce-scatter on the last of the 4 micro-batches of a step only; the inline reference
-    is sharded like the model; a checkpoint of step 1 (model and optimizer gathered whole) loads back into the
-    sharded model and optimizer and gives the final weights of the run that was not interrupted."""
+    """FSDP2 is never told to skip the reduce-scatter of a micro-batch (that would keep the gradient whole on every
+    GPU until the step's last micro-batch); the inline reference is sharded like the model; a checkpoint of step 1
+    (model and optimizer gathered whole) loads back into the sharded model and optimizer and gives the final
+    weights of the run that was not interrupted."""
     import distributed
     import prift
     from model import GPT
@@ -218,7 +219,7 @@ def test_fsdp_in_one_process(work, tmp_path, monkeypatch, group_of_one):
     out.mkdir()
     model, ref = GPT.from_pretrained(work / "tied"), prift.load_reference(args, "cpu")
     prift.train(args, model, seqs, ref=ref, out=out)
-    assert calls == [False, False, False, True] * 2
+    assert False not in calls, calls
     blocks = [p for layer in ref.model.layers for p in layer.parameters()]
     assert blocks and all(isinstance(p, DTensor) for p in blocks), "the reference's blocks are sharded"
     final = distributed.full_state_dict(model)

@@ -5,6 +5,7 @@ run here on the CPU) give the gradient of bfloat16 weight copies with float32 ma
 
 The two-process checks run in one torchrun launch of this file as a script (worker() below), to start the
 interpreters once."""
+import contextlib
 import json
 import os
 import subprocess
@@ -140,7 +141,8 @@ def test_grad_checkpoint_equal_in_one_process(work):
 
 def test_two_processes(work, tmp_path):
     """torchrun, 2 gloo processes: checkpointing under DDP and under FSDP2 gives the losses and weights of the same
-    run without it (1e-6); FSDP2 with the CUDA policy gathers bfloat16 blocks and its float32 gradient is the
+    run without it (1e-6); under FSDP2 each rank holds only its shard of the gradient after every micro-batch, as
+    the plan counts; FSDP2 with the CUDA policy gathers bfloat16 blocks and its float32 gradient is the
     float32 sum of the bfloat16 gradients that bfloat16 copies of the weights give on each rank's micro-batch."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("this torch build has no torch.distributed with the gloo backend")
@@ -155,6 +157,12 @@ def test_two_processes(work, tmp_path):
         assert got["calls_checkpointed"] == 2 * got["calls"] > 0
         assert got["loss_difference"] <= 1e-6 and got["weight_difference"] <= 1e-6, got
         assert got["moved"] > 1e-4
+    # FSDP2 reduce-scatters every micro-batch's gradient, so that each rank holds only its shard all along the step
+    grads = res["fsdp gradients"]
+    assert len(grads["held"][0]) == 4, "2 steps of 2 micro-batches per rank"
+    for per_rank in zip(*grads["held"]):
+        assert sum(per_rank) == grads["parameters"], per_rank
+        assert max(per_rank) * 4 <= 1.05 * grads["planned"], (per_rank, grads["planned"])
     mp = res["bf16 gathers"]
     assert mp["gathered_dtypes"] == ["torch.bfloat16"] and mp["master_dtypes"] == ["torch.float32"]
     assert mp["grad_dtypes"] == ["torch.float32"]
@@ -169,14 +177,30 @@ def worker(work, out):
     import prift
     distributed.init_from_env()
     rank, world = distributed.dist_info()
-    res = {}
+    res, sync, held = {}, prift.sync_grads, []
+
+    @contextlib.contextmanager
+    def measured(wrapped, last):
+        """After each micro-batch's backward: the elements of gradient this rank holds in its sharded parameters."""
+        with sync(wrapped, last):
+            yield
+        held.append(sum(p.grad.to_local().numel() for p in wrapped.parameters() if p.grad is not None))
+
     for mode, extra in (("ddp", ()), ("fsdp", ("--fsdp",))):
+        prift.sync_grads = measured if mode == "fsdp" else sync
         rows, weights, calls = train_rows(work, "--rule", "dft", *extra)
+        prift.sync_grads = sync
         rows_c, weights_c, calls_c = train_rows(work, "--rule", "dft", "--grad-checkpoint", *extra)
         start = GPT.from_pretrained(work / "tied").state_dict()
         res[mode] = dict(calls=calls, calls_checkpointed=calls_c, weight_difference=max_difference(weights, weights_c),
                          loss_difference=max(abs(r[k] - rc[k]) for r, rc in zip(rows, rows_c) for k in ("loss", "ce")),
                          moved=max_difference(weights, start))
+    every_rank = [None] * world
+    dist.all_gather_object(every_rank, held)
+    cfg = Config.load(work / "tied")
+    res["fsdp gradients"] = dict(held=every_rank, parameters=sum(p.numel() for p in GPT(cfg).parameters()),
+                                 planned=memory.plan(cfg, tokens=256, world=world, fsdp=True, cuda=False, authors=False,
+                                                     checkpointing=False)["gradients"])
 
     # FSDP2 with the policy it takes on CUDA (building the policy needs no GPU)
     args, seqs = in_process_args(work, "--rule", "dft", "--fsdp")
@@ -247,7 +271,7 @@ def test_plan_says_which_switch_fits():
     assert off["activations"] > 5 * on["activations"]
     assert on["weights"] == 4 * memory.count_params(cfg)[0] and on["optimizer"] == 2 * on["weights"]
     assert not memory.fits(on, 80)
-    sharded = memory.plan(cfg, checkpointing=True, **{**kw, "world": 8, "fsdp": True, "accumulate": False})
+    sharded = memory.plan(cfg, checkpointing=True, **{**kw, "world": 8, "fsdp": True})  # 8 micro-batches a step
     assert memory.fits(sharded, 80) and sharded["weights"] == on["weights"] / 8
 
 

@@ -52,7 +52,7 @@ def norm_bytes(cfg, mode, readers):
 
 def block_bytes(cfg, mode):
     """Bytes per token that one transformer block keeps for backward."""
-    C, I, H, K, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    I, H, K, d = cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     b = 4 if mode == "fp32" else 2  # the matmuls' dtype
     swiglu = cfg.family["mlp"] == "swiglu"
     total = norm_bytes(cfg, mode, 3) + norm_bytes(cfg, mode, 2 if swiglu else 1)

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 import tiny
-from tiny import ROOT
 
 import memory  # noqa: E402  (tiny put the repository on the path)
 import model as M  # noqa: E402

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny import ROOT, Work, main_rc, make_checkpoint, make_data, one_error_line, snapshot
+from tiny import ROOT, Killed, Work, kill_at_line, main_rc, make_checkpoint, make_data, one_error_line, snapshot
 
 import checkpoint
 import evaluate
@@ -30,10 +30,6 @@ import rundir
 from model import GPT
 
 SHORT = dict(batch_size=4, micro_batch=2, max_len=64, max_steps=2, rule="sft")
-
-
-class Killed(BaseException):
-    """A simulated kill -9: not an Exception, so nothing in the code under test catches it."""
 
 
 @pytest.fixture(scope="module")
@@ -161,19 +157,10 @@ SAVE_MODEL = checkpoint.save_model
 
 def kill_in_final_save(n):
     """checkpoint.save_model, killed before the n-th line it executes in checkpoint.py; counts lines when n=None."""
-    real, count = SAVE_MODEL, [0]
-    def local(frame, event, arg):
-        if event == "line":
-            count[0] += 1
-            if count[0] == n:
-                raise Killed
-        return local
+    count = [0]
     def killed(*a):
-        sys.settrace(lambda frame, event, arg: local if frame.f_code.co_filename == checkpoint.__file__ else None)
-        try:
-            return real(*a)
-        finally:
-            sys.settrace(None)
+        if not kill_at_line(n, SAVE_MODEL, *a, count=count):
+            raise Killed  # the process dies here: nothing after the kill runs
     return killed, count
 
 

@@ -21,7 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny import ROOT, Work, assert_some_kept, main_rc, make_checkpoint, make_data, one_error_line, run_cli, snapshot
+from tiny import (ROOT, Work, assert_some_kept, kill_at_line, main_rc, make_checkpoint, make_data, one_error_line, run_cli,
+                  snapshot)
 
 import checkpoint
 import data
@@ -339,32 +340,6 @@ def test_non_finite_steps_in_a_row_stop_with_checkpoint(w, monkeypatch, capsys):
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: atomic publication, resume equivalence, signals, kill -9
-
-class Killed(BaseException):
-    """A simulated kill: not an Exception, so no `except Exception` in the code under test catches it."""
-
-
-def kill_at_line(n, fn, *args):
-    """Run fn(*args), raising Killed before the n-th line executed in checkpoint.py; returns True if fn finished
-    first. (Lines of model.py's save_pretrained only write into the temporary directory.)"""
-    files, count = {checkpoint.__file__}, [0]
-    def local(frame, event, arg):
-        if event == "line":
-            count[0] += 1
-            if count[0] == n:
-                raise Killed
-        return local
-    def tracer(frame, event, arg):
-        return local if frame.f_code.co_filename in files else None
-    sys.settrace(tracer)
-    try:
-        fn(*args)
-        return True
-    except Killed:
-        return False
-    finally:
-        sys.settrace(None)
-
 
 def test_save_killed_at_every_line_leaves_previous_checkpoint(w, tmp_path):
     """A kill before any line of checkpoint.save (and what it calls in checkpoint.py) leaves

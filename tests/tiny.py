@@ -137,3 +137,29 @@ def one_error_line(err, prog="prift"):
     assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
     assert lines[0].startswith(f"{prog}: error: "), lines[0]
     return lines[0]
+
+
+class Killed(BaseException):
+    """A simulated kill -9: not an Exception, so no `except Exception` in the code under test catches it."""
+
+
+def kill_at_line(n, fn, *args, count=None):
+    """Run fn(*args), raising Killed before the n-th line executed in checkpoint.py (n None: never); returns True if
+    fn finished first. count: a list whose [0] counts the lines executed. (Lines of model.py's save_pretrained only
+    write into a temporary directory.)"""
+    import checkpoint
+    count = [0] if count is None else count
+    def local(frame, event, arg):
+        if event == "line":
+            count[0] += 1
+            if count[0] == n:
+                raise Killed
+        return local
+    sys.settrace(lambda frame, event, arg: local if frame.f_code.co_filename == checkpoint.__file__ else None)
+    try:
+        fn(*args)
+        return True
+    except Killed:
+        return False
+    finally:
+        sys.settrace(None)

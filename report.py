@@ -153,6 +153,9 @@ def how_it_went(rows, r):
             ("final loss", number(rows[-1].get("loss"))), ("final ce", number(rows[-1].get("ce")))]
 
 
+LOWER_IS_BETTER = ("ce", "wrong copied")  # held-out cross-entropy; the demo's share of wrong answers given back
+
+
 def evaluation_table(evaluation):
     """Before and after training, per evaluation file and measure, with the change."""
     body = ""
@@ -160,7 +163,7 @@ def evaluation_table(evaluation):
         b, a = ba.get("before", {}), ba.get("after", {})
         for col in columns([b, a]):
             change = a[col] - b[col] if all(type(d.get(col)) in (int, float) for d in (b, a)) else None
-            better = change is not None and change != 0 and (change < 0) == (col == "ce")  # ce: lower is better
+            better = change is not None and change != 0 and (change < 0) == (col in LOWER_IS_BETTER)
             shown = "" if change is None else f"{change:+.3f}" if col == "ce" else f"{change:+.1f}"
             colour = "up" if better else "down" if change else ""
             body += (f"<tr><td>{esc(file)}</td><td>{esc(col)}</td><td>{cell(b.get(col), col)}</td>"

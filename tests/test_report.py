@@ -295,3 +295,13 @@ def test_a_long_run_stays_a_page_to_open(tmp_path):
     loss = [r["loss"] for r in rows]
     expected = [(i + 1, sum(loss[max(0, i - 75):i + 76]) / len(loss[max(0, i - 75):i + 76])) for i in range(3000)]
     close(drawn, expected, fig)
+
+
+def test_the_change_is_coloured_by_which_way_is_better():
+    """Up is green for accuracies; for cross-entropy and the demo's wrong answers given back, down is."""
+    import re
+    import report
+    page = report.evaluation_table({"demo": {"before": {"avg@8": 34.2, "wrong copied": 5.0, "ce": 0.203},
+                                             "after": {"avg@8": 49.9, "wrong copied": 8.3, "ce": 0.140}}})
+    colour = dict(re.findall(r"<td>([^<]+)</td><td>[^<]*</td><td>[^<]*</td><td class=\"(\w*)\">", page))
+    assert colour == {"avg@8": "up", "wrong copied": "down", "ce": "up"}, colour

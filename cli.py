@@ -21,7 +21,8 @@ def number(kind, low, low_ok=False, high=None):
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
         in_range = (value > low or (low_ok and value == low)) and (high is None or value <= high)  # NaN is not
         if not in_range:
-            allowed = f"in [{low}, {high}]" if high is not None else "0 or more" if low_ok else "positive"
+            allowed = f"in [{low}, {high}]" if high is not None and low_ok else "0 or more" if low_ok else "positive"
+            allowed += f" and at most {high}" if high is not None and not low_ok else ""
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
         return value
     return parse
@@ -30,6 +31,9 @@ def number(kind, low, low_ok=False, high=None):
 POSITIVE = number(int, 0)                          # 1, 2, ...
 COUNT = number(int, 0, low_ok=True)                # 0, 1, 2, ...
 FRACTION = number(float, 0, low_ok=True, high=1)   # [0, 1]
+# Sizes past these can only be typos, and would be paid for in memory before anything else went wrong
+LENGTH = number(int, 0, high=2**20)                 # tokens per example: no model reads a million positions
+SAMPLES = number(int, 0, low_ok=True, high=10_000)  # k of Avg@k: generation's memory grows with it
 
 
 def existing(kind):

@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -233,9 +232,7 @@ def run(args, device, prift):
             if run_dir != out:  # its own arguments, for its report and the comparison page
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "args.json").write_text(json.dumps({**vars(a), "data": str(paths["train"])}, indent=1, default=str))
-            t0 = time.time()
             state = prift.train(a, model, seqs, prior=prior if a.signal == "prior" else None, out=run_dir)
-            state.update(train_s=time.time() - t0, from_step=0)
             res = metrics(args, model, template, sets)
             report.run_report(run_dir, [("base demo", results[0][1]), (f"{rule} demo", res)], seqs, state)
             res.update(kept=100 * state["kept"], train_s=state["train_s"], rule=rule, seed=seed)

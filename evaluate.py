@@ -26,12 +26,11 @@ import torch
 import torch.nn.functional as F
 
 import data
-from cli import COUNT, POSITIVE, Parser, existing, number
+from cli import COUNT, POSITIVE, SAMPLES, Parser, existing, number
 from data import extract_answer  # the final answer of a response; data.py finds gold answers in solutions with it
 from distributed import autocast, dist_info, init_from_env, log, progress
 from generate import generate
 from model import GPT, CheckpointError, logits_chunk
-from rundir import MAX_SAMPLES
 
 # The authors' evaluation prompt (Qwen2.5-Math's "qwen-boxed"), {input} the problem as the benchmark states it
 QWEN_BOXED = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{input}\nPlease reason "
@@ -51,7 +50,7 @@ def add_arguments(parser, prefix="eval-"):
     """The evaluation options of prift.py (--eval-samples, ...) and of this file's command line (--samples, ...).
     Their defaults (None here) are the paper's, PAPER, or the demo's."""
     g = parser.add_argument_group("evaluation")
-    g.add_argument(f"--{prefix}samples", dest="eval_samples", type=COUNT, help="k of Avg@k and Pass@k (16)")
+    g.add_argument(f"--{prefix}samples", dest="eval_samples", type=SAMPLES, help="k of Avg@k and Pass@k (16)")
     g.add_argument(f"--{prefix}problems", dest="eval_problems", type=COUNT, help="the first N of each file (0, all)")
     g.add_argument(f"--{prefix}prompt", dest="eval_prompt", type=prompt_kind,
                    help="qwen-boxed (the authors'), template (the training template), or a text with {input}")
@@ -266,8 +265,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     for key, value in PAPER.items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
-    if not 0 < args.eval_samples <= MAX_SAMPLES:
-        parser.error(f"argument --samples: must be in [1, {MAX_SAMPLES}], got {args.eval_samples}")
+    if args.eval_samples == 0:
+        parser.error("argument --samples: must be positive, got 0")
     out = Path(args.out)
     if out.exists() and not args.overwrite or out.is_dir() or out.is_symlink():
         parser.error(f"--out {out} exists{'' if out.is_file() else ' and is not a file'}; give another file"

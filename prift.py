@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
-from cli import COUNT, FRACTION, POSITIVE, Parser, existing, number
+from cli import COUNT, FRACTION, LENGTH, POSITIVE, Parser, existing, number
 import data
 import demo
 import evaluate
@@ -269,7 +269,7 @@ def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
     """Fine-tune `model` on `seqs` with args.rule, the prior's (p, u) of each example given (`prior`) or made by
     a reference model on every batch (`ref`). Each step's loss is normalised by the response tokens of the whole
     global batch, so accumulation and data parallelism give the gradient of the full batch. `start`: a
-    checkpoint's trainer state, to resume. Returns the loop's state, with the mean kept fraction."""
+    checkpoint's trainer state, to resume. Returns the loop's state, with the mean kept fraction and its seconds."""
     device, (rank, world), authors = next(model.parameters()).device, dist_info(), args.match_authors
     total = args.max_steps or args.epochs * steps_per_epoch(len(seqs), args.batch_size, drop_last=authors)
     if authors:  # bf16 weights, so bf16 AdamW state too
@@ -277,6 +277,7 @@ def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
     wrapped = wrap_distributed(args, model, ref)  # first: fully_shard replaces the parameters with sharded ones
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     state = checkpoint.restore(model, opt, start)
+    t0, from_step = time.time(), state["step"]  # the report's time and tokens per second cover this call's steps
     with progress(total=total, initial=state["step"], desc=f"train {args.rule}") as bar, checkpoint.interrupts() as stop:
         while state["step"] < total:
             step = state["step"]
@@ -315,7 +316,7 @@ def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
             if signum:
                 log(f"stopped by signal {signum} at step {state['step']}; resume with: python prift.py --resume {out}")
                 raise SystemExit(128 + signum)
-    state["kept"] = state.pop("kept_sum") / max(1, total)
+    state.update(kept=state.pop("kept_sum") / max(1, total), train_s=time.time() - t0, from_step=from_step)
     return state
 
 
@@ -336,9 +337,7 @@ def run(args, device):
     ref = load_reference(args, device) if args.signal == "prior" and args.prior == "inline" else None
     checkpoint.prepare_out(args, start)  # every input has been read and checked: only now is --out written
     before = evaluate.evaluate_files(args, model, template, eval_sets) if eval_sets and not start else None
-    t0 = time.time()
     state = train(args, model, seqs, prior=prior, ref=ref, out=args.out, start=start)
-    state.update(train_s=time.time() - t0, from_step=start["state"]["step"] if start else 0)
     checkpoint.save_model(model, args.out)
     log(f"trained {state['step']} steps ({state['skipped']} skipped); model saved to {args.out}")
     after = evaluate.evaluate_files(args, model, template, eval_sets) if eval_sets else None
@@ -370,7 +369,7 @@ def parse_args(argv=None):
     g.add_argument("--data", type=existing("file"), help="training JSONL (prompt/response, problem/solution, messages...)")
     g.add_argument("--eval-data", type=existing("file"), nargs="+", help="benchmark or held-out JSONL files")
     g.add_argument("--template", default="auto", choices=["auto", *data.TEMPLATES])
-    g.add_argument("--max-len", type=POSITIVE, default=2048, help="tokens per example, prompt + response (right truncation)")
+    g.add_argument("--max-len", type=LENGTH, default=2048, help="tokens per example, prompt + response (right truncation)")
     g = parser.add_argument_group("optimisation")  # AdamW (0.9, 0.95), wd 0.01, 10% warmup then cosine, clip 1.0
     g.add_argument("--lr", type=number(float, 0), help="peak learning rate (5e-5; demo 3e-4)")
     g.add_argument("--batch-size", type=POSITIVE, help="sequences per optimizer step (256; demo 16)")

@@ -20,8 +20,6 @@ RUN_FILES = {"args.json", "metrics.jsonl", "run.json", "report.html", "eval.json
              "weights.html", "results.md", "results.json", "compare.html", ".lock", *MODEL_FILES}
 TEMPORARY = {"metrics.tmp", "args.json.tmp", "final.tmp"}  # what a kill can leave (final.tmp: a directory)
 STEP = re.compile(r"step-\d{7}")
-MAX_LEN = 1 << 20        # --max-len: tokens per example; more is a typo (no model reads a million positions)
-MAX_SAMPLES = 10_000     # --eval-samples / evaluate.py --samples: k of Avg@k; more is a typo, and its memory grows with k
 
 # ----------------------------------------------------------------------------------------------------
 # Resuming: the recorded arguments, checked as the command line's are, and the same run
@@ -123,11 +121,8 @@ def file_sha256(path):
 # The run directory: what prift wrote there, one process at a time
 
 def check_out(parser, args, is_demo):
-    """Refuse an --out that this run would write over by mistake, and sizes that can only be typos, in one line."""
+    """Refuse an --out that this run would write over by mistake, in one line."""
     out = args.out
-    for flag, value, most in (("--max-len", args.max_len, MAX_LEN), ("--eval-samples", args.eval_samples, MAX_SAMPLES)):
-        if value > most:
-            parser.error(f"argument {flag}: must be at most {most}, got {value}")
     if is_demo and args.resume:
         parser.error("--resume continues --model/--data runs; the demo is short enough to run again")
     if out.is_symlink():

@@ -60,10 +60,11 @@ def recorded_args(parser, run_dir):
         value, flag = saved.get(action.dest), (action.option_strings or [None])[0]
         if flag is None or value is None or action.dest in ("help", "out", "resume", "overwrite"):
             continue
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             if not isinstance(value, bool):
                 parser.error(f"--resume {run_dir}: args.json gives {action.dest} {value!r}, not true or false")
-            argv += [flag] * value
+            switched = isinstance(action, argparse.BooleanOptionalAction)  # --grad-checkpoint / --no-grad-checkpoint
+            argv += [flag] if value else [flag.replace("--", "--no-", 1)] if switched else []
         elif action.nargs == "+":  # --eval-data: a list (a single file before it took several)
             argv += [flag, *map(str, value if isinstance(value, list) else [value])]
         else:

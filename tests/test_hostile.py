@@ -302,6 +302,19 @@ def test_an_edited_args_json_is_checked_as_the_command_line(w, capsys):
     assert main_rc(["--resume", out]) == 0 and not (w.root / "elsewhere").exists()
 
 
+def test_args_json_gives_back_every_kind_of_switch(w):
+    """A recorded switch comes back as it was given: a plain flag (--match-authors) and both sides of one that can be
+    turned off (--grad-checkpoint / --no-grad-checkpoint), whose recorded true or false must reach the parser."""
+    parser, _ = prift.parse_args([])
+    for extra, want in [(["--grad-checkpoint", "--match-authors"], (True, True)), (["--no-grad-checkpoint"], (False, False))]:
+        out = w.root / f"run-{len(extra)}"
+        assert main_rc(w.argv(*extra, out=out, save_every=1, max_steps=2)) == 0
+        recorded = rundir.recorded_args(parser, out)
+        assert (recorded["grad_checkpoint"], recorded["match_authors"]) == want
+        (out / "model.safetensors").unlink()  # as if killed in the final save: --resume must take these arguments
+        assert main_rc(["--resume", out]) == 0
+
+
 def rewrite_config(ck, **change):
     cfg = json.loads((ck / "config.json").read_text())
     (ck / "config.json").write_text(json.dumps({**cfg, **change}))

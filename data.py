@@ -1,11 +1,12 @@
 """
-SFT data for prift: JSONL readers (training sets, and evaluation sets with their gold answers), prompt
-templates, loss masks, and batches.
+SFT data for prift: JSONL readers (training sets, and evaluation sets with their gold answers),
+prompt templates, loss masks, and batches.
 
-An example becomes one token sequence, prompt then response, and a count of prompt tokens. Prompt and
-response are tokenised separately so that the boundary of the loss mask is exact; the response ends with
-the template's end token, which is trained. Nothing of the prompt is.
+An example becomes one token sequence, prompt then response, and a count of prompt tokens. Prompt
+and response are tokenised separately so that the boundary of the loss mask is exact; the response
+ends with the template's end token, which is trained. Nothing of the prompt is.
 """
+
 import json
 import math
 import re
@@ -15,19 +16,30 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-# Where each part of an example is found, first field first: datasets name them differently. `answer` is read
+# Where each part of an example is found, first field first: datasets name them differently.
+# `answer` is read
 # apart (see parse_example), and OlympiadBench ships its solutions and final answers as lists.
 PROMPT_FIELDS = ("prompt", "problem", "question")
 RESPONSE_FIELDS = ("response", "solution")
 ROLES = ("system", "user", "assistant")
-FINAL_ANSWER_MAX_CHARS = 100  # an `answer` of one line this long at most, no \boxed{} or ####: a final answer
+FINAL_ANSWER_MAX_CHARS = (
+    100  # an `answer` of one line this long at most, no \boxed{} or ####: a final answer
+)
 
-# template: (prompt text builder, end token). {sys} blocks appear only when a system message is given.
+# template: (prompt text builder, end token). {sys} blocks appear only when a system message is
+# given.
 TEMPLATES = {
-    "plain":  None,  # prompt, then response, then the tokenizer's EOS
-    "chatml": ("<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>"),
-    "llama3": ("<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
-               "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
+    "plain": None,  # prompt, then response, then the tokenizer's EOS
+    "chatml": (
+        "<|im_start|>{role}\n{content}<|im_end|>\n",
+        "<|im_start|>assistant\n",
+        "<|im_end|>",
+    ),
+    "llama3": (
+        "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "<|eot_id|>",
+    ),
 }
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 
@@ -37,15 +49,16 @@ class DataError(Exception):
 
 
 def read_jsonl(path, need="response", max_len=None):
-    """Read one example per line into {messages, response, answer}: messages are the turns of the prompt
-    (role/content dicts), response the demonstration to train on, answer the gold final answer to check
-    generations against; response or answer may be None, not both. Training and evaluation read the same way
-    and need different parts: need="response" (training) makes a line without a response an error,
-    need="answer" (evaluation) a file in which no problem has a gold answer; the problems without one are
-    still read (held-out cross-entropy), and not scored.
+    """Read one example per line into {messages, response, answer}: messages are the turns of the
+    prompt (role/content dicts), response the demonstration to train on, answer the gold final
+    answer to check generations against; response or answer may be None, not both. Training and
+    evaluation read the same way and need different parts: need="response" (training) makes a line
+    without a response an error, need="answer" (evaluation) a file in which no problem has a gold
+    answer; the problems without one are still read (held-out cross-entropy), and not scored.
 
-    A line longer than line_limit(max_len) bytes is refused, naming it, before it is read whole: at most max_len
-    tokens of it are used, and tokenising all of it would take memory in proportion to its length (hundreds of
+    A line longer than line_limit(max_len) bytes is refused, naming it, before it is read whole: at
+    most max_len tokens of it are used, and tokenising all of it would take memory in proportion to
+    its length (hundreds of
     bytes per character), not to max_len. A line under the limit is used exactly as written."""
     assert need in ("response", "answer"), need
     path, limit = Path(path), line_limit(max_len)
@@ -53,87 +66,130 @@ def read_jsonl(path, need="response", max_len=None):
         raise DataError(f"data file {path} does not exist")
     examples = []
     with open(path, "rb") as f:
-        # lines end at \n only: str.splitlines would also cut at U+2028, U+0085 and others, which JSON strings may hold
+        # lines end at \n only: str.splitlines would also cut at U+2028, U+0085 and others, which
+        # JSON strings may hold
         for n, line in enumerate(iter(lambda: f.readline(limit + 1), b""), 1):
             line = line.removesuffix(b"\n")
             if len(line) > limit:
-                raise DataError(f"{path}:{n}: a line of more than {limit / 2**20:.0f} MiB, of which --max-len {max_len} "
-                                f"tokens at most would be used; shorten or remove it (or raise --max-len)")
+                raise DataError(
+                    f"{path}:{n}: a line of more than {limit / 2**20:.0f} MiB, of which "
+                    f"--max-len {max_len} "
+                    f"tokens at most would be used; shorten or remove it (or raise --max-len)"
+                )
             examples += read_line(line, n, f"{path}:{n}", need)
     if not examples:
         raise DataError(f"data file {path} holds no examples")
     if need == "answer" and all(ex["answer"] is None for ex in examples):
-        raise DataError(f"{path}: no problem has a gold answer to score against (an 'answer' or 'final_answer' "
-                        f"field, or a \\boxed{{}} in the solution)")
+        raise DataError(
+            f"{path}: no problem has a gold answer to score against (an 'answer' or 'final_answer' "
+            f"field, or a \\boxed{{}} in the solution)"
+        )
     return examples
 
 
 def line_limit(max_len):
-    """The longest line read, in bytes: 256 per token of max_len, at least 1 MiB (64 MiB when max_len is not known).
+    """The longest line read, in bytes: 256 per token of max_len, at least 1 MiB (64 MiB when
+    max_len is not known).
     A real example this long would be cut to under 1/64 of itself, even at 4 bytes a token."""
     return max(2**20, 256 * max_len) if max_len else 2**26
 
 
 def read_line(line, n, where, need):
-    """One line's example, as a list of none (a blank line) or one. JSON that Python's parser rejects, however it
+    """One line's example, as a list of none (a blank line) or one. JSON that Python's parser
+    rejects, however it
     rejects it, is one error naming the line."""
     try:
-        line = line.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
+        line = line.decode(
+            "utf-8-sig" if n == 1 else "utf-8"
+        )  # a byte-order mark may open the file
     except UnicodeDecodeError as e:
         raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the line)")
     if not line.strip():
         return []
     try:
         row = json.loads(line)
-        if "\\u" in line:  # a \ud800 escape without its pair decodes to a lone surrogate, which is not text
+        if (
+            "\\u" in line
+        ):  # a \ud800 escape without its pair decodes to a lone surrogate, which is not text
             json.dumps(row, ensure_ascii=False).encode("utf-8")
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg})")
     except RecursionError:
         raise DataError(f"{where}: JSON nested too deeply to read")
     except UnicodeEncodeError:
-        raise DataError(f"{where}: a \\u escape of half a surrogate pair (\\ud800-\\udfff alone), which is not text")
+        raise DataError(
+            f"{where}: a \\u escape of half a surrogate pair (\\ud800-\\udfff alone), "
+            "which is not text"
+        )
     except ValueError as e:  # an integer of thousands of digits: Python's limit on converting them
         raise DataError(f"{where}: a number too long to read ({str(e).split(';')[0]})")
     ex = parse_example(row, where)
     if need == "response" and ex["response"] is None:
-        raise DataError(f"{where}: nothing to train on, only the final answer {ex['answer']!r}; give a worked "
-                        f"solution as 'response' or 'solution' (a file of problems and answers is --eval-data)")
+        raise DataError(
+            f"{where}: nothing to train on, only the final answer {ex['answer']!r}; give a worked "
+            f"solution as 'response' or 'solution' (a file of problems and answers is --eval-data)"
+        )
     return [ex]
 
 
 def parse_example(row, where):
-    """One JSON object -> {messages, response, answer} (see read_jsonl). The layouts: prompt/response,
-    problem/solution (MATH, Minerva, NuminaMath), question/answer, messages (the last assistant turn is the
-    response), each with an optional gold `answer` (AIME: "204"; AMC23: 27.0) or OlympiadBench's `final_answer`
-    list; a `system` field opens the prompt. `answer` holds either the final answer or, in question/answer data,
-    a worked solution: it is the solution when it has a \\boxed{} (gold: the last one), a GSM8K "#### 18" line
-    (gold: 18), or is longer than a short line; else it is the final answer. Without a gold field the gold is
+    """One JSON object -> {messages, response, answer} (see read_jsonl). The layouts:
+    prompt/response, problem/solution (MATH, Minerva, NuminaMath), question/answer, messages (the
+    last assistant turn is the response), each with an optional gold `answer` (AIME: "204"; AMC23:
+    27.0) or OlympiadBench's `final_answer` list; a `system` field opens the prompt. `answer` holds
+    either the final answer or, in question/answer data, a worked solution: it is the solution when
+    it has a \\boxed{} (gold: the last one), a GSM8K "#### 18" line (gold: 18), or is longer than a
+    short line; else it is the final answer. Without a gold field the gold is
     the last \\boxed{} of the response."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if "messages" in row:  # chat: a last assistant message is the response, the turns before it the prompt
+    if (
+        "messages" in row
+    ):  # chat: a last assistant message is the response, the turns before it the prompt
         msgs = row["messages"]
-        is_turn = lambda m: isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ROLES
+        is_turn = lambda m: (
+            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ROLES
+        )
         if not (isinstance(msgs, list) and msgs and all(map(is_turn, msgs))):
-            raise DataError(f"{where}: 'messages' must be a list of {{role, content}}, role one of {', '.join(ROLES)}")
-        turns, response = (msgs[:-1], msgs[-1]["content"]) if msgs[-1]["role"] == "assistant" else (msgs, None)
+            raise DataError(
+                f"{where}: 'messages' must be a list of {{role, content}}, role one of "
+                f"{', '.join(ROLES)}"
+            )
+        turns, response = (
+            (msgs[:-1], msgs[-1]["content"]) if msgs[-1]["role"] == "assistant" else (msgs, None)
+        )
     elif (prompt := first_text(row, PROMPT_FIELDS)) is not None:
-        system = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
-        turns, response = system + [{"role": "user", "content": prompt}], first_text(row, RESPONSE_FIELDS)
+        system = (
+            [{"role": "system", "content": row["system"]}]
+            if isinstance(row.get("system"), str)
+            else []
+        )
+        turns, response = (
+            system + [{"role": "user", "content": prompt}],
+            first_text(row, RESPONSE_FIELDS),
+        )
     else:
         raise unusable(row, where)
     answer, gold = row.get("answer"), first_text(row, ["final_answer"])
     if gold is not None:  # OlympiadBench: "$2$", or "$1$, $2$" with is_multiple_answer, kept whole
         gold = re.sub(r"(?<!\\)\$", "", gold).strip()
-    elif isinstance(answer, (int, float)) and not isinstance(answer, bool):  # AMC23: 27.0 -> "27", 2.5 stays
-        gold = str(answer) if isinstance(answer, int) or not answer.is_integer() else str(int(answer))
+    elif isinstance(answer, (int, float)) and not isinstance(
+        answer, bool
+    ):  # AMC23: 27.0 -> "27", 2.5 stays
+        gold = (
+            str(answer) if isinstance(answer, int) or not answer.is_integer() else str(int(answer))
+        )
     elif isinstance(answer, str) and "####" in answer:  # GSM8K: the reasoning, then "#### 1,000"
         response = answer if response is None else response
         gold = answer.rsplit("####", 1)[1].strip().replace(",", "")
-    elif isinstance(answer, str) and (extract_answer(answer) is not None or response is None and (
-            "\n" in answer.strip() or len(answer) > FINAL_ANSWER_MAX_CHARS)):
-        response = answer if response is None else response  # a worked solution, as question/answer data has
+    elif isinstance(answer, str) and (
+        extract_answer(answer) is not None
+        or response is None
+        and ("\n" in answer.strip() or len(answer) > FINAL_ANSWER_MAX_CHARS)
+    ):
+        response = (
+            answer if response is None else response
+        )  # a worked solution, as question/answer data has
         gold = extract_answer(answer)
     elif isinstance(answer, str):
         gold = answer.strip()
@@ -147,13 +203,19 @@ def parse_example(row, where):
 
 def unusable(row, where):
     found = ", ".join(f"{k} ({type(v).__name__})" for k, v in row.items()) or "nothing"
-    return DataError(f"{where}: no usable fields; expected a prompt with a response or a gold answer: prompt/response, "
-                     f"problem/solution, question/answer (a solution or a final answer), a final_answer, or 'messages' "
-                     f"(found: {found})")
+    return DataError(
+        f"{where}: no usable fields; expected a prompt with a response or a gold answer: "
+        "prompt/response, "
+        "problem/solution, question/answer (a solution or a final answer), a "
+        "final_answer, or 'messages' "
+        f"(found: {found})"
+    )
 
 
 def first_text(row, fields):
-    """The first of `fields` that row holds as a string, or as a list that starts with one; else None."""
+    """The first of `fields` that row holds as a string, or as a list that starts with one; else
+    None.
+    """
     for f in fields:
         value = row.get(f)
         value = value[0] if isinstance(value, list) and value else value
@@ -163,8 +225,9 @@ def first_text(row, fields):
 
 
 def extract_answer(text):
-    """The final answer in text: the content of the last \\boxed{...} or \\fbox{...} (nested braces allowed),
-    or of a \\boxed X without braces (X runs to the next space or $). None if there is none, or if the last
+    """The final answer in text: the content of the last \\boxed{...} or \\fbox{...} (nested braces
+    allowed), or of a \\boxed X without braces (X runs to the next space or $). None if there is
+    none, or if the last
     one never closes (a generation cut off inside it)."""
     found = list(re.finditer(r"\\(?:boxed|fbox)(?:\s*\{|\s+([^\s$]+))", text))
     if not found:
@@ -183,10 +246,14 @@ def extract_answer(text):
 # ----------------------------------------------------------------------------------------------------
 # Tokenisation and templates
 
+
 def load_tokenizer(model_dir):
     path = Path(model_dir) / "tokenizer.json"
     if not path.exists():
-        raise DataError(f"{model_dir} has no tokenizer.json; prift tokenises with the checkpoint's own tokenizer")
+        raise DataError(
+            f"{model_dir} has no tokenizer.json; prift tokenises with the checkpoint's own "
+            "tokenizer"
+        )
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises a bare Exception
@@ -194,31 +261,39 @@ def load_tokenizer(model_dir):
 
 
 class Template:
-    """How one checkpoint's examples become token ids: its tokenizer, how a prompt is written (`name`), and the
-    token that ends a response, which is trained.
+    """How one checkpoint's examples become token ids: its tokenizer, how a prompt is written
+    (`name`), and the token that ends a response, which is trained.
 
     auto     the checkpoint's own chat template (tokenizer_config.json's `chat_template`, or chat_template.jinja),
-             rendered as transformers' apply_chat_template renders it, with a generation prompt; the response
-             is followed by the tokenizer's EOS. This is the text the authors' trainer builds. A checkpoint
-             without a chat template gets `plain`.
+             rendered as transformers' apply_chat_template renders it, with a generation prompt; the
+             response is followed by the tokenizer's EOS. This is the text the authors' trainer
+             builds. A checkpoint without a chat template gets `plain`.
     plain    the prompt's turns one after the other (with a BOS if the tokenizer adds one), then the response
              and the tokenizer's EOS
     chatml   <|im_start|>role ... <|im_end|> turns; the response ends with <|im_end|>
     llama3   <|begin_of_text|> and <|start_header_id|>role<|end_header_id|> turns; the response ends with <|eot_id|>
     Prompt and response are tokenised separately, so the boundary of the loss mask is exact."""
+
     def __init__(self, tok, name, end_token, eos=None, render=None):
         self.tok, self.name, self.render = tok, name, render
         if end_token is None or tok.token_to_id(end_token) is None:
-            raise DataError(f"the tokenizer has no end token for template {name!r} ({end_token or 'no EOS found'}); "
-                            f"choose another --template")
+            raise DataError(
+                f"the tokenizer has no end token for template {name!r} "
+                f"({end_token or 'no EOS found'}); "
+                f"choose another --template"
+            )
         self.end_id = tok.token_to_id(end_token)
         # generation stops at the end token or at the tokenizer's EOS, whichever the model writes
-        self.stop_ids = {self.end_id} | ({tok.token_to_id(eos)} if eos and tok.token_to_id(eos) is not None else set())
+        self.stop_ids = {self.end_id} | (
+            {tok.token_to_id(eos)} if eos and tok.token_to_id(eos) is not None else set()
+        )
 
     @classmethod
     def load(cls, model_dir, name="auto"):
         tok, config = load_tokenizer(model_dir), tokenizer_config(model_dir)
-        eos = token_text(config.get("eos_token")) or next((n for n in EOS_NAMES if tok.token_to_id(n) is not None), None)
+        eos = token_text(config.get("eos_token")) or next(
+            (n for n in EOS_NAMES if tok.token_to_id(n) is not None), None
+        )
         if name == "auto":
             render = ChatTemplate.load(model_dir, config)
             return cls(tok, "auto", eos, eos, render) if render else cls(tok, "plain", eos, eos)
@@ -226,19 +301,26 @@ class Template:
 
     def prompt_ids(self, messages):
         """The token ids of a prompt (role/content turns), up to where the response begins."""
-        if self.name == "plain":  # the turns' contents, one after the other; BOS if the tokenizer adds one
+        if (
+            self.name == "plain"
+        ):  # the turns' contents, one after the other; BOS if the tokenizer adds one
             return self.tok.encode("\n".join(m["content"] for m in messages)).ids
         if self.render:
             text = self.render(messages)
         else:
             turn, gen_prompt, _ = TEMPLATES[self.name]
-            text = ("<|begin_of_text|>" if self.name == "llama3" else "") + "".join(turn.format(**m) for m in messages)
+            text = ("<|begin_of_text|>" if self.name == "llama3" else "") + "".join(
+                turn.format(**m) for m in messages
+            )
             text += gen_prompt
-        return self.tok.encode(text, add_special_tokens=False).ids  # the text holds its special tokens already
+        return self.tok.encode(
+            text, add_special_tokens=False
+        ).ids  # the text holds its special tokens already
 
     def encode(self, examples, max_len):
-        """Examples -> list of (ids, n_prompt): ids = prompt ids + response ids + end id, cut on the right
-        to max_len. Examples whose prompt alone fills max_len are dropped, and those of a single token in all
+        """Examples -> list of (ids, n_prompt): ids = prompt ids + response ids + end id, cut on the
+        right to max_len. Examples whose prompt alone fills max_len are dropped, and those of a
+        single token in all
         (empty prompt and response, no BOS): nothing to predict. Returns (kept, n_dropped)."""
         kept, dropped = [], 0
         for ex in examples:
@@ -265,15 +347,20 @@ def token_text(token):
 
 
 class ChatTemplate:
-    """A checkpoint's chat template, compiled and rendered as transformers does (a sandboxed jinja2 environment
-    with trim_blocks, lstrip_blocks, loop controls, and the globals and filters templates use), with the
+    """A checkpoint's chat template, compiled and rendered as transformers does (a sandboxed jinja2
+    environment with trim_blocks, lstrip_blocks, loop controls, and the globals and filters
+    templates use), with the
     tokenizer's special tokens (bos_token, eos_token, ...) as variables. jinja2 comes with torch."""
+
     def __init__(self, text, source, special):
         import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        class Generation(jinja2.ext.Extension):  # {% generation %}: marks assistant text; rendered as it is
+        class Generation(
+            jinja2.ext.Extension
+        ):  # {% generation %}: marks assistant text; rendered as it is
             tags = {"generation"}
+
             def parse(self, parser):
                 next(parser.stream)
                 return parser.parse_statements(("name:endgeneration",), drop_needle=True)
@@ -281,16 +368,29 @@ class ChatTemplate:
         def raise_exception(message):
             raise jinja2.exceptions.TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols, Generation])
-        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
-            json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-        env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, Generation]
+        )
+        env.filters["tojson"] = (
+            lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+                x,
+                ensure_ascii=ensure_ascii,
+                indent=indent,
+                separators=separators,
+                sort_keys=sort_keys,
+            )
+        )
+        env.globals.update(
+            raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f)
+        )
         self.source, self.special, self.error = source, special, jinja2.exceptions.TemplateError
         try:
             self.template = env.from_string(text)
         except self.error as e:
-            raise DataError(f"{source}: the chat template does not compile ({e}); fix it or choose another --template")
+            raise DataError(
+                f"{source}: the chat template does not compile ({e}); fix it or choose "
+                "another --template"
+            )
 
     @classmethod
     def load(cls, model_dir, config):
@@ -299,22 +399,40 @@ class ChatTemplate:
         if isinstance(text, list):  # named templates: [{"name": "default", "template": ...}, ...]
             text = next((t["template"] for t in text if t.get("name") == "default"), None)
         if not text and (Path(model_dir) / "chat_template.jinja").exists():
-            text, source = (Path(model_dir) / "chat_template.jinja").read_text(), Path(model_dir) / "chat_template.jinja"
-        special = {k: token_text(config[k]) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if config.get(k)}
+            text, source = (
+                (Path(model_dir) / "chat_template.jinja").read_text(),
+                Path(model_dir) / "chat_template.jinja",
+            )
+        special = {
+            k: token_text(config[k])
+            for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if config.get(k)
+        }
         return cls(text, source, special) if text else None
 
     def __call__(self, messages):
-        """The prompt's text: the turns, then the generation prompt (where the assistant's answer begins)."""
+        """The prompt's text: the turns, then the generation prompt (where the assistant's answer
+        begins).
+        """
         try:
-            return self.template.render(messages=messages, tools=None, documents=None, add_generation_prompt=True,
-                                        **self.special)
+            return self.template.render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=True,
+                **self.special,
+            )
         except self.error as e:
-            raise DataError(f"{self.source}: the chat template failed to render a prompt ({e}); check the data's roles "
-                            f"or choose another --template")
+            raise DataError(
+                f"{self.source}: the chat template failed to render a prompt ({e}); check "
+                "the data's roles "
+                f"or choose another --template"
+            )
 
 
 def collate(seqs, pad_id=0):
-    """(ids, n_prompt) pairs -> inputs x (B, T), targets y (B, T), mask m (B, T) bool: m is True where
+    """(ids, n_prompt) pairs -> inputs x (B, T), targets y (B, T), mask m (B, T) bool: m is True
+    where
     y is a response token (the next-token prediction of position t is trained)."""
     T = max(len(ids) for ids, _ in seqs) - 1
     x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -322,8 +440,10 @@ def collate(seqs, pad_id=0):
     m = torch.zeros((len(seqs), T), dtype=torch.bool)
     for b, (ids, n_prompt) in enumerate(seqs):
         t = torch.tensor(ids)
-        x[b, :len(ids) - 1], y[b, :len(ids) - 1] = t[:-1], t[1:]
-        m[b, max(n_prompt - 1, 0):len(ids) - 1] = True  # y[t] = ids[t+1] is a response token when t+1 >= n_prompt
+        x[b, : len(ids) - 1], y[b, : len(ids) - 1] = t[:-1], t[1:]
+        m[b, max(n_prompt - 1, 0) : len(ids) - 1] = (
+            True  # y[t] = ids[t+1] is a response token when t+1 >= n_prompt
+        )
     return x, y, m
 
 
@@ -333,10 +453,12 @@ def n_response_tokens(seq):
 
 
 def length_batches(seqs, order, size, tokens=None):
-    """Cut `order` (example indices) into micro-batches, keeping its order: `size` examples each, or with `tokens`,
-    as many as fit in that many computed positions (rows x the longest row; at least one example)."""
+    """Cut `order` (example indices) into micro-batches, keeping its order: `size` examples each, or
+    with `tokens`,
+    as many as fit in that many computed positions (rows x the longest row; at least one
+    example)."""
     if not tokens:
-        return [order[s:s + size] for s in range(0, len(order), size)]
+        return [order[s : s + size] for s in range(0, len(order), size)]
     batches, longest = [[]], 0
     for i in order:
         longest = max(longest, len(seqs[i][0]) - 1)
@@ -348,19 +470,28 @@ def length_batches(seqs, order, size, tokens=None):
 
 
 def micro_batches(seqs, idx, rank, world, size, tokens=None, by_length=True):
-    """This rank's micro-batches of one optimizer step (the example indices `idx`): a list of (indices, keep).
+    """This rank's micro-batches of one optimizer step (the example indices `idx`): a list of
+    (indices, keep).
 
-    by_length: the step's examples sorted by length before they are cut, so that a micro-batch holds examples
-    of about one length and almost nothing it computes is padding. The loss of a step is normalised by the
-    whole batch's response tokens, so how its examples are grouped does not change the update. The
-    micro-batches are dealt to ranks longest first, each to the rank with the fewest positions so far.
-    Without it (--match-authors), each rank cuts its own share of `idx` in order, as the authors' trainer does.
-    The collectives of DDP and FSDP need every rank to run as many micro-batches as the busiest one: a rank with
-    fewer runs the batch's first example again, with keep = 0, so that it adds nothing to loss or gradient."""
-    cost = lambda b: len(b) * max(len(seqs[i][0]) for i in b)  # the positions a micro-batch computes
+    by_length: the step's examples sorted by length before they are cut, so that a micro-batch holds
+    examples of about one length and almost nothing it computes is padding. The loss of a step is
+    normalised by the whole batch's response tokens, so how its examples are grouped does not change
+    the update. The micro-batches are dealt to ranks longest first, each to the rank with the fewest
+    positions so far. Without it (--match-authors), each rank cuts its own share of `idx` in order,
+    as the authors' trainer does. The collectives of DDP and FSDP need every rank to run as many
+    micro-batches as the busiest one: a rank with
+    fewer runs the batch's first example again, with keep = 0, so that it adds nothing to loss or
+    gradient."""
+    cost = lambda b: (
+        len(b) * max(len(seqs[i][0]) for i in b)
+    )  # the positions a micro-batch computes
     if by_length:
         batches = length_batches(seqs, sorted(idx, key=lambda i: -len(seqs[i][0])), size, tokens)
-        per_rank, load, dealt = math.ceil(len(batches) / world), [0] * world, [[] for _ in range(world)]
+        per_rank, load, dealt = (
+            math.ceil(len(batches) / world),
+            [0] * world,
+            [[] for _ in range(world)],
+        )
         for b in sorted(batches, key=cost, reverse=True):
             r = min((r for r in range(world) if len(dealt[r]) < per_rank), key=lambda r: load[r])
             dealt[r].append(b)

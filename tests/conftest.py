@@ -1,5 +1,7 @@
-"""Shared test helpers: tiny random Hugging Face checkpoints of each family, built and saved with transformers
+"""Shared test helpers: tiny random Hugging Face checkpoints of each family, built and saved with
+transformers
 (used only as an independent oracle for model.py), so no test downloads anything."""
+
 import os
 import sys
 from pathlib import Path
@@ -10,16 +12,25 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-# The command-line runs the tests start inherit one intra-op thread too (see torch.set_num_threads below).
+# The command-line runs the tests start inherit one intra-op thread too (see torch.set_num_threads
+# below).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # so that `import model` works
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # so that `import model` works
+# and so that the command lines the tests start (`python -m infra.evaluate`, ...) find the package
+# from any cwd
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# One intra-op thread: these models are tiny, and on a 2-core machine with anything else running, torch's
-# default of one thread per core makes the per-token generation loops spin-wait (10 s became 3 minutes).
+# One intra-op thread: these models are tiny, and on a 2-core machine with anything else running,
+# torch's
+# default of one thread per core makes the per-token generation loops spin-wait (10 s became 3
+# minutes).
 torch.set_num_threads(1)
 
 
@@ -27,42 +38,84 @@ torch.set_num_threads(1)
 def restore_signal_handlers():
     """prift.train installs SIGINT/SIGTERM handlers (checkpoint and stop); give pytest its own back."""
     import signal
+
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     yield
     for s, h in saved.items():
         signal.signal(s, h)
 
+
 FAMILIES = ("gpt2", "llama", "qwen2", "qwen3")
 VOCAB = 96
 
-# Tiny configs. The llama-style ones use GQA (2 key/value heads for 4 query heads); qwen3 sets head_dim to
+# Tiny configs. The llama-style ones use GQA (2 key/value heads for 4 query heads); qwen3 sets
+# head_dim to
 # 16, which is not hidden_size / num_attention_heads (8).
 TINY = {
-    "gpt2": dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                 bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1),
-    "llama": dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  bos_token_id=1, eos_token_id=2),
-    "qwen2": dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  bos_token_id=1, eos_token_id=2),
-    "qwen3": dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-                  bos_token_id=1, eos_token_id=2),
+    "gpt2": dict(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
+    ),
+    "llama": dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "qwen2": dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "qwen3": dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
 }
 
 
 def hf_config(family, **overrides):
     import transformers
-    cls = {"gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig,
-           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+
+    cls = {
+        "gpt2": transformers.GPT2Config,
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+    }[family]
     return cls(**{**TINY[family], **overrides})
 
 
 @torch.no_grad()
 def randomize_(model, seed=0):
-    """Replace the (tiny, std 0.02) default init with weights large enough that logits are O(1), and make
-    norm gains and biases non-trivial, so that a wrong norm, bias, rotation or mask shows in the logits."""
+    """Replace the (tiny, std 0.02) default init with weights large enough that logits are O(1), and
+    make
+    norm gains and biases non-trivial, so that a wrong norm, bias, rotation or mask shows in the
+    logits."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():  # tied parameters appear once
         if p.dim() == 1 and ("norm" in name or ".ln_" in name):
@@ -75,11 +128,13 @@ def randomize_(model, seed=0):
 
 
 def make_hf_checkpoint(path, family, *, save_dtype=None, max_shard_size=None, seed=0, **overrides):
-    """Build a tiny random transformers model of `family` (config: TINY[family] updated with `overrides`,
-    e.g. tie_word_embeddings=True or rope_parameters={...}), save it with transformers' save_pretrained into
-    `path` (created if needed) and return `path`. save_dtype (e.g. torch.bfloat16) casts the weights
+    """Build a tiny random transformers model of `family` (config: TINY[family] updated with
+    `overrides`, e.g. tie_word_embeddings=True or rope_parameters={...}), save it with transformers'
+    save_pretrained into `path` (created if needed) and return `path`. save_dtype (e.g.
+    torch.bfloat16) casts the weights
     before saving; max_shard_size (e.g. "40KB") makes a sharded checkpoint with an index."""
     import transformers
+
     path = Path(path)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_config(family, **overrides))
@@ -94,6 +149,7 @@ def make_hf_checkpoint(path, family, *, save_dtype=None, max_shard_size=None, se
 def load_hf(path, dtype=torch.float32):
     """The transformers model stored in `path`, in `dtype` (float32 unless told), in eval mode."""
     import transformers
+
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
@@ -105,6 +161,7 @@ def hf_logits(path, idx, dtype=torch.float32):
 def write_tokenizer(path):
     """A small word-level tokenizer.json (no download), written into `path`; returns the file."""
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

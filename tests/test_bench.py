@@ -1,17 +1,30 @@
-"""bench.py runs: its three parts at quick sizes, in a real process (the figures themselves are for the README,
+"""bench.py runs: its three parts at quick sizes, in a real process (the figures themselves are for
+the README,
 measured side by side, never asserted as times)."""
+
 import re
 import subprocess
 import sys
 
-from tiny import ROOT
-
 
 def test_bench_quick_runs_every_part():
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--quick"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "infra.bench", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    for head in ("| rule | prior | tokens/s |", "| loss | peak MB |", "| micro-batches | padded (256) |"):
+    for head in (
+        "| rule | prior | tokens/s |",
+        "| loss | peak MB |",
+        "| micro-batches | padded (256) |",
+    ):
         assert head in r.stdout, r.stdout
-    padded = {m: float(re.search(rf"^\| {m} \| ([\d.]+)%", r.stdout, re.M).group(1))
-              for m in ("random order", "grouped by length", "token budget")}
-    assert padded["grouped by length"] < 3 < 30 < padded["random order"] and padded["token budget"] < 3
+    padded = {
+        m: float(re.search(rf"^\| {m} \| ([\d.]+)%", r.stdout, re.M).group(1))
+        for m in ("random order", "grouped by length", "token budget")
+    }
+    assert (
+        padded["grouped by length"] < 3 < 30 < padded["random order"] and padded["token budget"] < 3
+    )

@@ -1,55 +1,103 @@
-"""The command line end to end on a tiny checkpoint: every rule trains and writes a complete run directory,
-the saved model loads in transformers, --eval-data prints the table, every data format trains, the chat
-templates put the mask boundary in the right place, and bad data lines fail with one line and exit 2.
+"""The command line end to end on a tiny checkpoint: every rule trains and writes a complete run
+directory, the saved model loads in transformers, --eval-data prints the table, every data format
+trains, the chat templates put the mask boundary in the right place, and bad data lines fail with
+one line and exit 2.
 
-Two runs go through a real subprocess (tests/tiny.py run_cli: exit codes, stderr, no traceback); the rule
-matrix calls prift.main(argv) in this process, the same code path from argument parsing to the saved
+Two runs go through a real subprocess (tests/tiny.py run_cli: exit codes, stderr, no traceback); the
+rule matrix calls prift.main(argv) in this process, the same code path from argument parsing to the
+saved
 model, because a fresh Python process with torch takes 10 s or more on a loaded 2-core machine."""
+
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-
-import data
-import demo
-import prift
-from model import GPT, Config
 from tiny import assert_some_kept, make_checkpoint, make_data, run_cli
 
-CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-               "<|eot_id|>"]
+import data
+import prift
+from infra import demo
+from model import GPT, Config
+
+CHAT_TOKENS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    ckpt = make_checkpoint(root / "model", seed=0, pretrain_steps=20)  # so that profit's p >= 0.1 keeps some tokens
-    return dict(root=root, ckpt=ckpt, train=make_data(root / "train.jsonl", n=8, seed=1),
-                eval=make_data(root / "eval.jsonl", n=3, seed=2, noise=0.0))
+    ckpt = make_checkpoint(
+        root / "model", seed=0, pretrain_steps=20
+    )  # so that profit's p >= 0.1 keeps some tokens
+    return dict(
+        root=root,
+        ckpt=ckpt,
+        train=make_data(root / "train.jsonl", n=8, seed=1),
+        eval=make_data(root / "eval.jsonl", n=3, seed=2, noise=0.0),
+    )
 
 
 @pytest.fixture(scope="module")
 def processes(env):
-    """The two real processes of this file, started when its first test runs and collected by the last
+    """The two real processes of this file, started when its first test runs and collected by the
+    last
     tests, so that their start-up (torch, in a fresh interpreter) overlaps the in-process tests."""
     root = env["root"]
     bad = root / "bad.jsonl"
     bad.write_text("\n".join(BAD["not-json"]) + "\n")
     eval_run = common(env, root / "cli-mass", steps=3) + [
-        "--rule", "mass", "--eval-data", env["eval"], "--eval-samples", 2, "--eval-problems", 2, "--max-new-tokens", 6]
+        "--rule",
+        "mass",
+        "--eval-data",
+        env["eval"],
+        "--eval-samples",
+        2,
+        "--eval-problems",
+        2,
+        "--max-new-tokens",
+        6,
+    ]
     bad_run = common(env, root / "cli-bad")
     bad_run[bad_run.index("--data") + 1] = bad
     snapshot = (env["ckpt"] / "model.safetensors").read_bytes()
     with ThreadPoolExecutor(2) as pool:
-        yield {"eval": pool.submit(run_cli, eval_run), "bad": pool.submit(run_cli, bad_run), "bad_path": bad,
-               "snapshot": snapshot}
+        yield {
+            "eval": pool.submit(run_cli, eval_run),
+            "bad": pool.submit(run_cli, bad_run),
+            "bad_path": bad,
+            "snapshot": snapshot,
+        }
 
 
 def common(env, out, steps=2):
-    return ["--model", env["ckpt"], "--data", env["train"], "--max-steps", steps, "--batch-size", 2,
-            "--micro-batch", 1, "--lr", 1e-3, "--max-len", 96, "--out", out, "--cache", out.parent / f"{out.name}-cache"]
+    return [
+        "--model",
+        env["ckpt"],
+        "--data",
+        env["train"],
+        "--max-steps",
+        steps,
+        "--batch-size",
+        2,
+        "--micro-batch",
+        1,
+        "--lr",
+        1e-3,
+        "--max-len",
+        96,
+        "--out",
+        out,
+        "--cache",
+        out.parent / f"{out.name}-cache",
+    ]
 
 
 def main(argv):
@@ -58,7 +106,13 @@ def main(argv):
 
 def check_run_dir(out, steps, rule):
     names = {p.name for p in out.iterdir()}
-    assert {"args.json", "metrics.jsonl", "config.json", "model.safetensors", "tokenizer.json"} <= names, names
+    assert {
+        "args.json",
+        "metrics.jsonl",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    } <= names, names
     args = json.loads((out / "args.json").read_text())
     assert args["rule"] == rule
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -75,15 +129,21 @@ def check_run_dir(out, steps, rule):
 # Every rule, end to end
 
 CASES = {  # name: extra arguments
-    "sft": ["--rule", "sft"], "dft": ["--rule", "dft"], "prob": ["--rule", "prob"], "mass": ["--rule", "mass"],
-    "profit": ["--rule", "profit"], "mass-online": ["--rule", "mass", "--signal", "online"],
+    "sft": ["--rule", "sft"],
+    "dft": ["--rule", "dft"],
+    "prob": ["--rule", "prob"],
+    "mass": ["--rule", "mass"],
+    "profit": ["--rule", "profit"],
+    "mass-online": ["--rule", "mass", "--signal", "online"],
     "prob-inline": ["--rule", "prob", "--prior", "inline"],
 }
 
 
 @pytest.fixture(scope="module")
 def runs(env, processes):
-    """(Starts the real processes first.) Each case of CASES trained for 2 steps in its own directory: name -> (exit code, out dir)."""
+    """(Starts the real processes first.) Each case of CASES trained for 2 steps in its own
+    directory: name -> (exit code, out dir).
+    """
     done = {}
     for name, extra in CASES.items():
         out = env["root"] / "runs" / name
@@ -110,30 +170,52 @@ def test_rule_runs_end_to_end(runs, env, name):
 
 
 def test_signals_agree_where_they_must(runs):
-    """Same data order for every rule; before any update the online model is the reference, so the first
-    step of dft and prob (and of mass from either signal) has the same loss; inline and precomputed prior
+    """Same data order for every rule; before any update the online model is the reference, so the
+    first step of dft and prob (and of mass from either signal) has the same loss; inline and
+    precomputed prior
     give the same run."""
-    rows = {n: [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()] for n, (_, out) in runs.items()}
+    rows = {
+        n: [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        for n, (_, out) in runs.items()
+    }
     assert len({r[0]["tokens"] for r in rows.values()}) == 1
     assert rows["dft"][0]["loss"] == pytest.approx(rows["prob"][0]["loss"], rel=1e-5)
     assert rows["mass"][0]["loss"] == pytest.approx(rows["mass-online"][0]["loss"], rel=1e-5)
     assert rows["mass"][0]["kept"] == pytest.approx(rows["mass-online"][0]["kept"])
     for a, b in zip(rows["prob"], rows["prob-inline"]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["ce"] == pytest.approx(b["ce"], rel=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["ce"] == pytest.approx(
+            b["ce"], rel=1e-5
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Data formats and templates
 
 FORMATS = [
-    {"prompt": "Kim had 3 cards and got 4 more. How many now?", "response": " 3+4=7. The answer is \\boxed{7}."},
-    {"question": "Ben had 9 coins but lost 2. How many remain?", "answer": " 9-2=7. The answer is \\boxed{7}."},
-    {"problem": "Ava had 5 pens and found 1 more. How many?", "solution": " 5+1=6. The answer is \\boxed{6}."},
-    {"messages": [{"role": "system", "content": "Answer with a sum."},
-                  {"role": "user", "content": "Leo had 2 books and got 2 more. How many now?"},
-                  {"role": "assistant", "content": " 2+2=4. The answer is \\boxed{4}."}]},
-    {"system": "Be brief.", "prompt": "Mia had 8 shells and gave away 3. How many left?",
-     "response": " 8-3=5. The answer is \\boxed{5}."},
+    {
+        "prompt": "Kim had 3 cards and got 4 more. How many now?",
+        "response": " 3+4=7. The answer is \\boxed{7}.",
+    },
+    {
+        "question": "Ben had 9 coins but lost 2. How many remain?",
+        "answer": " 9-2=7. The answer is \\boxed{7}.",
+    },
+    {
+        "problem": "Ava had 5 pens and found 1 more. How many?",
+        "solution": " 5+1=6. The answer is \\boxed{6}.",
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Answer with a sum."},
+            {"role": "user", "content": "Leo had 2 books and got 2 more. How many now?"},
+            {"role": "assistant", "content": " 2+2=4. The answer is \\boxed{4}."},
+        ]
+    },
+    {
+        "system": "Be brief.",
+        "prompt": "Mia had 8 shells and gave away 3. How many left?",
+        "response": " 8-3=5. The answer is \\boxed{5}.",
+    },
 ]
 
 
@@ -142,9 +224,13 @@ def test_every_data_format_reads(tmp_path):
     data.write_jsonl(FORMATS, path)
     ex = data.read_jsonl(path)
     assert [e["answer"] for e in ex] == ["7", "7", "6", "4", "5"]
-    assert [e["response"] for e in ex] == [" 3+4=7. The answer is \\boxed{7}.", " 9-2=7. The answer is \\boxed{7}.",
-                                           " 5+1=6. The answer is \\boxed{6}.", " 2+2=4. The answer is \\boxed{4}.",
-                                           " 8-3=5. The answer is \\boxed{5}."]
+    assert [e["response"] for e in ex] == [
+        " 3+4=7. The answer is \\boxed{7}.",
+        " 9-2=7. The answer is \\boxed{7}.",
+        " 5+1=6. The answer is \\boxed{6}.",
+        " 2+2=4. The answer is \\boxed{4}.",
+        " 8-3=5. The answer is \\boxed{5}.",
+    ]
     assert [m["role"] for m in ex[3]["messages"]] == ["system", "user"]
     assert ex[4]["messages"][0] == {"role": "system", "content": "Be brief."}
     assert ex[1]["messages"] == [{"role": "user", "content": FORMATS[1]["question"]}]
@@ -162,7 +248,9 @@ def test_every_data_format_trains(env, tmp_path, capsys):
 
 
 def chat_tokenizer():
-    """The tiny BPE tokenizer with the chatml and llama3 special tokens added, as a chat model's has."""
+    """The tiny BPE tokenizer with the chatml and llama3 special tokens added, as a chat model's
+    has.
+    """
     rows = demo.pretrain_corpus(300, seed=0)
     tok = demo.tokenizer([r["response"] for r in rows], vocab_size=120)
     tok.add_special_tokens(CHAT_TOKENS)
@@ -170,11 +258,17 @@ def chat_tokenizer():
 
 
 CHAT = [
-    {"messages": [{"role": "system", "content": "Answer with a sum."},
-                  {"role": "user", "content": "Leo had 2 books and got 2 more. How many now?"},
-                  {"role": "assistant", "content": " 2+2=4. The answer is \\boxed{4}."}]},
-    {"prompt": "Kim had 3 cards and got 4 more, then lost 1. How many now?",
-     "response": " 3+4=7, 7-1=6. The answer is \\boxed{6}."},
+    {
+        "messages": [
+            {"role": "system", "content": "Answer with a sum."},
+            {"role": "user", "content": "Leo had 2 books and got 2 more. How many now?"},
+            {"role": "assistant", "content": " 2+2=4. The answer is \\boxed{4}."},
+        ]
+    },
+    {
+        "prompt": "Kim had 3 cards and got 4 more, then lost 1. How many now?",
+        "response": " 3+4=7, 7-1=6. The answer is \\boxed{6}.",
+    },
 ]
 
 
@@ -189,13 +283,17 @@ def test_template_mask_boundary(template, tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     tpl = data.Template.load(tmp_path, template)
     end_id = tpl.end_id
-    assert end_id == tok.token_to_id({"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "plain": "<|endoftext|>"}[template])
+    assert end_id == tok.token_to_id(
+        {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "plain": "<|endoftext|>"}[template]
+    )
     seqs, dropped = tpl.encode(examples, 512)
     assert dropped == 0
     x, y, m = data.collate(seqs)
     for b, (ex, (ids, n_prompt)) in enumerate(zip(examples, seqs)):
-        # the prompt's ids are the code's own here (this test is about where the mask starts and ends); that they
-        # are the template's text is test_templates' (transformers' apply_chat_template on the jinja equivalent)
+        # the prompt's ids are the code's own here (this test is about where the mask starts and
+        # ends); that they
+        # are the template's text is test_templates' (transformers' apply_chat_template on the jinja
+        # equivalent)
         prompt = tpl.prompt_ids(ex["messages"])
         response = tok.encode(ex["response"], add_special_tokens=False).ids
         assert ids == prompt + response + [end_id] and n_prompt == len(prompt)
@@ -205,11 +303,13 @@ def test_template_mask_boundary(template, tmp_path):
         first = m[b].nonzero()[0].item()
         assert x[b, first].item() == prompt[-1] and not m[b, :first].any()
         assert y[b, :first].tolist() == prompt[1:]
-        assert not m[b, len(ids) - 1:].any()           # padding of the shorter example
+        assert not m[b, len(ids) - 1 :].any()  # padding of the shorter example
         text = tok.decode(prompt, skip_special_tokens=False)
         if template == "chatml":
             assert text.replace("\u2581", " ").rstrip().endswith("assistant")
-            assert prompt[-1] != end_id and prompt.count(end_id) == len(ex["messages"])  # every turn closed
+            assert prompt[-1] != end_id and prompt.count(end_id) == len(
+                ex["messages"]
+            )  # every turn closed
         if template == "llama3":
             assert prompt[0] == tok.token_to_id("<|begin_of_text|>")
             assert prompt.count(end_id) == len(ex["messages"])
@@ -219,20 +319,53 @@ def test_template_mask_boundary(template, tmp_path):
 
 
 def test_chat_template_trains_through_the_cli(tmp_path, capsys):
-    """A checkpoint whose tokenizer has chatml tokens (and no chat template): --template chatml trains."""
+    """A checkpoint whose tokenizer has chatml tokens (and no chat template): --template chatml
+    trains.
+    """
     tok = chat_tokenizer()
     ckpt = tmp_path / "chat-model"
-    cfg = dict(model_type="llama", vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
-               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-               rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, hidden_act="silu")
+    cfg = dict(
+        model_type="llama",
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        hidden_act="silu",
+    )
     torch.manual_seed(0)
     GPT(Config.from_dict(cfg)).save_pretrained(ckpt)
     tok.save(str(ckpt / "tokenizer.json"))
     path = tmp_path / "chat.jsonl"
     data.write_jsonl(CHAT, path)
     out = tmp_path / "out"
-    rc = main(["--model", ckpt, "--data", path, "--rule", "mass", "--max-steps", 2, "--batch-size", 2,
-               "--micro-batch", 2, "--out", out, "--cache", tmp_path / "cache", "--template", "chatml"])
+    rc = main(
+        [
+            "--model",
+            ckpt,
+            "--data",
+            path,
+            "--rule",
+            "mass",
+            "--max-steps",
+            2,
+            "--batch-size",
+            2,
+            "--micro-batch",
+            2,
+            "--out",
+            out,
+            "--cache",
+            tmp_path / "cache",
+            "--template",
+            "chatml",
+        ]
+    )
     assert rc == 0
     assert "template chatml" in capsys.readouterr().out
     check_run_dir(out, 2, "mass")
@@ -271,16 +404,20 @@ def test_bad_data_lines(env, tmp_path, capsys, case, which):
         argv[argv.index("--data") + 1] = path
     else:
         argv += ["--eval-data", path]
-    assert main(argv + ["--rule", "sft"]) == 2    # an exception other than the expected error fails the test
+    assert (
+        main(argv + ["--rule", "sft"]) == 2
+    )  # an exception other than the expected error fails the test
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{path}:3:" in err[0], err
     assert not (out / "metrics.jsonl").exists()
 
 
 def test_cli_with_eval_data_and_transformers_loads_the_result(env, processes):
-    """A real process (started by `processes`): exit 0, the table with base and the rule, and a checkpoint
+    """A real process (started by `processes`): exit 0, the table with base and the rule, and a
+    checkpoint
     that transformers loads and that gives our logits."""
     import transformers
+
     out = env["root"] / "cli-mass"
     r = processes["eval"].result()
     assert r.returncode == 0, r.stderr[-3000:]
@@ -288,16 +425,27 @@ def test_cli_with_eval_data_and_transformers_loads_the_result(env, processes):
     check_run_dir(out, 3, "mass")
     table = [line for line in r.stdout.splitlines() if line.startswith("|")]
     assert table[0].split("|")[1].strip() == "model" and "ce" in table[0] and "pass@2" in table[0]
-    assert [line.split("|")[1].strip() for line in table[2:]] == ["base eval", "mass eval"]  # model and file
+    assert [line.split("|")[1].strip() for line in table[2:]] == [
+        "base eval",
+        "mass eval",
+    ]  # model and file
     results = json.loads((out / "eval.json").read_text())
     assert set(results) == {"base", "mass"} and list(results["mass"]) == [str(env["eval"])]
     problems = results["mass"][str(env["eval"])]["problems"]
-    assert len(problems) == 2 and all(len(p["samples"]) == 2 for p in problems)  # --eval-problems 2, --eval-samples 2
-    assert (env["ckpt"] / "model.safetensors").read_bytes() == processes["snapshot"]   # the reference, on disk
+    assert len(problems) == 2 and all(
+        len(p["samples"]) == 2 for p in problems
+    )  # --eval-problems 2, --eval-samples 2
+    assert (env["ckpt"] / "model.safetensors").read_bytes() == processes[
+        "snapshot"
+    ]  # the reference, on disk
     idx = torch.randint(0, 120, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = GPT.from_pretrained(out)(idx)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(idx).logits
+        hf = (
+            transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+            .eval()(idx)
+            .logits
+        )
         base = GPT.from_pretrained(env["ckpt"])(idx)
     torch.testing.assert_close(hf, ours, rtol=0, atol=1e-4)
-    assert (ours - base).abs().max() > 1e-3   # it is the trained model
+    assert (ours - base).abs().max() > 1e-3  # it is the trained model

@@ -2,11 +2,14 @@
 
     python -m pytest -q -s tests/test_cuda.py
 
-(-s shows the benchmarks' tables; a few minutes on one GPU). What they check: logits of the four families in
-bfloat16 against transformers' in bfloat16; the precomputed and the inline prior over 5 steps of training; activation
-checkpointing against none under bfloat16 autocast; FSDP2 with bfloat16 gathers under torchrun (NCCL); batched
-generation against transformers' generate; the memory plan against torch.cuda.max_memory_allocated; and
-bench.py and bench_generate.py on the GPU. Written without a GPU to run them on: the tolerances are bfloat16's."""
+(-s shows the benchmarks' tables; a few minutes on one GPU). What they check: logits of the four
+families in bfloat16 against transformers' in bfloat16; the precomputed and the inline prior over 5
+steps of training; activation checkpointing against none under bfloat16 autocast; FSDP2 with
+bfloat16 gathers under torchrun (NCCL); batched generation against transformers' generate; the
+memory plan against torch.cuda.max_memory_allocated; and
+bench.py and bench_generate.py on the GPU. Written without a GPU to run them on: the tolerances are
+bfloat16's."""
+
 import json
 import re
 import subprocess
@@ -14,13 +17,13 @@ import sys
 
 import pytest
 import torch
+from conftest import FAMILIES, VOCAB, load_hf, make_hf_checkpoint
+from tiny import ROOT, make_checkpoint, make_data, run_cli
 
 import data
 import prift
-from conftest import FAMILIES, VOCAB, load_hf, make_hf_checkpoint
-from generate import generate
+from infra.generate import generate
 from model import GPT
-from tiny import ROOT, make_checkpoint, make_data, run_cli
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = torch.device("cuda")
@@ -33,7 +36,8 @@ def max_error(a, b):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_logits_match_transformers(tmp_path, family, idx):
-    """Our bfloat16 logits are as close to the float32 ones as transformers' bfloat16 logits are (both on the GPU),
+    """Our bfloat16 logits are as close to the float32 ones as transformers' bfloat16 logits are
+    (both on the GPU),
     with bfloat16 weights, and with float32 weights under autocast (how prift trains)."""
     path = make_hf_checkpoint(tmp_path, family)
     idx = idx.to(CUDA)
@@ -60,20 +64,57 @@ def metrics(out):
 
 
 def cli(work, name, *args, torchrun=0):
-    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] if torchrun else []
-    r = subprocess.run([sys.executable, *launch, str(ROOT / "prift.py"), "--model", "model", "--data", "train.jsonl",
-                        "--out", name, "--batch-size", "8", "--micro-batch", "4", "--max-steps", "5", "--lr", "1e-3",
-                        "--max-len", "128", "--cache", "cache", *args], cwd=work, capture_output=True, text=True, timeout=300)
+    launch = (
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)]
+        if torchrun
+        else []
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            *launch,
+            str(ROOT / "prift.py"),
+            "--model",
+            "model",
+            "--data",
+            "train.jsonl",
+            "--out",
+            name,
+            "--batch-size",
+            "8",
+            "--micro-batch",
+            "4",
+            "--max-steps",
+            "5",
+            "--lr",
+            "1e-3",
+            "--max-len",
+            "128",
+            "--cache",
+            "cache",
+            *args,
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
     return r.stdout, metrics(work / name)
 
 
 def test_precomputed_and_inline_prior(work):
-    """5 steps of mass with each prior, bfloat16 autocast: the reference's p and u per token agree to bfloat16's
-    precision; the 0/1 weights agree wherever u is not within that of tau; the runs' losses agree."""
+    """5 steps of mass with each prior, bfloat16 autocast: the reference's p and u per token agree
+    to bfloat16's
+    precision; the 0/1 weights agree wherever u is not within that of tau; the runs' losses
+    agree."""
     args = prift.settings(prift.parse_args(["--rule", "mass"])[1])
-    args.__dict__.update(ref=str(work / "model"), cache=str(work / "cache"), precision="bf16", micro_batch=4)
-    seqs, _ = data.Template.load(work / "model", "auto").encode(data.read_jsonl(work / "train.jsonl"), 128)
+    args.__dict__.update(
+        ref=str(work / "model"), cache=str(work / "cache"), precision="bf16", micro_batch=4
+    )
+    seqs, _ = data.Template.load(work / "model", "auto").encode(
+        data.read_jsonl(work / "train.jsonl"), 128
+    )
     prior, ref = prift.compute_prior(args, seqs, CUDA), prift.load_reference(args, CUDA)
     flips = border = total = 0
     for step in range(5):
@@ -92,13 +133,19 @@ def test_precomputed_and_inline_prior(work):
     _, rows_i = cli(work, "inline", "--rule", "mass", "--prior", "inline")
     assert len(rows_p) == len(rows_i) == 5
     for a, b in zip(rows_p, rows_i):
-        assert abs(a["kept"] - b["kept"]) < 0.05 and a["loss"] == pytest.approx(b["loss"], rel=0.05), (a, b)
+        assert abs(a["kept"] - b["kept"]) < 0.05 and a["loss"] == pytest.approx(
+            b["loss"], rel=0.05
+        ), (a, b)
 
 
 def test_grad_checkpoint_under_autocast(work):
-    """One step's loss and gradient with each block recomputed in backward, against keeping its activations:
-    the forward is the same computation (the loss equal to float32 rounding), the gradient equal to bfloat16's."""
-    seqs, _ = data.Template.load(work / "model", "auto").encode(data.read_jsonl(work / "train.jsonl"), 128)
+    """One step's loss and gradient with each block recomputed in backward, against keeping its
+    activations:
+    the forward is the same computation (the loss equal to float32 rounding), the gradient equal to
+    bfloat16's."""
+    seqs, _ = data.Template.load(work / "model", "auto").encode(
+        data.read_jsonl(work / "train.jsonl"), 128
+    )
     x, y, m = (t.to(CUDA) for t in data.collate(seqs[:8]))
     res = {}
     for on in (False, True):
@@ -106,7 +153,9 @@ def test_grad_checkpoint_under_autocast(work):
         for block in model.model.layers:
             block.recompute = on
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            part = prift.chunked_loss(model(x, hidden_only=True)[m], model.lm_head, y[m], "dft", "online")
+            part = prift.chunked_loss(
+                model(x, hidden_only=True)[m], model.lm_head, y[m], "dft", "online"
+            )
             part.weighted.backward()
         res[on] = part.weighted.item(), {k: p.grad.float() for k, p in model.named_parameters()}
     (loss, g), (loss_c, g_c) = res[False], res[True]
@@ -116,8 +165,10 @@ def test_grad_checkpoint_under_autocast(work):
 
 
 def test_fsdp_bf16_gathers_under_torchrun(work):
-    """prift.py under torchrun with --fsdp (NCCL, bfloat16 gathers, checkpointing on by default) on up to 2 GPUs:
-    5 steps whose losses follow the single-process run's within bfloat16's precision; the plan is printed first."""
+    """prift.py under torchrun with --fsdp (NCCL, bfloat16 gathers, checkpointing on by default) on
+    up to 2 GPUs:
+    5 steps whose losses follow the single-process run's within bfloat16's precision; the plan is
+    printed first."""
     n = min(2, torch.cuda.device_count())
     out, rows_f = cli(work, "fsdp", "--rule", "sft", "--fsdp", torchrun=n)
     assert out.startswith("memory plan per GPU") and ("FSDP2" in out or n == 1), out
@@ -128,46 +179,76 @@ def test_fsdp_bf16_gathers_under_torchrun(work):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generation_matches_transformers(tmp_path, family):
-    """Greedy tokens of prompts of mixed lengths in one left-padded batch, float32 on the GPU, against
+    """Greedy tokens of prompts of mixed lengths in one left-padded batch, float32 on the GPU,
+    against
     transformers' generate of each prompt alone."""
     path = make_hf_checkpoint(tmp_path, family)
     ours, hf = GPT.from_pretrained(path, device=CUDA).eval(), load_hf(path).to(CUDA)
     eos = ours.config.eos_token_id
-    prompts = [torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 13, 20, 1)]
-    theirs = [hf.generate(torch.tensor([p], device=CUDA), max_new_tokens=16, do_sample=False, eos_token_id=eos,
-                          pad_token_id=eos)[0, len(p):].tolist() for p in prompts]
+    prompts = [
+        torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        for n in (5, 13, 20, 1)
+    ]
+    theirs = [
+        hf.generate(
+            torch.tensor([p], device=CUDA),
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )[0, len(p) :].tolist()
+        for p in prompts
+    ]
     assert generate(ours, prompts, 16, temperature=0, stop_ids={eos}) == theirs
 
 
 def bench(*args):
-    r = subprocess.run([sys.executable, *map(str, args), "--device", "cuda"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, *map(str, args), "--device", "cuda"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     print(r.stdout)
     assert r.returncode == 0, r.stderr[-4000:]
     return r.stdout
 
 
 def test_memory_plan_against_measured_peak():
-    """bench.py --only memory on the GPU: the plan within 20% of torch.cuda.max_memory_allocated, with and without
+    """bench.py --only memory on the GPU: the plan within 20% of torch.cuda.max_memory_allocated,
+    with and without
     checkpointing (the table is printed, for the README)."""
-    out = bench(ROOT / "bench.py", "--only", "memory")
-    ratios = [float(x) for x in re.findall(r"^\| (?:on|off) \|[^|]+\|[^|]+\|[^|]+\| ([\d.]+) \|", out, re.M)]
+    out = bench("-m", "infra.bench", "--only", "memory")
+    ratios = [
+        float(x)
+        for x in re.findall(r"^\| (?:on|off) \|[^|]+\|[^|]+\|[^|]+\| ([\d.]+) \|", out, re.M)
+    ]
     assert len(ratios) == 2 and all(0.8 <= r <= 1.2 for r in ratios), out
 
 
 def test_bench_quick():
     """All four parts at tiny sizes; MFU where the GPU's peak is known by name."""
-    import bench as bench_py
-    out = bench(ROOT / "bench.py", "--quick")
-    assert "MFU" in out or not any(k in torch.cuda.get_device_name() for k in bench_py.PEAK_TFLOPS), out
+    from infra import bench as bench_py
+
+    out = bench("-m", "infra.bench", "--quick")
+    assert "MFU" in out or not any(
+        k in torch.cuda.get_device_name() for k in bench_py.PEAK_TFLOPS
+    ), out
 
 
 def test_bench_generate():
-    out = bench(ROOT / "bench_generate.py")
+    out = bench("-m", "infra.bench_generate")
     assert "| greedy |" in out
 
 
 def test_plan_printed_on_cuda(work):
-    """A run on the GPU prints its plan first, in bfloat16 autocast with checkpointing on by default."""
+    """A run on the GPU prints its plan first, in bfloat16 autocast with checkpointing on by
+    default.
+    """
     r = run_cli(["--plan", "--model", work / "model", "--data", work / "train.jsonl"], cwd=work)
-    assert r.returncode == 0 and "bf16 autocast" in r.stdout and "activation checkpointing on" in r.stdout, r.stdout
+    assert (
+        r.returncode == 0
+        and "bf16 autocast" in r.stdout
+        and "activation checkpointing on" in r.stdout
+    ), r.stdout

@@ -1,16 +1,17 @@
 """The built-in demo: its data generator, the weight display, and a shortened run through the CLI."""
+
 import ast
 import contextlib
 import io
 import json
 import re
 
+import tiny
 import torch
 
-import tiny
 import data
-import demo
 import prift
+from infra import demo
 
 EQUATION = re.compile(r" (\d+)([+-])(\d+)=(\d+)\. The answer is \\boxed\{(\d+)\}\.$")
 
@@ -26,7 +27,12 @@ def test_answers_are_right_and_noise_is_exactly_where_it_says():
     noisy = 0
     for r in rows:
         a, op, b, c, boxed = EQUATION.match(r["clean_response"]).groups()
-        assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(boxed) == int(r["answer"])
+        assert (
+            int(c)
+            == (int(a) + int(b) if op == "+" else int(a) - int(b))
+            == int(boxed)
+            == int(r["answer"])
+        )
         assert f" {a} " in r["prompt"] and f" {b}" in r["prompt"]
         if r["response"] != r["clean_response"]:
             noisy += 1
@@ -46,12 +52,15 @@ def test_weight_display_marks_exactly_the_zero_weight_tokens(tmp_path):
     seqs, _ = template.encode([data.parse_example(row, "x")], 256)
     ids, n_prompt = seqs[0]
     n = len(ids) - n_prompt
-    u = torch.rand(n, generator=torch.Generator().manual_seed(0))  # a made-up prior: mass keeps u >= 0.5
+    u = torch.rand(
+        n, generator=torch.Generator().manual_seed(0)
+    )  # a made-up prior: mass keeps u >= 0.5
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         demo.show_weights(tok, [row], seqs, [prift.weights_from_stats("mass", u, u, 0.5)], "mass")
     trained = ast.literal_eval(re.search(r"trained:\s+(.*)", out.getvalue()).group(1))
-    # independent of the display code: each token's character span in the response, from the tokenizer
+    # independent of the display code: each token's character span in the response, from the
+    # tokenizer
     enc = tok.encode(row["response"], add_special_tokens=False)
     expected = list(row["response"])
     for (start, stop), keep in zip(enc.offsets, (u >= 0.5).tolist()):
@@ -63,10 +72,30 @@ def test_weight_display_marks_exactly_the_zero_weight_tokens(tmp_path):
 
 def test_shortened_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "out"
-    r = tiny.run_cli(["--rule", "mass", "--demo-pretrain-steps", 3, "--epochs", 1, "--eval-problems", 2, "--max-new-tokens", 6,
-                      "--cache", tmp_path / "cache", "--out", out], timeout=600)
+    r = tiny.run_cli(
+        [
+            "--rule",
+            "mass",
+            "--demo-pretrain-steps",
+            3,
+            "--epochs",
+            1,
+            "--eval-problems",
+            2,
+            "--max-new-tokens",
+            6,
+            "--cache",
+            tmp_path / "cache",
+            "--out",
+            out,
+        ],
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "| model | task greedy | avg@8 | pass@8 | retention | wrong copied | kept | ce |" in r.stdout
+    assert (
+        "| model | task greedy | avg@8 | pass@8 | retention | wrong copied | kept | ce |"
+        in r.stdout
+    )
     assert re.search(r"^\| base \|", r.stdout, re.M) and re.search(r"^\| mass \|", r.stdout, re.M)
     assert "trained:" in r.stdout and "kept:" in r.stdout
     assert (tmp_path / "cache" / "demo-base" / "model.safetensors").exists()

@@ -1,10 +1,13 @@
-"""What running for real needs in memory (memory.py, issue 19): the plan's count of activations against what
-autograd itself saves, for every family and precision; activation checkpointing gives the losses and weights of
-a run without it, in one process and in two (DDP and FSDP2, gloo); FSDP2's bfloat16 gathers (the CUDA policy,
-run here on the CPU) give the gradient of bfloat16 weight copies with float32 master weights; --plan.
+"""What running for real needs in memory (memory.py, issue 19): the plan's count of activations
+against what autograd itself saves, for every family and precision; activation checkpointing gives
+the losses and weights of a run without it, in one process and in two (DDP and FSDP2, gloo); FSDP2's
+bfloat16 gathers (the CUDA policy, run here on the CPU) give the gradient of bfloat16 weight copies
+with float32 master weights; --plan.
 
-The two-process checks run in one torchrun launch of this file as a script (worker() below), to start the
+The two-process checks run in one torchrun launch of this file as a script (worker() below), to
+start the
 interpreters once."""
+
 import contextlib
 import json
 import os
@@ -13,42 +16,73 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 import torch.distributed as dist
 
-import tiny
-
-import memory  # noqa: E402  (tiny put the repository on the path)
 import model as M  # noqa: E402
+from infra import memory  # noqa: E402  (tiny put the repository on the path)
 from model import GPT, Config  # noqa: E402
 
 FAMILIES = ("gpt2", "llama", "qwen2", "qwen3")
-TRAIN = ["--batch-size", "8", "--micro-batch", "2", "--max-steps", "2", "--lr", "1e-3", "--max-len", "128"]
+TRAIN = [
+    "--batch-size",
+    "8",
+    "--micro-batch",
+    "2",
+    "--max-steps",
+    "2",
+    "--lr",
+    "1e-3",
+    "--max-len",
+    "128",
+]
 
 
 def tiny_config(family, layers=3):
     """GQA (4 query heads, 2 key/value heads); qwen3's head_dim is not hidden / heads."""
     if family == "gpt2":
-        d = dict(model_type="gpt2", vocab_size=100, n_embd=64, n_layer=layers, n_head=4, n_positions=512,
-                 layer_norm_epsilon=1e-5)
+        d = dict(
+            model_type="gpt2",
+            vocab_size=100,
+            n_embd=64,
+            n_layer=layers,
+            n_head=4,
+            n_positions=512,
+            layer_norm_epsilon=1e-5,
+        )
     else:
-        d = dict(model_type=family, vocab_size=100, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
-                 head_dim=24 if family == "qwen3" else 16)
+        d = dict(
+            model_type=family,
+            vocab_size=100,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-5,
+            head_dim=24 if family == "qwen3" else 16,
+        )
     return Config.from_dict(d)
 
 
 def saved_bytes(model, T, mode):
-    """Bytes of the distinct storages autograd saves for backward in a forward pass over T tokens (the final
+    """Bytes of the distinct storages autograd saves for backward in a forward pass over T tokens
+    (the final
     hidden states, as the training loop asks), the parameters not counted."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
+
     def pack(t):
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
+
     idx = torch.randint(100, (1, T), generator=torch.Generator().manual_seed(0))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"),
+    ):
         model(idx, hidden_only=True)
     return sum(v for k, v in seen.items() if k not in params)
 
@@ -56,8 +90,9 @@ def saved_bytes(model, T, mode):
 @pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_activations_are_what_autograd_saves(family, mode):
-    """The plan's bytes per token (3 blocks and the rest) equal autograd's own: the difference between 256 and
-    128 tokens of what its saved-tensor hooks see (so that constant terms, such as autocast's cast weights, drop
+    """The plan's bytes per token (3 blocks and the rest) equal autograd's own: the difference
+    between 256 and 128 tokens of what its saved-tensor hooks see (so that constant terms, such as
+    autocast's cast weights, drop
     out). 'bf16' is what FSDP2's bfloat16 gathers and --match-authors compute with."""
     cfg = tiny_config(family)
     model = GPT(cfg)
@@ -68,12 +103,17 @@ def test_activations_are_what_autograd_saves(family, mode):
 
 
 def test_parameter_count_matches_transformers():
-    """The plan's weights, gradients and AdamW state come from the parameter count: transformers' own."""
-    from conftest import hf_config
+    """The plan's weights, gradients and AdamW state come from the parameter count: transformers'
+    own.
+    """
     import transformers
+    from conftest import hf_config
+
     for family in FAMILIES:
         for tied in (False, True):
-            hf = transformers.AutoModelForCausalLM.from_config(hf_config(family, tie_word_embeddings=tied))
+            hf = transformers.AutoModelForCausalLM.from_config(
+                hf_config(family, tie_word_embeddings=tied)
+            )
             cfg = Config.from_dict(hf.config.to_dict())
             assert memory.count_params(cfg)[0] == hf.num_parameters()
 
@@ -81,11 +121,23 @@ def test_parameter_count_matches_transformers():
 # ----------------------------------------------------------------------------------------------------
 # Activation checkpointing changes nothing but memory and time
 
+
 def in_process_args(work, *extra):
     import data
     import prift
-    p, args = prift.parse_args(["--model", str(work / "tied"), "--data", str(work / "train.jsonl"), "--out",
-                                str(work / "unused"), *TRAIN, *map(str, extra)])
+
+    p, args = prift.parse_args(
+        [
+            "--model",
+            str(work / "tied"),
+            "--data",
+            str(work / "train.jsonl"),
+            "--out",
+            str(work / "unused"),
+            *TRAIN,
+            *map(str, extra),
+        ]
+    )
     prift.check_args(p, args)
     args = prift.settings(args)
     args.precision = "fp32"
@@ -94,11 +146,12 @@ def in_process_args(work, *extra):
 
 
 def train_rows(work, *extra):
-    """(metrics rows, final weights, block forwards run) of 2 steps of prift.train in this process. Under FSDP2
+    """(metrics rows, final weights, block forwards run) of 2 steps of prift.train in this process.
+    Under FSDP2
     the weights are gathered on rank 0; other ranks get none."""
-    import checkpoint
-    import distributed
     import prift
+    from infra import checkpoint, distributed
+
     args, seqs = in_process_args(work, *extra)
     rows, calls, record, body = [], [], checkpoint.record_step, M.Block.body
     checkpoint.record_step = lambda out, row, bar: (rows.append(row), record(out, row, bar))
@@ -106,7 +159,9 @@ def train_rows(work, *extra):
     try:
         model = GPT.from_pretrained(args.model)
         prift.train(args, model, seqs)
-        weights = distributed.full_state_dict(model) if distributed.is_fsdp(model) else model.state_dict()
+        weights = (
+            distributed.full_state_dict(model) if distributed.is_fsdp(model) else model.state_dict()
+        )
     finally:
         checkpoint.record_step, M.Block.body = record, body
     return rows, {k: v.detach().clone() for k, v in weights.items()}, len(calls)
@@ -125,7 +180,8 @@ def work(tmp_path_factory):
 
 
 def test_grad_checkpoint_equal_in_one_process(work):
-    """mass and sft, float32, 2 steps of 4 micro-batches: the same losses and weights within 1e-6, and every block
+    """mass and sft, float32, 2 steps of 4 micro-batches: the same losses and weights within 1e-6,
+    and every block
     ran twice per micro-batch (recomputed in backward)."""
     for rule in ("sft", "dft"):
         rows, weights, calls = train_rows(work, "--rule", rule, "--no-grad-checkpoint")
@@ -139,16 +195,33 @@ def test_grad_checkpoint_equal_in_one_process(work):
 
 
 def test_two_processes(work, tmp_path):
-    """torchrun, 2 gloo processes: checkpointing under DDP and under FSDP2 gives the losses and weights of the same
-    run without it (1e-6); under FSDP2 each rank holds only its shard of the gradient after every micro-batch, as
-    the plan counts; FSDP2 with the CUDA policy gathers bfloat16 blocks and its float32 gradient is the
-    float32 sum of the bfloat16 gradients that bfloat16 copies of the weights give on each rank's micro-batch."""
+    """torchrun, 2 gloo processes: checkpointing under DDP and under FSDP2 gives the losses and
+    weights of the same run without it (1e-6); under FSDP2 each rank holds only its shard of the
+    gradient after every micro-batch, as the plan counts; FSDP2 with the CUDA policy gathers
+    bfloat16 blocks and its float32 gradient is the
+    float32 sum of the bfloat16 gradients that bfloat16 copies of the weights give on each rank's
+    micro-batch."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("this torch build has no torch.distributed with the gloo backend")
     out = tmp_path / "results.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        __file__, str(work), str(out)], env=env, capture_output=True, text=True, timeout=400)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            __file__,
+            str(work),
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
     res = json.loads(out.read_text())
     for mode in ("ddp", "fsdp"):
@@ -156,7 +229,8 @@ def test_two_processes(work, tmp_path):
         assert got["calls_checkpointed"] == 2 * got["calls"] > 0
         assert got["loss_difference"] <= 1e-6 and got["weight_difference"] <= 1e-6, got
         assert got["moved"] > 1e-4
-    # FSDP2 reduce-scatters every micro-batch's gradient, so that each rank holds only its shard all along the step
+    # FSDP2 reduce-scatters every micro-batch's gradient, so that each rank holds only its shard all
+    # along the step
     grads = res["fsdp gradients"]
     assert len(grads["held"][0]) == 4, "2 steps of 2 micro-batches per rank"
     for per_rank in zip(*grads["held"]):
@@ -172,18 +246,23 @@ def test_two_processes(work, tmp_path):
 def worker(work, out):
     """Under torchrun: the checks of test_two_processes; rank 0 writes what it measured to `out`."""
     import data
-    import distributed
     import prift
+    from infra import distributed
+
     distributed.init_from_env()
     rank, world = distributed.dist_info()
     res, sync, held = {}, prift.sync_grads, []
 
     @contextlib.contextmanager
     def measured(wrapped, last):
-        """After each micro-batch's backward: the elements of gradient this rank holds in its sharded parameters."""
+        """After each micro-batch's backward: the elements of gradient this rank holds in its
+        sharded parameters.
+        """
         with sync(wrapped, last):
             yield
-        held.append(sum(p.grad.to_local().numel() for p in wrapped.parameters() if p.grad is not None))
+        held.append(
+            sum(p.grad.to_local().numel() for p in wrapped.parameters() if p.grad is not None)
+        )
 
     for mode, extra in (("ddp", ()), ("fsdp", ("--fsdp",))):
         prift.sync_grads = measured if mode == "fsdp" else sync
@@ -191,15 +270,25 @@ def worker(work, out):
         prift.sync_grads = sync
         rows_c, weights_c, calls_c = train_rows(work, "--rule", "dft", "--grad-checkpoint", *extra)
         start = GPT.from_pretrained(work / "tied").state_dict()
-        res[mode] = dict(calls=calls, calls_checkpointed=calls_c, weight_difference=max_difference(weights, weights_c),
-                         loss_difference=max(abs(r[k] - rc[k]) for r, rc in zip(rows, rows_c) for k in ("loss", "ce")),
-                         moved=max_difference(weights, start))
+        res[mode] = dict(
+            calls=calls,
+            calls_checkpointed=calls_c,
+            weight_difference=max_difference(weights, weights_c),
+            loss_difference=max(
+                abs(r[k] - rc[k]) for r, rc in zip(rows, rows_c) for k in ("loss", "ce")
+            ),
+            moved=max_difference(weights, start),
+        )
     every_rank = [None] * world
     dist.all_gather_object(every_rank, held)
     cfg = Config.load(work / "tied")
-    res["fsdp gradients"] = dict(held=every_rank, parameters=sum(p.numel() for p in GPT(cfg).parameters()),
-                                 planned=memory.plan(cfg, tokens=256, world=world, fsdp=True, cuda=False, authors=False,
-                                                     checkpointing=False)["gradients"])
+    res["fsdp gradients"] = dict(
+        held=every_rank,
+        parameters=sum(p.numel() for p in GPT(cfg).parameters()),
+        planned=memory.plan(
+            cfg, tokens=256, world=world, fsdp=True, cuda=False, authors=False, checkpointing=False
+        )["gradients"],
+    )
 
     # FSDP2 with the policy it takes on CUDA (building the policy needs no GPU)
     args, seqs = in_process_args(work, "--rule", "dft", "--fsdp")
@@ -209,30 +298,46 @@ def worker(work, out):
     n_tokens = sum(data.n_response_tokens(s) for s in batch)
 
     def grads(model, wrapped, ranks):
-        """The float32 sum over `ranks` of the gradient of each one's half of the global batch's loss, computed
+        """The float32 sum over `ranks` of the gradient of each one's half of the global batch's
+        loss, computed
         as the training loop does (each rank's own .grad, so that no sum is taken in bfloat16)."""
         total, dtypes = {}, set()
         for r in ranks:
-            x, y, m = data.collate(batch[4 * r:4 * r + 4])
-            part = prift.chunked_loss(wrapped(x, hidden_only=True)[m], model.lm_head, y[m], "dft", "online")
+            x, y, m = data.collate(batch[4 * r : 4 * r + 4])
+            part = prift.chunked_loss(
+                wrapped(x, hidden_only=True)[m], model.lm_head, y[m], "dft", "online"
+            )
             (part.weighted * world / n_tokens).backward()
             for k, p in model.named_parameters():
                 dtypes.add(str(p.grad.dtype))
-                total[k] = total.get(k, 0) + (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float()
+                total[k] = (
+                    total.get(k, 0)
+                    + (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float()
+                )
             model.zero_grad(set_to_none=True)
         return total, sorted(dtypes)
 
     model, gathered = GPT.from_pretrained(args.model), set()
-    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda mod, _: gathered.add(str(mod.weight.dtype)))
-    g_fsdp, grad_dtypes = grads(model, distributed.wrap_distributed(args, model), [rank])  # reduce-scattered: the mean over ranks
-    copies = GPT.from_pretrained(args.model).to(torch.bfloat16)  # what every rank computes with: its weights rounded
+    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda mod, _: gathered.add(str(mod.weight.dtype))
+    )
+    g_fsdp, grad_dtypes = grads(
+        model, distributed.wrap_distributed(args, model), [rank]
+    )  # reduce-scattered: the mean over ranks
+    copies = GPT.from_pretrained(args.model).to(
+        torch.bfloat16
+    )  # what every rank computes with: its weights rounded
     g_copies = {k: v / world for k, v in grads(copies, copies, range(world))[0].items()}
     plain = GPT.from_pretrained(args.model)
     g_plain = {k: v / world for k, v in grads(plain, plain, range(world))[0].items()}
-    res["bf16 gathers"] = dict(gathered_dtypes=sorted(gathered), master_dtypes=sorted({str(p.dtype) for p in model.parameters()}),
-                               grad_dtypes=grad_dtypes,
-                               vs_bf16_copies=max_difference(g_fsdp, g_copies), vs_float32=max_difference(g_fsdp, g_plain),
-                               scale=max(v.abs().max().item() for v in g_plain.values()))
+    res["bf16 gathers"] = dict(
+        gathered_dtypes=sorted(gathered),
+        master_dtypes=sorted({str(p.dtype) for p in model.parameters()}),
+        grad_dtypes=grad_dtypes,
+        vs_bf16_copies=max_difference(g_fsdp, g_copies),
+        vs_float32=max_difference(g_fsdp, g_plain),
+        scale=max(v.abs().max().item() for v in g_plain.values()),
+    )
     if rank == 0:
         Path(out).write_text(json.dumps(res))
     distributed.shutdown()
@@ -241,17 +346,39 @@ def worker(work, out):
 # ----------------------------------------------------------------------------------------------------
 # --plan
 
+
 def test_plan_alone_loads_no_weights(work, tmp_path):
-    """--plan prints every part and the three cards, exits 0 and writes nothing; it reads config.json only (the
+    """--plan prints every part and the three cards, exits 0 and writes nothing; it reads
+    config.json only (the
     weights file here is not a safetensors file at all). Without --model: one line, exit code 2."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text((work / "tied" / "config.json").read_text())
     (ckpt / "model.safetensors").write_text("not weights")
     out = tmp_path / "out"
-    r = tiny.run_cli(["--plan", "--model", ckpt, "--data", work / "train.jsonl", "--out", out, "--micro-batch", "2"])
+    r = tiny.run_cli(
+        [
+            "--plan",
+            "--model",
+            ckpt,
+            "--data",
+            work / "train.jsonl",
+            "--out",
+            out,
+            "--micro-batch",
+            "2",
+        ]
+    )
     assert r.returncode == 0, r.stderr
-    for part in ("weights", "gradients", "optimizer", "activations", "loss chunk", "total", "a 24 GB card: fits"):
+    for part in (
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "loss chunk",
+        "total",
+        "a 24 GB card: fits",
+    ):
         assert part in r.stdout, r.stdout
     assert "micro-batch 2 x 2,048 tokens" in r.stdout and not out.exists()
     r = tiny.run_cli(["--plan"])
@@ -259,18 +386,34 @@ def test_plan_alone_loads_no_weights(work, tmp_path):
 
 
 def test_plan_says_which_switch_fits():
-    """Qwen2.5-Math-7B's shape (config.json only) at the paper's 4 x 2,048 tokens on one GPU: too big for 80 GB;
-    checkpointing does not fix weights and AdamW's 16 bytes per parameter, FSDP2 over enough GPUs does; and the
+    """Qwen2.5-Math-7B's shape (config.json only) at the paper's 4 x 2,048 tokens on one GPU: too
+    big for 80 GB; checkpointing does not fix weights and AdamW's 16 bytes per parameter, FSDP2 over
+    enough GPUs does; and the
     activations without checkpointing outweigh those with it."""
-    cfg = Config.from_dict(dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                                num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                                max_position_embeddings=4096, rms_norm_eps=1e-6))
+    cfg = Config.from_dict(
+        dict(
+            model_type="qwen2",
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+        )
+    )
     kw = dict(tokens=4 * 2048, world=1, fsdp=False, cuda=True, authors=False)
-    off, on = memory.plan(cfg, checkpointing=False, **kw), memory.plan(cfg, checkpointing=True, **kw)
+    off, on = (
+        memory.plan(cfg, checkpointing=False, **kw),
+        memory.plan(cfg, checkpointing=True, **kw),
+    )
     assert off["activations"] > 5 * on["activations"]
     assert on["weights"] == 4 * memory.count_params(cfg)[0] and on["optimizer"] == 2 * on["weights"]
     assert not memory.fits(on, 80)
-    sharded = memory.plan(cfg, checkpointing=True, **{**kw, "world": 8, "fsdp": True})  # 8 micro-batches a step
+    sharded = memory.plan(
+        cfg, checkpointing=True, **{**kw, "world": 8, "fsdp": True}
+    )  # 8 micro-batches a step
     assert memory.fits(sharded, 80) and sharded["weights"] == on["weights"] / 8
 
 

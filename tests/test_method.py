@@ -1,25 +1,33 @@
-"""The method itself: the weights of every rule (analytic cases, ties, thresholds, signal swaps), that no
-gradient flows through a weight, the chunked loss against a plain computation, the normalisation by all
-response tokens, gradient accumulation, the frozen reference, and the reference vectors for porters."""
+"""The method itself: the weights of every rule (analytic cases, ties, thresholds, signal swaps),
+that no gradient flows through a weight, the chunked loss against a plain computation, the
+normalisation by all
+response tokens, gradient accumulation, the frozen reference, and the reference vectors for
+porters."""
+
 import functools
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from tiny import assert_some_kept, make_checkpoint, make_data, read_metrics
 
 import data
-import demo
 import prift
+from infra import demo
 from model import GPT
-from tiny import assert_some_kept, make_checkpoint, make_data, read_metrics
-import make_reference_vectors as refvec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tools"))
+import make_reference_vectors as refvec  # noqa: E402
 
 RULES = ["sft", "dft", "prob", "mass", "profit"]
 
 
 def stats(probs, target):
-    """(p, u) of one target from a list of probabilities, in float64, straight from the definition: p = q(y), and
+    """(p, u) of one target from a list of probabilities, in float64, straight from the definition:
+    p = q(y), and
     u = q(y) plus the mass of every token strictly less likely than y (ties with y not counted)."""
     q = probs[target]
     return q, sum(x for x in probs if x < q) + q
@@ -27,11 +35,15 @@ def stats(probs, target):
 
 def logits_of(*rows):
     """Probability rows -> logits (N, V) whose softmax gives them back (up to float32 rounding)."""
-    return torch.tensor([[math.log(x) if x > 0 else -math.inf for x in r] for r in rows], dtype=torch.float64).float()
+    return torch.tensor(
+        [[math.log(x) if x > 0 else -math.inf for x in r] for r in rows], dtype=torch.float64
+    ).float()
 
 
 def weights(rule, probs_rows, targets, threshold=None, signal=None):
-    """token_weights for rows of one signal's probabilities, the same given as online logits and as prior."""
+    """token_weights for rows of one signal's probabilities, the same given as online logits and as
+    prior.
+    """
     lg, y = logits_of(*probs_rows)[None], torch.tensor(targets)[None]
     return prift.token_weights(rule, y, lg, lg, threshold=threshold, signal=signal)[0]
 
@@ -39,29 +51,37 @@ def weights(rule, probs_rows, targets, threshold=None, signal=None):
 # ----------------------------------------------------------------------------------------------------
 # The weights: analytic cases
 
+
 @pytest.mark.parametrize("V", [2, 7, 151])
 def test_uniform_logits_give_one_over_v(V):
     logits, y = torch.zeros(2, 3, V), torch.randint(0, V, (2, 3))
-    for rule, signal in (("dft", "online"), ("prob", "prior"), ("dft", "prior"), ("prob", "online")):
+    for rule, signal in (
+        ("dft", "online"),
+        ("prob", "prior"),
+        ("dft", "prior"),
+        ("prob", "online"),
+    ):
         w = prift.token_weights(rule, y, logits, torch.zeros(2, 3, V), signal=signal)
         torch.testing.assert_close(w, torch.full((2, 3), 1 / V), rtol=1e-6, atol=0)
     p, u = prift.target_stats(logits.view(-1, V), y.view(-1))
     torch.testing.assert_close(p, torch.full((6,), 1 / V), rtol=1e-6, atol=0)
-    # every token ties with the target: none is strictly less likely, so u = p = 1/V (kept only when V <= 2)
+    # every token ties with the target: none is strictly less likely, so u = p = 1/V (kept only when
+    # V <= 2)
     torch.testing.assert_close(u, torch.full((6,), 1 / V), rtol=1e-6, atol=0)
     assert prift.token_weights("mass", y, logits, logits).eq(1.0 if V <= 2 else 0.0).all()
 
 
-HAND = [  # (probabilities, target) with u worked out by hand (the comments), and by the definition in stats()
-    ([0.5, 0.2, 0.2, 0.1], 0),              # unique argmax: u = 1
-    ([0.5, 0.2, 0.2, 0.1], 1),              # tied with token 2, which is not counted: u = 0.1 + 0.2 = 0.3
-    ([0.5, 0.2, 0.2, 0.1], 3),              # least likely: u = p = 0.1
-    ([0.4, 0.35, 0.15, 0.1], 1),            # u = 0.15 + 0.1 + 0.35 = 0.6: second most likely, kept
-    ([0.6, 0.25, 0.15], 1),                 # u = 0.4: second most likely, dropped
-    ([0.05, 0.1, 0.2, 0.3, 0.35], 3),       # u = 0.65
-    ([0.05, 0.1, 0.2, 0.3, 0.35], 2),       # u = 0.35
-    ([0.3, 0.3, 0.3, 0.025, 0.025, 0.025, 0.025], 0),   # the tie at the top: u = 0.1 + 0.3 = 0.4
-    ([0.5, 0.5, 0.0, 0.0], 1),              # two-way tie at exactly 0.5: u = 0.5, kept (q >= 0.5)
+# (probabilities, target) with u worked out by hand (the comments), and by the definition in stats()
+HAND = [
+    ([0.5, 0.2, 0.2, 0.1], 0),  # unique argmax: u = 1
+    ([0.5, 0.2, 0.2, 0.1], 1),  # tied with token 2, which is not counted: u = 0.1 + 0.2 = 0.3
+    ([0.5, 0.2, 0.2, 0.1], 3),  # least likely: u = p = 0.1
+    ([0.4, 0.35, 0.15, 0.1], 1),  # u = 0.15 + 0.1 + 0.35 = 0.6: second most likely, kept
+    ([0.6, 0.25, 0.15], 1),  # u = 0.4: second most likely, dropped
+    ([0.05, 0.1, 0.2, 0.3, 0.35], 3),  # u = 0.65
+    ([0.05, 0.1, 0.2, 0.3, 0.35], 2),  # u = 0.35
+    ([0.3, 0.3, 0.3, 0.025, 0.025, 0.025, 0.025], 0),  # the tie at the top: u = 0.1 + 0.3 = 0.4
+    ([0.5, 0.5, 0.0, 0.0], 1),  # two-way tie at exactly 0.5: u = 0.5, kept (q >= 0.5)
 ]
 
 
@@ -75,7 +95,9 @@ def test_mass_score_by_hand(probs, target):
     assert weights("mass", [probs], [target], signal="prior").item() == float(u_hand >= 0.5)
     assert weights("mass", [probs], [target], signal="online").item() == float(u_hand >= 0.5)
     assert weights("prob", [probs], [target]).item() == pytest.approx(p_hand, abs=1e-6)
-    if abs(p_hand - 0.1) > 1e-4:  # p = 0.1 exactly is 0.1 only up to float32 rounding; see the threshold test
+    if (
+        abs(p_hand - 0.1) > 1e-4
+    ):  # p = 0.1 exactly is 0.1 only up to float32 rounding; see the threshold test
         assert weights("profit", [probs], [target]).item() == float(p_hand >= 0.1)
 
 
@@ -84,14 +106,14 @@ def test_tie_at_the_top_is_dropped_and_threshold_override():
     for target in (0, 1, 2):
         u = prift.target_stats(logits_of(tie), torch.tensor([target]))[1].item()
         assert u == pytest.approx(0.4, abs=1e-6)
-        assert weights("mass", [tie], [target]).item() == 0.0                       # tau = 0.5
+        assert weights("mass", [tie], [target]).item() == 0.0  # tau = 0.5
         assert weights("mass", [tie], [target], threshold=0.45).item() == 0.0
-        assert weights("mass", [tie], [target], threshold=0.35).item() == 1.0       # override keeps it
+        assert weights("mass", [tie], [target], threshold=0.35).item() == 1.0  # override keeps it
         assert weights("prob", [tie], [target]).item() == pytest.approx(0.3, abs=1e-6)
     # the same distribution without exact ties: a top token then has u = 1 or 0.7, kept
     near = [0.3 + 1e-3, 0.3, 0.3 - 1e-3, 0.025, 0.025, 0.025, 0.025]
     assert weights("mass", [near, near], [0, 1]).tolist() == [1.0, 1.0]
-    assert weights("mass", [near], [2]).item() == 0.0                              # u = 0.1 + 0.299 = 0.399
+    assert weights("mass", [near], [2]).item() == 0.0  # u = 0.1 + 0.299 = 0.399
 
 
 def test_unique_argmax_and_q_over_half_always_kept():
@@ -102,7 +124,11 @@ def test_unique_argmax_and_q_over_half_always_kept():
         p, u = prift.target_stats(logits, top)
         torch.testing.assert_close(u, torch.ones(200), atol=1e-5, rtol=0)
         assert prift.token_weights("mass", top[None], logits[None], logits[None]).eq(1).all()
-        assert prift.token_weights("mass", top[None], logits[None], logits[None], threshold=0.99).eq(1).all()
+        assert (
+            prift.token_weights("mass", top[None], logits[None], logits[None], threshold=0.99)
+            .eq(1)
+            .all()
+        )
     # q >= 0.5 (then no other token holds more than 1 - q <= 0.5)
     for q in (0.5, 0.51, 0.7, 0.99):
         rest = [(1 - q) / 3] * 3
@@ -118,7 +144,7 @@ def test_thresholds_on_both_sides(signal):
     rows = [[0.1 + eps, 0.9 - eps], [0.1 - eps, 0.9 + eps]]
     assert weights("profit", rows, [0, 0], signal=signal).tolist() == [1.0, 0.0]
     # mass: 1[u >= 0.5]; the target is second most likely, the least likely token holds 0.5 -/+ eps
-    rows = [[0.5 - eps, 0.3, 0.2 + eps], [0.5 + eps, 0.3, 0.2 - eps]]    # u = 0.5 + eps, 0.5 - eps
+    rows = [[0.5 - eps, 0.3, 0.2 + eps], [0.5 + eps, 0.3, 0.2 - eps]]  # u = 0.5 + eps, 0.5 - eps
     assert [stats(r, 1)[1] > 0.5 for r in rows] == [True, False]
     assert weights("mass", rows, [1, 1], signal=signal).tolist() == [1.0, 0.0]
     # and with the other rule's threshold given explicitly
@@ -129,8 +155,10 @@ def test_thresholds_on_both_sides(signal):
 
 
 def test_signal_swaps():
-    """Which logits each rule reads. The oracle is token_weights itself with the logits swapped: the values of
-    each rule's weight are checked by hand above; this test is only about the source of the signal."""
+    """Which logits each rule reads. The oracle is token_weights itself with the logits swapped: the
+    values of
+    each rule's weight are checked by hand above; this test is only about the source of the
+    signal."""
     g = torch.Generator().manual_seed(1)
     logits, ref = torch.randn(3, 6, 9, generator=g) * 2, torch.randn(3, 6, 9, generator=g) * 2
     y = torch.randint(0, 9, (3, 6), generator=g)
@@ -139,15 +167,23 @@ def test_signal_swaps():
     torch.testing.assert_close(tw("dft", y, logits, ref), tw("dft", y, logits, None))
     torch.testing.assert_close(tw("prob", y, logits, ref), tw("dft", y, ref, None))
     # dft with the prior signal is prob; prob with the online signal is dft
-    torch.testing.assert_close(tw("dft", y, logits, ref, signal="prior"), tw("prob", y, logits, ref), rtol=0, atol=0)
-    torch.testing.assert_close(tw("prob", y, logits, ref, signal="online"), tw("dft", y, logits, ref), rtol=0, atol=0)
+    torch.testing.assert_close(
+        tw("dft", y, logits, ref, signal="prior"), tw("prob", y, logits, ref), rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        tw("prob", y, logits, ref, signal="online"), tw("dft", y, logits, ref), rtol=0, atol=0
+    )
     # mass online takes logits, not ref_logits; profit prior takes ref_logits
     online = tw("mass", y, logits, ref, signal="online")
     torch.testing.assert_close(online, tw("mass", y, logits, logits), rtol=0, atol=0)
     torch.testing.assert_close(online, tw("mass", y, logits, None, signal="online"), rtol=0, atol=0)
     assert not torch.equal(online, tw("mass", y, logits, ref))
-    torch.testing.assert_close(tw("profit", y, logits, ref, signal="prior"), tw("profit", y, ref, None), rtol=0, atol=0)
-    assert not torch.equal(tw("profit", y, logits, ref, signal="prior"), tw("profit", y, logits, ref))
+    torch.testing.assert_close(
+        tw("profit", y, logits, ref, signal="prior"), tw("profit", y, ref, None), rtol=0, atol=0
+    )
+    assert not torch.equal(
+        tw("profit", y, logits, ref, signal="prior"), tw("profit", y, logits, ref)
+    )
     # sft ignores both; a prior rule without a reference is an error, not a silent fallback
     assert tw("sft", y, logits, ref).eq(1).all() and tw("sft", y, logits, None).eq(1).all()
     with pytest.raises(ValueError):
@@ -173,13 +209,15 @@ def test_softmax_in_float32():
     y = torch.randint(0, 300, (5,), generator=g)
     p, u = prift.target_stats(logits, y)
     assert p.dtype == u.dtype == torch.float32
-    # the oracle: the same function on the same values given as float32 (which the hand cases above check)
+    # the oracle: the same function on the same values given as float32 (which the hand cases above
+    # check)
     p32, u32 = prift.target_stats(logits.float(), y)
     torch.testing.assert_close((p, u), (p32, u32), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------
 # No gradient through a weight
+
 
 @pytest.mark.parametrize("signal", ["online", "prior"])
 def test_weights_are_detached(signal):
@@ -194,12 +232,16 @@ def test_weights_are_detached(signal):
 
 
 def test_token_weights_gradient_is_weighted_ce():
-    """d/dlogits sum(w * CE) = w * (softmax - onehot), with w a constant: dft's weight p gets no gradient."""
+    """d/dlogits sum(w * CE) = w * (softmax - onehot), with w a constant: dft's weight p gets no
+    gradient.
+    """
     g = torch.Generator().manual_seed(3)
     logits = (2 * torch.randn(4, 6, 11, generator=g)).requires_grad_()
     y = torch.randint(0, 11, (4, 6), generator=g)
     w = prift.token_weights("dft", y, logits)
-    ce = torch.nn.functional.cross_entropy(logits.view(-1, 11), y.view(-1), reduction="none").view(4, 6)
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, 11), y.view(-1), reduction="none").view(
+        4, 6
+    )
     (w * ce).sum().backward()
     probs = logits.detach().softmax(-1)
     analytic = w[..., None] * (probs - torch.nn.functional.one_hot(y, 11))
@@ -224,7 +266,9 @@ def test_chunked_loss_gradient_is_weighted_ce(rule):
     prift.chunked_loss(h, head, y, rule, "online", threshold, chunk=5)[0].backward()
     logits = h.detach() @ head.weight.detach().T
     probs = logits.softmax(-1)
-    w = prift.token_weights(rule, y, logits, signal="online")  # the weights' values are the hand cases'; here: d/dh
+    w = prift.token_weights(
+        rule, y, logits, signal="online"
+    )  # the weights' values are the hand cases'; here: d/dh
     assert 0 < (w > 0).sum() < N or rule == "dft"
     dlogits = w[:, None] * (probs - torch.nn.functional.one_hot(y, V))
     torch.testing.assert_close(h.grad, dlogits @ head.weight.detach(), rtol=1e-5, atol=1e-6)
@@ -234,18 +278,21 @@ def test_chunked_loss_gradient_is_weighted_ce(rule):
 # ----------------------------------------------------------------------------------------------------
 # The chunked loss equals a plain full computation
 
+
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("chunk", [7, 1, 100])
 def test_chunked_loss_equals_plain(rule, chunk):
     g = torch.Generator().manual_seed(5)
-    N, C, V = 37, 16, 50                      # 37 = 5 * 7 + 2: the last chunk is short
+    N, C, V = 37, 16, 50  # 37 = 5 * 7 + 2: the last chunk is short
     h0 = torch.randn(N, C, generator=g)
     W0 = 0.5 * torch.randn(V, C, generator=g)
     y = torch.randint(0, V, (N,), generator=g)
     ref_logits = 2 * torch.randn(N, V, generator=g)
-    y[:4] = ref_logits[:4].argmax(1)           # some targets the reference supports
-    y[4:8] = (h0[4:8] @ W0.T).argmax(1)        # and some the model does
-    prior = torch.stack(prift.target_stats(ref_logits, y), 1)   # (N, 2): what --prior precompute stores
+    y[:4] = ref_logits[:4].argmax(1)  # some targets the reference supports
+    y[4:8] = (h0[4:8] @ W0.T).argmax(1)  # and some the model does
+    prior = torch.stack(
+        prift.target_stats(ref_logits, y), 1
+    )  # (N, 2): what --prior precompute stores
     signal, threshold = prift.RULES[rule]
 
     h, head = h0.clone().requires_grad_(), torch.nn.Linear(C, V, bias=False)
@@ -255,14 +302,17 @@ def test_chunked_loss_equals_plain(rule, chunk):
     out[0].backward()
 
     hp, Wp = h0.clone().requires_grad_(), W0.clone().requires_grad_()
-    logits = hp @ Wp.T                                                             # (N, V)
-    # the weights from token_weights (checked by hand above): what is tested here is the chunked CE and gradient
+    logits = hp @ Wp.T  # (N, V)
+    # the weights from token_weights (checked by hand above): what is tested here is the chunked CE
+    # and gradient
     w = prift.token_weights(rule, y[None], logits[None], ref_logits[None])[0]
     ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
     plain = (w * ce).sum()
     plain.backward()
     if rule in ("mass", "profit"):
-        assert 0 < (w > 0).sum() < N, "a thresholded rule should keep some tokens and drop others here"
+        assert 0 < (w > 0).sum() < N, (
+            "a thresholded rule should keep some tokens and drop others here"
+        )
 
     torch.testing.assert_close(out[0], plain.detach(), rtol=1e-6, atol=0)
     torch.testing.assert_close(out[1], ce.detach().sum(), rtol=1e-6, atol=0)
@@ -275,6 +325,7 @@ def test_chunked_loss_equals_plain(rule, chunk):
 # ----------------------------------------------------------------------------------------------------
 # Training: normalisation, accumulation, the frozen reference (a tiny random checkpoint)
 
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     # pretrained a little: a random one gives every token p < 0.1, and profit would keep none
@@ -283,34 +334,56 @@ def ckpt(tmp_path_factory):
 
 def targs(rule, **kw):
     a = prift.parse_args([])[1]  # the command line's defaults, then the test's sizes
-    a.__dict__.update({**dict(rule=rule, lr=1e-3, batch_size=4, micro_batch=4, epochs=1, max_steps=1, loss_chunk=None,
-                              precision="fp32"), **kw})
+    a.__dict__.update(
+        {
+            **dict(
+                rule=rule,
+                lr=1e-3,
+                batch_size=4,
+                micro_batch=4,
+                epochs=1,
+                max_steps=1,
+                loss_chunk=None,
+                precision="fp32",
+            ),
+            **kw,
+        }
+    )
     a = prift.settings(a)
     return a
 
 
 @functools.cache
 def text_stream():
-    """The demo's kind of text in the tiny checkpoints' tokens (make_checkpoint trains the same tokenizer)."""
+    """The demo's kind of text in the tiny checkpoints' tokens (make_checkpoint trains the same
+    tokenizer).
+    """
     tok = demo.tokenizer([r["response"] for r in demo.pretrain_corpus(300, seed=0)], vocab_size=120)
     return [i for r in demo.pretrain_corpus(40, seed=7) for i in tok.encode(r["response"]).ids]
 
 
 def uneven_seqs(seed=0):
-    """Four examples whose responses have 2, 5, 11 and 23 tokens: micro-batch means weigh them unequally. Pieces
-    of text, so that the pretrained checkpoint predicts some of their tokens well (profit keeps about half)."""
+    """Four examples whose responses have 2, 5, 11 and 23 tokens: micro-batch means weigh them
+    unequally. Pieces
+    of text, so that the pretrained checkpoint predicts some of their tokens well (profit keeps
+    about half)."""
     g, stream = torch.Generator().manual_seed(seed), text_stream()
     starts = torch.randint(0, len(stream) - 25, (4,), generator=g).tolist()
-    return [(stream[s:s + np_ + nr], np_) for s, (np_, nr) in zip(starts, ((3, 2), (6, 5), (4, 11), (2, 23)))]
+    return [
+        (stream[s : s + np_ + nr], np_)
+        for s, (np_, nr) in zip(starts, ((3, 2), (6, 5), (4, 11), (2, 23)))
+    ]
 
 
 def train_capturing(args, model, seqs, monkeypatch, **kw):
     """prift.train, keeping a copy of the gradient each step takes (before clipping)."""
     grads, clip = [], torch.nn.utils.clip_grad_norm_
+
     def capture(params, max_norm, *a, **k):
         params = list(params)
         grads.append([p.grad.detach().clone() for p in params])
         return clip(params, max_norm, *a, **k)
+
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
     state = prift.train(args, model, seqs, **kw)
     return state, grads
@@ -326,13 +399,19 @@ def prior_of(ref, seqs):
 
 
 def full_batch_loss(model, seqs, rule, ref=None, denominator="tokens"):
-    """The loss over the whole batch, computed plainly: sum(w * CE * m) / sum(m), where m marks every response
-    token (also those weighted 0), CE is the model's cross-entropy and w the rule's detached weight."""
+    """The loss over the whole batch, computed plainly: sum(w * CE * m) / sum(m), where m marks
+    every response
+    token (also those weighted 0), CE is the model's cross-entropy and w the rule's detached
+    weight."""
     x, y, m = data.collate(seqs)
     logits = model(x)
     ref_logits = ref(x).detach() if ref is not None else None
-    w = prift.token_weights(rule, y, logits, ref_logits)  # checked by hand above; here the sum and its denominator
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+    w = prift.token_weights(
+        rule, y, logits, ref_logits
+    )  # checked by hand above; here the sum and its denominator
+    ce = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), y.flatten(), reduction="none"
+    ).view(y.shape)
     num = (w * ce * m).sum()
     return num / (m.sum() if denominator == "tokens" else (w * m).sum()), w, m
 
@@ -363,13 +442,18 @@ def test_loss_is_normalised_by_all_response_tokens(ckpt, tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("rule", ["sft", "dft", "prob", "mass", "profit"])
 def test_prift_loss_is_what_the_training_loop_computes(ckpt, tmp_path, monkeypatch, rule):
-    """prift_loss, the function a porter copies, called on each of two micro-batches with the whole batch's
-    response-token count: the same loss and the same gradient as the training loop's chunked loss."""
+    """prift_loss, the function a porter copies, called on each of two micro-batches with the whole
+    batch's
+    response-token count: the same loss and the same gradient as the training loop's chunked
+    loss."""
     model, ref = GPT.from_pretrained(ckpt), GPT.from_pretrained(ckpt).requires_grad_(False)
     seqs = uneven_seqs(seed=3)
     n_tokens = sum(map(data.n_response_tokens, seqs))
     loss = 0.0
-    for half in (seqs[:2], seqs[2:]):  # micro-batches of the optimizer batch, as a trainer accumulates them
+    for half in (
+        seqs[:2],
+        seqs[2:],
+    ):  # micro-batches of the optimizer batch, as a trainer accumulates them
         x, y, m = data.collate(half)
         logits, labels, ref_logits = refvec.as_trainers_give(model(x), y, m, ref(x).detach())
         part = prift.prift_loss(logits, labels, rule, ref_logits, n_tokens=n_tokens)
@@ -377,7 +461,9 @@ def test_prift_loss_is_what_the_training_loop_computes(ckpt, tmp_path, monkeypat
         loss += part.item()
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    assert loss == pytest.approx(full_batch_loss(model, seqs, rule, ref)[0].item(), rel=1e-6)  # the formula
+    assert loss == pytest.approx(
+        full_batch_loss(model, seqs, rule, ref)[0].item(), rel=1e-6
+    )  # the formula
 
     args = targs(rule, micro_batch=2)
     prior = prior_of(ref, seqs) if args.signal == "prior" else None
@@ -399,44 +485,65 @@ def test_gradient_accumulation_matches_full_batch(ckpt, monkeypatch, rule):
     runs = {}
     for mb in (1, 4):
         model = GPT.from_pretrained(ckpt)
-        _, grads = train_capturing(targs(rule, micro_batch=mb), model, seqs, monkeypatch, prior=prior)
+        _, grads = train_capturing(
+            targs(rule, micro_batch=mb), model, seqs, monkeypatch, prior=prior
+        )
         runs[mb] = grads[0], [p.detach() for p in model.parameters()]
     (g1, p1), (g4, p4) = runs[1], runs[4]
     for a, b in zip(g1, g4):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # float32 sums in another order
-    for a, b in zip(p1, p4):  # AdamW's first step is lr g / (|g| + 1e-8): float32 noise in a tiny g shows more
+    for a, b in zip(
+        p1, p4
+    ):  # AdamW's first step is lr g / (|g| + 1e-8): float32 noise in a tiny g shows more
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    assert any(not torch.equal(a, b) for a, b in zip(p1, base.parameters())), "the step changed nothing"
+    assert any(not torch.equal(a, b) for a, b in zip(p1, base.parameters())), (
+        "the step changed nothing"
+    )
 
-    # the test can fail: averaging the four micro-batch means (each over its own response tokens) would
+    # the test can fail: averaging the four micro-batch means (each over its own response tokens)
+    # would
     # weigh a token of the 2-token response 11.5 x more than one of the 23-token response
     signal, threshold = prift.RULES[rule]
     for s, pr in zip(seqs, prior or [None] * 4):
         x, y, m = data.collate([s])
-        part = prift.chunked_loss(base(x, hidden_only=True)[m], base.lm_head, y[m], rule, signal, threshold, pr)
+        part = prift.chunked_loss(
+            base(x, hidden_only=True)[m], base.lm_head, y[m], rule, signal, threshold, pr
+        )
         (part[0] / m.sum() / len(seqs)).backward()
     naive = [p.grad for p in base.parameters()]
     assert not all(torch.allclose(a, b, rtol=1e-2, atol=1e-6) for a, b in zip(naive, g4))
 
 
 def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch):
-    """With the reference the starting checkpoint, online p and prior q are the same numbers at step 0."""
+    """With the reference the starting checkpoint, online p and prior q are the same numbers at step
+    0.
+    """
     rows = data.read_jsonl(make_data(tmp_path / "d.jsonl", n=4))
     seqs, _ = data.Template.load(ckpt, "plain").encode(rows, 128)
-    model, ref = GPT.from_pretrained(ckpt), prift.load_reference(targs("prob", ref=str(ckpt)), torch.device("cpu"))
+    model, ref = (
+        GPT.from_pretrained(ckpt),
+        prift.load_reference(targs("prob", ref=str(ckpt)), torch.device("cpu")),
+    )
     x, y, m = data.collate(seqs)
     with torch.no_grad():
         logits, ref_logits = model(x), ref(x)
-    torch.testing.assert_close(prift.token_weights("dft", y, logits), prift.token_weights("prob", y, logits, ref_logits),
-                               rtol=0, atol=0)
-    # through training: the precomputed prior (in a cache), the first step's loss and the updated weights
+    torch.testing.assert_close(
+        prift.token_weights("dft", y, logits),
+        prift.token_weights("prob", y, logits, ref_logits),
+        rtol=0,
+        atol=0,
+    )
+    # through training: the precomputed prior (in a cache), the first step's loss and the updated
+    # weights
     args = targs("prob", ref=str(ckpt), cache=str(tmp_path / "cache"))
     prior = prift.compute_prior(args, seqs, torch.device("cpu"))
     assert [len(p) for p in prior] == [data.n_response_tokens(s) for s in seqs]
     assert any((tmp_path / "cache" / "prior").iterdir())
-    again = prift.compute_prior(args, seqs, torch.device("cpu"))           # from the cache this time
+    again = prift.compute_prior(args, seqs, torch.device("cpu"))  # from the cache this time
     torch.testing.assert_close(torch.cat(again), torch.cat(prior), rtol=0, atol=0)
-    torch.testing.assert_close(torch.cat(prior)[:, 0], prift.token_weights("dft", y, logits)[m], rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        torch.cat(prior)[:, 0], prift.token_weights("dft", y, logits)[m], rtol=1e-6, atol=0
+    )
     after = {}
     for rule, kw in (("dft", {}), ("prob", dict(prior=prior))):
         model = GPT.from_pretrained(ckpt)
@@ -445,8 +552,18 @@ def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch)
         prift.train(targs(rule), model, seqs, out=out, **kw)
         after[rule] = json.loads((out / "metrics.jsonl").read_text()), list(model.parameters())
     assert after["dft"][0]["loss"] == pytest.approx(after["prob"][0]["loss"], rel=1e-6)
-    for a, b in zip(after["dft"][1], after["prob"][1]):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert after["dft"][0]["grad_norm"] == pytest.approx(after["prob"][0]["grad_norm"], rel=1e-6)
+    # The first step's gradient, parameter by parameter. (Not the weights after AdamW's first step:
+    # it moves each weight by lr * g / (|g| + eps), so a gradient near eps = 1e-8 turns a 1e-12
+    # difference of float rounding between the two signal paths into a visible one.)
+    grads = {}
+    for rule, signal, stats in (("dft", "online", None), ("prob", "prior", torch.cat(prior))):
+        model = GPT.from_pretrained(ckpt)
+        h = model(x, hidden_only=True)[m]
+        prift.chunked_loss(h, model.lm_head, y[m], rule, signal, prior=stats).weighted.backward()
+        grads[rule] = [p.grad for p in model.parameters()]
+    for a, b in zip(grads["dft"], grads["prob"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("rule", ["prob", "mass"])
@@ -462,11 +579,14 @@ def test_inline_reference_stays_frozen(ckpt, tmp_path, rule):
     assert all(not p.requires_grad and p.grad is None for p in ref.parameters())
     for k, v in ref.state_dict().items():
         assert torch.equal(v, before_ref[k]), f"the reference's {k} changed"
-    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the model did not train"
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items()), (
+        "the model did not train"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Reference vectors for porters (tests/reference_vectors.json)
+
 
 @pytest.fixture(scope="module")
 def vectors():
@@ -481,13 +601,22 @@ def test_reference_vectors_match_the_implementation(vectors):
     names = {c["name"] for c in vectors["cases"]}
     assert {"sft", "dft", "prob", "mass", "profit", "mass_online", "dft_prior"} <= names
     m = mask.float()
-    ce = torch.nn.functional.cross_entropy(logits.view(-1, 7), y.view(-1), reduction="none").view(2, 5)
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, 7), y.view(-1), reduction="none").view(
+        2, 5
+    )
     torch.testing.assert_close(ce, torch.tensor(vectors["ce"]), rtol=0, atol=1e-6)
     for case in vectors["cases"]:
-        w = prift.token_weights(case["rule"], y, logits, ref, threshold=case["threshold"], signal=case["signal"])
-        torch.testing.assert_close(w, torch.tensor(case["weights"]), rtol=0, atol=1e-6, msg=case["name"])
-        assert (w * ce * m).sum().item() / m.sum().item() == pytest.approx(case["loss"], abs=1e-6), case["name"]
-    # and the whole file, recomputed by the script that wrote it (prift_loss and chunked_loss included)
+        w = prift.token_weights(
+            case["rule"], y, logits, ref, threshold=case["threshold"], signal=case["signal"]
+        )
+        torch.testing.assert_close(
+            w, torch.tensor(case["weights"]), rtol=0, atol=1e-6, msg=case["name"]
+        )
+        assert (w * ce * m).sum().item() / m.sum().item() == pytest.approx(
+            case["loss"], abs=1e-6
+        ), case["name"]
+    # and the whole file, recomputed by the script that wrote it (prift_loss and chunked_loss
+    # included)
     new = refvec.compute(logits, ref, y, mask)
     for a, b in zip(vectors["cases"], new["cases"]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["kept"] == b["kept"], a["name"]
@@ -495,13 +624,16 @@ def test_reference_vectors_match_the_implementation(vectors):
 
 
 def test_reference_vectors_match_the_definition(vectors):
-    """The file agrees with a naive float64 reading of the definitions (sft 1, dft/prob p, profit 1[p >= tau],
+    """The file agrees with a naive float64 reading of the definitions (sft 1, dft/prob p, profit
+    1[p >= tau],
     mass 1[u >= tau]; the loss sum(w CE m) / sum(m)), so a porter can trust it."""
     i = vectors["inputs"]
+
     def softmax(row):
         z = max(row)
         e = [math.exp(v - z) for v in row]
         return [v / sum(e) for v in e]
+
     for case in vectors["cases"]:
         rule, signal, tau = case["rule"], case["signal"], case["threshold"]
         num = den = 0.0
@@ -511,29 +643,43 @@ def test_reference_vectors_match_the_definition(vectors):
                 online = softmax(i["logits"][b][t])
                 s = online if signal == "online" else softmax(i["ref_logits"][b][t])
                 p, u = stats(s, tgt)
-                w = {"sft": 1.0, "dft": p, "prob": p, "profit": float(p >= (tau or 0)), "mass": float(u >= (tau or 0))}[rule]
+                w = {
+                    "sft": 1.0,
+                    "dft": p,
+                    "prob": p,
+                    "profit": float(p >= (tau or 0)),
+                    "mass": float(u >= (tau or 0)),
+                }[rule]
                 assert case["weights"][b][t] == pytest.approx(w, abs=1e-6), (case["name"], b, t)
                 num += w * -math.log(online[tgt]) * i["mask"][b][t]
                 den += i["mask"][b][t]
         assert case["loss"] == pytest.approx(num / den, abs=1e-5), case["name"]
     # the hand-made positions the description promises
     prior = vectors["stats"]["prior"]
-    assert prior["u"][0][1] == pytest.approx(0.4, abs=1e-3) and prior["p"][0][1] == pytest.approx(0.3, abs=1e-3)
+    assert prior["u"][0][1] == pytest.approx(0.4, abs=1e-3) and prior["p"][0][1] == pytest.approx(
+        0.3, abs=1e-3
+    )
     mass = next(c for c in vectors["cases"] if c["name"] == "mass")
     assert mass["weights"][0][1] == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------
-# --match-authors: the authors' trainer where this one differs on purpose, each part against a hand computation
+# --match-authors: the authors' trainer where this one differs on purpose, each part against a hand
+# computation
+
 
 def mean_weighted_ce(hf, examples):
-    """From scratch, in float64: sum over the examples' response tokens of w * CE, over their number; hf a
-    transformers model (float64) for the logits, w the mass weight 1[u >= 0.5] with u = q(y) plus the mass of the
-    tokens strictly less likely than y, q the same model's probabilities (the reference before any update)."""
+    """From scratch, in float64: sum over the examples' response tokens of w * CE, over their
+    number; hf a transformers model (float64) for the logits, w the mass weight 1[u >= 0.5] with u =
+    q(y) plus the mass of the
+    tokens strictly less likely than y, q the same model's probabilities (the reference before any
+    update)."""
     num, den, margins = 0.0, 0, []
     for ids, n_prompt in examples:
-        first = max(n_prompt, 1)                                           # the first response token with a context
-        logits = hf(torch.tensor([ids])).logits[0, first - 1:-1]           # (n, V): the logits predicting ids[first:]
+        first = max(n_prompt, 1)  # the first response token with a context
+        logits = hf(torch.tensor([ids])).logits[
+            0, first - 1 : -1
+        ]  # (n, V): the logits predicting ids[first:]
         target = torch.tensor(ids[first:])
         q = logits.detach().softmax(-1)
         qy = q[torch.arange(len(target)), target]
@@ -547,10 +693,11 @@ def mean_weighted_ce(hf, examples):
 
 
 def test_match_authors_sums_micro_batch_means_in_bfloat16(ckpt, tmp_path, monkeypatch):
-    """(a) each micro-batch's loss is its own mean over its response tokens and a step's gradient is their sum,
-    clipped as such; (b) weights and AdamW state in bfloat16. The oracle: transformers' model of the checkpoint in
-    float64 on the same bfloat16-rounded weights, and the loss written out (mean_weighted_ce). prift's gradient, made
-    in bfloat16 arithmetic, agrees to what that allows (a relative 6e-2 of each parameter's gradient, 1e-2 of the
+    """(a) each micro-batch's loss is its own mean over its response tokens and a step's gradient is
+    their sum, clipped as such; (b) weights and AdamW state in bfloat16. The oracle: transformers'
+    model of the checkpoint in float64 on the same bfloat16-rounded weights, and the loss written
+    out (mean_weighted_ce). prift's gradient, made in bfloat16 arithmetic, agrees to what that
+    allows (a relative 6e-2 of each parameter's gradient, 1e-2 of the
     whole), and is far from the gradient of the mean over the whole batch (more than 0.3)."""
     seqs = uneven_seqs(seed=4)
     prior = prior_of(GPT.from_pretrained(ckpt).requires_grad_(False), seqs)
@@ -559,15 +706,25 @@ def test_match_authors_sums_micro_batch_means_in_bfloat16(ckpt, tmp_path, monkey
     _, grads = train_capturing(args, model, seqs, monkeypatch, prior=prior, out=tmp_path)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     trainer = torch.load(tmp_path / "checkpoints" / "latest" / "trainer.pt", weights_only=True)
-    assert all(v.dtype == torch.bfloat16 for st in trainer["optimizer"]["state"].values()
-               for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))
+    assert all(
+        v.dtype == torch.bfloat16
+        for st in trainer["optimizer"]["state"].values()
+        for k, v in st.items()
+        if k in ("exp_avg", "exp_avg_sq")
+    )
 
     from conftest import load_hf
+
     idx = prift.batch_order(len(seqs), 4, 0, 0, drop_last=True)
     oracle = {}
-    for name, parts in (("sum", (idx[:2], idx[2:])), ("mean", (idx,))):  # the loop's micro-batches; the whole batch
+    for name, parts in (
+        ("sum", (idx[:2], idx[2:])),
+        ("mean", (idx,)),
+    ):  # the loop's micro-batches; the whole batch
         hf = load_hf(ckpt, torch.float64)
-        with torch.no_grad():  # the weights prift trains: rounded to bfloat16 (the arithmetic stays float64)
+        with (
+            torch.no_grad()
+        ):  # the weights prift trains: rounded to bfloat16 (the arithmetic stays float64)
             for p in hf.parameters():
                 p.copy_(p.bfloat16())
         sum(mean_weighted_ce(hf, [seqs[i] for i in mb]) for mb in parts).backward()
@@ -579,55 +736,82 @@ def test_match_authors_sums_micro_batch_means_in_bfloat16(ckpt, tmp_path, monkey
     assert total(grads[0]) == pytest.approx(total(oracle["sum"].values()), rel=1e-2)
     assert total(grads[0]) > 1.5 * total(oracle["mean"].values())  # two means summed, not one
     row = read_metrics(tmp_path)[0]
-    assert row["grad_norm"] == pytest.approx(total(grads[0]), rel=1e-2)  # the norm clipped is the sum's
+    assert row["grad_norm"] == pytest.approx(
+        total(grads[0]), rel=1e-2
+    )  # the norm clipped is the sum's
 
 
 def test_match_authors_warms_up_from_zero_and_drops_the_short_batch(ckpt, tmp_path):
-    """(c) the learning rate of step s < n_warmup is lr * s / n_warmup (0 at the first step), and 17 examples in
+    """(c) the learning rate of step s < n_warmup is lr * s / n_warmup (0 at the first step), and 17
+    examples in
     batches of 4 make 4 steps an epoch, not 5."""
     seqs = uneven_seqs() * 4 + uneven_seqs(seed=9)[:1]  # 17 examples
-    args = targs("sft", batch_size=4, micro_batch=4, max_steps=None, epochs=3, lr=1e-3, match_authors=True)
+    args = targs(
+        "sft", batch_size=4, micro_batch=4, max_steps=None, epochs=3, lr=1e-3, match_authors=True
+    )
     prift.train(args, GPT.from_pretrained(ckpt), seqs, out=tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 and all(r["tokens"] == sum(map(data.n_response_tokens, [seqs[i] for i in
-                                   prift.batch_order(17, 4, r["step"] - 1, 0, drop_last=True)])) for r in rows)
+    assert len(rows) == 12 and all(
+        r["tokens"]
+        == sum(
+            map(
+                data.n_response_tokens,
+                [seqs[i] for i in prift.batch_order(17, 4, r["step"] - 1, 0, drop_last=True)],
+            )
+        )
+        for r in rows
+    )
     assert all(len(prift.batch_order(17, 4, s, 0, drop_last=True)) == 4 for s in range(12))
     n_warm = 1  # int(0.1 * 12)
     assert rows[0]["lr"] == 0.0
     for r in rows[n_warm:]:
         progress = (r["step"] - 1 - n_warm) / (12 - n_warm)
         assert r["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-9)
-    assert [prift.get_lr(s, 100, 1.0, from_zero=True) for s in range(3)] == pytest.approx([0.0, 0.1, 0.2], abs=1e-15)
-    assert [prift.get_lr(s, 100, 1.0) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3], abs=1e-15)  # without it
+    assert [prift.get_lr(s, 100, 1.0, from_zero=True) for s in range(3)] == pytest.approx(
+        [0.0, 0.1, 0.2], abs=1e-15
+    )
+    assert [prift.get_lr(s, 100, 1.0) for s in range(3)] == pytest.approx(
+        [0.1, 0.2, 0.3], abs=1e-15
+    )  # without it
 
 
 # ----------------------------------------------------------------------------------------------------
 # The optimizer: AdamW (0.9, 0.95), weight decay 0.01, the gradient clipped at norm 1.0
 
+
 def test_two_steps_are_clipped_adamw_by_hand(ckpt, tmp_path, monkeypatch):
-    """prift.train's first two updates against a hand-written AdamW in float64: betas (0.9, 0.95), eps 1e-8,
-    decoupled weight decay 0.01, after clipping the whole gradient to norm 1.0 (scaled by 1 / (norm + 1e-6), as
-    torch's clip does). Two steps, because the first Adam step is lr * g / |g| whatever the betas and the clip."""
+    """prift.train's first two updates against a hand-written AdamW in float64: betas (0.9, 0.95),
+    eps 1e-8, decoupled weight decay 0.01, after clipping the whole gradient to norm 1.0 (scaled by
+    1 / (norm + 1e-6), as
+    torch's clip does). Two steps, because the first Adam step is lr * g / |g| whatever the betas
+    and the clip."""
     seqs = uneven_seqs(seed=5)
-    lr = 1e-2  # both steps at it: with 2 steps the warmup is one step, and the cosine starts at its top
-    args = targs("uniform", threshold=3.0, lr=lr, batch_size=2, micro_batch=2, max_steps=2)  # every CE x 3: norm > 1
+    # both steps at it: with 2 steps the warmup is one step, and the cosine starts at its top
+    lr = 1e-2
+    args = targs(
+        "uniform", threshold=3.0, lr=lr, batch_size=2, micro_batch=2, max_steps=2
+    )  # every CE x 3: norm > 1
     model = GPT.from_pretrained(ckpt)
     start = [p.detach().double().clone() for p in model.parameters()]
     _, grads = train_capturing(args, model, seqs, monkeypatch, out=tmp_path)
     rows = read_metrics(tmp_path)
-    assert [r["lr"] for r in rows] == [lr, lr] and all(r["grad_norm"] > 1.5 for r in rows)  # the clip acts
+    assert [r["lr"] for r in rows] == [lr, lr] and all(
+        r["grad_norm"] > 1.5 for r in rows
+    )  # the clip acts
 
     b1, b2, eps, wd = 0.9, 0.95, 1e-8, 0.01
     params, m, v = start, [torch.zeros_like(p) for p in start], [torch.zeros_like(p) for p in start]
     for t, g in enumerate(grads, 1):
         g = [x.double() for x in g]
-        norm = torch.sqrt(sum((x ** 2).sum() for x in g))
+        norm = torch.sqrt(sum((x**2).sum() for x in g))
         assert rows[t - 1]["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
         g = [x * min(1.0, 1.0 / (norm.item() + 1e-6)) for x in g]
         m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]
-        v = [b2 * vi + (1 - b2) * gi ** 2 for vi, gi in zip(v, g)]
-        params = [p * (1 - lr * wd) - lr * (mi / (1 - b1 ** t)) / ((vi / (1 - b2 ** t)).sqrt() + eps)
-                  for p, mi, vi in zip(params, m, v)]
+        v = [b2 * vi + (1 - b2) * gi**2 for vi, gi in zip(v, g)]
+        params = [
+            p * (1 - lr * wd) - lr * (mi / (1 - b1**t)) / ((vi / (1 - b2**t)).sqrt() + eps)
+            for p, mi, vi in zip(params, m, v)
+        ]
     for got, want in zip(model.parameters(), params):
         torch.testing.assert_close(got.detach().double(), want, rtol=0, atol=2e-6)
 
@@ -635,15 +819,20 @@ def test_two_steps_are_clipped_adamw_by_hand(ckpt, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 # bfloat16 autocast, the arithmetic of every GPU run, on the CPU
 
+
 @pytest.mark.parametrize("rule", ["dft", "mass", "profit"])
 def test_chunked_loss_under_bfloat16_autocast(rule):
-    """Under torch.autocast("cpu", bfloat16) the chunks' matrix products run in bfloat16 and the softmax in
-    float32. The oracle: the same loss computed plainly in float32 from bfloat16-rounded h and head (and
-    logits rounded to bfloat16, as a bfloat16 product returns them); the gradient to bfloat16's precision."""
+    """Under torch.autocast("cpu", bfloat16) the chunks' matrix products run in bfloat16 and the
+    softmax in float32. The oracle: the same loss computed plainly in float32 from bfloat16-rounded
+    h and head (and
+    logits rounded to bfloat16, as a bfloat16 product returns them); the gradient to bfloat16's
+    precision."""
     g = torch.Generator().manual_seed(6)
     N, C, V = 37, 16, 50
     h0, W0 = torch.randn(N, C, generator=g), 0.5 * torch.randn(V, C, generator=g)
-    y = (h0 @ W0.T).argsort(1, descending=True)[torch.arange(N), torch.randint(0, 4, (N,), generator=g)]  # top-4 targets
+    y = (h0 @ W0.T).argsort(1, descending=True)[
+        torch.arange(N), torch.randint(0, 4, (N,), generator=g)
+    ]  # top-4 targets
     h, head = h0.clone().requires_grad_(), torch.nn.Linear(C, V, bias=False)
     with torch.no_grad():
         head.weight.copy_(W0)
@@ -654,7 +843,9 @@ def test_chunked_loss_under_bfloat16_autocast(rule):
     bf = lambda t: t.bfloat16().float()
     hp, Wp = bf(h0).requires_grad_(), bf(W0).requires_grad_()
     logits = hp @ Wp.T
-    logits = logits + (bf(logits) - logits).detach()        # the values rounded to bfloat16, the gradient through
+    logits = (
+        logits + (bf(logits) - logits).detach()
+    )  # the values rounded to bfloat16, the gradient through
     probs = logits.detach().softmax(-1)
     p = probs[torch.arange(N), y]
     u = (probs * (probs < p[:, None])).sum(1) + p

@@ -1,21 +1,29 @@
-"""model.py against transformers as an oracle: logits parity for each family on tiny random checkpoints,
-left-padded rows, the round trip through our save_pretrained, loader errors, and how loading allocates.
+"""model.py against transformers as an oracle: logits parity for each family on tiny random
+checkpoints, left-padded rows, the round trip through our save_pretrained, loader errors, and how
+loading allocates.
 Generation is tested in test_generate.py."""
+
 import json
 import shutil
 
 import pytest
 import torch
 import transformers
+from conftest import FAMILIES, hf_logits, make_hf_checkpoint, write_tokenizer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import FAMILIES, VOCAB, hf_logits, make_hf_checkpoint, write_tokenizer
 from model import GPT, CheckpointError
 
 ATOL = 1e-4  # float32 logits of magnitude ~5
-LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                   high_freq_factor=4.0, original_max_position_embeddings=16)
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=16,
+)
 
 
 def ours(path, idx, **kw):
@@ -39,6 +47,7 @@ def tensor_names(path):
 
 # ----------------------------------------------------------------------------------------------------
 # Parity with transformers
+
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("family", FAMILIES)
@@ -85,9 +94,11 @@ def test_bfloat16_checkpoint_loads_as_float32(tmp_path, family, idx):
         assert_close(model(idx), hf_logits(path, idx, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("family,rope", [("llama", LLAMA3_ROPE),
-                                         ("qwen2", dict(rope_type="default", rope_theta=1e6))],
-                         ids=["llama-llama3", "qwen2-default"])
+@pytest.mark.parametrize(
+    "family,rope",
+    [("llama", LLAMA3_ROPE), ("qwen2", dict(rope_type="default", rope_theta=1e6))],
+    ids=["llama-llama3", "qwen2-default"],
+)
 def test_transformers4_config_layout(tmp_path, family, rope, idx):
     """4.x writes rope_theta and rope_scaling at the top level of config.json, not rope_parameters."""
     path = make_hf_checkpoint(tmp_path, family, rope_parameters=dict(rope))
@@ -107,6 +118,7 @@ def test_transformers4_config_layout(tmp_path, family, rope, idx):
 # ----------------------------------------------------------------------------------------------------
 # Our save_pretrained, read back by transformers
 
+
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_pretrained_round_trip(tmp_path, family, tied, idx):
@@ -117,7 +129,9 @@ def test_save_pretrained_round_trip(tmp_path, family, tied, idx):
     model.save_pretrained(out)
     assert (out / "tokenizer.json").read_bytes() == tok.read_bytes()
     assert tensor_names(out) == tensor_names(src)  # the layout transformers itself writes
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, output_loading_info=True
+    )
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     with torch.no_grad():
         logits = model(idx)
@@ -127,6 +141,7 @@ def test_save_pretrained_round_trip(tmp_path, family, tied, idx):
 
 # ----------------------------------------------------------------------------------------------------
 # Loader errors
+
 
 @pytest.fixture(scope="module")
 def llama_src(tmp_path_factory):
@@ -203,19 +218,28 @@ def test_error_unexpected_tensor(ckpt):
 # ----------------------------------------------------------------------------------------------------
 # Loading allocates the weights once
 
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_loading_assigns_checkpoint_tensors(tmp_path, family, monkeypatch):
     path = make_hf_checkpoint(tmp_path, family, tie_word_embeddings=True)
     for name in ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_"):
+
         def guarded(tensor, *a, _init=getattr(torch.nn.init, name), **k):
-            # an init of real (not meta) memory would be a wasted copy, overwritten by the checkpoint
-            assert tensor.is_meta, "from_pretrained initialised real weights before loading the checkpoint"
+            # an init of real (not meta) memory would be a wasted copy, overwritten by the
+            # checkpoint
+            assert tensor.is_meta, (
+                "from_pretrained initialised real weights before loading the checkpoint"
+            )
             return _init(tensor, *a, **k)
+
         monkeypatch.setattr(torch.nn.init, name, guarded)
     model = GPT.from_pretrained(path)
     params = dict(model.named_parameters(remove_duplicate=False))
     assert not any(p.is_meta for p in params.values())
-    assert all(p.device.type == "cpu" and p.dtype == torch.float32 and p.requires_grad for p in params.values())
+    assert all(
+        p.device.type == "cpu" and p.dtype == torch.float32 and p.requires_grad
+        for p in params.values()
+    )
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     # every other parameter has storage of its own

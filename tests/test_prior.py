@@ -1,25 +1,28 @@
-"""The prior computed once (issue 5). Precomputed and in-loop priors give the same weights and the same
-training trajectory; the prior is cached as a safetensors file, reused by a second run and rebuilt when
-the data or the reference changes; the chunked loss, through a whole model with a tied head, gives the
-loss and gradients of the plain full-logits computation, and never makes a (tokens x vocabulary) tensor.
+"""The prior computed once (issue 5). Precomputed and in-loop priors give the same weights and the
+same training trajectory; the prior is cached as a safetensors file, reused by a second run and
+rebuilt when the data or the reference changes; the chunked loss, through a whole model with a tied
+head, gives the loss and gradients of the plain full-logits computation, and never makes a (tokens x
+vocabulary) tensor.
 
-The precomputed prior comes from batches other than the training ones (other padding, other lengths), so
-its p and u can differ from the in-loop ones by float rounding; a mass weight can then flip only for a
-token whose u lies within that rounding of the threshold. The tests count such tokens (BORDER) and demand
+The precomputed prior comes from batches other than the training ones (other padding, other
+lengths), so its p and u can differ from the in-loop ones by float rounding; a mass weight can then
+flip only for a token whose u lies within that rounding of the threshold. The tests count such
+tokens (BORDER) and demand
 equal weights everywhere else, and bit-identical training only where there is none."""
+
 import argparse
 import json
 
 import pytest
 import torch
 from safetensors import safe_open
+from tiny import make_checkpoint, make_data
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import checkpoint
 import data
 import prift
+from infra import checkpoint
 from model import GPT
-from tiny import make_checkpoint, make_data
 
 CPU = torch.device("cpu")
 TAU = prift.RULES["mass"][1]
@@ -30,14 +33,27 @@ BORDER = 1e-5  # |u - TAU| under this: rounding may put u on either side of the 
 def w(tmp_path_factory):
     root = tmp_path_factory.mktemp("prior")
     ckpt = make_checkpoint(root / "model", seed=0)
-    seqs, _ = data.Template.load(ckpt, "plain").encode(data.read_jsonl(make_data(root / "train.jsonl", n=24, seed=1)), 96)
+    seqs, _ = data.Template.load(ckpt, "plain").encode(
+        data.read_jsonl(make_data(root / "train.jsonl", n=24, seed=1)), 96
+    )
     return argparse.Namespace(root=root, ckpt=ckpt, seqs=seqs)
 
 
 def targs(w, rule, **kw):
     _, a = prift.parse_args(["--rule", rule])  # the command line's defaults, then the test's sizes
-    a.__dict__.update(model=str(w.ckpt), ref=str(w.ckpt), cache=str(w.root / "cache"), precision="fp32", lr=1e-2,
-                      batch_size=8, micro_batch=4, epochs=1, max_steps=3, loss_chunk=None, seed=0)
+    a.__dict__.update(
+        model=str(w.ckpt),
+        ref=str(w.ckpt),
+        cache=str(w.root / "cache"),
+        precision="fp32",
+        lr=1e-2,
+        batch_size=8,
+        micro_batch=4,
+        epochs=1,
+        max_steps=3,
+        loss_chunk=None,
+        seed=0,
+    )
     a.__dict__.update(kw)
     a = prift.settings(a)
     return a
@@ -50,6 +66,7 @@ def rel(a, b):
 # ----------------------------------------------------------------------------------------------------
 # Precomputed and in-loop priors
 
+
 def test_precomputed_and_inline_prior_give_the_same_weights(w):
     args = targs(w, "mass")
     prior = prift.compute_prior(args, w.seqs, CPU)
@@ -61,10 +78,18 @@ def test_precomputed_and_inline_prior_give_the_same_weights(w):
             x, y, m = data.collate([w.seqs[i] for i in mb])
             inline, pre = prift.reference_stats(ref, x, y, m), torch.cat([prior[i] for i in mb])
             torch.testing.assert_close(pre, inline, rtol=1e-5, atol=1e-7)  # p (prob's weight) and u
-            w_in, w_pre = (prift.weights_from_stats("mass", s[:, 0], s[:, 1], TAU) for s in (inline, pre))
+            w_in, w_pre = (
+                prift.weights_from_stats("mass", s[:, 0], s[:, 1], TAU) for s in (inline, pre)
+            )
             border = (pre[:, 1] - TAU).abs() < BORDER
-            assert torch.equal(w_in[~border], w_pre[~border]), "a mass weight differs away from the threshold"
-            kept, near, total = kept + w_pre.sum().item(), near + border.sum().item(), total + len(pre)
+            assert torch.equal(w_in[~border], w_pre[~border]), (
+                "a mass weight differs away from the threshold"
+            )
+            kept, near, total = (
+                kept + w_pre.sum().item(),
+                near + border.sum().item(),
+                total + len(pre),
+            )
     assert 0.2 < kept / total < 0.8, "the test needs tokens on both sides of the threshold"
     assert near <= 0.01 * total, f"{near} of {total} tokens lie within {BORDER} of the threshold"
 
@@ -77,13 +102,17 @@ def test_precomputed_and_inline_prior_give_the_same_trajectory(w, tmp_path, rule
     for mode in ("precompute", "inline"):
         model, out = GPT.from_pretrained(w.ckpt), tmp_path / mode
         out.mkdir()
-        source = dict(prior=prior) if mode == "precompute" else dict(ref=prift.load_reference(args, CPU))
+        source = (
+            dict(prior=prior) if mode == "precompute" else dict(ref=prift.load_reference(args, CPU))
+        )
         prift.train(args, model, w.seqs, out=out, **source)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         runs[mode] = rows, model.state_dict()
     (rows_p, sd_p), (rows_i, sd_i) = runs["precompute"], runs["inline"]
     assert len(rows_p) == len(rows_i) == args.max_steps
-    assert any(not torch.equal(v, GPT.from_pretrained(w.ckpt).state_dict()[k]) for k, v in sd_p.items())
+    assert any(
+        not torch.equal(v, GPT.from_pretrained(w.ckpt).state_dict()[k]) for k, v in sd_p.items()
+    )
     border = ((torch.cat(prior)[:, 1] - TAU).abs() < BORDER).any().item()
     if rule == "mass" and not border:  # the same 0/1 weights: the very same run, bit for bit
         assert rows_p == rows_i
@@ -100,6 +129,7 @@ def test_precomputed_and_inline_prior_give_the_same_trajectory(w, tmp_path, rule
 # ----------------------------------------------------------------------------------------------------
 # The cache
 
+
 def test_prior_cache_is_reused_and_rebuilt(w, tmp_path, monkeypatch):
     ref = make_checkpoint(tmp_path / "ref", seed=0)
     args = targs(w, "mass", ref=str(ref), cache=str(tmp_path / "cache"))
@@ -111,7 +141,10 @@ def test_prior_cache_is_reused_and_rebuilt(w, tmp_path, monkeypatch):
     assert len(loads) == 1 and len(files()) == 1 and files()[0].suffix == ".safetensors"
     with safe_open(files()[0], "pt") as f:
         stats, offsets = f.get_tensor("stats"), f.get_tensor("offsets")
-    assert stats.dtype == torch.float32 and stats.shape == (sum(map(data.n_response_tokens, w.seqs)), 2)
+    assert stats.dtype == torch.float32 and stats.shape == (
+        sum(map(data.n_response_tokens, w.seqs)),
+        2,
+    )
     assert offsets.tolist() == [0] + torch.tensor([len(p) for p in first]).cumsum(0).tolist()
 
     again = prift.compute_prior(args, w.seqs, CPU)  # a second run: read back, no reference loaded
@@ -123,29 +156,38 @@ def test_prior_cache_is_reused_and_rebuilt(w, tmp_path, monkeypatch):
     changed = prift.compute_prior(args, other, CPU)
     assert len(loads) == 2 and len(files()) == 2
     assert not torch.equal(changed[3], first[3])
-    torch.testing.assert_close(changed[5], first[5])  # the other examples' stats stay (up to batching)
+    torch.testing.assert_close(
+        changed[5], first[5]
+    )  # the other examples' stats stay (up to batching)
 
-    shifted = [(ids, n + 1) for ids, n in w.seqs]  # the same tokens, another prompt boundary (template)
+    shifted = [
+        (ids, n + 1) for ids, n in w.seqs
+    ]  # the same tokens, another prompt boundary (template)
     prift.compute_prior(args, shifted, CPU)
     assert len(loads) == 3 and len(files()) == 3
 
-    make_checkpoint(ref, seed=1)  # the reference changes in place: other weights, same files and sizes
+    make_checkpoint(
+        ref, seed=1
+    )  # the reference changes in place: other weights, same files and sizes
     new = prift.compute_prior(args, w.seqs, CPU)
     assert len(loads) == 4 and len(files()) == 4
     assert not torch.equal(torch.cat(new), torch.cat(first))
     prift.compute_prior(args, w.seqs, CPU)
     assert len(loads) == 4, "the rebuilt prior is reused in turn"
-    assert checkpoint.prior_path(targs(w, "mass", ref=str(ref), precision="bf16"), w.seqs) != \
-        checkpoint.prior_path(args, w.seqs)
+    assert checkpoint.prior_path(
+        targs(w, "mass", ref=str(ref), precision="bf16"), w.seqs
+    ) != checkpoint.prior_path(args, w.seqs)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The chunked loss through a whole model, and its memory
 
+
 @pytest.mark.parametrize("rule", ["sft", "dft", "prob", "mass"])
 def test_chunked_loss_through_the_model_equals_plain(w, rule):
-    """The training loop's loss (final hidden states, chunked head and loss) against full logits and a
-    plain cross-entropy, on a model whose head is tied to the embedding: loss and every parameter's
+    """The training loop's loss (final hidden states, chunked head and loss) against full logits and
+    a plain cross-entropy, on a model whose head is tied to the embedding: loss and every
+    parameter's
     gradient within 1e-6 relative (float32). The prior rules use the same prior in both."""
     x, y, m = data.collate(w.seqs[:6])
     signal, threshold = prift.RULES[rule]
@@ -155,18 +197,29 @@ def test_chunked_loss_through_the_model_equals_plain(w, rule):
         model = GPT.from_pretrained(w.ckpt)
         assert model.lm_head.weight is model.model.embed_tokens.weight
         if chunked:
-            out = prift.chunked_loss(model(x, hidden_only=True)[m], model.lm_head, y[m], rule, signal, threshold,
-                                      prior, chunk=7)
+            out = prift.chunked_loss(
+                model(x, hidden_only=True)[m],
+                model.lm_head,
+                y[m],
+                rule,
+                signal,
+                threshold,
+                prior,
+                chunk=7,
+            )
             loss = out[0] / m.sum()
         else:
             logits = model(x)
-            # the weights from the code (checked by hand in test_method): what is tested is the loss through the model
+            # the weights from the code (checked by hand in test_method): what is tested is the loss
+            # through the model
             if signal == "prior":
                 wt = torch.zeros(y.shape)
                 wt[m] = prift.weights_from_stats(rule, prior[:, 0], prior[:, 1], threshold)
             else:
                 wt = prift.token_weights(rule, y, logits)
-            ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+            ce = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), y.flatten(), reduction="none"
+            ).view(y.shape)
             loss = (wt * ce * m).sum() / m.sum()
         loss.backward()
         losses.append(loss.item())
@@ -178,6 +231,7 @@ def test_chunked_loss_through_the_model_equals_plain(w, rule):
 
 class LargestTensor(TorchDispatchMode):
     """Records the most elements of any tensor an operation makes (forward and backward)."""
+
     def __init__(self):
         super().__init__()
         self.most = 0
@@ -192,12 +246,16 @@ class LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("signal", ["prior", "online"])
 def test_no_tokens_by_vocabulary_tensor(signal):
-    """Loss, weights and gradients for N = 256 positions make nothing larger than one chunk of logits
+    """Loss, weights and gradients for N = 256 positions make nothing larger than one chunk of
+    logits
     (chunk x V) or the head's gradient (V x C); the plain computation makes (N, V) tensors."""
     g = torch.Generator().manual_seed(0)
     N, C, V, chunk = 256, 8, 300, 16
     h, h_ref = torch.randn(N, C, generator=g).requires_grad_(), torch.randn(N, C, generator=g)
-    head, ref_head = torch.nn.Linear(C, V, bias=False), torch.nn.Linear(C, V, bias=False).requires_grad_(False)
+    head, ref_head = (
+        torch.nn.Linear(C, V, bias=False),
+        torch.nn.Linear(C, V, bias=False).requires_grad_(False),
+    )
     y = torch.randint(V, (N,), generator=g)
     with LargestTensor() as chunked:
         prior = prift.head_stats(h_ref, ref_head, y, chunk) if signal == "prior" else None
@@ -212,21 +270,25 @@ def test_no_tokens_by_vocabulary_tensor(signal):
 # ----------------------------------------------------------------------------------------------------
 # bfloat16 autocast, as on a GPU, on the CPU
 
+
 def stats_from_logits(logits, y):
-    """(p, u) by the definition, from logits (N, V) in float32: p = q(y), u = p + the mass of tokens less likely."""
+    """(p, u) by the definition, from logits (N, V) in float32: p = q(y), u = p + the mass of tokens
+    less likely.
+    """
     q = logits.float().softmax(-1)
     p = q[torch.arange(len(y)), y]
     return p, (q * (q < p[:, None])).sum(1) + p
 
 
 def test_prior_under_bfloat16_autocast(w):
-    """The reference's (p, u) under torch.autocast("cpu", bfloat16): the head's product in bfloat16, the softmax
-    in float32. Oracle: float32 arithmetic on bfloat16-rounded hidden states and head, the logits rounded to
-    bfloat16 as the product returns them; through the whole model, a float32 model with bfloat16-rounded weights,
+    """The reference's (p, u) under torch.autocast("cpu", bfloat16): the head's product in bfloat16,
+    the softmax in float32. Oracle: float32 arithmetic on bfloat16-rounded hidden states and head,
+    the logits rounded to bfloat16 as the product returns them; through the whole model, a float32
+    model with bfloat16-rounded weights,
     to the precision bfloat16 activations allow."""
     x, y, m = data.collate(w.seqs[:6])
     ref = prift.load_reference(targs(w, "mass"), CPU)
-    h = ref(x, hidden_only=True)[m]                                   # (N, C) float32
+    h = ref(x, hidden_only=True)[m]  # (N, C) float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pu = prift.head_stats(h, ref.lm_head, y[m], chunk=16)
         whole = prift.reference_stats(ref, x, y, m, chunk=16)

@@ -1,4 +1,7 @@
-"""Tiny real checkpoints and JSONL data for the tests, made in a few hundred milliseconds, and run directories."""
+"""Tiny real checkpoints and JSONL data for the tests, made in a few hundred milliseconds, and run
+directories.
+"""
+
 import hashlib
 import json
 import os
@@ -11,29 +14,46 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-import demo  # noqa: E402
+from infra import demo  # noqa: E402
 from model import GPT, Config  # noqa: E402
 
 
 def make_checkpoint(path, seed=0, hidden=32, layers=2, vocab_size=120, tie=True, pretrain_steps=0):
-    """A random llama-family checkpoint with a BPE tokenizer trained on the demo corpus: config.json,
-    model.safetensors, tokenizer.json and tokenizer_config.json, as a downloaded one has.
+    """A random llama-family checkpoint with a BPE tokenizer trained on the demo corpus:
+    config.json, model.safetensors, tokenizer.json and tokenizer_config.json, as a downloaded one
+    has.
 
-    pretrain_steps: first train it that many steps (plain cross-entropy, AdamW, 16 windows of 32 tokens of the
-    corpus), so that it predicts the demo's text. A random one gives every token about 1/vocab (at most 0.015):
-    a rule with a threshold (profit keeps p >= 0.1) then keeps nothing. 20 steps (half a second) give
+    pretrain_steps: first train it that many steps (plain cross-entropy, AdamW, 16 windows of 32
+    tokens of the corpus), so that it predicts the demo's text. A random one gives every token about
+    1/vocab (at most 0.015): a rule with a threshold (profit keeps p >= 0.1) then keeps nothing. 20
+    steps (half a second) give
     p >= 0.1 on most, not all, tokens of make_data's problems."""
     path = Path(path)
     rows = demo.pretrain_corpus(300, seed=0)
     tok = demo.tokenizer([r["response"] for r in rows], vocab_size=vocab_size)
-    cfg = dict(model_type="llama", vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
-               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-               rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie, hidden_act="silu",
-               eos_token_id=tok.token_to_id("<|endoftext|>"))
+    cfg = dict(
+        model_type="llama",
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tie,
+        hidden_act="silu",
+        eos_token_id=tok.token_to_id("<|endoftext|>"),
+    )
     torch.manual_seed(seed)
     model = GPT(Config.from_dict(cfg))
     if pretrain_steps:
-        pretrain(model, [i for r in rows for i in tok.encode(r["response"]).ids + [cfg["eos_token_id"]]], pretrain_steps)
+        pretrain(
+            model,
+            [i for r in rows for i in tok.encode(r["response"]).ids + [cfg["eos_token_id"]]],
+            pretrain_steps,
+        )
     model.save_pretrained(path)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
@@ -41,12 +61,14 @@ def make_checkpoint(path, seed=0, hidden=32, layers=2, vocab_size=120, tie=True,
 
 
 def pretrain(model, stream, steps, lr=1e-2):
-    """A plain language-model loop on one token stream (no code of prift's training): random windows."""
+    """A plain language-model loop on one token stream (no code of prift's training): random
+    windows.
+    """
     stream, g = torch.tensor(stream), torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     for _ in range(steps):
         starts = torch.randint(0, len(stream) - 33, (16,), generator=g)
-        window = torch.stack([stream[s:s + 33] for s in starts.tolist()])   # (16, 33)
+        window = torch.stack([stream[s : s + 33] for s in starts.tolist()])  # (16, 33)
         logits = model(window[:, :-1])
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten()).backward()
         opt.step()
@@ -54,10 +76,14 @@ def pretrain(model, stream, steps, lr=1e-2):
 
 
 def assert_some_kept(rows):
-    """rows: metrics.jsonl's rows (dicts) of a run with a 0/1 rule. The rule kept some response tokens and
-    dropped others: a run whose weights are all 0 (no gradient) or all 1 (sft) tests nothing of the rule."""
+    """rows: metrics.jsonl's rows (dicts) of a run with a 0/1 rule. The rule kept some response
+    tokens and
+    dropped others: a run whose weights are all 0 (no gradient) or all 1 (sft) tests nothing of the
+    rule."""
     kept = [r["kept"] for r in rows]
-    assert 0 < sum(kept) / len(kept) < 1, f"kept fractions {kept}: the rule kept every token or none"
+    assert 0 < sum(kept) / len(kept) < 1, (
+        f"kept fractions {kept}: the rule kept every token or none"
+    )
     assert not any(r["kept"] > 0 and (r["loss"] == 0 or r["grad_norm"] == 0) for r in rows), rows
 
 
@@ -74,16 +100,27 @@ def make_data(path, n=24, seed=1, noise=0.3):
 def run_cli(args, cwd=None, timeout=300, **kw):
     """Run `python prift.py ARGS` as a user would; returns the CompletedProcess."""
     import subprocess
-    return subprocess.run([sys.executable, str(ROOT / "prift.py"), *map(str, args)], cwd=cwd, timeout=timeout,
-                           capture_output=True, text=True, **kw)
+
+    return subprocess.run(
+        [sys.executable, str(ROOT / "prift.py"), *map(str, args)],
+        cwd=cwd,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+        **kw,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
-# Run directories: a fresh copy of a run's inputs, prift.main in this process, and what it left on disk
+# Run directories: a fresh copy of a run's inputs, prift.main in this process, and what it left on
+# disk
+
 
 class Work:
-    """A fresh copy of a tiny checkpoint and its data (assets: their paths) in tmp; `out` does not exist yet.
+    """A fresh copy of a tiny checkpoint and its data (assets: their paths) in tmp; `out` does not
+    exist yet.
     flags: the command line's defaults for this test file."""
+
     def __init__(self, tmp, assets, **flags):
         self.root, self.flags = tmp, flags
         self.ck = Path(shutil.copytree(assets[0], tmp / "ck"))
@@ -91,10 +128,23 @@ class Work:
         self.out, self.cache = tmp / "out", tmp / "cache"
 
     def argv(self, *extra, **over):
-        """The command line of a short run; keyword arguments replace a flag's value (None drops it)."""
-        flags = {"model": self.ck, "data": self.data, "out": self.out, "cache": self.cache, **self.flags, **over}
-        return [a for k, v in flags.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))] + \
-            [str(e) for e in extra]
+        """The command line of a short run; keyword arguments replace a flag's value (None drops
+        it).
+        """
+        flags = {
+            "model": self.ck,
+            "data": self.data,
+            "out": self.out,
+            "cache": self.cache,
+            **self.flags,
+            **over,
+        }
+        return [
+            a
+            for k, v in flags.items()
+            if v is not None
+            for a in (f"--{k.replace('_', '-')}", str(v))
+        ] + [str(e) for e in extra]
 
     def finished(self, out=None, **over):
         """A finished run in out (default self.out), made by prift."""
@@ -103,8 +153,11 @@ class Work:
 
 
 def main_rc(argv, entry=None):
-    """prift.main (or entry) as `python prift.py` runs it: its return value, or the code it exits with."""
+    """prift.main (or entry) as `python prift.py` runs it: its return value, or the code it exits
+    with.
+    """
     import prift
+
     try:
         return (entry or prift.main)([str(a) for a in argv])
     except SystemExit as e:
@@ -112,7 +165,8 @@ def main_rc(argv, entry=None):
 
 
 def snapshot(root):
-    """Every path under root with its content hash (size, for a huge file) and modification time: any write or
+    """Every path under root with its content hash (size, for a huge file) and modification time:
+    any write or
     removal shows."""
     snap = {}
     for p in sorted(Path(root).rglob("*")):
@@ -140,22 +194,30 @@ def one_error_line(err, prog="prift"):
 
 
 class Killed(BaseException):
-    """A simulated kill -9: not an Exception, so no `except Exception` in the code under test catches it."""
+    """A simulated kill -9: not an Exception, so no `except Exception` in the code under test
+    catches it.
+    """
 
 
 def kill_at_line(n, fn, *args, count=None):
-    """Run fn(*args), raising Killed before the n-th line executed in checkpoint.py (n None: never); returns True if
-    fn finished first. count: a list whose [0] counts the lines executed. (Lines of model.py's save_pretrained only
+    """Run fn(*args), raising Killed before the n-th line executed in checkpoint.py (n None: never);
+    returns True if fn finished first. count: a list whose [0] counts the lines executed. (Lines of
+    model.py's save_pretrained only
     write into a temporary directory.)"""
-    import checkpoint
+    from infra import checkpoint
+
     count = [0] if count is None else count
+
     def local(frame, event, arg):
         if event == "line":
             count[0] += 1
             if count[0] == n:
                 raise Killed
         return local
-    sys.settrace(lambda frame, event, arg: local if frame.f_code.co_filename == checkpoint.__file__ else None)
+
+    sys.settrace(
+        lambda frame, event, arg: local if frame.f_code.co_filename == checkpoint.__file__ else None
+    )
     try:
         fn(*args)
         return True

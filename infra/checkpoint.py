@@ -1,7 +1,7 @@
 """
-What prift keeps on disk, and how a run survives being stopped: a run's directory (one process at a time),
-atomic checkpoints, resume (also of a preempted job's command line run again), Ctrl-C and SIGTERM, the final
-model published atomically; and the cache of computed priors.
+What prift keeps on disk, and how a run survives being stopped: a run's directory (one process at a
+time), atomic checkpoints, resume (also of a preempted job's command line run again), Ctrl-C and
+SIGTERM, the final model published atomically; and the cache of computed priors.
 
     OUT/args.json                     the run's arguments and the data's sha256; `--resume OUT` continues with these
     OUT/metrics.jsonl                 one line per optimizer step
@@ -10,18 +10,21 @@ model published atomically; and the cache of computed priors.
     OUT/.lock                         locked (flock) by the process running in OUT, and holding its pid
     OUT/model.safetensors, ...        the final model (a Hugging Face checkpoint); the run is finished when it is there
 
-Each checkpoint is written under a temporary name and then published by atomically replacing the `latest`
-link, so a kill at any moment, even during a save, leaves the previous one whole. trainer.pt is read with
-torch.load(weights_only=True), which builds tensors and plain containers and never calls code a file names.
-The final model is written into OUT/final.tmp and its files are then renamed into OUT, the weights last: a
-kill or a full disk before that leaves a run that --resume trains again from its last checkpoint (from step 0
-if it has none: training is deterministic) to the same weights. What a kill leaves half-written is removed on
-the next start. Nothing in OUT that prift did not write is deleted, and nothing is written through a link.
+Each checkpoint is written under a temporary name and then published by atomically replacing the
+`latest` link, so a kill at any moment, even during a save, leaves the previous one whole.
+trainer.pt is read with torch.load(weights_only=True), which builds tensors and plain containers and
+never calls code a file names. The final model is written into OUT/final.tmp and its files are then
+renamed into OUT, the weights last: a kill or a full disk before that leaves a run that --resume
+trains again from its last checkpoint (from step 0 if it has none: training is deterministic) to the
+same weights. What a kill leaves half-written is removed on the next start. Nothing in OUT that
+prift did not write is deleted, and nothing is written through a link.
 
     CACHE/prior/KEY.safetensors       the reference's (p, u) of every response token of a dataset: `stats`
-                                      (N, 2), and `offsets` (n_examples + 1,) where each example's rows start
-                                      (the last: N). A file that does not fit the data is computed again.
+                                      (N, 2), and `offsets` (n_examples + 1,) where each example's
+                                      rows start (the last: N). A file that does not fit the data is
+                                      computed again.
 """
+
 import contextlib
 import hashlib
 import json
@@ -39,20 +42,33 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cli import COUNT
-from distributed import dist_info, full_state_dict, load_optimizer_state_dict, log, optimizer_state_dict
+from infra.cli import COUNT
+from infra.distributed import (
+    dist_info,
+    full_state_dict,
+    load_optimizer_state_dict,
+    log,
+    optimizer_state_dict,
+)
+from infra.rundir import STEP, TEMPORARY, file_sha256, lock, not_ours
 from model import CheckpointError
-from rundir import STEP, TEMPORARY, file_sha256, lock, not_ours
 
 
 def save(model, opt, state, out):
-    """Write a checkpoint of the model, the optimizer and the loop's state (a dict with 'step') into out."""
-    full, optim = full_state_dict(model), optimizer_state_dict(model, opt)  # collectives under FSDP2: every rank
+    """Write a checkpoint of the model, the optimizer and the loop's state (a dict with 'step') into
+    out.
+    """
+    full, optim = (
+        full_state_dict(model),
+        optimizer_state_dict(model, opt),
+    )  # collectives under FSDP2: every rank
     if dist_info()[0] != 0:
         return
     ckpt = out / "checkpoints" / f"step-{state['step']:07d}"
     tmp = ckpt.with_name(ckpt.name + ".tmp")
-    if ckpt.exists():  # left by a run killed before `latest` pointed to it: a resumed run made this step again
+    if (
+        ckpt.exists()
+    ):  # left by a run killed before `latest` pointed to it: a resumed run made this step again
         if latest(out) and latest(out).resolve() == ckpt.resolve():
             return  # this step is already the latest checkpoint
         remove(ckpt)
@@ -60,12 +76,22 @@ def save(model, opt, state, out):
     try:
         model.save_pretrained(tmp, full)
         cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-        torch.save({"optimizer": optim, "state": dict(state), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng},
-                   tmp / "trainer.pt")
+        torch.save(
+            {
+                "optimizer": optim,
+                "state": dict(state),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": cuda_rng,
+            },
+            tmp / "trainer.pt",
+        )
     except (OSError, SafetensorError, RuntimeError) as e:  # a full disk, most often
         remove(tmp)
-        raise CheckpointError(f"writing the checkpoint {ckpt} failed ({e}); make room and continue with: python prift.py "
-                              f"--resume {out} (from {latest(out) or 'step 0'}, to the same weights)")
+        raise CheckpointError(
+            f"writing the checkpoint {ckpt} failed ({e}); make room and continue with: "
+            "python prift.py "
+            f"--resume {out} (from {latest(out) or 'step 0'}, to the same weights)"
+        )
     os.replace(tmp, ckpt)
     link = out / "checkpoints" / "latest.tmp"
     link.unlink(missing_ok=True)
@@ -77,7 +103,9 @@ def save(model, opt, state, out):
 
 
 def remove(path):
-    """Delete a file, a link (never what it points to) or a directory prift wrote; nothing if it is not there."""
+    """Delete a file, a link (never what it points to) or a directory prift wrote; nothing if it is
+    not there.
+    """
     if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)
     elif path.is_dir():
@@ -89,22 +117,32 @@ class TrainingError(Exception):
 
 
 def stop_if_diverged(state, out):
-    """Five steps in a row with a non-finite loss or gradient stop the run, naming the last good checkpoint."""
+    """Five steps in a row with a non-finite loss or gradient stop the run, naming the last good
+    checkpoint.
+    """
     if state["bad_in_row"] >= 5:
         last = out and latest(out)
-        raise TrainingError(f"5 steps in a row had a non-finite loss or gradient (the last at step {state['step']}), so "
-                            f"training stopped; lower --lr or check the data, and start again"
-                            + (f"; the last good checkpoint is {last}" if last else ""))
+        raise TrainingError(
+            "5 steps in a row had a non-finite loss or gradient (the last at step "
+            f"{state['step']}), so "
+            f"training stopped; lower --lr or check the data, and start again"
+            + (f"; the last good checkpoint is {last}" if last else "")
+        )
 
 
 def latest(out):
-    """The newest complete checkpoint of a run, or None. `latest` must name a step directory beside it."""
+    """The newest complete checkpoint of a run, or None. `latest` must name a step directory beside
+    it.
+    """
     path = Path(out) / "checkpoints" / "latest"
-    return path if path.is_symlink() and STEP.fullmatch(os.readlink(path)) and path.is_dir() else None
+    return (
+        path if path.is_symlink() and STEP.fullmatch(os.readlink(path)) and path.is_dir() else None
+    )
 
 
 def restore(model, opt, start):
-    """The training loop's state: new, or with `start` (what save() wrote) the optimizer, the loop's counters
+    """The training loop's state: new, or with `start` (what save() wrote) the optimizer, the loop's
+    counters
     and the random-number states as they were."""
     state = {"step": 0, "skipped": 0, "bad_in_row": 0, "kept_sum": 0.0}
     if start:
@@ -117,50 +155,75 @@ def restore(model, opt, start):
 
 
 def resume_point(out):
-    """(the newest checkpoint's directory, what save() wrote beside its model), or (None, None) for a run stopped
+    """(the newest checkpoint's directory, what save() wrote beside its model), or (None, None) for
+    a run stopped
     before its first checkpoint, which starts again at step 0."""
     ckpt = latest(out)
     link = Path(out) / "checkpoints" / "latest"
     if not ckpt and link.is_symlink():
-        raise CheckpointError(f"{link} does not name a checkpoint beside it ({os.readlink(link)}); it was not written "
-                              f"by prift: start again with --overwrite")
+        raise CheckpointError(
+            f"{link} does not name a checkpoint beside it ({os.readlink(link)}); it was "
+            "not written "
+            f"by prift: start again with --overwrite"
+        )
     if not ckpt and (Path(out) / "model.safetensors").exists():
-        raise CheckpointError(f"{out} holds a finished model and no checkpoint to resume from (checkpoints/latest is "
-                              f"missing): nothing is left to continue")
+        raise CheckpointError(
+            f"{out} holds a finished model and no checkpoint to resume from (checkpoints/latest is "
+            f"missing): nothing is left to continue"
+        )
     return (ckpt, read_trainer_state(ckpt / "trainer.pt")) if ckpt else (None, None)
 
 
 def read_trainer_state(path):
-    """trainer.pt, loaded without running code: torch.load(weights_only=True) builds tensors and plain containers
+    """trainer.pt, loaded without running code: torch.load(weights_only=True) builds tensors and
+    plain containers
     only, and refuses a file that names anything else (as a crafted pickle does, to run it)."""
     try:
         start = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         what = re.search(r"GLOBAL \S+", str(e))
-        raise CheckpointError(f"{path} names code to run ({what.group() if what else 'not tensors'}), so it was not "
-                              f"written by prift; prift does not load it: start the run again with --overwrite")
+        raise CheckpointError(
+            f"{path} names code to run ({what.group() if what else 'not tensors'}), so it was not "
+            f"written by prift; prift does not load it: start the run again with --overwrite"
+        )
     except Exception as e:  # torch.load raises many kinds for a damaged file
-        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                              f"start the run again with --overwrite")
+        raise CheckpointError(
+            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"start the run again with --overwrite"
+        )
     state = start.get("state") if isinstance(start, dict) else None
-    ok = isinstance(state, dict) and type(state.get("step")) is int and state["step"] >= 0 \
-        and isinstance(start.get("rng"), torch.Tensor) and start["rng"].dtype == torch.uint8 \
+    ok = (
+        isinstance(state, dict)
+        and type(state.get("step")) is int
+        and state["step"] >= 0
+        and isinstance(start.get("rng"), torch.Tensor)
+        and start["rng"].dtype == torch.uint8
         and isinstance(start.get("optimizer"), dict)
+    )
     if not ok:
-        raise CheckpointError(f"{path} is not a prift trainer state (optimizer, state, rng); start again with --overwrite")
+        raise CheckpointError(
+            f"{path} is not a prift trainer state (optimizer, state, rng); start again "
+            "with --overwrite"
+        )
     return start
 
 
 @contextlib.contextmanager
 def interrupts():
-    """Within the block, SIGINT and SIGTERM only set flag.signum: the loop saves a checkpoint after the current
-    step and exits. The handlers there were before come back when the block ends, however it ends."""
+    """Within the block, SIGINT and SIGTERM only set flag.signum: the loop saves a checkpoint after
+    the current
+    step and exits. The handlers there were before come back when the block ends, however it
+    ends."""
+
     class Flag:
         signum = 0
+
     flag = Flag()
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
     def handler(signum, frame):
         flag.signum = signum
+
     for s in saved:
         signal.signal(s, handler)
     try:
@@ -173,26 +236,46 @@ def interrupts():
 def add_arguments(parser):
     g = parser.add_argument_group("run")
     g.add_argument("--out", help="output directory (default: runs/<rule>-<time>)")
-    g.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (only the files prift wrote)")
-    g.add_argument("--resume", metavar="DIR", nargs="?", const=True,
-                   help="continue the run in DIR from its last checkpoint; with no DIR, continue --out if it holds a "
-                        "run of this same command line, else start it (a preempted job's command, run again)")
-    g.add_argument("--save-every", type=COUNT, default=0, help="checkpoint every N steps (also on Ctrl-C)")
-    g.add_argument("--cache", default=os.environ.get("PRIFT_CACHE", str(Path.home() / ".cache" / "prift")),
-                   help="where the demo base model and computed priors are kept")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --out (only the files prift wrote)",
+    )
+    g.add_argument(
+        "--resume",
+        metavar="DIR",
+        nargs="?",
+        const=True,
+        help="continue the run in DIR from its last checkpoint; with no DIR, continue "
+        "--out if it holds a "
+        "run of this same command line, else start it (a preempted job's command, run again)",
+    )
+    g.add_argument(
+        "--save-every", type=COUNT, default=0, help="checkpoint every N steps (also on Ctrl-C)"
+    )
+    g.add_argument(
+        "--cache",
+        default=os.environ.get("PRIFT_CACHE", str(Path.home() / ".cache" / "prift")),
+        help="where the demo base model and computed priors are kept",
+    )
 
 
 def prepare_out(args, start):
-    """Every input has been read and checked: now take --out. A new run: create it (with --overwrite, first remove
-    what prift wrote there) and record the arguments. A resumed one (start: its checkpoint's trainer state, or None
-    to start at step 0): drop the metrics of steps its checkpoint has not seen. Both remove what a kill left."""
+    """Every input has been read and checked: now take --out. A new run: create it (with
+    --overwrite, first remove what prift wrote there) and record the arguments. A resumed one
+    (start: its checkpoint's trainer state, or None
+    to start at step 0): drop the metrics of steps its checkpoint has not seen. Both remove what a
+    kill left."""
     out, step = args.out, start["state"]["step"] if start else 0
     if dist_info()[0] == 0:
         out.mkdir(parents=True, exist_ok=True)
         lock(out)
         if args.overwrite and not args.resume:
             if foreign := not_ours(out):  # checked again now that this process holds the directory
-                raise CheckpointError(f"--out {out} holds what prift did not write ({', '.join(foreign)}); nothing removed")
+                raise CheckpointError(
+                    f"--out {out} holds what prift did not write ({', '.join(foreign)}); "
+                    "nothing removed"
+                )
             for p in out.iterdir():
                 if p.name != ".lock":
                     remove(p)
@@ -200,7 +283,9 @@ def prepare_out(args, start):
             remove(p)
     if args.resume:
         truncate_metrics(out / "metrics.jsonl", step)
-        return log(f"resuming {out} at step {step}" + ("" if start else " (it had no checkpoint yet)"))
+        return log(
+            f"resuming {out} at step {step}" + ("" if start else " (it had no checkpoint yet)")
+        )
     if dist_info()[0] == 0:
         keep = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "recorded")}
         keep["data_sha256"] = file_sha256(args.data) if args.data else None
@@ -209,13 +294,17 @@ def prepare_out(args, start):
 
 
 def truncate_metrics(path, step):
-    """Keep the rows of steps 1..step, those the checkpoint has seen; a resumed run appends the rest. Rows
-    after it, and a line cut short by a kill, go. Replaced atomically, so a kill here loses nothing."""
+    """Keep the rows of steps 1..step, those the checkpoint has seen; a resumed run appends the
+    rest. Rows
+    after it, and a line cut short by a kill, go. Replaced atomically, so a kill here loses
+    nothing."""
+
     def step_of(line):
         try:
             return json.loads(line)["step"]
         except (ValueError, KeyError, TypeError, RecursionError):
             return math.inf
+
     if dist_info()[0] == 0 and path.exists():
         rows = [l for l in path.read_text(errors="replace").splitlines() if step_of(l) <= step]
         path.with_suffix(".tmp").write_text("".join(l + "\n" for l in rows))
@@ -223,9 +312,11 @@ def truncate_metrics(path, step):
 
 
 def save_model(model, out):
-    """The final model in OUT, whole or not at all: written into OUT/final.tmp, then each file renamed into OUT, the
-    weights last (a run whose model.safetensors is there is finished). A kill or a full disk before that leaves the
-    run to --resume, which trains again from its last checkpoint (or from step 0) to the same weights."""
+    """The final model in OUT, whole or not at all: written into OUT/final.tmp, then each file
+    renamed into OUT, the weights last (a run whose model.safetensors is there is finished). A kill
+    or a full disk before that leaves the
+    run to --resume, which trains again from its last checkpoint (or from step 0) to the same
+    weights."""
     full = full_state_dict(model)  # under FSDP2 gathered from every rank, written by rank 0
     if dist_info()[0] != 0:
         return
@@ -236,8 +327,10 @@ def save_model(model, out):
     except (OSError, SafetensorError, RuntimeError) as e:  # a full disk, most often
         remove(tmp)
         last = latest(out)
-        raise CheckpointError(f"writing the final model into {out} failed ({e}); make room and run python prift.py "
-                              f"--resume {out}: it trains again from {last or 'step 0'} to the same weights")
+        raise CheckpointError(
+            f"writing the final model into {out} failed ({e}); make room and run python prift.py "
+            f"--resume {out}: it trains again from {last or 'step 0'} to the same weights"
+        )
     for name in sorted(os.listdir(tmp), key=lambda n: n == "model.safetensors"):
         os.replace(tmp / name, out / name)
     tmp.rmdir()
@@ -255,9 +348,12 @@ def record_step(out, row, bar):
 # ----------------------------------------------------------------------------------------------------
 # The prior's cache
 
+
 def prior_path(args, seqs):
-    """A file name that changes when the reference's weights, the tokenised data or the dtype do. A file there that
-    does not fit the data (a damaged or crafted cache) is said in one line and removed, to be computed again."""
+    """A file name that changes when the reference's weights, the tokenised data or the dtype do. A
+    file there that
+    does not fit the data (a damaged or crafted cache) is said in one line and removed, to be
+    computed again."""
     key = hashlib.sha256()
     ref = Path(args.ref)
     for f in sorted(ref.glob("*.safetensors")) + [ref / "config.json"]:
@@ -281,7 +377,11 @@ def prior_problem(path, seqs):
         return f"not readable: {str(e).splitlines()[0][:100]}"
     counts = [len(ids) - max(n_prompt, 1) for ids, n_prompt in seqs]
     stats, offsets = f.get("stats"), f.get("offsets")
-    if set(f) != {"stats", "offsets"} or stats.dtype != torch.float32 or stats.shape != (sum(counts), 2):
+    if (
+        set(f) != {"stats", "offsets"}
+        or stats.dtype != torch.float32
+        or stats.shape != (sum(counts), 2)
+    ):
         return f"expected stats of shape ({sum(counts)}, 2) and offsets"
     if offsets.dtype != torch.int64 or offsets.tolist() != [0, *accumulate(counts)]:
         return "its offsets are not the examples' response tokens"
@@ -291,12 +391,15 @@ def prior_problem(path, seqs):
 
 
 def save_prior(path, prior):
-    """prior: a list of (n_i, 2) tensors, one per example (written by rank 0). Written under a name of this
+    """prior: a list of (n_i, 2) tensors, one per example (written by rank 0). Written under a name
+    of this
     process's own (runs on the same data may compute it at once), then renamed into place."""
     if dist_info()[0] != 0:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    for old in path.parent.glob(f"{path.stem}.*.tmp"):  # left by a killed process that computed the same prior
+    for old in path.parent.glob(
+        f"{path.stem}.*.tmp"
+    ):  # left by a killed process that computed the same prior
         with contextlib.suppress(ValueError, ProcessLookupError):
             os.kill(int(old.name.split(".")[1]), 0)
             continue

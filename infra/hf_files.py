@@ -1,8 +1,10 @@
 """
-What prift reads from a Hugging Face checkpoint directory, checked before anything is built or read whole:
-config.json's fields (type and range), the weight files an index names (regular files inside the directory),
-and the safetensors headers (names, shapes, dtypes); then the tensors, refused if not finite.
+What prift reads from a Hugging Face checkpoint directory, checked before anything is built or read
+whole: config.json's fields (type and range), the weight files an index names (regular files inside
+the directory), and the safetensors headers (names, shapes, dtypes); then the tensors, refused if
+not finite.
 """
+
 import json
 import math
 from pathlib import Path
@@ -15,19 +17,32 @@ class CheckpointError(Exception):
     """A checkpoint directory that cannot be loaded as it is; the message says what to fix."""
 
 
-MAX_LAYERS = 1024  # the deepest released models have ~130; more is a damaged config, and each layer is built
+MAX_LAYERS = (
+    1024  # the deepest released models have ~130; more is a damaged config, and each layer is built
+)
 
 
 def field(d, key, kind, low=None, high=None, default=KeyError):
-    """d[key] (default when it is absent or null) if it is a `kind` (bool; int, not a bool; float: any finite
+    """d[key] (default when it is absent or null) if it is a `kind` (bool; int, not a bool; float:
+    any finite
     number) in [low, high]; else a CheckpointError naming it."""
     value = d.get(key)
     if value is None:
         if default is KeyError or default is None:
-            raise CheckpointError(f"lacks the field '{key}'" if default is KeyError else f"has no valid '{key}'")
+            raise CheckpointError(
+                f"lacks the field '{key}'" if default is KeyError else f"has no valid '{key}'"
+            )
         return default
-    ok = isinstance(value, bool) if kind is bool else not isinstance(value, bool) and (
-        isinstance(value, int) if kind is int else isinstance(value, (int, float)) and math.isfinite(value))
+    ok = (
+        isinstance(value, bool)
+        if kind is bool
+        else not isinstance(value, bool)
+        and (
+            isinstance(value, int)
+            if kind is int
+            else isinstance(value, (int, float)) and math.isfinite(value)
+        )
+    )
     if ok and kind is not bool and not (low <= value <= (math.inf if high is None else high)):
         ok = False
     if not ok:
@@ -41,7 +56,9 @@ def eos_field(d):
     """eos_token_id: absent, a token id, or a list of them."""
     value = d.get("eos_token_id")
     ids = value if isinstance(value, list) else [value]
-    if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    if value is not None and not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+    ):
         raise CheckpointError(f"'eos_token_id' is {value!r}; expected a token id or a list of them")
     return value
 
@@ -50,8 +67,9 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # as safetensors headers name them
 
 
 def weight_files(path):
-    """The safetensors files of a checkpoint directory: model.safetensors, or those its index's weight_map names.
-    An index entry must be a relative name without '..' of a regular file: the directory's own files (in the
+    """The safetensors files of a checkpoint directory: model.safetensors, or those its index's
+    weight_map names. An index entry must be a relative name without '..' of a regular file: the
+    directory's own files (in the
     Hugging Face cache those are links into its blobs, and load as the files they point to)."""
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").exists() or not index.exists():
@@ -61,19 +79,30 @@ def weight_files(path):
             weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
         except (ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
             weight_map = None
-        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
-            raise CheckpointError(f"{index} is not a valid index (a weight_map of tensor names to file names)")
+        if not (
+            isinstance(weight_map, dict)
+            and weight_map
+            and all(isinstance(v, str) for v in weight_map.values())
+        ):
+            raise CheckpointError(
+                f"{index} is not a valid index (a weight_map of tensor names to file names)"
+            )
         names = sorted(set(weight_map.values()))
     for name in names:
         f = path / name
         if Path(name).is_absolute() or ".." in Path(name).parts or not f.is_file():
-            raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json" if name == "model.safetensors"
-                                  and not f.exists() else f"weights file {f} is not a regular file inside {path}")
+            raise CheckpointError(
+                f"{path} has no model.safetensors or model.safetensors.index.json"
+                if name == "model.safetensors" and not f.exists()
+                else f"weights file {f} is not a regular file inside {path}"
+            )
     return [path / name for name in names]
 
 
 def read_headers(files):
-    """{tensor name: (its file, a meta tensor of its shape)} from the safetensors headers alone: nothing is read."""
+    """{tensor name: (its file, a meta tensor of its shape)} from the safetensors headers alone:
+    nothing is read.
+    """
     stored = {}
     for f in files:
         try:
@@ -81,16 +110,21 @@ def read_headers(files):
                 for key in sf.keys():
                     part = sf.get_slice(key)
                     if key in stored or part.get_dtype() not in FLOAT_DTYPES:
-                        raise CheckpointError(f"tensor {key} in {f} is stored twice, or as {part.get_dtype()} "
-                                              f"(weights are {', '.join(FLOAT_DTYPES)})")
+                        raise CheckpointError(
+                            f"tensor {key} in {f} is stored twice, or as {part.get_dtype()} "
+                            f"(weights are {', '.join(FLOAT_DTYPES)})"
+                        )
                     stored[key] = f, torch.empty(part.get_shape(), device="meta")
         except SafetensorError as e:
-            raise CheckpointError(f"weights file {f} cannot be read as safetensors ({e}); download it again")
+            raise CheckpointError(
+                f"weights file {f} cannot be read as safetensors ({e}); download it again"
+            )
     return stored
 
 
 def read_tensors(files, dtype, device):
-    """{name: file} -> {name: tensor} in dtype on device, one file open at a time; a tensor that is not finite
+    """{name: file} -> {name: tensor} in dtype on device, one file open at a time; a tensor that is
+    not finite
     everywhere is refused."""
     state = {}
     for f in dict.fromkeys(files.values()):
@@ -98,6 +132,9 @@ def read_tensors(files, dtype, device):
             for key in (k for k, g in files.items() if g == f):
                 state[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
                 if not torch.isfinite(state[key]).all():
-                    raise CheckpointError(f"tensor {key} in {f} holds NaN or infinite values: this checkpoint is damaged "
-                                          f"(or saved from a diverged run) and cannot be trained")
+                    raise CheckpointError(
+                        f"tensor {key} in {f} holds NaN or infinite values: this "
+                        "checkpoint is damaged "
+                        f"(or saved from a diverged run) and cannot be trained"
+                    )
     return state

@@ -1,13 +1,15 @@
 """
-Opens prift's pages (a run's report.html, report.py's page of several runs) in a real browser, headless Chromium,
-and checks what a person would see: no script or console errors (Chromium reports malformed SVG there too),
-nothing loaded from elsewhere, the run summary present, and in every chart one line per run.
+Opens prift's pages (a run's report.html, report.py's page of several runs) in a real browser,
+headless Chromium, and checks what a person would see: no script or console errors (Chromium reports
+malformed SVG there too), nothing loaded from elsewhere, the run summary present, and in every chart
+one line per run.
 
-    python tests/browser_check.py runs/mass/report.html compare.html --screenshots shots/
+    python tests/tools/browser_check.py runs/mass/report.html compare.html --screenshots shots/
 
 Prints one line per problem and exits 1 if there is any, 0 if none; exit 2 when there is no Chromium
 (on Debian: apt-get install chromium). check_page() also checks a page's HTML without a browser.
 """
+
 import argparse
 import shutil
 import subprocess
@@ -16,34 +18,86 @@ import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SUMMARY = ["rule", "signal", "model", "data", "examples", "response tokens", "batch", "learning rate", "precision",
-           "ranks", "steps", "skipped steps", "training time", "response tokens / s", "mean kept fraction"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SUMMARY = [
+    "rule",
+    "signal",
+    "model",
+    "data",
+    "examples",
+    "response tokens",
+    "batch",
+    "learning rate",
+    "precision",
+    "ranks",
+    "steps",
+    "skipped steps",
+    "training time",
+    "response tokens / s",
+    "mean kept fraction",
+]
 
 
 def chromium():
-    return next((p for p in map(shutil.which, ["chromium", "chromium-browser", "google-chrome"]) if p), None)
+    return next(
+        (p for p in map(shutil.which, ["chromium", "chromium-browser", "google-chrome"]) if p), None
+    )
 
 
 def render(page, screenshot=None):
-    """(the DOM after Chromium has loaded `page`, its console messages); with `screenshot`, a PNG of 1280x1600 too."""
+    """(the DOM after Chromium has loaded `page`, its console messages); with `screenshot`, a PNG of
+    1280x1600 too.
+    """
+
     def browse(*extra):
         with tempfile.TemporaryDirectory() as profile:
-            return subprocess.run([chromium(), *FLAGS, f"--user-data-dir={profile}", *extra, Path(page).resolve().as_uri()],
-                                  capture_output=True, text=True, timeout=120)
+            return subprocess.run(
+                [
+                    chromium(),
+                    *FLAGS,
+                    f"--user-data-dir={profile}",
+                    *extra,
+                    Path(page).resolve().as_uri(),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+
     r = browse("--enable-logging=stderr", "--v=0", "--dump-dom")
     if screenshot:
-        browse(f"--screenshot={Path(screenshot).resolve()}", "--window-size=1280,1600", "--hide-scrollbars")
+        browse(
+            f"--screenshot={Path(screenshot).resolve()}",
+            "--window-size=1280,1600",
+            "--hide-scrollbars",
+        )
     return r.stdout, [line for line in r.stderr.splitlines() if ":CONSOLE" in line]
 
 
 class Page(HTMLParser):
-    """What the checks need from a page: its figures with their lines, summary labels, rows of the runs table,
+    """What the checks need from a page: its figures with their lines, summary labels, rows of the
+    runs table,
     legend entries, and every address it would load."""
+
     def __init__(self, text):
         super().__init__()
-        self.figures, self.labels, self.run_rows, self.legend, self.loads, self.ticks = [], [], 0, [], [], []
+        self.figures, self.labels, self.run_rows, self.legend, self.loads, self.ticks = (
+            [],
+            [],
+            0,
+            [],
+            [],
+            [],
+        )
         self.scripts, self._in, self._table, self._key = 0, None, False, False
         self.feed(text)
 
@@ -85,27 +139,43 @@ class Page(HTMLParser):
 
 
 def check_page(text, console=()):
-    """The problems a person would see on a page (its HTML, or the DOM Chromium made of it), one line each."""
+    """The problems a person would see on a page (its HTML, or the DOM Chromium made of it), one
+    line each.
+    """
     page = Page(text)
     problems = [f"console: {line.split('] ', 1)[-1]}" for line in console]
-    problems += [f"loads {src!r}: the page must open offline, from disk alone" for src in page.loads]
+    problems += [
+        f"loads {src!r}: the page must open offline, from disk alone" for src in page.loads
+    ]
     problems += ["a <script> on the page: the pages need none"] * (page.scripts > 0)
     if not page.figures:
         problems.append("no chart")
-    if page.run_rows:  # several runs: a row each (the first is the header), a legend entry and a line in every chart
+    # several runs: a row each (the first is the header), a legend entry and a line in every chart
+    if page.run_rows:
         runs = page.run_rows - 1
         if len(page.legend) != runs or not all(page.legend):
-            problems.append(f"the legend names {len(list(filter(None, page.legend)))} runs, the table has {runs}")
+            problems.append(
+                f"the legend names {len(list(filter(None, page.legend)))} runs, the table "
+                f"has {runs}"
+            )
         for fig in page.figures:
             if len(fig["lines"]) != runs or len(set(fig["lines"])) != runs:
-                problems.append(f"chart {fig['key']}: {len(fig['lines'])} lines ({len(set(fig['lines']))} runs), "
-                                f"expected one for each of the {runs} runs")
+                problems.append(
+                    f"chart {fig['key']}: {len(fig['lines'])} lines "
+                    f"({len(set(fig['lines']))} runs), "
+                    f"expected one for each of the {runs} runs"
+                )
     else:  # one run: its summary, and one line in each chart
         problems += [f"summary: no {label!r}" for label in SUMMARY if label not in page.labels]
-        problems += [f"chart {fig['key']}: {len(fig['lines'])} lines, expected 1" for fig in page.figures
-                     if len(fig["lines"]) != 1]
+        problems += [
+            f"chart {fig['key']}: {len(fig['lines'])} lines, expected 1"
+            for fig in page.figures
+            if len(fig["lines"]) != 1
+        ]
     if len(page.ticks) < 4 * len(page.figures):
-        problems.append(f"{len(page.ticks)} tick labels on {len(page.figures)} charts: axes need a few each")
+        problems.append(
+            f"{len(page.ticks)} tick labels on {len(page.figures)} charts: axes need a few each"
+        )
     return problems
 
 
@@ -115,7 +185,10 @@ def main(argv=None):
     parser.add_argument("--screenshots", type=Path, help="a folder for a PNG of each page")
     args = parser.parse_args(argv)
     if not chromium():
-        print("browser_check: no Chromium found (on Debian: apt-get install chromium)", file=sys.stderr)
+        print(
+            "browser_check: no Chromium found (on Debian: apt-get install chromium)",
+            file=sys.stderr,
+        )
         return 2
     failed = False
     for page in args.pages:
@@ -126,7 +199,10 @@ def main(argv=None):
         dom, console = render(page, shot)
         problems = check_page(dom, console) if dom.strip() else ["Chromium rendered nothing"]
         failed |= bool(problems)
-        print("\n".join(f"{page}: {p}" for p in problems) or f"{page}: ok" + (f" (screenshot {shot})" if shot else ""))
+        print(
+            "\n".join(f"{page}: {p}" for p in problems)
+            or f"{page}: ok" + (f" (screenshot {shot})" if shot else "")
+        )
     return int(failed)
 
 

@@ -1,9 +1,11 @@
 """
-What running on real hardware needs and the method does not: torchrun process groups, DDP or FSDP2 around
-the model (FSDP2 gathering bfloat16 on CUDA), activation checkpointing, full state dicts gathered from shards,
-bfloat16 autocast on CUDA, and output from rank 0 only. What a run needs in memory is memory.py's.
-On one process every function here is a no-op or the obvious single-process answer.
+What running on real hardware needs and the method does not: torchrun process groups, DDP or FSDP2
+around the model (FSDP2 gathering bfloat16 on CUDA), activation checkpointing, full state dicts
+gathered from shards, bfloat16 autocast on CUDA, and output from rank 0 only. What a run needs in
+memory is memory.py's. On one process every function here is a no-op or the obvious single-process
+answer.
 """
+
 import contextlib
 import gc
 import os
@@ -19,66 +21,88 @@ def dist_info():
 
 
 def init_from_env():
-    """Join the process group when launched by torchrun (it sets RANK); returns the device to run on."""
+    """Join the process group when launched by torchrun (it sets RANK); returns the device to run
+    on.
+    """
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    return torch.device(
+        f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    )
 
 
 def autocast(device):
     """bfloat16 autocast on CUDA; plain float32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
 
 
 def grad_checkpoint(args, device):
-    """--grad-checkpoint / --no-grad-checkpoint; by default on with CUDA (the paper's recipe does not fit a GPU
-    without it, see README), off on the CPU (the demo and the tests, whose memory is not the limit)."""
+    """--grad-checkpoint / --no-grad-checkpoint; by default on with CUDA (the paper's recipe does
+    not fit a GPU
+    without it, see README), off on the CPU (the demo and the tests, whose memory is not the
+    limit)."""
     return device.type == "cuda" if args.grad_checkpoint is None else args.grad_checkpoint
 
 
 def fsdp_policy(device):
-    """FSDP2's precision on CUDA: blocks all-gathered in bfloat16 (half the bytes of float32, and what autocast
-    would compute in anyway), gradients reduce-scattered in float32, the sharded master weights and AdamW state
+    """FSDP2's precision on CUDA: blocks all-gathered in bfloat16 (half the bytes of float32, and
+    what autocast would compute in anyway), gradients reduce-scattered in float32, the sharded
+    master weights and AdamW state
     float32. On the CPU everything stays float32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
+
     if device.type == "cuda":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
 
 def wrap_distributed(args, model, ref=None):
-    """Activation checkpointing of every block as asked; then DDP, or with --fsdp, FSDP2 (one unit per transformer
-    block, and the root) for the model, in place, and for the frozen reference of --prior inline the same way.
+    """Activation checkpointing of every block as asked; then DDP, or with --fsdp, FSDP2 (one unit
+    per transformer block, and the root) for the model, in place, and for the frozen reference of
+    --prior inline the same way.
     Build the optimizer after this."""
     device = next(model.parameters()).device
-    for block in model.model.layers:  # before fully_shard, so that each unit's gathers wrap its recomputation
+    for block in (
+        model.model.layers
+    ):  # before fully_shard, so that each unit's gathers wrap its recomputation
         block.recompute = grad_checkpoint(args, device)
     if not dist.is_initialized():
         return model
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
+
         policy = fsdp_policy(device)
         for module in [model] + ([ref] if ref is not None else []):
             for block in module.model.layers:
                 fully_shard(block, mp_policy=policy)
-            # the root (embeddings, final norm, lm_head) stays unsharded after forward, as the loss applies
+            # the root (embeddings, final norm, lm_head) stays unsharded after forward, as the loss
+            # applies
             # lm_head outside forward; its gradient is reduce-scattered at the end of backward
             fully_shard(module, reshard_after_forward=False, mp_policy=policy)
         return model
     from torch.nn.parallel import DistributedDataParallel
+
     return DistributedDataParallel(model)
 
 
 def sync_grads(wrapped, last):
-    """DDP all-reduces gradients on the last micro-batch of a step only. FSDP2 reduce-scatters after every
+    """DDP all-reduces gradients on the last micro-batch of a step only. FSDP2 reduce-scatters after
+    every
     micro-batch, and the shards add up in each rank's sharded gradient."""
     if hasattr(wrapped, "no_sync"):
         return contextlib.nullcontext() if last else wrapped.no_sync()
-    # FSDP2 is never told to skip (set_requires_gradient_sync(False)): it would keep every parameter's gradient
-    # whole, in float32, on every GPU until the last micro-batch (4 bytes per parameter, 28 GiB for a 7B model),
-    # and --fsdp is there to save memory. The price: as many reduce-scatters per step as micro-batches, not one.
+    # FSDP2 is never told to skip (set_requires_gradient_sync(False)): it would keep every
+    # parameter's gradient
+    # whole, in float32, on every GPU until the last micro-batch (4 bytes per parameter, 28 GiB for
+    # a 7B model),
+    # and --fsdp is there to save memory. The price: as many reduce-scatters per step as
+    # micro-batches, not one.
     return contextlib.nullcontext()
 
 
@@ -104,9 +128,11 @@ def merge_from_ranks(d):
 
 
 def shutdown():
-    """Leave the process group together, and only once nothing refers to it: FSDP2's modules live in reference
-    cycles, and freed only when the interpreter exits, after the group, they aborted a rank now and then on
-    the CPU ("terminate called without an active exception", about 1 run in 20 on a busy machine)."""
+    """Leave the process group together, and only once nothing refers to it: FSDP2's modules live in
+    reference cycles, and freed only when the interpreter exits, after the group, they aborted a
+    rank now and then on
+    the CPU ("terminate called without an active exception", about 1 run in 20 on a busy
+    machine)."""
     if dist.is_initialized():
         gc.collect()
         dist.barrier()
@@ -115,31 +141,51 @@ def shutdown():
 
 def is_fsdp(model):
     from torch.distributed.fsdp import FSDPModule
+
     return isinstance(model, FSDPModule)
 
 
 def full_state_dict(model):
-    """Under FSDP2 every rank takes part in gathering the full state dict; otherwise None (use our own)."""
+    """Under FSDP2 every rank takes part in gathering the full state dict; otherwise None (use our
+    own).
+    """
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+        return get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     return None
 
 
 def optimizer_state_dict(model, opt):
-    """Under FSDP2 every rank takes part in gathering the whole optimizer state (keyed by parameter name) onto
-    rank 0's CPU, as opt.state_dict() would give each rank only its own shards; otherwise opt.state_dict()."""
+    """Under FSDP2 every rank takes part in gathering the whole optimizer state (keyed by parameter
+    name) onto
+    rank 0's CPU, as opt.state_dict() would give each rank only its own shards; otherwise
+    opt.state_dict()."""
     if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        return get_optimizer_state_dict(
+            model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     return opt.state_dict()
 
 
 def load_optimizer_state_dict(model, opt, state):
-    """The inverse of optimizer_state_dict: under FSDP2 each rank keeps its shards of the whole state. A state
-    keyed by name (saved under FSDP2) also loads into an unsharded model, to resume on one process."""
+    """The inverse of optimizer_state_dict: under FSDP2 each rank keeps its shards of the whole
+    state. A state
+    keyed by name (saved under FSDP2) also loads into an unsharded model, to resume on one
+    process."""
     if is_fsdp(model) or isinstance(state["param_groups"][0]["params"][0], str):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
         set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
     else:
         opt.load_state_dict(state)

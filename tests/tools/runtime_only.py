@@ -1,17 +1,20 @@
 """Run a script as a fresh `pip install -r requirements.txt` environment would, inside this one:
 
-    python tests/runtime_only.py SCRIPT [ARGS ...]
+    python tests/tools/runtime_only.py SCRIPT [ARGS ...]
 
-CI's environment also holds the test requirements (pytest, transformers, and what they bring, numpy among
-them), so a runtime import of something requirements.txt does not install would go unnoticed there. Here
-every top-level module is refused unless it belongs to the standard library, to this repository, or to a
-distribution that requirements.txt installs, directly or through the dependencies those distributions
-declare (read from their installed metadata, so the list cannot drift from what pip would install).
-A refused module is absent, exactly as in a fresh environment.
+CI's environment also holds the test requirements (pytest, transformers, and what they bring, numpy
+among them), so a runtime import of something requirements.txt does not install would go unnoticed
+there. Here every top-level module is refused unless it belongs to the standard library, to this
+repository, or to a distribution that requirements.txt installs, directly or through the
+dependencies those distributions declare (read from their installed metadata, so the list cannot
+drift from what pip would install). A refused module is absent, exactly as in a fresh environment.
 """
+
 import sys
 
-PRELOADED = {name.partition(".")[0] for name in sys.modules}  # what the interpreter itself loaded at start
+PRELOADED = {
+    name.partition(".")[0] for name in sys.modules
+}  # what the interpreter itself loaded at start
 
 import importlib.abc
 import importlib.machinery
@@ -23,7 +26,7 @@ from pathlib import Path
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def canonical(name):
@@ -43,7 +46,8 @@ def requirement_lines(path):
 
 
 def runtime_distributions(path=ROOT / "requirements.txt"):
-    """Canonical names of the distributions requirements.txt installs: its own and, recursively, what their
+    """Canonical names of the distributions requirements.txt installs: its own and, recursively,
+    what their
     metadata requires (with environment markers evaluated, extras not taken)."""
     env = {**default_environment(), "extra": ""}
     todo = [Requirement(line) for line in requirement_lines(path)]
@@ -56,7 +60,10 @@ def runtime_distributions(path=ROOT / "requirements.txt"):
         try:
             requires = md.requires(req.name) or []
         except md.PackageNotFoundError:
-            raise SystemExit(f"runtime_only: {req.name} is required but not installed here; pip install -r requirements.txt")
+            raise SystemExit(
+                f"runtime_only: {req.name} is required but not installed here; pip install "
+                "-r requirements.txt"
+            )
         seen.add(name)
         todo += [Requirement(r) for r in requires]
     return seen
@@ -65,13 +72,19 @@ def runtime_distributions(path=ROOT / "requirements.txt"):
 def allowed_modules():
     """Top-level modules of the distributions requirements.txt installs."""
     dists = runtime_distributions()
-    return {mod for mod, owners in md.packages_distributions().items() if any(canonical(d) in dists for d in owners)}
+    return {
+        mod
+        for mod, owners in md.packages_distributions().items()
+        if any(canonical(d) in dists for d in owners)
+    }
 
 
 class RuntimeOnly(importlib.abc.MetaPathFinder):
-    """Takes site-packages off the import path and finds there only the allowed top-level modules. A module
-    of another distribution is then absent, to `import` (ModuleNotFoundError) and to `importlib.util.find_spec`
+    """Takes site-packages off the import path and finds there only the allowed top-level modules. A
+    module of another distribution is then absent, to `import` (ModuleNotFoundError) and to
+    `importlib.util.find_spec`
     (None) alike; the standard library and this repository's files import as usual."""
+
     def __init__(self, allowed):
         self.allowed = allowed
         self.site = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
@@ -80,7 +93,8 @@ class RuntimeOnly(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if path is None and (fullname in self.allowed or fullname in PRELOADED):
             return importlib.machinery.PathFinder.find_spec(fullname, self.site)
-        return None  # a submodule (its package is let in already), or not allowed: the ordinary finders decide
+        # a submodule (its package is let in already), or not allowed: the ordinary finders decide
+        return None
 
 
 if __name__ == "__main__":

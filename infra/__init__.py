@@ -1,0 +1,1 @@
+"""The machinery a real run needs, behind prift.py, model.py and data.py."""

@@ -1,0 +1,406 @@
+"""
+The built-in demo: what `python prift.py --rule mass` runs when no --model and --data are given.
+
+No model can be downloaded, so the demo makes its own. A 0.8M-parameter Llama-family model with its
+own BPE tokenizer is pretrained (once, cached) on one-digit addition and subtraction word problems
+in six phrasings. The fine-tuning task asks the same sums with verbs the base model has never seen,
+and 30% of the demonstrations show a wrong result: tokens the pretrained prior does not support. The
+report compares the base model and each rule on the new task (greedy, Avg@8, Pass@8), on the old
+phrasings (retention) and on how often a wrong answer shown in training comes back; then one
+demonstration with the tokens the rule drops.
+
+prift.py imports this file and passes itself in (`prift`), so that the demo trains through the very
+same loop.
+"""
+
+import difflib
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+from infra import checkpoint, evaluate, inspection, report
+from infra.cli import FRACTION, POSITIVE
+from infra.distributed import log
+from model import GPT, Config
+
+RULES = ["sft", "dft", "prob", "mass", "profit", "uniform", "random"]
+DEFAULTS = dict(
+    lr=3e-4,
+    batch_size=16,
+    micro_batch=16,
+    epochs=10,  # when the command line gives none
+    eval_samples=8,
+    eval_problems=100,
+    eval_prompt="template",
+    max_new_tokens=48,
+    temperature=1.0,
+    top_p=1.0,
+)
+COLUMNS = ["task greedy", "avg@8", "pass@8", "retention", "wrong copied", "kept", "ce"]
+
+
+def add_arguments(parser):
+    g = parser.add_argument_group("demo")
+    g.add_argument(
+        "--seeds", type=POSITIVE, default=1, help="seeds per rule, for a mean and spread"
+    )
+    g.add_argument(
+        "--demo-noise", type=FRACTION, default=0.3, help="fraction of demonstrations with noise"
+    )
+    g.add_argument("--demo-noise-kind", default="wrong", choices=["wrong", "filler"])
+    g.add_argument("--demo-pretrain-steps", type=POSITIVE, default=400)
+    g.add_argument("--rebuild-base", action="store_true", help="pretrain the demo base model again")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The task: one-digit arithmetic word problems
+
+NAMES = ["Kim", "Ben", "Ava", "Leo", "Mia", "Sam", "Zoe", "Max", "Ivy", "Tom"]
+ITEMS = ["cards", "apples", "coins", "books", "shells", "stamps", "pens", "marbles"]
+PRETRAIN_PHRASINGS = {
+    "+": [
+        "{n} had {a} {i} and got {b} more. How many now?",
+        "{n} has {a} {i}. A friend gives {n} {b} more. How many in all?",
+        "{n} had {a} {i} and found {b} more. How many does {n} have?",
+    ],
+    "-": [
+        "{n} had {a} {i} but lost {b}. How many remain?",
+        "{n} has {a} {i} and gives away {b}. How many are left?",
+        "{n} had {a} {i} and used {b}. How many does {n} have?",
+    ],
+}
+TASK_PHRASINGS = {  # the same problems told with verbs the base model has never seen
+    "+": [
+        "{n} had {a} {i} and won {b} more. How many now?",
+        "{n} has {a} {i}. A friend mails {n} {b} more. How many in all?",
+    ],
+    "-": [
+        "{n} had {a} {i} but sold {b}. How many remain?",
+        "{n} has {a} {i} and breaks {b}. How many are left?",
+    ],
+}
+FILLER = ["so yeah, ", "hmm ok, ", "right, well, "]
+
+
+def arithmetic_problem(rng, phrasings, noise=None):
+    """One problem as a JSONL row: prompt, response, the right answer, and the clean response."""
+    op, x, b = rng.choice("+-"), rng.randint(1, 9), rng.randint(1, 9)
+    a, c = (
+        (x, x + b) if op == "+" else (x + b, x)
+    )  # a + b = c, or a - b = c; b and one of a, c one-digit
+    q = rng.choice(phrasings[op]).format(n=rng.choice(NAMES), a=a, b=b, i=rng.choice(ITEMS))
+    clean = f" {a}{op}{b}={c}. The answer is \\boxed{{{c}}}."
+    response = clean
+    if noise == "wrong":  # the result is off by 1-9: tokens the prior gives little probability
+        w = c + rng.randint(1, 9)
+        response = f" {a}{op}{b}={w}. The answer is \\boxed{{{w}}}."
+    elif noise == "filler":  # idiosyncratic filler the prior does not expect
+        response = (
+            f" {rng.choice(FILLER)}{a}{op}{b}={c}. {rng.choice(FILLER)}the answer "
+            f"is \\boxed{{{c}}}."
+        )
+    return {
+        "prompt": f"Q: {q}\nA:",
+        "response": response,
+        "answer": str(c),
+        "clean_response": clean,
+    }
+
+
+def pretrain_corpus(n, seed):
+    """Pretraining rows: empty prompt, so every token of the text is trained."""
+    rng = random.Random(seed)
+    rows = (arithmetic_problem(rng, PRETRAIN_PHRASINGS) for _ in range(n))
+    return [
+        {"prompt": "", "response": r["prompt"] + r["response"], "answer": r["answer"]} for r in rows
+    ]
+
+
+def task(n, seed, noise_frac=0.0, noise_kind="wrong", phrasings=TASK_PHRASINGS):
+    """Fine-tuning or evaluation rows; a fraction noise_frac (exactly, rounded) of them carry noise."""
+    rng = random.Random(seed)
+    noisy = set(rng.sample(range(n), round(noise_frac * n)))
+    return [
+        arithmetic_problem(rng, phrasings, noise_kind if i in noisy else None) for i in range(n)
+    ]
+
+
+def tokenizer(texts, vocab_size=200):
+    """A small BPE tokenizer trained on the demo texts; digits stay single tokens so that sums are
+    learnable, and the end token is <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Punctuation(),
+        ]
+    )
+    tok.decoder = decoders.Metaspace()
+    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\u2581"]
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<|endoftext|>", "<unk>"],
+            initial_alphabet=alphabet,
+            show_progress=False,
+        ),
+    )
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------
+# The base model, pretrained here once, and the data
+
+
+def base_model(args, device, prift):
+    """The demo's pretrained model: made once (about two minutes), then reused from the cache."""
+    base = Path(args.cache) / "demo-base"
+    if (base / "model.safetensors").exists() and not args.rebuild_base:
+        return base
+    log(f"demo: pretraining the base model into {base} (once; --rebuild-base makes it again)")
+    rows = pretrain_corpus(args.demo_pretrain_steps * 32, seed=1234)
+    tok = tokenizer([r["response"] for r in rows])
+    cfg = dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        hidden_act="silu",
+        eos_token_id=tok.token_to_id("<|endoftext|>"),
+    )
+    torch.manual_seed(1234)
+    model = GPT(Config.from_dict(cfg)).to(device)
+    seqs, _ = data.Template(tok, "plain", "<|endoftext|>").encode(
+        [data.parse_example(r, "corpus") for r in rows], 256
+    )
+    prift.train(
+        prift.settings(
+            args,
+            rule="sft",
+            lr=3e-3,
+            batch_size=32,
+            micro_batch=32,
+            seed=1234,
+            save_every=0,
+            max_steps=args.demo_pretrain_steps,
+        ),
+        model,
+        seqs,
+    )
+    tmp = base.with_name("demo-base.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save(str(tmp / "tokenizer.json"))
+    (tmp / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<unk>",
+            }
+        )
+    )
+    shutil.rmtree(base, ignore_errors=True)
+    os.replace(tmp, base)
+    return base
+
+
+def write_data(args, out):
+    """Writes the demo's JSONL files into the run directory, so they can be read like any dataset."""
+    files = {
+        "train": task(
+            200, args.seed + 1, args.demo_noise, args.demo_noise_kind
+        ),  # (the same rows as --inspect's)
+        "task": task(300, 99),
+        "retention": task(200, 98, phrasings=PRETRAIN_PHRASINGS),
+    }
+    for name, rows in files.items():
+        data.write_jsonl(rows, out / "demo-data" / f"{name}.jsonl")
+    return {name: out / "demo-data" / f"{name}.jsonl" for name in files}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report
+
+
+def metrics(args, model, template, sets):
+    """The report's numbers for one model: new-task accuracy (greedy; Avg@8/Pass@8 at temperature
+    1),
+    retention of the pretraining skill, and how often a wrong answer shown in training comes
+    back."""
+
+    def greedy(examples):  # greedy accuracy on every problem
+        return evaluate.scores(
+            args, model, template, examples, 0, greedy=True, problems=0, ce=False
+        )["greedy"]
+
+    res = evaluate.scores(
+        args, model, template, sets["task"], samples=8, greedy=False
+    )  # ce, avg@8, pass@8
+    res["task greedy"], res["retention"] = greedy(sets["task"]), greedy(sets["retention"])
+    # the noisy demonstrations' prompts, graded against the wrong answer they showed
+    shown = [{**ex, "answer": data.extract_answer(ex["response"])} for ex in sets["train"]]
+    wrong = [ex for ex, orig in zip(shown, sets["train"]) if ex["answer"] != orig["answer"]]
+    if wrong:
+        res["wrong copied"] = greedy(wrong)
+    return res
+
+
+def show_weights(tok, rows, seqs, weights, rule):
+    """Print one noisy demonstration with the tokens that `rule` drops (weights: one (n_i,) tensor
+    per example, from the prior before any update), and the kept fraction on tokens the clean
+    solution does not have versus
+    the others."""
+    kept_bad, kept_ok, shown = [], [], False
+    for row, (ids, n_prompt), w in zip(rows, seqs, weights):
+        resp, w = ids[n_prompt:], w.tolist()
+        clean = tok.encode(row["clean_response"], add_special_tokens=False).ids + [resp[-1]]
+        same = set()
+        for a, _, n in difflib.SequenceMatcher(
+            None, resp, clean, autojunk=False
+        ).get_matching_blocks():
+            same.update(range(a, a + n))
+        for j, wj in enumerate(w):
+            (kept_ok if j in same else kept_bad).append(wj > 0)
+        if len(same) < len(resp) and not shown:
+            shown, pieces = True, inspection.token_texts(tok, ids, n_prompt)
+            log(
+                f"\nOne demonstration under --rule {rule} "
+                f"({'struck out in red' if sys.stdout.isatty() else 'underscores'}: "
+                f"weight 0)\n  prompt:    {row['prompt']!r}\n  shown:     {row['response']!r}\n"
+                f"  trained:   {inspection.terminal_view(pieces, w)!r}"
+            )
+            if any(0 < wj < 1 for wj in w):
+                log(
+                    "  weights:   "
+                    + " ".join(f"{p.strip() or '_'}:{wj:.2f}" for p, wj in zip(pieces, w))
+                )
+    if kept_bad:
+        log(
+            f"  kept: {100 * sum(kept_bad) / len(kept_bad):.1f}% of the {len(kept_bad)} "
+            "tokens the clean solution "
+            f"does not have, {100 * sum(kept_ok) / len(kept_ok):.1f}% of the other {len(kept_ok)}"
+        )
+
+
+def mean_and_spread(runs, rule):
+    """One table row: the mean over seeds of each column, with the standard deviation when there are
+    several.
+    """
+    rs = [r for r in runs if r["rule"] == rule]
+    mean = {c: sum(r[c] for r in rs) / len(rs) for c in COLUMNS if c in rs[0]}
+    if len(rs) > 1:
+        mean.update(
+            {
+                c: f"{mean[c]:.1f} ± "
+                f"{(sum((r[c] - mean[c]) ** 2 for r in rs) / (len(rs) - 1)) ** 0.5:.1f}"
+                for c in COLUMNS
+                if c in rs[0] and c != "ce"
+            }
+        )
+    return mean
+
+
+def run(args, device, prift):
+    """The demo: the base model, the prior once, each rule (and seed) fine-tuned from the same base
+    on the same
+    data in the same order, the table, and one demonstration as the rule trains it."""
+    base = base_model(args, device, prift)
+    args.model, args.ref, args.template, out = str(base), str(base), "plain", args.out
+    if args.inspect:  # the prior's view of the demonstrations, no training
+        rows = task(200, args.seed + 1, args.demo_noise, args.demo_noise_kind)
+        return inspection.inspect(
+            args, device, prift, [data.parse_example(r, "demo") for r in rows]
+        )
+    checkpoint.prepare_out(args, None)
+    paths = write_data(args, out)
+    sets = {
+        name: data.read_jsonl(p, need="response" if name == "train" else "answer")
+        for name, p in paths.items()
+    }
+    template = data.Template.load(base, "plain")
+    seqs, _ = template.encode(sets["train"], args.max_len)
+    rules = RULES if args.rule == "all" else [args.rule]
+    prior = prift.compute_prior(args, seqs, device)
+    flat = torch.cat(prior)
+    control = {
+        "uniform": flat[:, 0].mean().item(),
+        "random": (flat[:, 1] >= 0.5).float().mean().item(),
+    }
+    results = [("base", metrics(args, GPT.from_pretrained(base, device=device), template, sets))]
+    runs, dirs = [], []
+    for seed in range(args.seed, args.seed + args.seeds):
+        for rule in rules:
+            # one rule: as the command line gave it; --rule all: each rule with its own signal and
+            # threshold
+            a = (
+                prift.settings(args, seed=seed)
+                if rule == args.rule
+                else prift.settings(args, rule=rule, seed=seed)
+            )
+            a.threshold = control[rule] if rule in control and a.threshold is None else a.threshold
+            model = GPT.from_pretrained(base, device=device)
+            run_dir = (
+                out / "runs" / f"{rule}-seed{seed}" if args.seeds > 1 or len(rules) > 1 else out
+            )
+            dirs.append(run_dir)
+            if run_dir != out:  # its own arguments, for its report and the comparison page
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "args.json").write_text(
+                    json.dumps({**vars(a), "data": str(paths["train"])}, indent=1, default=str)
+                )
+            state = prift.train(
+                a, model, seqs, prior=prior if a.signal == "prior" else None, out=run_dir
+            )
+            res = metrics(args, model, template, sets)
+            report.run_report(
+                run_dir, [("base demo", results[0][1]), (f"{rule} demo", res)], seqs, state
+            )
+            res.update(kept=100 * state["kept"], train_s=state["train_s"], rule=rule, seed=seed)
+            runs.append(res)
+            if len(rules) == 1 and args.seeds == 1:
+                model.save_pretrained(out)
+    results += [(rule, mean_and_spread(runs, rule)) for rule in rules]
+    title = (
+        f"Demo: {len(seqs)} demonstrations, {round(100 * args.demo_noise)}% "
+        f"{args.demo_noise_kind}, "
+        f"{args.seeds} seed(s), new-task greedy on 300, Avg@8/Pass@8 on "
+        f"{args.eval_problems}, retention on 200"
+    )
+    table = evaluate.print_table(results, COLUMNS, title)
+    if len(dirs) > 1:  # the rules (and seeds) side by side: curves overlaid, a row per run
+        report.compare(dirs, out / "compare.html")
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(json.dumps(runs, indent=1))
+    shown = prift.settings(args, rule="mass") if args.rule == "all" else args
+    threshold = (
+        control[shown.rule]
+        if shown.rule in control and shown.threshold is None
+        else shown.threshold
+    )
+    show_weights(
+        template.tok,
+        [json.loads(l) for l in paths["train"].read_text().splitlines()],
+        seqs,
+        [prift.weights_from_stats(shown.rule, pu[:, 0], pu[:, 1], threshold) for pu in prior],
+        shown.rule,
+    )
+    log(f"\nwritten to {out}")

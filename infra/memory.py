@@ -1,0 +1,335 @@
+"""
+What a run needs in memory, per GPU, worked out before any weights are loaded: from the checkpoint's
+config.json and the run's options (--micro-batch or --micro-tokens, --max-len, the number of
+processes, --fsdp, the precision, --grad-checkpoint, --prior inline). Printed at the start of every
+run; `--plan` prints it alone, with what fits a 24, 40 or 80 GB card and which switch makes it fit,
+and exits.
+
+The activations are counted from what model.py keeps for backward, tensor by tensor
+(tests/test_memory.py checks the count against what autograd saves, for every family and precision);
+the total against measured peaks is `python bench.py --only memory`.
+"""
+
+import argparse
+import copy
+import sys
+
+import torch
+
+from infra.distributed import dist_info, grad_checkpoint, log
+from model import GPT, Config, logits_chunk
+
+GiB = 2**30
+CARDS = (
+    24,
+    40,
+    80,
+)  # GB as sold, which for these cards means GiB of device memory (RTX 4090, A100 40 and 80 GB)
+# what a plan may fill: the CUDA context, NCCL's buffers and the allocator's fragmentation take the
+# rest
+HEADROOM = 0.9
+
+
+def add_arguments(parser):
+    g = parser.add_argument_group("memory")
+    g.add_argument(
+        "--grad-checkpoint",
+        action=argparse.BooleanOptionalAction,
+        help="recompute each block in backward: about 1/L of the activations, one more forward "
+        "(default: on with CUDA, off on the CPU)",
+    )
+    g.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what the run needs in memory per GPU, whether it fits "
+        "24/40/80 GB cards and which switch makes it fit; no weights are loaded, nothing "
+        "is written",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Activations: bytes per token, from what each module saves for backward
+
+
+def norm_bytes(cfg, mode, readers):
+    """A norm of width C over its input: what it saves, and the copies its `readers` linears save of
+    its output.
+    mode: 'fp32' (float32 weights, no autocast), 'autocast' (float32 weights, bfloat16 autocast:
+    each linear
+    saves its own bfloat16 cast of the input), 'bf16' (bfloat16 weights: FSDP2's bfloat16 gathers,
+    --match-authors)."""
+    C = cfg.hidden_size
+    if cfg.family["norm"] == "layernorm":  # input, mean and 1/std (float32), output
+        x, stats = (2 * C, 4) if mode == "bf16" else (4 * C, 8)
+        return x + stats + (readers * 2 * C if mode == "autocast" else x if readers else 0)
+    # RMSNorm: its input as float32 (a copy for bf16), 1/rms, the normalised x before the gain, and
+    # the output
+    if mode == "fp32":
+        return 4 * C + 4 + 4 * C + (4 * C if readers else 0)
+    if mode == "autocast":
+        return 4 * C + 4 + 4 * C + readers * 2 * C
+    return 4 * C + 4 + 2 * C + (2 * C if readers else 0)
+
+
+def block_bytes(cfg, mode):
+    """Bytes per token that one transformer block keeps for backward."""
+    I, H, K, d = cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    b = 4 if mode == "fp32" else 2  # the matmuls' dtype
+    swiglu = cfg.family["mlp"] == "swiglu"
+    total = norm_bytes(cfg, mode, 3) + norm_bytes(cfg, mode, 2 if swiglu else 1)
+    total += (
+        b * (H * d + 2 * K * d) + b * H * d + 4 * H
+    )  # SDPA: q, k, v, its output (o_proj's input), logsumexp
+    if cfg.family["qk_norm"]:  # per-head RMSNorm of q and k: input as float32, 1/rms, normalised
+        total += (4 + b) * (H + K) * d + 4 * (H + K)
+    if (
+        cfg.family["pos"] == "rope"
+        and b == 2
+        and not (mode == "autocast" and cfg.family["qk_norm"])
+    ):
+        total += 2 * 2 * d  # cos and sin cast to bfloat16 in each block
+    return total + b * I * (
+        4 if swiglu else 2
+    )  # SwiGLU: gate, silu(gate), up, their product; GELU: in, out
+
+
+def model_bytes(cfg, mode):
+    """Bytes per token kept outside the blocks: token ids, float32 cos/sin or positions, the final
+    norm.
+    """
+    rope = cfg.family["pos"] == "rope"
+    shared = rope and (
+        mode == "fp32" or (mode == "autocast" and cfg.family["qk_norm"])
+    )  # float32 cos, sin kept
+    pos = 8 * cfg.head_dim if shared else 8 if cfg.family["pos"] == "learned" else 0
+    return 8 + pos + norm_bytes(cfg, mode, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan
+
+
+def count_params(cfg):
+    """Parameters of the model (tied ones once), of its root (embeddings, final norm, head), and of
+    one block.
+    """
+    with torch.device("meta"):
+        model = GPT(cfg)
+    root = [model.model.embed_tokens, model.model.norm, model.lm_head] + (
+        [model.model.embed_positions] if cfg.family["pos"] == "learned" else []
+    )
+    numel = lambda modules: sum(
+        p.numel() for p in {id(p): p for m in modules for p in m.parameters()}.values()
+    )
+    return numel([model]), numel(root), numel([model.model.layers[0]])
+
+
+def plan(
+    cfg,
+    *,
+    tokens,
+    world,
+    fsdp,
+    cuda,
+    authors,
+    checkpointing,
+    ref_cfg=None,
+    loss_chunk=None,
+    accumulate=True,
+):
+    """Bytes per GPU of each part of a training step at its peak, for micro-batches of `tokens`
+    positions; fsdp:
+    sharded over `world` processes. Returns {part: bytes}, and 'total': the step's peak."""
+    P, P_root, P_block = count_params(cfg)
+    wb = 2 if authors else 4  # weights, gradients and AdamW state: float32, or bf16 (authors)
+    mode = "bf16" if authors or (cuda and fsdp) else "autocast" if cuda else "fp32"
+    b = 4 if mode == "fp32" else 2
+    shard = world if fsdp else 1
+    parts = dict(weights=P * wb / shard, gradients=P * wb / shard, optimizer=2 * P * wb / shard)
+    # what exists besides: gathered blocks and root under FSDP2; bf16 copies autocast keeps; DDP's
+    # buckets
+    extra = 0
+    if fsdp:
+        # the root stays gathered all step, two blocks at a time (the one computing, the next
+        # prefetched); and the
+        # float32 gradient of what is being reduce-scattered, whole for a moment (a block, and the
+        # root's), as
+        # prift reduce-scatters after every micro-batch (distributed.sync_grads)
+        extra = (P_root + 2 * P_block) * (2 if cuda or authors else 4) + 4 * (P_root + P_block)
+    elif cuda and not authors:
+        extra = 2 * (
+            P - P_root
+        )  # autocast's cache: a bfloat16 copy of each block weight, kept until backward ends
+    if world > 1 and not fsdp:
+        extra += P * wb  # DDP's gradient buckets
+    parts["gathers and copies"] = extra
+    L, V, C = cfg.num_layers, cfg.vocab_size, cfg.hidden_size
+    # kept from forward to backward: every block's activations, or with checkpointing only its input
+    # (B, T, C)
+    kept = (
+        C * (2 if mode == "bf16" else 4) * L if checkpointing else block_bytes(cfg, mode) * L
+    ) + model_bytes(cfg, mode)
+    # in backward, besides: the block being remade (checkpointing), and backward's own working set,
+    # the gradients
+    # of one MLP's intermediates (about three of them at once)
+    parts["activations"] = tokens * (
+        kept + checkpointing * block_bytes(cfg, mode) + 3 * b * cfg.intermediate_size
+    )
+    chunk = min(loss_chunk or logits_chunk(V), tokens)
+    # float32 logits (and their bf16 gradient) of two chunks, as the loop makes the next before it
+    # lets go of the
+    # last, and the head cast to bf16 under autocast, all gone by backward; h at the response
+    # positions and
+    # d(loss)/dh, which stay
+    logits = (1 + (tokens > chunk)) * chunk * V * (4 + (b == 2) * 2) + (
+        V * C * 2 if mode == "autocast" else 0
+    )
+    parts["loss chunk"] = logits + tokens * (C * (4 if mode == "autocast" else b) + C * b + 16)
+    parts["inline reference"] = 0
+    if ref_cfg is not None:
+        R, R_root, _ = count_params(ref_cfg)
+        rb = 2 if cuda or authors else 4
+        parts["inline reference"] = R * rb / shard + (R_root * rb if fsdp else 0)
+    # The peak comes at the end of forward (what forward keeps, and the loss's logits) or in
+    # backward (its working
+    # set instead of the logits), with every gradient when they accumulate over micro-batches, or
+    # else only the
+    # head's, which the loss makes in forward; or at the optimizer step, whose AdamW makes one
+    # temporary float per
+    # (local) parameter once the activations are gone.
+    held = parts["weights"] + parts["optimizer"] + extra + parts["inline reference"]
+    grads_then = parts["gradients"] if accumulate else V * C * wb
+    activations = max(
+        tokens * kept + parts["loss chunk"], parts["activations"] + parts["loss chunk"] - logits
+    )
+    parts["total"] = held + max(grads_then + activations, parts["gradients"] + P * wb / shard)
+    return parts
+
+
+def run_plan(args, world, cuda):
+    """The plan of this run's arguments."""
+    cfg = Config.load(args.model)
+    ref = Config.load(args.ref) if args.signal == "prior" and args.prior == "inline" else None
+    tokens = (
+        max(args.micro_tokens, args.max_len)
+        if args.micro_tokens
+        else args.micro_batch * args.max_len
+    )
+    checkpointing = grad_checkpoint(args, torch.device("cuda" if cuda else "cpu"))
+    accumulate = args.batch_size > args.micro_batch * world or bool(args.micro_tokens)
+    return cfg, plan(
+        cfg,
+        tokens=tokens,
+        world=world,
+        fsdp=args.fsdp and world > 1,
+        cuda=cuda,
+        authors=args.match_authors,
+        checkpointing=checkpointing,
+        ref_cfg=ref,
+        loss_chunk=args.loss_chunk,
+        accumulate=accumulate,
+    )
+
+
+def fits(parts, card):
+    return parts["total"] <= HEADROOM * card * GiB
+
+
+def what_fits(args, world, cuda, card):
+    """The switches, added one at a time in this order, that first bring the plan within `card` GB:
+    checkpointing,
+    the prior precomputed, FSDP2 over these processes, smaller micro-batches, then more GPUs under
+    FSDP2."""
+    tried, a, n = [], copy.copy(args), world
+    steps = [
+        ("grad_checkpoint", True, "--grad-checkpoint"),
+        ("prior", "precompute", "--prior precompute"),
+    ]
+    if n > 1:
+        steps.append(("fsdp", True, "--fsdp"))
+    a.grad_checkpoint = grad_checkpoint(a, torch.device("cuda" if cuda else "cpu"))
+    for key, value, flag in steps:
+        if getattr(a, key) != value and (key != "prior" or a.signal == "prior"):
+            setattr(a, key, value)
+            tried.append(flag)
+            if fits(run_plan(a, n, cuda)[1], card):
+                return " ".join(tried)
+    while (a.micro_tokens or a.max_len) > a.max_len or (not a.micro_tokens and a.micro_batch > 1):
+        if a.micro_tokens:
+            a.micro_tokens = max(a.micro_tokens // 2, a.max_len)
+        else:
+            a.micro_batch //= 2
+        if fits(run_plan(a, n, cuda)[1], card):
+            return " ".join(
+                tried
+                + [
+                    f"--micro-tokens {a.micro_tokens}"
+                    if a.micro_tokens
+                    else f"--micro-batch {a.micro_batch}"
+                ]
+            )
+    a.micro_batch, a.micro_tokens, a.fsdp = args.micro_batch, args.micro_tokens, True
+    while n < 64:
+        n *= 2
+        if fits(run_plan(a, n, cuda)[1], card):
+            return " ".join([t for t in tried if t != "--fsdp"] + [f"--fsdp on {n} GPUs"])
+    return None
+
+
+def describe(args, world, cuda):
+    cfg, parts = run_plan(args, world, cuda)
+    P = count_params(cfg)[0]
+    tokens = (
+        f"{args.micro_tokens:,} positions"
+        if args.micro_tokens
+        else f"{args.micro_batch} x {args.max_len:,} tokens"
+    )
+    how = (f"{world} processes, " + ("FSDP2" if args.fsdp else "DDP")) if world > 1 else "1 process"
+    precision = (
+        "bf16 weights (--match-authors)"
+        if args.match_authors
+        else ("bf16 autocast" + (", bf16 gathers" if args.fsdp and world > 1 else ""))
+        if cuda
+        else "float32"
+    )
+    ckpt = "on" if grad_checkpoint(args, torch.device("cuda" if cuda else "cpu")) else "off"
+    lines = [
+        f"memory plan per {'GPU' if cuda else 'process'}: {cfg.model_type}, "
+        f"{f'{P / 1e9:.2f}B' if P >= 1e9 else f'{P / 1e6:.1f}M' if P >= 1e6 else f'{P:,}'} "
+        "parameters, "
+        f"{cfg.num_layers} layers; {how}; {precision}; micro-batch {tokens}; activation "
+        f"checkpointing {ckpt}"
+    ]
+    unit, size = ("GiB", GiB) if parts["total"] >= GiB else ("MiB", 2**20)
+    lines += [f"  {k:<19}{v / size:8.2f} {unit}" for k, v in parts.items()]
+    for card in CARDS:
+        if fits(parts, card):
+            lines.append(f"  a {card} GB card: fits")
+        else:
+            fix = what_fits(args, world, cuda, card)
+            lines.append(
+                f"  a {card} GB card: does not fit; "
+                + (f"fits with {fix}" if fix else "not even on 64 GPUs")
+            )
+    return "\n".join(lines)
+
+
+def print_plan(args, device, is_demo):
+    """Every --model/--data run prints its plan first; --plan prints it alone and exits. The demo
+    has no plan, and
+    --inspect, which does not train, prints one only when asked."""
+    plan_only = vars(args).pop(
+        "plan"
+    )  # not part of the run: kept out of its args.json, so --resume DIR --plan plans
+    if is_demo and plan_only:
+        print(
+            "prift: error: --plan needs --model and --data (the plan is read from the "
+            "model's config.json)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    if is_demo or (args.inspect and not plan_only):
+        return
+    log(describe(args, dist_info()[1], device.type == "cuda"))
+    if plan_only:
+        raise SystemExit(0)

@@ -54,6 +54,7 @@ import data
 import prift
 from infra import memory
 from infra.distributed import autocast
+from infra.prior import cached_prior
 from model import GPT, Config
 
 try:  # imported before forking, so that no child pays for it
@@ -209,24 +210,19 @@ def synthetic_data(a):
     return [(torch.randint(a.vocab, (a.seq_len + 1,), generator=g).tolist(), 1) for _ in range(n)]
 
 
-def train_args(a, rule, prior, ckpt, cache):
-    _, args = prift.parse_args(
-        ["--rule", rule, "--prior", "inline" if prior == "inline" else "precompute"]
-    )
-    args.__dict__.update(
-        model=str(ckpt),
-        ref=str(ckpt),
-        cache=str(cache),
-        lr=5e-5,
-        batch_size=a.batch,
-        micro_batch=a.batch,
-        epochs=1,
-        max_steps=a.warmup + a.steps,
-        loss_chunk=None,
-        precision="bf16" if a.device == "cuda" else "fp32",
-    )
-    args = prift.settings(args)
-    return args
+def train_config(a, rule, **changes):
+    """The benchmark's training settings: the paper's optimiser, one micro-batch a step."""
+    sizes = dict(lr=5e-5, batch_size=a.batch, micro_batch=a.batch, max_steps=a.warmup + a.steps)
+    return prift.TrainConfig(rule=rule, **sizes | changes)
+
+
+def prior_in_cache(a, seqs, ckpt, cache, device, load=None):
+    """The prior of seqs, as a run computes and caches it (load: how the reference is loaded)."""
+    precision = "bf16" if a.device == "cuda" else "fp32"
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    load = load or (lambda: prift.load_reference(ckpt, device, dtype))
+    compute = lambda: prift.compute_prior(seqs, load, device, a.batch)
+    return cached_prior(seqs, ckpt, precision, cache, compute)
 
 
 class Meter:
@@ -265,37 +261,32 @@ class Meter:
 
 def run_ours(a, rule, prior_mode, ckpt, cache):
     device, seqs = torch.device(a.device), synthetic_data(a)
-    args = train_args(a, rule, prior_mode, ckpt, cache)
+    cfg = train_config(a, rule)
     meter = Meter(device)
     model = GPT.from_pretrained(ckpt, device=device)
     prior = ref = None
-    if args.signal == "prior" and prior_mode == "precompute":
-        prior = prift.compute_prior(
-            args, seqs, device
-        )  # made by run_prior; read from the cache here
-    elif args.signal == "prior":
-        ref = prift.load_reference(args, device)
-    prift.train(args, model, seqs, prior=prior, ref=ref)
+    if cfg.signal == "prior" and prior_mode == "precompute":  # made by run_prior; read back here
+        prior = prior_in_cache(a, seqs, ckpt, cache, device)
+    elif cfg.signal == "prior":
+        ref = prift.load_reference(ckpt, device, torch.bfloat16 if a.device == "cuda" else None)
+    prift.train(cfg, model, seqs, prior=prior, ref=ref)
     return meter.steps(a.warmup)
 
 
 def run_prior(a, ckpt, cache):
     """The one no-grad pass over the data that precomputes the prior (into the cache), per batch;
-    timed
-    without loading the reference, a fixed cost that would dominate the few batches here."""
+    timed without loading the reference, a fixed cost that would dominate the few batches here."""
     device, seqs = torch.device(a.device), synthetic_data(a)
-    args, load = train_args(a, "mass", "precompute", ckpt, cache), prift.load_reference
     meter = Meter(device)
 
-    def timed_load(*x):
+    def timed_load():
         meter.stamp()
-        ref = load(*x)
+        ref = prift.load_reference(ckpt, device, torch.bfloat16 if a.device == "cuda" else None)
         meter.stamp()
         return ref
 
-    prift.load_reference = timed_load  # in this child process only
     meter.stamp()
-    prift.compute_prior(args, seqs, device)
+    prior_in_cache(a, seqs, ckpt, cache, device, load=timed_load)
     meter.stamp()
     per_batch = lambda t: [(t[3] - t[0] - (t[2] - t[1])) * a.batch / len(seqs)]
     return dict(times=per_batch(meter.stamps), cpu=per_batch(meter.cpu), mem=meter.peak_mb())
@@ -398,13 +389,12 @@ def run_lengths(a, mode, ckpt):
         torch.device(a.device),
         real_length_seqs(a.len_batch * (a.warmup + a.steps), a.len_vocab),
     )
-    args = train_args(a, "sft", "-", ckpt, None)
-    args.batch_size, args.max_steps = a.len_batch, a.warmup + a.steps
+    cfg = train_config(a, "sft", batch_size=a.len_batch)
     data.micro_batches = lambda seqs, idx, *_, **__: micro_batches(
         a, mode, seqs, idx
     )  # in this child process only
     meter = Meter(device)
-    prift.train(args, GPT.from_pretrained(ckpt, device=device), seqs)
+    prift.train(cfg, GPT.from_pretrained(ckpt, device=device), seqs)
     tokens = sum(
         data.n_response_tokens(s) for s in seqs[a.len_batch * a.warmup :]
     )  # the timed steps' examples
@@ -420,10 +410,9 @@ def run_memory(a, checkpointing, ckpt):
     if a.device == "cpu":
         ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 2**20)
     device, seqs = torch.device(a.device), synthetic_data(a)
-    args = train_args(a, "sft", "-", ckpt, None)
-    args.grad_checkpoint = checkpointing
+    cfg = train_config(a, "sft", recompute=checkpointing)
     meter = Meter(device)
-    prift.train(args, GPT.from_pretrained(ckpt, device=device), seqs)
+    prift.train(cfg, GPT.from_pretrained(ckpt, device=device), seqs)
     return meter.steps(a.warmup)
 
 

@@ -17,16 +17,11 @@ never calls code a file names. The final model is written into OUT/final.tmp and
 renamed into OUT, the weights last: a kill or a full disk before that leaves a run that --resume
 trains again from its last checkpoint (from step 0 if it has none: training is deterministic) to the
 same weights. What a kill leaves half-written is removed on the next start. Nothing in OUT that
-prift did not write is deleted, and nothing is written through a link.
-
-    CACHE/prior/KEY.safetensors       the reference's (p, u) of every response token of a dataset: `stats`
-                                      (N, 2), and `offsets` (n_examples + 1,) where each example's
-                                      rows start (the last: N). A file that does not fit the data is
-                                      computed again.
+prift did not write is deleted, and nothing is written through a link. The prior's cache is
+infra/prior.py's.
 """
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -34,16 +29,14 @@ import pickle
 import re
 import shutil
 import signal
-from array import array
-from itertools import accumulate
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from infra.cli import COUNT
+from infra.argtypes import COUNT
 from infra.distributed import (
+    all_reduce,
     dist_info,
     full_state_dict,
     load_optimizer_state_dict,
@@ -52,6 +45,41 @@ from infra.distributed import (
 )
 from infra.rundir import STEP, TEMPORARY, file_sha256, lock, not_ours
 from model import CheckpointError
+
+
+class Run:
+    """What the training loop keeps of a run, as four calls: restore (the state to start from),
+    record (a step's metrics), checkpoint (every save_every steps, and on a signal), and interrupts
+    (SIGINT and SIGTERM, which stop the loop after the current step). Run() keeps nothing: train()
+    in a test or a benchmark."""
+
+    def __init__(self, out=None, save_every=0, resume_state=None):
+        self.out, self.save_every, self.resume_state = out, save_every, resume_state
+        self.signal = None  # while interrupts() holds: its flag, whose signum a handler sets
+
+    def restore(self, model, opt):
+        return restore(model, opt, self.resume_state)
+
+    @contextlib.contextmanager
+    def interrupts(self):
+        with interrupts() as self.signal:
+            yield
+
+    def record(self, row, state, bar):
+        record_step(self.out, row, bar)
+        stop_if_diverged(state, self.out)
+
+    def checkpoint(self, model, opt, state, total):
+        device = next(model.parameters()).device
+        flag = torch.tensor([self.signal.signum if self.signal else 0], device=device)
+        signum = int(all_reduce(flag, op="max").item())  # a signal to one rank stops them all
+        due = self.save_every and state["step"] % self.save_every == 0 and state["step"] < total
+        if self.out and (signum or due):
+            save(model, opt, state, self.out)
+        if signum:
+            log(f"stopped by signal {signum} at step {state['step']}; resume with: "
+                f"python prift.py --resume {self.out}")  # fmt: skip
+            raise SystemExit(128 + signum)
 
 
 def save(model, opt, state, out):
@@ -140,17 +168,17 @@ def latest(out):
     )
 
 
-def restore(model, opt, start):
-    """The training loop's state: new, or with `start` (what save() wrote) the optimizer, the loop's
+def restore(model, opt, resume_state):
+    """The training loop's state: new, or with resume_state (what save() wrote) the optimizer, the loop's
     counters
     and the random-number states as they were."""
     state = {"step": 0, "skipped": 0, "bad_in_row": 0, "kept_sum": 0.0}
-    if start:
-        load_optimizer_state_dict(model, opt, start["optimizer"])
-        state.update(start["state"])
-        torch.set_rng_state(start["rng"])
-        if start.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(start["cuda_rng"])
+    if resume_state:
+        load_optimizer_state_dict(model, opt, resume_state["optimizer"])
+        state.update(resume_state["state"])
+        torch.set_rng_state(resume_state["rng"])
+        if resume_state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(resume_state["cuda_rng"])
     return state
 
 
@@ -306,8 +334,9 @@ def truncate_metrics(path, step):
             return math.inf
 
     if dist_info()[0] == 0 and path.exists():
-        rows = [l for l in path.read_text(errors="replace").splitlines() if step_of(l) <= step]
-        path.with_suffix(".tmp").write_text("".join(l + "\n" for l in rows))
+        lines = path.read_text(errors="replace").splitlines()
+        rows = [line for line in lines if step_of(line) <= step]
+        path.with_suffix(".tmp").write_text("".join(line + "\n" for line in rows))
         os.replace(path.with_suffix(".tmp"), path)
 
 
@@ -343,76 +372,3 @@ def record_step(out, row, bar):
             f.write(json.dumps(row) + "\n")
     bar.update()
     bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kept=f"{row['kept']:.2f}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The prior's cache
-
-
-def prior_path(args, seqs):
-    """A file name that changes when the reference's weights, the tokenised data or the dtype do. A
-    file there that
-    does not fit the data (a damaged or crafted cache) is said in one line and removed, to be
-    computed again."""
-    key = hashlib.sha256()
-    ref = Path(args.ref)
-    for f in sorted(ref.glob("*.safetensors")) + [ref / "config.json"]:
-        st = f.stat()
-        key.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    key.update(f"prior-v2:{args.precision};".encode())
-    for ids, n_prompt in seqs:  # the token ids themselves (4x faster than hashing them as JSON)
-        key.update(array("q", [n_prompt, len(ids), *ids]).tobytes())
-    path = Path(args.cache) / "prior" / f"{key.hexdigest()[:20]}.safetensors"
-    if path.exists() and (problem := prior_problem(path, seqs)):
-        log(f"prior: the cached {path} does not fit the data ({problem}); computing it again")
-        path.unlink(missing_ok=True)
-    return path
-
-
-def prior_problem(path, seqs):
-    """What is wrong with a cached prior for these examples (n_i response tokens each), or None."""
-    try:
-        f = load_file(path)
-    except Exception as e:  # safetensors raises several kinds for a damaged file
-        return f"not readable: {str(e).splitlines()[0][:100]}"
-    counts = [len(ids) - max(n_prompt, 1) for ids, n_prompt in seqs]
-    stats, offsets = f.get("stats"), f.get("offsets")
-    if (
-        set(f) != {"stats", "offsets"}
-        or stats.dtype != torch.float32
-        or stats.shape != (sum(counts), 2)
-    ):
-        return f"expected stats of shape ({sum(counts)}, 2) and offsets"
-    if offsets.dtype != torch.int64 or offsets.tolist() != [0, *accumulate(counts)]:
-        return "its offsets are not the examples' response tokens"
-    if not (torch.isfinite(stats).all() and stats.min() >= 0 and stats.max() <= 1.001):
-        return "values that are not probabilities: NaN, inf, or outside [0, 1]"
-    return None
-
-
-def save_prior(path, prior):
-    """prior: a list of (n_i, 2) tensors, one per example (written by rank 0). Written under a name
-    of this
-    process's own (runs on the same data may compute it at once), then renamed into place."""
-    if dist_info()[0] != 0:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for old in path.parent.glob(
-        f"{path.stem}.*.tmp"
-    ):  # left by a killed process that computed the same prior
-        with contextlib.suppress(ValueError, ProcessLookupError):
-            os.kill(int(old.name.split(".")[1]), 0)
-            continue
-        old.unlink(missing_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-    offsets = torch.tensor([0] + [len(stats) for stats in prior]).cumsum(0)
-    save_file({"stats": torch.cat(prior).contiguous(), "offsets": offsets}, tmp)
-    os.replace(tmp, path)
-    log(f"prior: computed for {offsets[-1]} response tokens, saved to {path}")
-
-
-def load_prior(path):
-    log(f"prior: reusing {path}")
-    f = load_file(path)
-    o = f["offsets"].tolist()
-    return [f["stats"][a:b] for a, b in zip(o, o[1:])]

@@ -9,10 +9,11 @@ report compares the base model and each rule on the new task (greedy, Avg@8, Pas
 phrasings (retention) and on how often a wrong answer shown in training comes back; then one
 demonstration with the tokens the rule drops.
 
-prift.py imports this file and passes itself in (`prift`), so that the demo trains through the very
-same loop.
+It trains through prift.train, the very loop of a real run.
 """
 
+import argparse
+import dataclasses
 import difflib
 import json
 import os
@@ -24,12 +25,13 @@ from pathlib import Path
 import torch
 
 import data
+import prift
 from infra import checkpoint, evaluate, inspection, report
-from infra.cli import FRACTION, POSITIVE
+from infra.argtypes import FRACTION, POSITIVE, train_config
 from infra.distributed import log
+from infra.prior import prior_of
 from model import GPT, Config
 
-RULES = ["sft", "dft", "prob", "mass", "profit", "uniform", "random"]
 DEFAULTS = dict(
     lr=3e-4,
     batch_size=16,
@@ -162,7 +164,7 @@ def tokenizer(texts, vocab_size=200):
 # The base model, pretrained here once, and the data
 
 
-def base_model(args, device, prift):
+def base_model(args, device):
     """The demo's pretrained model: made once (about two minutes), then reused from the cache."""
     base = Path(args.cache) / "demo-base"
     if (base / "model.safetensors").exists() and not args.rebuild_base:
@@ -191,20 +193,9 @@ def base_model(args, device, prift):
     seqs, _ = data.Template(tok, "plain", "<|endoftext|>").encode(
         [data.parse_example(r, "corpus") for r in rows], 256
     )
-    prift.train(
-        prift.settings(
-            args,
-            rule="sft",
-            lr=3e-3,
-            batch_size=32,
-            micro_batch=32,
-            seed=1234,
-            save_every=0,
-            max_steps=args.demo_pretrain_steps,
-        ),
-        model,
-        seqs,
-    )
+    pretraining = prift.TrainConfig(rule="sft", lr=3e-3, batch_size=32, micro_batch=32, seed=1234,
+                                     max_steps=args.demo_pretrain_steps)  # fmt: skip
+    prift.train(pretraining, model, seqs)
     tmp = base.with_name("demo-base.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -319,17 +310,18 @@ def mean_and_spread(runs, rule):
     return mean
 
 
-def run(args, device, prift):
+def run(args, device):
     """The demo: the base model, the prior once, each rule (and seed) fine-tuned from the same base
     on the same
     data in the same order, the table, and one demonstration as the rule trains it."""
-    base = base_model(args, device, prift)
-    args.model, args.ref, args.template, out = str(base), str(base), "plain", args.out
+    base = base_model(args, device)
+    # the demo's own model and template, in a copy of the settings (the parsed ones stay as given)
+    args = argparse.Namespace(**{**vars(args), "model": str(base), "ref": str(base),
+                                 "template": "plain"})  # fmt: skip
+    out = args.out
     if args.inspect:  # the prior's view of the demonstrations, no training
         rows = task(200, args.seed + 1, args.demo_noise, args.demo_noise_kind)
-        return inspection.inspect(
-            args, device, prift, [data.parse_example(r, "demo") for r in rows]
-        )
+        return inspection.inspect(args, device, [data.parse_example(r, "demo") for r in rows])
     checkpoint.prepare_out(args, None)
     paths = write_data(args, out)
     sets = {
@@ -338,8 +330,8 @@ def run(args, device, prift):
     }
     template = data.Template.load(base, "plain")
     seqs, _ = template.encode(sets["train"], args.max_len)
-    rules = RULES if args.rule == "all" else [args.rule]
-    prior = prift.compute_prior(args, seqs, device)
+    rules = list(prift.RULES) if args.rule == "all" else [args.rule]
+    prior = prior_of(args, seqs, device)
     flat = torch.cat(prior)
     control = {
         "uniform": flat[:, 0].mean().item(),
@@ -350,13 +342,12 @@ def run(args, device, prift):
     for seed in range(args.seed, args.seed + args.seeds):
         for rule in rules:
             # one rule: as the command line gave it; --rule all: each rule with its own signal and
-            # threshold
-            a = (
-                prift.settings(args, seed=seed)
-                if rule == args.rule
-                else prift.settings(args, rule=rule, seed=seed)
+            # threshold. The controls' weight and keep rate: the prior's mean p and kept fraction
+            cfg = train_config(
+                args, **(dict(seed=seed) if rule == args.rule else dict(rule=rule, seed=seed))
             )
-            a.threshold = control[rule] if rule in control and a.threshold is None else a.threshold
+            if rule in control and cfg.threshold is None:
+                cfg = dataclasses.replace(cfg, threshold=control[rule])
             model = GPT.from_pretrained(base, device=device)
             run_dir = (
                 out / "runs" / f"{rule}-seed{seed}" if args.seeds > 1 or len(rules) > 1 else out
@@ -365,10 +356,15 @@ def run(args, device, prift):
             if run_dir != out:  # its own arguments, for its report and the comparison page
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "args.json").write_text(
-                    json.dumps({**vars(a), "data": str(paths["train"])}, indent=1, default=str)
+                    json.dumps(
+                        {**vars(args), **vars(cfg), "data": str(paths["train"])},
+                        indent=1,
+                        default=str,
+                    )
                 )
+            run = checkpoint.Run(run_dir, args.save_every)
             state = prift.train(
-                a, model, seqs, prior=prior if a.signal == "prior" else None, out=run_dir
+                cfg, model, seqs, prior=prior if cfg.signal == "prior" else None, run=run
             )
             res = metrics(args, model, template, sets)
             report.run_report(
@@ -390,7 +386,7 @@ def run(args, device, prift):
         report.compare(dirs, out / "compare.html")
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps(runs, indent=1))
-    shown = prift.settings(args, rule="mass") if args.rule == "all" else args
+    shown = train_config(args, rule="mass") if args.rule == "all" else train_config(args)
     threshold = (
         control[shown.rule]
         if shown.rule in control and shown.threshold is None

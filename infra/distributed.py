@@ -42,14 +42,6 @@ def autocast(device):
     )
 
 
-def grad_checkpoint(args, device):
-    """--grad-checkpoint / --no-grad-checkpoint; by default on with CUDA (the paper's recipe does
-    not fit a GPU
-    without it, see README), off on the CPU (the demo and the tests, whose memory is not the
-    limit)."""
-    return device.type == "cuda" if args.grad_checkpoint is None else args.grad_checkpoint
-
-
 def fsdp_policy(device):
     """FSDP2's precision on CUDA: blocks all-gathered in bfloat16 (half the bytes of float32, and
     what autocast would compute in anyway), gradients reduce-scattered in float32, the sharded
@@ -62,19 +54,18 @@ def fsdp_policy(device):
     return MixedPrecisionPolicy()
 
 
-def wrap_distributed(args, model, ref=None):
-    """Activation checkpointing of every block as asked; then DDP, or with --fsdp, FSDP2 (one unit
-    per transformer block, and the root) for the model, in place, and for the frozen reference of
-    --prior inline the same way.
-    Build the optimizer after this."""
+def wrap_distributed(model, ref=None, fsdp=False, recompute=None):
+    """Activation checkpointing of every block (recompute; None: on with CUDA, where the paper's
+    recipe does not fit a GPU without it, off on the CPU, where memory is not the limit); then DDP,
+    or with fsdp, FSDP2 (one unit per transformer block, and the root) for the model, in place, and
+    for the frozen reference of --prior inline the same way. Build the optimizer after this."""
     device = next(model.parameters()).device
-    for block in (
-        model.model.layers
-    ):  # before fully_shard, so that each unit's gathers wrap its recomputation
-        block.recompute = grad_checkpoint(args, device)
+    # before fully_shard, so that each unit's gathers wrap its recomputation
+    for block in model.model.layers:
+        block.recompute = device.type == "cuda" if recompute is None else recompute
     if not dist.is_initialized():
         return model
-    if args.fsdp:
+    if fsdp:
         from torch.distributed.fsdp import fully_shard
 
         policy = fsdp_policy(device)

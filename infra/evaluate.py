@@ -27,16 +27,16 @@ import threading
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import data
+import prift
 from data import (
     extract_answer,
 )  # the final answer of a response; data.py finds gold answers in solutions with it
-from infra.cli import COUNT, POSITIVE, SAMPLES, Parser, existing, number
+from infra.argtypes import COUNT, POSITIVE, SAMPLES, Parser, existing, number
 from infra.distributed import autocast, dist_info, init_from_env, log, progress
 from infra.generate import generate
-from model import GPT, CheckpointError, logits_chunk
+from model import GPT, CheckpointError
 
 # The authors' evaluation prompt (Qwen2.5-Math's "qwen-boxed"), {input} the problem as the benchmark
 # states it
@@ -166,23 +166,18 @@ def sample(args, model, template, examples, k, temperature, max_new, rows_per_ba
 
 
 @torch.no_grad()
+@torch.no_grad()
 def heldout_ce(model, seqs, micro_batch):
-    """Mean cross-entropy over the response tokens of held-out examples (batched by length; logits
-    made a few
-    rows at a time)."""
+    """Mean cross-entropy over the response tokens of held-out examples (batched by length; the
+    logits a few rows at a time, by the loss's own chunked head)."""
     device, total, count = next(model.parameters()).device, 0.0, 0
-    rows = logits_chunk(model.config.vocab_size)
-    for batch in data.length_batches(
-        seqs, sorted(range(len(seqs)), key=lambda i: len(seqs[i][0])), micro_batch
-    ):
+    by_length = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    for batch in data.length_batches(seqs, by_length, micro_batch):
         x, y, m = (t.to(device) for t in data.collate([seqs[i] for i in batch]))
         with autocast(device):
-            h, y = model(x, hidden_only=True)[m], y[m]  # (N, C), (N,): the response positions only
-            for r in range(0, len(y), rows):
-                total += F.cross_entropy(
-                    model.lm_head(h[r : r + rows]).float(), y[r : r + rows], reduction="sum"
-                ).item()
-        count += len(y)
+            h = model(x, hidden_only=True)[m]  # (N, C): the response positions only
+            total += float(prift.chunked_loss(h, model.lm_head, y[m], "sft").ce)
+        count += int(m.sum())
     return total / max(count, 1)
 
 
@@ -403,9 +398,9 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--seed", type=int, default=0)
     add_arguments(parser, prefix="")
-    args = parser.parse_args(argv)
-    for key, value in PAPER.items():
-        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    given = vars(parser.parse_args(argv))
+    # the paper's settings where none is given, in a new namespace (the parsed one stays as given)
+    args = argparse.Namespace(**{**given, **{k: v for k, v in PAPER.items() if given[k] is None}})
     if args.eval_samples == 0:
         parser.error("argument --samples: must be positive, got 0")
     out = Path(args.out)
@@ -427,10 +422,9 @@ def main(argv=None):
         model = GPT.from_pretrained(
             args.model, dtype=torch.bfloat16 if device.type == "cuda" else None, device=device
         )
-        args.max_len, args.micro_batch = (
-            model.config.max_positions,
-            4,
-        )  # the cross-entropy of reference solutions
+        # the cross-entropy of reference solutions: as long as the model reads, 4 at a time
+        args = argparse.Namespace(**{**vars(args), "max_len": model.config.max_positions,
+                                     "micro_batch": 4})  # fmt: skip
         sets = {
             path: data.read_jsonl(path, "answer", args.max_len) for path in args.data
         }  # all checked before the first runs

@@ -66,6 +66,127 @@ def eos_field(d):
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # as safetensors headers name them
 
 
+def config_fields(d, families):
+    """model.Config's fields from a config.json's dict (families: the supported model types), each
+    checked for type and range before anything is built; a CheckpointError names the field."""
+    mt = d.get("model_type")
+    if not isinstance(mt, str) or mt not in families:
+        raise CheckpointError(
+            f"model_type {mt!r} is not supported; supported families: {', '.join(families)}"
+        )
+    common = dict(
+        vocab_size=field(d, "vocab_size", int, 1, 2**24),
+        tie_word_embeddings=field(d, "tie_word_embeddings", bool, default=mt == "gpt2"),
+        initializer_range=field(d, "initializer_range", float, 0, 10, default=0.02),
+        eos_token_id=eos_field(d),
+    )
+    if mt == "gpt2":
+        if d.get("activation_function", "gelu_new") not in (
+            "gelu_new",
+            "gelu_pytorch_tanh",
+        ) or d.get("scale_attn_by_inverse_layer_idx"):
+            raise CheckpointError(
+                "this GPT-2 variant (activation or attention scaling) is not supported"
+            )
+        C, H = field(d, "n_embd", int, 1, 2**17), field(d, "n_head", int, 1, 2**12)
+        if C % H:
+            raise CheckpointError(f"n_embd {C} is not a multiple of n_head {H}")
+        return dict(
+            model_type=mt,
+            hidden_size=C,
+            num_layers=field(d, "n_layer", int, 1, MAX_LAYERS),
+            num_heads=H,
+            num_kv_heads=H,
+            head_dim=C // H,
+            intermediate_size=field(d, "n_inner", int, 1, 2**20, default=4 * C),
+            max_positions=field(d, "n_positions", int, 1, 2**24),
+            norm_eps=field(d, "layer_norm_epsilon", float, 1e-30, 1),
+            **common,
+        )
+    if d.get("use_sliding_window"):
+        raise CheckpointError(
+            "sliding-window attention (use_sliding_window: true) is not supported"
+        )
+    if d.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"hidden_act {d['hidden_act']!r} is not supported (only silu)")
+    # transformers 5.x writes rope_parameters; 4.x writes rope_theta and rope_scaling at top
+    # level
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"rope_parameters / rope_scaling is {rope!r}, not an object")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise CheckpointError(f"rope type {rope_type!r} is not supported (default and llama3 are)")
+    if (
+        rope_type == "llama3"
+    ):  # the band between low and high frequency factors is blended: they must differ
+        rope = dict(
+            rope,
+            factor=field(rope, "factor", float, 1e-6, 1e6),
+            original_max_position_embeddings=field(
+                rope, "original_max_position_embeddings", int, 1, 2**24
+            ),
+            low_freq_factor=field(rope, "low_freq_factor", float, 1e-6, 1e6),
+            high_freq_factor=field(rope, "high_freq_factor", float, 1e-6, 1e6),
+        )
+        if rope["high_freq_factor"] <= rope["low_freq_factor"]:
+            raise CheckpointError("rope high_freq_factor must be above low_freq_factor")
+    C, H = (
+        field(d, "hidden_size", int, 1, 2**17),
+        field(d, "num_attention_heads", int, 1, 2**12),
+    )
+    K = field(d, "num_key_value_heads", int, 1, H, default=H)
+    head_dim = field(d, "head_dim", int, 2, 2**12, default=C // H if C % H == 0 else None)
+    if H % K or head_dim % 2:
+        raise CheckpointError(
+            f"num_attention_heads {H} is not a multiple of num_key_value_heads {K}, or "
+            "head_dim "
+            f"{head_dim} is odd"
+        )
+    return dict(
+        model_type=mt,
+        hidden_size=C,
+        num_layers=field(d, "num_hidden_layers", int, 1, MAX_LAYERS),
+        num_heads=H,
+        num_kv_heads=K,
+        head_dim=head_dim,
+        intermediate_size=field(d, "intermediate_size", int, 1, 2**20),
+        max_positions=field(d, "max_position_embeddings", int, 1, 2**24, default=2048),
+        norm_eps=field(d, "rms_norm_eps", float, 1e-30, 1),
+        rope_theta=field(
+            rope,
+            "rope_theta",
+            float,
+            1e-6,
+            1e12,
+            default=field(d, "rope_theta", float, 1e-6, 1e12, default=10000.0),
+        ),
+        rope_scaling=rope if rope_type == "llama3" else None,
+        attention_bias=field(d, "attention_bias", bool, default=False),
+        **common,
+    )
+
+
+def read_config(path):
+    """The dict of a checkpoint directory's config.json; a CheckpointError says what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path} is not a directory; pass a Hugging Face checkpoint directory"
+        )
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{path} has no config.json (a regular file); pass a Hugging Face checkpoint directory"
+        )
+    try:
+        d = json.loads((path / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({str(e).split(';')[0]})")
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path / 'config.json'} is not a JSON object")
+    return d
+
+
 def weight_files(path):
     """The safetensors files of a checkpoint directory: model.safetensors, or those its index's
     weight_map names. An index entry must be a relative name without '..' of a regular file: the

@@ -23,16 +23,17 @@ from collections import Counter
 from pathlib import Path
 
 import data
+import prift
 from infra import checkpoint
 from infra.distributed import log
+from infra.prior import prior_of
 from infra.report import PAGE
 
 
-def inspect(args, device, prift, examples):
+def inspect(args, device, examples):
     """--inspect: for `examples` (as data.read_jsonl gives them), the prior computed as training
     would (the same cache), each token's weight under the rule, the two files in --out and a
-    summary. prift.py passes itself in
-    (it imports this file)."""
+    summary."""
     if prift.RULES[args.rule].signal is None:
         raise data.DataError(
             f"--rule {args.rule} gives every token a weight without reading the prior, so "
@@ -41,7 +42,7 @@ def inspect(args, device, prift, examples):
         )
     template = data.Template.load(args.model, args.template)
     seqs, _ = template.encode(examples, args.max_len)
-    prior = prift.compute_prior(args, seqs, device)
+    prior = prior_of(args, seqs, device)
     weights = [
         prift.weights_from_stats(args.rule, stats[:, 0], stats[:, 1], args.threshold)
         for stats in prior

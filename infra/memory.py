@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from infra.distributed import dist_info, grad_checkpoint, log
+from infra.distributed import dist_info, log
 from model import GPT, Config, logits_chunk
 
 GiB = 2**30
@@ -206,6 +206,11 @@ def plan(
     return parts
 
 
+def recompute(grad_checkpoint, cuda):
+    """--grad-checkpoint / --no-grad-checkpoint; by default on with CUDA, off on the CPU."""
+    return cuda if grad_checkpoint is None else grad_checkpoint
+
+
 def run_plan(args, world, cuda):
     """The plan of this run's arguments."""
     cfg = Config.load(args.model)
@@ -215,7 +220,7 @@ def run_plan(args, world, cuda):
         if args.micro_tokens
         else args.micro_batch * args.max_len
     )
-    checkpointing = grad_checkpoint(args, torch.device("cuda" if cuda else "cpu"))
+    checkpointing = recompute(args.grad_checkpoint, cuda)
     accumulate = args.batch_size > args.micro_batch * world or bool(args.micro_tokens)
     return cfg, plan(
         cfg,
@@ -247,7 +252,7 @@ def what_fits(args, world, cuda, card):
     ]
     if n > 1:
         steps.append(("fsdp", True, "--fsdp"))
-    a.grad_checkpoint = grad_checkpoint(a, torch.device("cuda" if cuda else "cpu"))
+    a.grad_checkpoint = recompute(a.grad_checkpoint, cuda)
     for key, value, flag in steps:
         if getattr(a, key) != value and (key != "prior" or a.signal == "prior"):
             setattr(a, key, value)
@@ -292,7 +297,7 @@ def describe(args, world, cuda):
         if cuda
         else "float32"
     )
-    ckpt = "on" if grad_checkpoint(args, torch.device("cuda" if cuda else "cpu")) else "off"
+    ckpt = "on" if recompute(args.grad_checkpoint, cuda) else "off"
     lines = [
         f"memory plan per {'GPU' if cuda else 'process'}: {cfg.model_type}, "
         f"{f'{P / 1e9:.2f}B' if P >= 1e9 else f'{P / 1e6:.1f}M' if P >= 1e6 else f'{P:,}'} "
@@ -314,13 +319,9 @@ def describe(args, world, cuda):
     return "\n".join(lines)
 
 
-def print_plan(args, device, is_demo):
+def print_plan(args, device, is_demo, plan_only):
     """Every --model/--data run prints its plan first; --plan prints it alone and exits. The demo
-    has no plan, and
-    --inspect, which does not train, prints one only when asked."""
-    plan_only = vars(args).pop(
-        "plan"
-    )  # not part of the run: kept out of its args.json, so --resume DIR --plan plans
+    has no plan, and --inspect, which does not train, prints one only when asked."""
     if is_demo and plan_only:
         print(
             "prift: error: --plan needs --model and --data (the plan is read from the "

@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from infra.cli import Parser
+from infra.argtypes import Parser
 
 CURVES = {
     "loss": "loss: the rule's weighted cross-entropy, nats per response token",

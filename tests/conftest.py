@@ -18,6 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so that `import model` works
+sys.path.insert(0, str(ROOT / "tests" / "tools"))  # the tools the tests use (browser_check, ...)
 # and so that the command lines the tests start (`python -m infra.evaluate`, ...) find the package
 # from any cwd
 os.environ["PYTHONPATH"] = os.pathsep.join(

@@ -14,7 +14,7 @@ import torch
 from tiny import ROOT, assert_some_kept, make_checkpoint, make_data
 
 import data
-import prift
+from infra import cli
 
 
 def lengths_seqs(lengths, vocab=100, seed=0):
@@ -92,7 +92,7 @@ ARGS = ["--batch-size", 8, "--micro-batch", 2, "--epochs", 2, "--lr", 1e-3, "--s
 
 
 def run_in_process(root, ckpt, name, monkeypatch, *extra, by_length=True):
-    """prift.main in this process; by_length=False cuts micro-batches in the batch's random order,
+    """infra.cli.main in this process; by_length=False cuts micro-batches in the batch's random order,
     as before.
     """
     cut = data.micro_batches
@@ -113,7 +113,7 @@ def run_in_process(root, ckpt, name, monkeypatch, *extra, by_length=True):
         *ARGS,
         *extra,
     ]
-    assert prift.main([str(x) for x in argv]) == 0
+    assert cli.main([str(x) for x in argv]) == 0
     monkeypatch.setattr(data, "micro_batches", cut)
     return read_run(root / name)
 

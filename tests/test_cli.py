@@ -4,7 +4,7 @@ trains, the chat templates put the mask boundary in the right place, and bad dat
 one line and exit 2.
 
 Two runs go through a real subprocess (tests/tiny.py run_cli: exit codes, stderr, no traceback); the
-rule matrix calls prift.main(argv) in this process, the same code path from argument parsing to the
+rule matrix calls cli.main(argv) in this process, the same code path from argument parsing to the
 saved
 model, because a fresh Python process with torch takes 10 s or more on a loaded 2-core machine."""
 
@@ -18,7 +18,7 @@ from tiny import assert_some_kept, make_checkpoint, make_data, run_cli
 
 import data
 import prift
-from infra import demo
+from infra import cli, demo
 from model import GPT, Config
 
 CHAT_TOKENS = [
@@ -101,7 +101,7 @@ def common(env, out, steps=2):
 
 
 def main(argv):
-    return prift.main([str(a) for a in argv])
+    return cli.main([str(a) for a in argv])
 
 
 def check_run_dir(out, steps, rule):

@@ -16,12 +16,14 @@ import subprocess
 import sys
 
 import pytest
+import tiny
 import torch
 from conftest import FAMILIES, VOCAB, load_hf, make_hf_checkpoint
 from tiny import ROOT, make_checkpoint, make_data, run_cli
 
 import data
 import prift
+from infra import cli as prift_cli
 from infra.generate import generate
 from model import GPT
 
@@ -108,14 +110,14 @@ def test_precomputed_and_inline_prior(work):
     to bfloat16's
     precision; the 0/1 weights agree wherever u is not within that of tau; the runs' losses
     agree."""
-    args = prift.settings(prift.parse_args(["--rule", "mass"])[1])
+    args = tiny.settings(prift_cli.parse_args(["--rule", "mass"])[1])
     args.__dict__.update(
         ref=str(work / "model"), cache=str(work / "cache"), precision="bf16", micro_batch=4
     )
     seqs, _ = data.Template.load(work / "model", "auto").encode(
         data.read_jsonl(work / "train.jsonl"), 128
     )
-    prior, ref = prift.compute_prior(args, seqs, CUDA), prift.load_reference(args, CUDA)
+    prior, ref = tiny.compute_prior(args, seqs, CUDA), tiny.load_reference(args, CUDA)
     flips = border = total = 0
     for step in range(5):
         idx = prift.batch_order(len(seqs), 8, step, 0)

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from tiny import ROOT
 
+from infra import cli
+
 TRAIN = [
     "--batch-size",
     "8",
@@ -223,10 +225,9 @@ def group_of_one(tmp_path, monkeypatch):
 def in_process(work, tmp_path, *argv):
     """(args, seqs) as prift.py's main() makes them for the tied checkpoint and the training data."""
     import data
-    import prift
 
     ckpt = work / "tied"
-    p, args = prift.parse_args(
+    p, args = cli.parse_args(
         [
             "--model",
             str(ckpt),
@@ -241,9 +242,7 @@ def in_process(work, tmp_path, *argv):
             *map(str, argv),
         ]
     )
-    prift.check_args(p, args)
-    args = prift.settings(args)
-    args.precision = "fp32"
+    args, _ = cli.check_args(p, args, torch.device("cpu"))
     seqs, _ = data.Template.load(ckpt, "auto").encode(data.read_jsonl(args.data), 128)
     return args, seqs
 
@@ -273,7 +272,7 @@ def test_ddp_all_reduces_once_per_step(work, tmp_path, monkeypatch, group_of_one
 
         monkeypatch.setattr(prift, "wrap_distributed", spy)
         args, seqs = in_process(work, tmp_path, "--rule", "sft", "--micro-batch", micro_batch)
-        prift.train(args, GPT.from_pretrained(work / "tied"), seqs)
+        tiny.train(args, GPT.from_pretrained(work / "tied"), seqs)
         return calls
 
     once = all_reduces(8)
@@ -321,8 +320,8 @@ def test_fsdp_in_one_process(work, tmp_path, monkeypatch, group_of_one):
     )
     out = tmp_path / "out"
     out.mkdir()
-    model, ref = GPT.from_pretrained(work / "tied"), prift.load_reference(args, "cpu")
-    prift.train(args, model, seqs, ref=ref, out=out)
+    model, ref = GPT.from_pretrained(work / "tied"), tiny.load_reference(args, "cpu")
+    tiny.train(args, model, seqs, ref=ref, out=out)
     assert False not in calls, calls
     blocks = [p for layer in ref.model.layers for p in layer.parameters()]
     assert blocks and all(isinstance(p, DTensor) for p in blocks), (
@@ -333,11 +332,11 @@ def test_fsdp_in_one_process(work, tmp_path, monkeypatch, group_of_one):
     ckpt = out / "checkpoints" / "latest"
     assert ckpt.resolve().name == "step-0000001"
     again = GPT.from_pretrained(ckpt)
-    prift.train(
+    tiny.train(
         args,
         again,
         seqs,
-        ref=prift.load_reference(args, "cpu"),
+        ref=tiny.load_reference(args, "cpu"),
         out=out,
         start=torch.load(ckpt / "trainer.pt", weights_only=True),
     )

@@ -14,7 +14,7 @@ from conftest import load_hf
 
 import data
 from infra import evaluate
-from prift import main
+from infra.cli import main
 
 # ----------------------------------------------------------------------------------------------------
 # The evaluation sets, in the layouts they ship in (a few rows each)

@@ -3,7 +3,7 @@ a user has is lost. Every case is refused with exit code 2 and one line `prift: 
 traceback), writing and deleting nothing, or it succeeds (exit 0) and what was trained is kept: the
 final weights equal, bit for bit, those of a run nobody disturbed.
 
-Most cases run `prift.main(argv)` in this process (what `python prift.py ARGV` runs); those that
+Most cases run `cli.main(argv)` in this process (what `python prift.py ARGV` runs); those that
 need a
 second process, a file-size limit or a peak-memory figure run the real command line."""
 
@@ -35,7 +35,7 @@ from tiny import (
 )
 
 import prift
-from infra import checkpoint, evaluate, rundir
+from infra import checkpoint, cli, evaluate, rundir
 from model import GPT
 
 SHORT = dict(batch_size=4, micro_batch=2, max_len=64, max_steps=2, rule="sft")
@@ -52,7 +52,7 @@ def w(tmp_path, assets):
     return Work(tmp_path, assets, **SHORT)
 
 
-def refused(argv, root, capsys, *fragments, entry=prift.main, prog="prift"):
+def refused(argv, root, capsys, *fragments, entry=cli.main, prog="prift"):
     """argv is refused: exit code 2, one line holding every fragment, nothing under root written or
     removed.
     """
@@ -80,7 +80,7 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def cli(argv, limit_bytes=None):
+def cli_process(argv, limit_bytes=None):
     """`python prift.py ARGV` in a fresh process, optionally with files limited to limit_bytes
     (writes past it
     fail as on a full disk). Returns (exit code, stderr, resource usage: ru_maxrss the peak memory
@@ -235,7 +235,7 @@ def test_a_full_disk_and_a_huge_line(w, capsys):
     200 MB line with
     --max-len 64 is refused naming it, at a peak memory within 2x of that run on short lines."""
     whole = w.finished(out=w.root / "whole")
-    rc, err, usage = cli(w.argv(), limit_bytes=40_000)
+    rc, err, usage = cli_process(w.argv(), limit_bytes=40_000)
     assert (w.ck / "model.safetensors").stat().st_size > 40_000
     assert rc == 2 and "writing the final model" in one_error_line(err) and "--resume" in err
     assert not [p for p in w.out.rglob("*.tmp")] and not (w.out / "model.safetensors").exists()
@@ -248,7 +248,7 @@ def test_a_full_disk_and_a_huge_line(w, capsys):
         f.write(b'{"prompt": "')
         f.seek(200 * 2**20, os.SEEK_CUR)
         f.write(b'", "response": "x"}\n')
-    rc_long, err_long, usage_long = cli(w.argv(data=long, out=w.root / "long"))
+    rc_long, err_long, usage_long = cli_process(w.argv(data=long, out=w.root / "long"))
     assert (
         rc_long == 2
         and f"long.jsonl:{len(w.data.read_text().splitlines()) + 1}" in one_error_line(err_long)
@@ -264,7 +264,9 @@ def test_one_process_per_run(w):
     rundir.lock(out)
     try:
         before = snapshot(w.root)
-        rc, err, _ = cli(["--resume", out])  # (a fresh process: a lock is the process's own)
+        rc, err, _ = cli_process(
+            ["--resume", out]
+        )  # (a fresh process: a lock is the process's own)
         assert rc == 2 and f"pid {os.getpid()}" in one_error_line(err)
         assert snapshot(w.root) == before
     finally:
@@ -391,7 +393,7 @@ def test_args_json_gives_back_every_kind_of_switch(w):
     of one that can be
     turned off (--grad-checkpoint / --no-grad-checkpoint), whose recorded true or false must reach
     the parser."""
-    parser, _ = prift.parse_args([])
+    parser, _ = cli.parse_args([])
     for extra, want in [
         (["--grad-checkpoint", "--match-authors"], (True, True)),
         (["--no-grad-checkpoint"], (False, False)),

@@ -21,7 +21,10 @@ import torch
 import torch.distributed as dist
 
 import model as M  # noqa: E402
-from infra import memory  # noqa: E402  (tiny put the repository on the path)
+from infra import (
+    cli,
+    memory,  # noqa: E402  (tiny put the repository on the path)
+)
 from model import GPT, Config  # noqa: E402
 
 FAMILIES = ("gpt2", "llama", "qwen2", "qwen3")
@@ -124,9 +127,8 @@ def test_parameter_count_matches_transformers():
 
 def in_process_args(work, *extra):
     import data
-    import prift
 
-    p, args = prift.parse_args(
+    p, args = cli.parse_args(
         [
             "--model",
             str(work / "tied"),
@@ -138,9 +140,7 @@ def in_process_args(work, *extra):
             *map(str, extra),
         ]
     )
-    prift.check_args(p, args)
-    args = prift.settings(args)
-    args.precision = "fp32"
+    args, _ = cli.check_args(p, args, torch.device("cpu"))
     seqs, _ = data.Template.load(args.model, "auto").encode(data.read_jsonl(args.data), 128)
     return args, seqs
 
@@ -149,7 +149,6 @@ def train_rows(work, *extra):
     """(metrics rows, final weights, block forwards run) of 2 steps of prift.train in this process.
     Under FSDP2
     the weights are gathered on rank 0; other ranks get none."""
-    import prift
     from infra import checkpoint, distributed
 
     args, seqs = in_process_args(work, *extra)
@@ -158,7 +157,7 @@ def train_rows(work, *extra):
     M.Block.body = lambda self, *a: (calls.append(1), body(self, *a))[1]
     try:
         model = GPT.from_pretrained(args.model)
-        prift.train(args, model, seqs)
+        tiny.train(args, model, seqs)
         weights = (
             distributed.full_state_dict(model) if distributed.is_fsdp(model) else model.state_dict()
         )
@@ -322,7 +321,9 @@ def worker(work, out):
         lambda mod, _: gathered.add(str(mod.weight.dtype))
     )
     g_fsdp, grad_dtypes = grads(
-        model, distributed.wrap_distributed(args, model), [rank]
+        model,
+        distributed.wrap_distributed(model, fsdp=args.fsdp, recompute=args.grad_checkpoint),
+        [rank],
     )  # reduce-scattered: the mean over ranks
     copies = GPT.from_pretrained(args.model).to(
         torch.bfloat16

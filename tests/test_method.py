@@ -7,20 +7,17 @@ porters."""
 import functools
 import json
 import math
-import sys
-from pathlib import Path
 
+import make_reference_vectors as refvec
 import pytest
+import tiny
 import torch
 from tiny import assert_some_kept, make_checkpoint, make_data, read_metrics
 
 import data
 import prift
-from infra import demo
+from infra import cli, demo
 from model import GPT
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "tools"))
-import make_reference_vectors as refvec  # noqa: E402
 
 RULES = ["sft", "dft", "prob", "mass", "profit"]
 
@@ -279,6 +276,29 @@ def test_chunked_loss_gradient_is_weighted_ce(rule):
 # The chunked loss equals a plain full computation
 
 
+@pytest.mark.parametrize("rule", ["dft", "prob", "mass", "profit"])
+def test_chunked_loss_fills_in_the_rules_own_signal(rule):
+    """chunked_loss(h, head, y, rule) with no signal or threshold given reads the rule's own, as
+    token_weights does: "dft" is DFT (weights p of the online model), "mass" keeps u >= 0.5 of the
+    prior. Expected values from float64 softmaxes written here, not from prift."""
+    g = torch.Generator().manual_seed(3)
+    N, C, V = 12, 8, 30
+    h, y = torch.randn(N, C, generator=g), torch.randint(V, (N,), generator=g)
+    head = torch.nn.Linear(C, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, C, generator=g) * 2)
+    prior_probs = torch.randn(N, V, generator=g, dtype=torch.float64).mul(3).softmax(-1)
+    q = prior_probs[torch.arange(N), y]
+    u = torch.stack([prior_probs[i][prior_probs[i] < q[i]].sum() for i in range(N)]) + q
+    probs = (h.double() @ head.weight.double().t()).softmax(-1)
+    p, ce = probs[torch.arange(N), y], -probs[torch.arange(N), y].log()
+    w = {"dft": p, "prob": q, "mass": (u >= 0.5).double(), "profit": (p >= 0.1).double()}[rule]
+    prior = torch.stack([q, u], 1).float()
+    sums = prift.chunked_loss(h, head, y, rule, prior=prior, chunk=5)
+    assert float(sums.weighted) == pytest.approx(float((w * ce).sum()), rel=1e-5)
+    assert float(sums.kept) == float((w > 0).sum())
+
+
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("chunk", [7, 1, 100])
 def test_chunked_loss_equals_plain(rule, chunk):
@@ -333,7 +353,7 @@ def ckpt(tmp_path_factory):
 
 
 def targs(rule, **kw):
-    a = prift.parse_args([])[1]  # the command line's defaults, then the test's sizes
+    a = cli.parse_args([])[1]  # the command line's defaults, then the test's sizes
     a.__dict__.update(
         {
             **dict(
@@ -349,7 +369,7 @@ def targs(rule, **kw):
             **kw,
         }
     )
-    a = prift.settings(a)
+    a = tiny.settings(a)
     return a
 
 
@@ -385,7 +405,7 @@ def train_capturing(args, model, seqs, monkeypatch, **kw):
         return clip(params, max_norm, *a, **k)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
-    state = prift.train(args, model, seqs, **kw)
+    state = tiny.train(args, model, seqs, **kw)
     return state, grads
 
 
@@ -522,7 +542,7 @@ def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch)
     seqs, _ = data.Template.load(ckpt, "plain").encode(rows, 128)
     model, ref = (
         GPT.from_pretrained(ckpt),
-        prift.load_reference(targs("prob", ref=str(ckpt)), torch.device("cpu")),
+        tiny.load_reference(targs("prob", ref=str(ckpt)), torch.device("cpu")),
     )
     x, y, m = data.collate(seqs)
     with torch.no_grad():
@@ -536,10 +556,10 @@ def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch)
     # through training: the precomputed prior (in a cache), the first step's loss and the updated
     # weights
     args = targs("prob", ref=str(ckpt), cache=str(tmp_path / "cache"))
-    prior = prift.compute_prior(args, seqs, torch.device("cpu"))
+    prior = tiny.compute_prior(args, seqs, torch.device("cpu"))
     assert [len(p) for p in prior] == [data.n_response_tokens(s) for s in seqs]
     assert any((tmp_path / "cache" / "prior").iterdir())
-    again = prift.compute_prior(args, seqs, torch.device("cpu"))  # from the cache this time
+    again = tiny.compute_prior(args, seqs, torch.device("cpu"))  # from the cache this time
     torch.testing.assert_close(torch.cat(again), torch.cat(prior), rtol=0, atol=0)
     torch.testing.assert_close(
         torch.cat(prior)[:, 0], prift.token_weights("dft", y, logits)[m], rtol=1e-6, atol=0
@@ -549,7 +569,7 @@ def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch)
         model = GPT.from_pretrained(ckpt)
         out = tmp_path / rule
         out.mkdir()
-        prift.train(targs(rule), model, seqs, out=out, **kw)
+        tiny.train(targs(rule), model, seqs, out=out, **kw)
         after[rule] = json.loads((out / "metrics.jsonl").read_text()), list(model.parameters())
     assert after["dft"][0]["loss"] == pytest.approx(after["prob"][0]["loss"], rel=1e-6)
     assert after["dft"][0]["grad_norm"] == pytest.approx(after["prob"][0]["grad_norm"], rel=1e-6)
@@ -569,12 +589,12 @@ def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch)
 @pytest.mark.parametrize("rule", ["prob", "mass"])
 def test_inline_reference_stays_frozen(ckpt, tmp_path, rule):
     args = targs(rule, ref=str(ckpt), max_steps=2, batch_size=2, micro_batch=1)
-    ref = prift.load_reference(args, torch.device("cpu"))
+    ref = tiny.load_reference(args, torch.device("cpu"))
     model = GPT.from_pretrained(ckpt)
     before_ref = {k: v.clone() for k, v in ref.state_dict().items()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seqs = uneven_seqs(seed=2)
-    state = prift.train(args, model, seqs, ref=ref)
+    state = tiny.train(args, model, seqs, ref=ref)
     assert state["step"] == 2 and state["skipped"] == 0
     assert all(not p.requires_grad and p.grad is None for p in ref.parameters())
     for k, v in ref.state_dict().items():
@@ -749,7 +769,7 @@ def test_match_authors_warms_up_from_zero_and_drops_the_short_batch(ckpt, tmp_pa
     args = targs(
         "sft", batch_size=4, micro_batch=4, max_steps=None, epochs=3, lr=1e-3, match_authors=True
     )
-    prift.train(args, GPT.from_pretrained(ckpt), seqs, out=tmp_path)
+    tiny.train(args, GPT.from_pretrained(ckpt), seqs, out=tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(
         r["tokens"]

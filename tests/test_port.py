@@ -24,6 +24,7 @@ from tiny import ROOT, make_checkpoint, make_data  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "ports"))
 import prift  # noqa: E402
+from infra import cli
 
 STEPS, BATCH, MICRO, LR, SEED = 3, 8, 2, 1e-3, 0
 
@@ -114,9 +115,9 @@ def work(tmp_path_factory):
             d / "cache",
         ]
         if rule == "mass":
-            assert prift.main(list(map(str, [*common, "--inspect", "--out", d / "prior"]))) == 0
+            assert cli.main(list(map(str, [*common, "--inspect", "--out", d / "prior"]))) == 0
         assert (
-            prift.main(
+            cli.main(
                 list(
                     map(
                         str,

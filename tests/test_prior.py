@@ -14,6 +14,7 @@ import argparse
 import json
 
 import pytest
+import tiny
 import torch
 from safetensors import safe_open
 from tiny import make_checkpoint, make_data
@@ -21,7 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import prift
-from infra import checkpoint
+from infra import cli
+from infra.prior import prior_path
 from model import GPT
 
 CPU = torch.device("cpu")
@@ -40,7 +42,7 @@ def w(tmp_path_factory):
 
 
 def targs(w, rule, **kw):
-    _, a = prift.parse_args(["--rule", rule])  # the command line's defaults, then the test's sizes
+    _, a = cli.parse_args(["--rule", rule])  # the command line's defaults, then the test's sizes
     a.__dict__.update(
         model=str(w.ckpt),
         ref=str(w.ckpt),
@@ -55,7 +57,7 @@ def targs(w, rule, **kw):
         seed=0,
     )
     a.__dict__.update(kw)
-    a = prift.settings(a)
+    a = tiny.settings(a)
     return a
 
 
@@ -69,8 +71,8 @@ def rel(a, b):
 
 def test_precomputed_and_inline_prior_give_the_same_weights(w):
     args = targs(w, "mass")
-    prior = prift.compute_prior(args, w.seqs, CPU)
-    ref = prift.load_reference(args, CPU)
+    prior = tiny.compute_prior(args, w.seqs, CPU)
+    ref = tiny.load_reference(args, CPU)
     kept = near = total = 0
     for step in range(args.max_steps):  # the micro-batches that training sees
         idx = prift.batch_order(len(w.seqs), args.batch_size, step, args.seed)
@@ -97,15 +99,15 @@ def test_precomputed_and_inline_prior_give_the_same_weights(w):
 @pytest.mark.parametrize("rule", ["mass", "prob"])
 def test_precomputed_and_inline_prior_give_the_same_trajectory(w, tmp_path, rule):
     args = targs(w, rule)
-    prior = prift.compute_prior(args, w.seqs, CPU)
+    prior = tiny.compute_prior(args, w.seqs, CPU)
     runs = {}
     for mode in ("precompute", "inline"):
         model, out = GPT.from_pretrained(w.ckpt), tmp_path / mode
         out.mkdir()
         source = (
-            dict(prior=prior) if mode == "precompute" else dict(ref=prift.load_reference(args, CPU))
+            dict(prior=prior) if mode == "precompute" else dict(ref=tiny.load_reference(args, CPU))
         )
-        prift.train(args, model, w.seqs, out=out, **source)
+        tiny.train(args, model, w.seqs, out=out, **source)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         runs[mode] = rows, model.state_dict()
     (rows_p, sd_p), (rows_i, sd_i) = runs["precompute"], runs["inline"]
@@ -137,7 +139,7 @@ def test_prior_cache_is_reused_and_rebuilt(w, tmp_path, monkeypatch):
     monkeypatch.setattr(prift, "load_reference", lambda *a: loads.append(a) or load(*a))
     files = lambda: sorted((tmp_path / "cache" / "prior").iterdir())
 
-    first = prift.compute_prior(args, w.seqs, CPU)
+    first = tiny.compute_prior(args, w.seqs, CPU)
     assert len(loads) == 1 and len(files()) == 1 and files()[0].suffix == ".safetensors"
     with safe_open(files()[0], "pt") as f:
         stats, offsets = f.get_tensor("stats"), f.get_tensor("offsets")
@@ -147,13 +149,13 @@ def test_prior_cache_is_reused_and_rebuilt(w, tmp_path, monkeypatch):
     )
     assert offsets.tolist() == [0] + torch.tensor([len(p) for p in first]).cumsum(0).tolist()
 
-    again = prift.compute_prior(args, w.seqs, CPU)  # a second run: read back, no reference loaded
+    again = tiny.compute_prior(args, w.seqs, CPU)  # a second run: read back, no reference loaded
     assert len(loads) == 1 and len(files()) == 1
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
     ids, n_prompt = w.seqs[3]  # the data changes: one token of one example
     other = w.seqs[:3] + [(ids[:-2] + [(ids[-2] + 1) % 50] + ids[-1:], n_prompt)] + w.seqs[4:]
-    changed = prift.compute_prior(args, other, CPU)
+    changed = tiny.compute_prior(args, other, CPU)
     assert len(loads) == 2 and len(files()) == 2
     assert not torch.equal(changed[3], first[3])
     torch.testing.assert_close(
@@ -163,20 +165,19 @@ def test_prior_cache_is_reused_and_rebuilt(w, tmp_path, monkeypatch):
     shifted = [
         (ids, n + 1) for ids, n in w.seqs
     ]  # the same tokens, another prompt boundary (template)
-    prift.compute_prior(args, shifted, CPU)
+    tiny.compute_prior(args, shifted, CPU)
     assert len(loads) == 3 and len(files()) == 3
 
     make_checkpoint(
         ref, seed=1
     )  # the reference changes in place: other weights, same files and sizes
-    new = prift.compute_prior(args, w.seqs, CPU)
+    new = tiny.compute_prior(args, w.seqs, CPU)
     assert len(loads) == 4 and len(files()) == 4
     assert not torch.equal(torch.cat(new), torch.cat(first))
-    prift.compute_prior(args, w.seqs, CPU)
+    tiny.compute_prior(args, w.seqs, CPU)
     assert len(loads) == 4, "the rebuilt prior is reused in turn"
-    assert checkpoint.prior_path(
-        targs(w, "mass", ref=str(ref), precision="bf16"), w.seqs
-    ) != checkpoint.prior_path(args, w.seqs)
+    bf16 = prior_path(str(ref), "bf16", args.cache, w.seqs)
+    assert bf16 != prior_path(args.ref, args.precision, args.cache, w.seqs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def test_chunked_loss_through_the_model_equals_plain(w, rule):
     gradient within 1e-6 relative (float32). The prior rules use the same prior in both."""
     x, y, m = data.collate(w.seqs[:6])
     signal, threshold = prift.RULES[rule]
-    prior = prift.reference_stats(prift.load_reference(targs(w, rule), CPU), x, y, m)
+    prior = prift.reference_stats(tiny.load_reference(targs(w, rule), CPU), x, y, m)
     grads, losses = [], []
     for chunked in (True, False):
         model = GPT.from_pretrained(w.ckpt)
@@ -287,7 +288,7 @@ def test_prior_under_bfloat16_autocast(w):
     model with bfloat16-rounded weights,
     to the precision bfloat16 activations allow."""
     x, y, m = data.collate(w.seqs[:6])
-    ref = prift.load_reference(targs(w, "mass"), CPU)
+    ref = tiny.load_reference(targs(w, "mass"), CPU)
     h = ref(x, hidden_only=True)[m]  # (N, C) float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pu = prift.head_stats(h, ref.lm_head, y[m], chunk=16)
@@ -297,7 +298,7 @@ def test_prior_under_bfloat16_autocast(w):
     assert pu.dtype == torch.float32
     torch.testing.assert_close(pu, torch.stack([p, u], 1), rtol=1e-5, atol=1e-6)
 
-    rounded = prift.load_reference(targs(w, "mass"), CPU)
+    rounded = tiny.load_reference(targs(w, "mass"), CPU)
     with torch.no_grad():
         for t in rounded.parameters():
             t.copy_(bf(t))

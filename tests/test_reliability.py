@@ -3,7 +3,7 @@ traceback, and before anything is written or removed. Training skips non-finite 
 several in a row with the last good checkpoint intact, checkpoints atomically, resumes
 bit-identically, and saves on SIGINT/SIGTERM.
 
-The bad-input cases run `prift.main(argv)`, the function that `python prift.py ARGV` runs, in this
+The bad-input cases run `cli.main(argv)`, the function that `python prift.py ARGV` runs, in this
 process (a fresh interpreter costs seconds per case on this machine); a few of them, and every
 signal and kill test,
 run the real command line in a subprocess."""
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file, save_file
 from tiny import (
@@ -37,7 +38,7 @@ from tiny import (
 
 import data
 import prift
-from infra import checkpoint
+from infra import checkpoint, cli
 from model import GPT
 
 TRAIN = dict(batch_size=4, micro_batch=2, max_len=64)  # 24 examples: 6 steps an epoch
@@ -368,11 +369,11 @@ def test_data_lines_split_on_newline_only(w):
 
 
 # ----------------------------------------------------------------------------------------------------
-# During training, in this process: train() itself, or prift.main with a hook in the loop
+# During training, in this process: train() itself, or infra.cli.main with a hook in the loop
 
 
 def train_args(**over):
-    a = prift.parse_args([])[1]  # the command line's defaults, then the test's sizes
+    a = cli.parse_args([])[1]  # the command line's defaults, then the test's sizes
     a.__dict__.update(
         **{
             **dict(
@@ -387,7 +388,7 @@ def train_args(**over):
             **over,
         }
     )
-    a = prift.settings(a)
+    a = tiny.settings(a)
     return a
 
 
@@ -436,7 +437,7 @@ def test_micro_batch_without_response_tokens(rule, w, tmp_path):
         a = train_args(rule=rule, batch_size=2, micro_batch=1, max_steps=steps)
         pr = prior[: len(batch)] if i == 0 else prior[2:]
         (tmp_path / str(i)).mkdir()
-        state = prift.train(
+        state = tiny.train(
             a, model, batch, prior=pr if a.signal == "prior" else None, out=tmp_path / str(i)
         )
         rows = read_metrics(tmp_path / str(i))
@@ -469,7 +470,7 @@ def test_non_finite_step_is_skipped(poison, w, tmp_path, monkeypatch):
         )
 
     monkeypatch.setattr(prift, "chunked_loss", poisoned)
-    state = prift.train(train_args(max_steps=5), model, tiny_seqs(w), out=tmp_path)
+    state = tiny.train(train_args(max_steps=5), model, tiny_seqs(w), out=tmp_path)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5], "training went on after the skipped step"
     assert [r["skipped"] for r in rows] == [0, 0, 1, 1, 1] and state["skipped"] == 1
@@ -570,7 +571,7 @@ def test_save_killed_at_every_line_leaves_previous_checkpoint(w, tmp_path):
 
 
 def run_interrupted(w, argv, at_step, monkeypatch, signum=signal.SIGTERM):
-    """prift.main(argv) with the signal sent to this process during step `at_step` (1-based)."""
+    """cli.main(argv) with the signal sent to this process during step `at_step` (1-based)."""
     get_lr = prift.get_lr
 
     def hook(step, *a, **k):

@@ -16,7 +16,8 @@ from conftest import load_hf
 from tiny import make_checkpoint, make_data, run_cli
 
 import data
-from infra import demo, report
+import prift
+from infra import report
 
 
 @pytest.fixture(scope="module")
@@ -462,10 +463,12 @@ def demo_all(tmp_path_factory):
 def test_demo_rule_all_puts_the_rules_side_by_side(demo_all):
     page = (demo_all / "compare.html").read_text()
     assert browser_check.check_page(page) == []
-    assert re.findall(r'<span class="key"><i [^>]*></i>(\w+)</span>', page) == demo.RULES
+    assert re.findall(r'<span class="key"><i [^>]*></i>(\w+)</span>', page) == list(prift.RULES)
     for fig in figures(page).values():
-        assert list(plotted(fig)) == demo.RULES and all(len(v) == 2 for v in plotted(fig).values())
-    for rule in demo.RULES:
+        assert list(plotted(fig)) == list(prift.RULES) and all(
+            len(v) == 2 for v in plotted(fig).values()
+        )
+    for rule in list(prift.RULES):
         run_page = (demo_all / "runs" / f"{rule}-seed0" / "report.html").read_text()
         assert browser_check.check_page(run_page) == [] and summary(run_page)["rule"] == rule
         assert "<td>demo</td><td>avg@8</td>" in run_page

@@ -2,6 +2,7 @@
 directories.
 """
 
+import argparse
 import hashlib
 import json
 import os
@@ -112,7 +113,7 @@ def run_cli(args, cwd=None, timeout=300, **kw):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Run directories: a fresh copy of a run's inputs, prift.main in this process, and what it left on
+# Run directories: a fresh copy of a run's inputs, infra.cli.main in this process, and what it left on
 # disk
 
 
@@ -153,13 +154,12 @@ class Work:
 
 
 def main_rc(argv, entry=None):
-    """prift.main (or entry) as `python prift.py` runs it: its return value, or the code it exits
-    with.
-    """
-    import prift
+    """infra.cli.main (or entry), what `python prift.py` runs: its return value, or the code it
+    exits with."""
+    from infra import cli
 
     try:
-        return (entry or prift.main)([str(a) for a in argv])
+        return (entry or cli.main)([str(a) for a in argv])
     except SystemExit as e:
         return e.code
 
@@ -225,3 +225,39 @@ def kill_at_line(n, fn, *args, count=None):
         return False
     finally:
         sys.settrace(None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The method's entry points called as infra/cli.py calls them, from a test's namespace of settings
+
+
+def settings(args):
+    """The namespace with the rule's own signal and threshold filled in, as check_args does."""
+    import prift
+
+    signal, threshold = prift.rule_settings(args.rule, args.signal, args.threshold)
+    return argparse.Namespace(**{**vars(args), "signal": signal, "threshold": threshold})
+
+
+def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
+    """prift.train with a TrainConfig of these settings, and the run kept in `out` (or nowhere)."""
+    import prift
+    from infra import checkpoint
+    from infra.argtypes import train_config
+
+    run = checkpoint.Run(out, getattr(args, "save_every", 0), start)
+    return prift.train(train_config(args), model, seqs, prior=prior, ref=ref, run=run)
+
+
+def compute_prior(args, seqs, device):
+    """The prior of seqs as a run gets it: from the cache, or computed and kept there."""
+    from infra.prior import prior_of
+
+    return prior_of(args, seqs, device)
+
+
+def load_reference(args, device):
+    import prift
+    from infra.prior import reference_dtype
+
+    return prift.load_reference(args.ref, device, reference_dtype(args))

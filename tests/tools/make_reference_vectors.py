@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import prift  # noqa: E402
 
-PATH = Path(__file__).with_name("reference_vectors.json")
+PATH = Path(__file__).resolve().parents[1] / "reference_vectors.json"
 B, T, V = 2, 5, 7
 
 # (name, rule, signal, threshold): every rule with its own signal and threshold, and the two swaps

@@ -68,23 +68,30 @@ MUTANTS = {
         "return (p >= 1.0).float()",
         ["tests/test_method.py", "-k", "prift_loss_is_what and profit"],
     ),
+    # chunked_loss with no signal given: the rule's own (dft: the online model), not none
+    "chunked-loss-no-rule-default": (
+        "prift.py",
+        "    signal, threshold = rule_settings(rule, signal, threshold)\n    sums = ChunkedLoss",
+        "    sums = ChunkedLoss",
+        ["tests/test_method.py", "-k", "fills_in"],
+    ),
     "authors-mean-of-means": (
         "prift.py",
-        "scale = 1 / max(int(m.sum()), 1) if authors",
-        "scale = 1 / max(int(m.sum()), 1) / len(micro) if authors",
+        "scale = 1 / max(int(m.sum()), 1) if cfg.match_authors",
+        "scale = 1 / max(int(m.sum()), 1) / len(micro) if cfg.match_authors",
         ["tests/test_method.py", "-k", "match_authors_sums"],
     ),
     # bfloat16 autocast
     "chunked-softmax-bf16": (
         "prift.py",
-        "logits = (hc @ W.t()).float()",
-        "logits = hc @ W.t()",
+        "yield s, hc, W, (hc @ W.t()).float()",
+        "yield s, hc, W, hc @ W.t()",
         ["tests/test_method.py", "-k", "bfloat16_autocast"],
     ),
     "prior-softmax-bf16": (
         "prift.py",
-        "return probs_stats(logits.float().softmax(-1), targets)",
-        "return probs_stats(logits.softmax(-1).float(), targets)",
+        "torch.stack(probs_stats(logits.softmax(-1), targets",
+        "torch.stack(probs_stats(logits.bfloat16().softmax(-1).float(), targets",
         ["tests/test_prior.py", "-k", "bfloat16"],
     ),
     # evaluation
@@ -102,9 +109,9 @@ MUTANTS = {
     ),
     "mean-row-missing-as-0": (
         "infra/evaluate.py",
-        'statistics.mean(\n'
+        "statistics.mean(\n"
         '                            r["scores"][c] for r in per_file.values() if c in r["scores"]\n'
-        '                        )',
+        "                        )",
         'sum(r["scores"].get(c, 0) for r in per_file.values()) / len(per_file)',
         ["tests/test_evaluation.py", "-k", "mean_row"],
     ),

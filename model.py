@@ -65,6 +65,9 @@ class Config:
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     eos_token_id: int | list | None = None
+    # the embedding's padding_idx, as transformers sets it for llama/qwen2/qwen3 (not gpt2): that
+    # row gets no gradient through the input side (a tied head still trains it)
+    pad_token_id: int | None = None
     raw: dict | None = None  # config.json as read, written back by save_pretrained
 
     @classmethod
@@ -169,6 +172,10 @@ class Config:
             ),
             rope_scaling=rope if rope_type == "llama3" else None,
             attention_bias=field(d, "attention_bias", bool, default=False),
+            # nn.Embedding's range: transformers passes the id as padding_idx, -1 the last row
+            pad_token_id=None
+            if d.get("pad_token_id") is None
+            else field(d, "pad_token_id", int, -common["vocab_size"], common["vocab_size"] - 1),
             **common,
         )
 
@@ -368,7 +375,11 @@ class GPT(nn.Module):
         super().__init__()
         self.config, self.source_dir = cfg, None
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # padding_idx as transformers builds it: the pad row's input-side gradient is zero, which
+        # matters when the pad id is a trained token (often the template's end token)
+        self.model.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id
+        )
         if cfg.family["pos"] == "learned":
             self.model.embed_positions = nn.Embedding(cfg.max_positions, cfg.hidden_size)
         self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))

@@ -184,10 +184,10 @@ def test_missing_numbers_and_bad_input(work, tmp_path, capsys):
     assert r.stderr.startswith("compare: error: ") and len(r.stderr.splitlines()) == 1
 
 
-if __name__ == "__main__":  # under torchrun: WORK OUT; the right port, then no world factor
+if __name__ == "__main__":  # under torchrun: WORK OUT [VARIANT,...]; default right, no world factor
     work, out = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
-    for variant in ("right", "no world factor"):
+    for variant in sys.argv[3].split(",") if len(sys.argv) > 3 else ("right", "no world factor"):
         run_trl(work, out / variant, variant)
 
 

@@ -204,3 +204,21 @@ def test_row_is_the_index_in_the_data_counting_dropped_examples(work, tmp_path):
     assert prift.main(list(map(str, args))) == 0
     rows = (tmp_path / "prior" / "tokens.jsonl").read_text().splitlines()
     assert [json.loads(r)["row"] for r in rows] == [0, 1, 3, 4]
+
+
+def test_a_log_over_several_steps_is_compared_with_prifts_mean(work, tmp_path, capsys):
+    """logging_steps=3: Trainer logs the mean loss of the three steps and the last one's gradient
+    norm; compare.py compares them with prift's mean and last, and sees a loss off by 1e-5."""
+    rows = [json.loads(r) for r in (work / "prift" / "metrics.jsonl").read_text().splitlines()]
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("loss", "kept")}
+    other = tmp_path / "every-3"
+    other.mkdir()
+    (other / "model.safetensors").symlink_to(work / "prift" / "model.safetensors")
+    for shift, want in ((0, "MATCH"), (1e-5, "DIFFERS")):
+        log = dict(
+            step=3, loss=mean["loss"] + shift, kept=mean["kept"], grad_norm=rows[-1]["grad_norm"]
+        )
+        (other / "trainer_state.json").write_text(json.dumps({"log_history": [log]}))
+        rc, verdicts = compared(capsys, work, other)
+        assert verdicts["loss"][0] == want and rc == (want == "DIFFERS"), verdicts
+        assert verdicts["grad norm"][0] == verdicts["kept"][0] == "MATCH", verdicts

@@ -114,3 +114,5 @@ def test_pad_token_id_is_read_as_transformers_reads_it(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(path)
     assert GPT.from_pretrained(path).model.embed_tokens.padding_idx == vocab - 1
     assert hf.get_input_embeddings().padding_idx == vocab - 1
+    GPT.from_pretrained(path).save_pretrained(tmp_path / "saved")  # config.json is written back
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["pad_token_id"] == -1

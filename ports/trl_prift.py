@@ -150,8 +150,9 @@ class PriftTrainer(SFTTrainer):
         kwargs.setdefault("data_collator", PriorCollator())
         super().__init__(*args, **kwargs)
         # the kept fraction of each step, logged as `kept` (prift's metrics.jsonl has it): this
-        # rank's kept tokens over the step's trained tokens, summed over micro-batches since the log
-        self._kept, self._kept_logged_at = torch.zeros((), device=self.accelerator.device), 0
+        # rank's kept tokens over the step's trained tokens, summed over the micro-batches since
+        # the log, and the step they began at (a resumed run begins past 0)
+        self._kept, self._kept_from = torch.zeros((), device=self.accelerator.device), None
         self.ref_model = (
             ref_model.to(self.accelerator.device).eval().requires_grad_(False)
             if ref_model is not None
@@ -204,12 +205,13 @@ class PriftTrainer(SFTTrainer):
         loss = -(w * out.log_probs).sum() / num_items_in_batch * self.accelerator.num_processes
         if model.training:
             self._kept += (w > 0).sum() / num_items_in_batch
+            self._kept_from = self.state.global_step if self._kept_from is None else self._kept_from
         return (loss, out) if return_outputs else loss
 
     def log(self, logs, start_time=None):
-        steps = self.state.global_step - self._kept_logged_at
-        if "loss" in logs and steps > 0:  # a training step's log: every rank's kept tokens
+        steps = self.state.global_step - (self._kept_from or 0)
+        if "loss" in logs and self._kept_from is not None and steps > 0:  # a training step's log
             logs["kept"] = self.accelerator.reduce(self._kept.clone(), "sum").item() / steps
             self._kept.zero_()
-            self._kept_logged_at = self.state.global_step
+            self._kept_from = None
         super().log(logs, start_time)

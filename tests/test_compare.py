@@ -24,8 +24,6 @@ import compare  # noqa: E402
 
 import prift  # noqa: E402
 
-VARIANTS = ("right", "no world factor", "no padding_idx")
-
 
 def run_trl(work, out, variant="right"):
     """One TRL run of the export in prift's order with prift's optimizer, saved as a user saves it

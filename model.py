@@ -62,6 +62,9 @@ class Config:
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     eos_token_id: int | list | None = None
+    # the embedding's padding_idx, as transformers sets it for llama/qwen2/qwen3 (not gpt2): that
+    # row gets no gradient through the input side (a tied head still trains it)
+    pad_token_id: int | None = None
     raw: dict | None = None  # config.json as read, written back by save_pretrained
 
     @classmethod
@@ -249,7 +252,11 @@ class GPT(nn.Module):
         super().__init__()
         self.config, self.source_dir = cfg, None
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # padding_idx as transformers builds it: the pad row's input-side gradient is zero, which
+        # matters when the pad id is a trained token (often the template's end token)
+        self.model.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id
+        )
         if cfg.family["pos"] == "learned":
             self.model.embed_positions = nn.Embedding(cfg.max_positions, cfg.hidden_size)
         self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))

@@ -5,6 +5,7 @@ side by side in one process.
 
     python bench_port.py --threads 1              # a ~30M Llama-shaped model, vocabulary 32,000, 4 x 256 tokens
     python bench_port.py --threads 1 --defaults   # what each Trainer default that differs from prift's changes
+    python bench_port.py --parity                 # PriftTrainer vs prift.py, 1 and 2 processes
 
 Each configuration is a real SFTTrainer on the same random checkpoint and the same batch; a step is
 TRL's own training_step (forward, the loss, backward) and the optimizer's step. The steps are
@@ -35,6 +36,11 @@ def main():
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument(
+        "--parity",
+        action="store_true",
+        help="instead: how close PriftTrainer comes to prift.py on a real-shaped checkpoint",
+    )
+    parser.add_argument(
         "--defaults",
         action="store_true",
         help="instead: the effect of each Trainer default (tiny model)",
@@ -46,6 +52,8 @@ def main():
     )  # transformers' renaming of gradient_checkpointing
     if args.defaults:
         return defaults()
+    if args.parity:
+        return parity(args.vocab)
 
     import datasets
     import transformers
@@ -184,6 +192,7 @@ def defaults(steps=25, batch=8, micro=2, lr=1e-3):
     from trl_prift import PriftTrainer, prift_optimizer
 
     import prift
+    from infra import cli
 
     d = Path(tempfile.mkdtemp())
     make_checkpoint(d / "model", seed=3)
@@ -198,8 +207,8 @@ def defaults(steps=25, batch=8, micro=2, lr=1e-3):
         "--cache",
         d / "cache",
     ]
-    prift.main(list(map(str, [*common, "--inspect", "--out", d / "prior"])))
-    prift.main(
+    cli.main(list(map(str, [*common, "--inspect", "--out", d / "prior"])))
+    cli.main(
         list(
             map(
                 str,
@@ -303,6 +312,65 @@ def defaults(steps=25, batch=8, micro=2, lr=1e-3):
     ]:
         err, loss_err = run(**kw)
         print(f"| {name} | {err:.1e} | {loss_err:.1e} |")
+
+
+def parity(vocab, hidden=64):
+    """prift.py and PriftTrainer (the exported prior, in prift's order, tests/test_compare.py's
+    run) on a checkpoint shaped like a real instruct one: a `vocab`-row tied embedding, GQA, a chat
+    template with a default system prompt, pad_token_id the trained end token; the tests' data and
+    steps (24 examples, 3 steps of 8, micro-batch 2, lr 1e-3). Prints the largest difference in
+    each step's loss, gradient norm (relative) and the final weights, on 1 and 2 processes."""
+    import json
+    import os
+    import subprocess
+
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    sys.path.insert(0, str(tests))
+    from conftest import make_chat_checkpoint
+    from safetensors.torch import load_file
+    from test_compare import BATCH, LR, MICRO, SEED, STEPS, run_trl
+    from tiny import make_data
+
+    from infra import cli
+
+    d = Path(tempfile.mkdtemp())
+    make_chat_checkpoint(d / "model", "llama", pad="end", vocab_size=vocab, hidden=hidden)
+    make_data(d / "train.jsonl", n=24, seed=5)
+    common = ["--rule", "mass", "--model", d / "model", "--data", d / "train.jsonl"]
+    assert cli.main(list(map(str, [*common, "--inspect", "--out", d / "prior"]))) == 0
+    train = ["--batch-size", BATCH, "--micro-batch", MICRO, "--max-steps", STEPS, "--lr", LR]
+    assert cli.main(list(map(str, [*common, *train, "--seed", SEED, "--out", d / "prift"]))) == 0
+    rows = [json.loads(line) for line in (d / "prift" / "metrics.jsonl").read_text().splitlines()]
+    want, start = (
+        load_file(d / "prift" / "model.safetensors"),
+        load_file(d / "model" / "model.safetensors"),
+    )
+    run_trl(d, d / "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*cmd, tests / "test_compare.py", d, d / "2", "right"], check=True, env=env)
+    moved = max((want[k] - start[k]).abs().max().item() for k in want)
+    kept = sum(r["kept"] for r in rows) / len(rows)
+    print(
+        f"\nvocabulary {vocab}, hidden {hidden}; prift moved the weights by up to {moved:.2g}, "
+        f"kept {kept:.0%} of the response tokens\n"
+    )
+    print("| processes | loss (max abs) | grad norm (max relative) | final weights (max abs) |")
+    print("| --- | --- | --- | --- |")
+    for world, out in (("1", d / "1"), ("2", d / "2" / "right")):
+        logs = [
+            h
+            for h in json.loads((out / "trainer_state.json").read_text())["log_history"]
+            if "loss" in h
+        ]
+        got = load_file(out / "model.safetensors")
+        loss = max(abs(h["loss"] - r["loss"]) for h, r in zip(logs, rows))
+        norm = max(
+            abs(h["grad_norm"] - r["grad_norm"]) / r["grad_norm"] for h, r in zip(logs, rows)
+        )
+        diffs = torch.cat([(got[k] - want[k]).abs().flatten() for k in want]).sort().values
+        weights = f"{diffs[-1]:.1e} (the next entry {diffs[-2]:.1e})"
+        print(f"| {world} | {loss:.1e} | {norm:.1e} | {weights} |")
 
 
 if __name__ == "__main__":

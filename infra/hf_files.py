@@ -163,6 +163,10 @@ def config_fields(d, families):
         ),
         rope_scaling=rope if rope_type == "llama3" else None,
         attention_bias=field(d, "attention_bias", bool, default=False),
+        # nn.Embedding's range: transformers passes the id as padding_idx, -1 the last row
+        pad_token_id=None
+        if d.get("pad_token_id") is None
+        else field(d, "pad_token_id", int, -common["vocab_size"], common["vocab_size"] - 1),
         **common,
     )
 

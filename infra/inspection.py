@@ -6,11 +6,13 @@ trainer (tokens.jsonl and prior.json: the prior as a dataset).
     python prift.py --rule mass --model DIR --data FILE --inspect [N] --out DIR2    # the prior's view, no training
 
     OUT/tokens.jsonl    one object per example, in data order, every list as long as `input_ids` (prompt + response,
-                        as trained): `labels` as Hugging Face trainers take them (unshifted:
-                        labels[t] is predicted from input_ids[:t]; the response and its end token,
-                        -100 on the prompt), and aligned with `labels`, the reference's `prior_p`
-                        (its probability of the label) and `prior_u` (the label's mass score) and
-                        the label's `weight` under --rule; 0.0 where `labels` is -100
+                        as trained): `row`, the example's index among the data file's examples
+                        (counting those dropped); `labels` as Hugging Face trainers take them
+                        (unshifted: labels[t] is predicted from input_ids[:t]; the response and its
+                        end token, -100 on the prompt), and aligned with `labels`, the
+                        reference's `prior_p` (its probability of the label) and `prior_u` (the
+                        label's mass score) and the label's `weight` under --rule; 0.0 where
+                        `labels` is -100
     OUT/prior.json      what the prior was made with: the reference checkpoint, the template and its end token,
                         --max-len, the rule and threshold of `weight`, the counts
     OUT/weights.html    the first N examples, each response token coloured by its weight, p and u on hover
@@ -41,7 +43,10 @@ def inspect(args, device, examples):
             f"has nothing to show; inspect a rule such as mass or prob"
         )
     template = data.Template.load(args.model, args.template)
-    seqs, _ = template.encode(examples, args.max_len)
+    # one example at a time, to know each kept one's index among the data's examples (`row`)
+    encoded = [template.encode([ex], args.max_len)[0] for ex in examples]
+    rows = [i for i, kept in enumerate(encoded) for _ in kept]
+    seqs = [seq for kept in encoded for seq in kept]
     prior = prior_of(args, seqs, device)
     weights = [
         prift.weights_from_stats(args.rule, stats[:, 0], stats[:, 1], args.threshold)
@@ -49,7 +54,7 @@ def inspect(args, device, examples):
     ]
     checkpoint.prepare_out(args, None)  # every input has been read and checked
     with open(args.out / "tokens.jsonl", "w") as f:
-        for (ids, n_prompt), stats, w in zip(seqs, prior, weights):
+        for row, (ids, n_prompt), stats, w in zip(rows, seqs, prior, weights):
             n = max(
                 n_prompt, 1
             )  # with an empty prompt the first token is not predicted, so not trained
@@ -57,6 +62,7 @@ def inspect(args, device, examples):
             f.write(
                 json.dumps(
                     {
+                        "row": row,
                         "input_ids": ids,
                         "labels": [-100] * n + ids[n:],
                         "prior_p": none + stats[:, 0].tolist(),

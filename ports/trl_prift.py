@@ -18,7 +18,9 @@ CE_t over the whole optimizer batch (all micro-batches, all ranks), divided by i
 also those of weight 0. Settings (prift's README, "For porters"):
 SFTConfig(remove_unused_columns=False, max_length=None, bf16=False on a CPU, use_cpu=True under
 torchrun on CPUs) and optimizers=prift_optimizer(model, lr, total_steps) for prift's optimizer and
-schedule.
+schedule; in_prift_order(dataset, batch_size, steps, seed) with
+SFTConfig(train_sampling_strategy="sequential") for prift's data order. Each step's log has `kept`,
+the fraction of trained tokens of weight > 0, as prift's metrics.jsonl (ports/compare.py reads it).
 """
 
 import math
@@ -72,10 +74,31 @@ def prift_optimizer(model, lr, total_steps, warmup=0.1):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def in_prift_order(dataset, batch_size, steps, seed=0, drop_last=False):
+    """The dataset (prift's tokens.jsonl) laid out in prift's data order, for a Trainer with
+    train_sampling_strategy="sequential": step s trains rows s*batch_size to (s+1)*batch_size, the
+    examples prift.batch_order(len(dataset), batch_size, s, seed) gives (reimplemented here: each
+    epoch a fresh torch.randperm seeded seed * 1000 + epoch). drop_last: --match-authors's order."""
+    n = len(dataset)
+    per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
+    order = []
+    for step in range(steps):
+        epoch, i = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        batch = perm.tolist()[i * batch_size : (i + 1) * batch_size]
+        if len(batch) < batch_size:  # Trainer's batches are all as large: the rest would shift
+            raise ValueError(
+                f"prift's step {step} has {len(batch)} examples (the end of an epoch of {n}), "
+                f"Trainer's all {batch_size}: train fewer steps or use a batch size dividing {n}"
+            )
+        order += batch
+    return dataset.select(order)
+
+
 class PriorCollator:
     """Pads input_ids, labels (-100) and the prior's columns on the right and adds the attention
-    mask. SFTTrainer's
-    own collator drops prior_p and prior_u, so PriftTrainer uses this one."""
+    mask; keeps tokens.jsonl's `row`. SFTTrainer's own collator drops prior_p and prior_u, so
+    PriftTrainer uses this one."""
 
     def __init__(self, pad_token_id=0):
         self.pad_token_id = pad_token_id
@@ -90,6 +113,9 @@ class PriorCollator:
 
         batch = {
             "input_ids": pad("input_ids", self.pad_token_id, torch.long),
+            # kept on purpose (compute_loss takes it out before the model sees it): which example of
+            # the data file each row is, to line a batch up with prift's
+            **({"row": torch.tensor([e["row"] for e in examples])} if "row" in examples[0] else {}),
             "labels": pad("labels", -100, torch.long),
             "attention_mask": torch.tensor(
                 [[1] * len(e["input_ids"]) + [0] * (T - len(e["input_ids"])) for e in examples]
@@ -123,6 +149,10 @@ class PriftTrainer(SFTTrainer):
         self.threshold = RULES[rule][1] if threshold is None else threshold
         kwargs.setdefault("data_collator", PriorCollator())
         super().__init__(*args, **kwargs)
+        # the kept fraction of each step, logged as `kept` (prift's metrics.jsonl has it): this
+        # rank's kept tokens over the step's trained tokens, summed over the micro-batches since
+        # the log, and the step they began at (a resumed run begins past 0)
+        self._kept, self._kept_from = torch.zeros((), device=self.accelerator.device), None
         self.ref_model = (
             ref_model.to(self.accelerator.device).eval().requires_grad_(False)
             if ref_model is not None
@@ -143,7 +173,7 @@ class PriftTrainer(SFTTrainer):
             p = u = log_probs.detach().exp()
         elif self.signal == "prior" and self.ref_model is not None:
             policy_inputs = {
-                k: v for k, v in inputs.items() if k not in ("labels", "prior_p", "prior_u")
+                k: v for k, v in inputs.items() if k not in ("labels", "prior_p", "prior_u", "row")
             }
             with torch.no_grad():  # the policy's own inputs: attention mask, position ids
                 ref_logits = self.ref_model(**policy_inputs, use_cache=False).logits
@@ -165,7 +195,7 @@ class PriftTrainer(SFTTrainer):
                 "PriftTrainer needs num_items_in_batch: the trained tokens of the whole "
                 "optimizer batch"
             )
-        prior = {k: inputs.pop(k) for k in ("prior_p", "prior_u") if k in inputs}
+        prior = {k: inputs.pop(k) for k in ("prior_p", "prior_u", "row") if k in inputs}
         # TRL's fused head: the log-probability of each next-token label (B, T-1), 0 where -100, no
         # (B, T, V) logits
         out = model(**inputs, use_cache=False, fused_lm_head=True)
@@ -173,4 +203,15 @@ class PriftTrainer(SFTTrainer):
         # num_items_in_batch counts the labels of all ranks, and DDP averages gradients: times the
         # world size
         loss = -(w * out.log_probs).sum() / num_items_in_batch * self.accelerator.num_processes
+        if model.training:
+            self._kept += (w > 0).sum() / num_items_in_batch
+            self._kept_from = self.state.global_step if self._kept_from is None else self._kept_from
         return (loss, out) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        steps = self.state.global_step - (self._kept_from or 0)
+        if "loss" in logs and self._kept_from is not None and steps > 0:  # a training step's log
+            logs["kept"] = self.accelerator.reduce(self._kept.clone(), "sum").item() / steps
+            self._kept.zero_()
+            self._kept_from = None
+        super().log(logs, start_time)

@@ -2,6 +2,7 @@
 transformers
 (used only as an independent oracle for model.py), so no test downloads anything."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -181,3 +182,68 @@ def make_hf_checkpoint_fixture():
 def idx():
     """A batch of 2 sequences of 40 token ids: longer than the llama3 test's original context of 16."""
     return torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1234))
+
+
+# A real instruct checkpoint's chat template (SmolLM2-Instruct's): chatml with a default system
+# prompt, so that even a prompt without a system turn holds <|im_end|> twice before the response.
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_chat_checkpoint(
+    path, family="llama", *, pad="end", tie=True, vocab_size=None, hidden=32, layers=2, seed=0
+):
+    """A tiny checkpoint with the traps of a real instruct one (SmolLM2-Instruct: tied embeddings,
+    GQA, a chat template with a default system prompt, EOS <|im_end|>, and pad_token_id that same
+    <|im_end|>, the end token prift trains and the template writes in every prompt). pad: "end"
+    (that trap), "outside" (<|endoftext|>, which the template never writes) or None (no
+    pad_token_id). vocab_size: rows of the embedding beyond the tokenizer's (a real-size
+    vocabulary, as Qwen's 151,936 rows for 151,665 tokens), default the tokenizer's. Built and saved
+    with transformers, weights as randomize_ makes them; returns `path`."""
+    import transformers
+
+    from infra import demo
+
+    path = Path(path)
+    texts = [r["response"] for r in demo.pretrain_corpus(300, seed=0)]
+    tok = demo.tokenizer(texts, vocab_size=120)
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    end = tok.token_to_id("<|im_end|>")
+    pad_id = {"end": end, "outside": tok.token_to_id("<|endoftext|>"), None: None}[pad]
+    vocab = max(vocab_size or 0, tok.get_vocab_size())
+    ids = dict(vocab_size=vocab, bos_token_id=end, eos_token_id=end, pad_token_id=pad_id)
+    if family == "gpt2":
+        cfg = dict(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256)
+    else:
+        cfg = dict(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,  # GQA
+            max_position_embeddings=256,
+        )
+        if family == "qwen3":
+            cfg["head_dim"] = hidden // 2  # not hidden / heads, as in Qwen3
+    config = transformers.AutoConfig.for_model(family, tie_word_embeddings=tie, **cfg, **ids)
+    torch.manual_seed(seed)
+    model = randomize_(transformers.AutoModelForCausalLM.from_config(config), seed).eval()
+    model.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    special = dict(eos_token="<|im_end|>", bos_token=None, unk_token="<unk>")
+    if pad:
+        special["pad_token"] = tok.id_to_token(pad_id)
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            dict(
+                special,
+                tokenizer_class="PreTrainedTokenizerFast",
+                chat_template=DEFAULT_SYSTEM_TEMPLATE,
+            )
+        )
+    )
+    return path

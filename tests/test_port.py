@@ -362,6 +362,7 @@ def test_the_readme_snippet_runs(work, tmp_path, monkeypatch):
     exec(code.replace(placeholder, f"base = {str(work / 'model')!r}"), scope)
     trainer, before = scope["trainer"], load_file(work / "model" / "model.safetensors")
     assert trainer.state.global_step == 3
+    assert (tmp_path / "runs" / "trl-mass" / "trainer_state.json").is_file()  # for compare.py
     assert any(
         not torch.equal(v.detach(), before[k])
         for k, v in trainer.model.state_dict().items()

@@ -9,12 +9,15 @@ ends with the template's end token, which is trained. Nothing of the prompt is.
 
 import json
 import math
+import os
 import re
 from datetime import datetime
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
+
+from infra import files
 
 # Where each part of an example is found, first field first: datasets name them differently.
 # `answer` is read
@@ -65,7 +68,7 @@ def read_jsonl(path, need="response", max_len=None):
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     examples = []
-    with open(path, "rb") as f:
+    with files.open_input(path, what="data file") as f:
         # lines end at \n only: str.splitlines would also cut at U+2028, U+0085 and others, which
         # JSON strings may hold
         for n, line in enumerate(iter(lambda: f.readline(limit + 1), b""), 1):
@@ -254,8 +257,9 @@ def load_tokenizer(model_dir):
             f"{model_dir} has no tokenizer.json; prift tokenises with the checkpoint's own "
             "tokenizer"
         )
+    text = files.read_text(path, model_dir, files.TOKENIZER_LIMIT, "tokenizer")
     try:
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_str(text)
     except Exception as e:  # the tokenizers library raises a bare Exception
         raise DataError(f"{path} cannot be read as a tokenizer ({e}); download it again")
 
@@ -335,10 +339,12 @@ class Template:
 
 def tokenizer_config(model_dir):
     path = Path(model_dir) / "tokenizer_config.json"
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); download it again")
+    if not os.path.lexists(path):
+        return {}
+    config = files.read_json(path, model_dir, files.JSON_LIMIT, "tokenizer config")
+    if not isinstance(config, dict):
+        raise DataError(f"{path} is not a JSON object; download it again")
+    return config
 
 
 def token_text(token):
@@ -398,11 +404,9 @@ class ChatTemplate:
         text, source = config.get("chat_template"), Path(model_dir) / "tokenizer_config.json"
         if isinstance(text, list):  # named templates: [{"name": "default", "template": ...}, ...]
             text = next((t["template"] for t in text if t.get("name") == "default"), None)
-        if not text and (Path(model_dir) / "chat_template.jinja").exists():
-            text, source = (
-                (Path(model_dir) / "chat_template.jinja").read_text(),
-                Path(model_dir) / "chat_template.jinja",
-            )
+        if not text and os.path.lexists(Path(model_dir) / "chat_template.jinja"):
+            source = Path(model_dir) / "chat_template.jinja"
+            text = files.read_text(source, model_dir, files.JSON_LIMIT, "chat template")
         special = {
             k: token_text(config[k])
             for k in ("bos_token", "eos_token", "unk_token", "pad_token")

@@ -42,6 +42,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from infra import files
 from infra.cli import COUNT
 from infra.distributed import (
     dist_info,
@@ -50,7 +51,7 @@ from infra.distributed import (
     log,
     optimizer_state_dict,
 )
-from infra.rundir import STEP, TEMPORARY, file_sha256, lock, not_ours
+from infra.rundir import STEP, TEMPORARY, checkpoint_sha256, content_hashes, lock, not_ours
 from model import CheckpointError
 
 
@@ -76,16 +77,14 @@ def save(model, opt, state, out):
     try:
         model.save_pretrained(tmp, full)
         cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-        torch.save(
-            {
-                "optimizer": optim,
-                "state": dict(state),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": cuda_rng,
-            },
-            tmp / "trainer.pt",
-        )
-    except (OSError, SafetensorError, RuntimeError) as e:  # a full disk, most often
+        trainer = {
+            "optimizer": optim,
+            "state": dict(state),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": cuda_rng,
+        }
+        files.write_with(tmp / "trainer.pt", lambda f, _: torch.save(trainer, f), "trainer state")
+    except (OSError, SafetensorError, RuntimeError, CheckpointError) as e:  # a full disk, mostly
         remove(tmp)
         raise CheckpointError(
             f"writing the checkpoint {ckpt} failed ({e}); make room and continue with: "
@@ -146,6 +145,11 @@ def restore(model, opt, start):
     and the random-number states as they were."""
     state = {"step": 0, "skipped": 0, "bad_in_row": 0, "kept_sum": 0.0}
     if start:
+        if problem := optimizer_problem(model, start["optimizer"]):
+            raise CheckpointError(
+                f"the checkpoint's trainer.pt does not fit this model ({problem}); it was not "
+                "written by this run: start again with --overwrite"
+            )
         load_optimizer_state_dict(model, opt, start["optimizer"])
         state.update(start["state"])
         torch.set_rng_state(start["rng"])
@@ -179,7 +183,10 @@ def read_trainer_state(path):
     plain containers
     only, and refuses a file that names anything else (as a crafted pickle does, to run it)."""
     try:
-        start = torch.load(path, map_location="cpu", weights_only=True)
+        with files.open_input(path, path.parent, None, "trainer state") as f:
+            start = torch.load(f, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         what = re.search(r"GLOBAL \S+", str(e))
         raise CheckpointError(
@@ -191,21 +198,86 @@ def read_trainer_state(path):
             f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             f"start the run again with --overwrite"
         )
-    state = start.get("state") if isinstance(start, dict) else None
-    ok = (
-        isinstance(state, dict)
-        and type(state.get("step")) is int
-        and state["step"] >= 0
-        and isinstance(start.get("rng"), torch.Tensor)
-        and start["rng"].dtype == torch.uint8
-        and isinstance(start.get("optimizer"), dict)
-    )
-    if not ok:
+    if problem := trainer_problem(start):
         raise CheckpointError(
-            f"{path} is not a prift trainer state (optimizer, state, rng); start again "
-            "with --overwrite"
+            f"{path} is not a prift trainer state ({problem}); start again with --overwrite"
         )
     return start
+
+
+MAX_STEP = 10**9  # more optimizer steps than any run takes: a larger step is a crafted file
+COUNTERS = {"step": int, "skipped": int, "bad_in_row": int, "kept_sum": float}
+
+
+def trainer_problem(start):
+    """What in trainer.pt is not as save() writes it (the loop's counters, the random-number
+    states, the optimizer's layout), or None. The optimizer's tensors are compared with the model's
+    when they are loaded (restore)."""
+    if not isinstance(start, dict):
+        return "not a dict"
+    state = start.get("state")
+    if not isinstance(state, dict) or "step" not in state:
+        return "its state has no step"
+    if set(state) - set(COUNTERS):
+        return f"its state holds {', '.join(map(repr, set(state) - set(COUNTERS)))}"
+    for key, kind in COUNTERS.items():
+        value = state.get(key, 0)
+        ok = type(value) is int if kind is int else type(value) in (int, float)
+        if not ok or not math.isfinite(value) or not 0 <= value <= MAX_STEP:
+            return f"state {key} is {value!r}"
+    if max(state.get("skipped", 0), state.get("kept_sum", 0)) > state["step"]:
+        return "more skipped or kept steps than steps"
+    rng = start.get("rng")
+    if not (
+        isinstance(rng, torch.Tensor)
+        and rng.dtype == torch.uint8
+        and rng.shape == torch.get_rng_state().shape
+    ):
+        return "its rng is not a CPU generator's state"
+    cuda = start.get("cuda_rng")
+    if cuda is not None and not (isinstance(cuda, torch.Tensor) and cuda.dtype == torch.uint8):
+        return "its cuda_rng is not a CUDA generator's state"
+    optim = start.get("optimizer")
+    if not (
+        isinstance(optim, dict)
+        and isinstance(optim.get("state"), dict)
+        and isinstance(optim.get("param_groups"), list)
+        and len(optim["param_groups"]) == 1
+        and isinstance(optim["param_groups"][0], dict)
+        and isinstance(optim["param_groups"][0].get("params"), list)
+    ):
+        return "its optimizer is not an AdamW state of one parameter group"
+    return None
+
+
+def optimizer_problem(model, optim):
+    """Whether trainer.pt's AdamW state fits this model: one entry per parameter, each exp_avg and
+    exp_avg_sq of its parameter's shape and finite, its step a finite count; or None."""
+    params = optim["param_groups"][0]["params"]
+    named = dict(model.named_parameters())
+    shapes = (
+        [named[p].shape if p in named else None for p in params]
+        if params and isinstance(params[0], str)
+        else [p.shape for p in model.parameters()]
+    )
+    if len(params) != len(shapes) or None in shapes:
+        return f"{len(params)} parameters, the model has {len(named)}"
+    for i, (key, shape) in enumerate(zip(params, shapes)):
+        entry = optim["state"].get(key)
+        if entry is None:  # a parameter no step has updated yet
+            continue
+        if not isinstance(entry, dict):
+            return f"parameter {key}'s state is not a dict"
+        for name in ("exp_avg", "exp_avg_sq"):
+            t = entry.get(name)
+            if not (isinstance(t, torch.Tensor) and t.shape == shape and t.is_floating_point()):
+                return f"parameter {key}'s {name} is not a tensor of shape {tuple(shape)}"
+            if not torch.isfinite(t).all() or (name == "exp_avg_sq" and (t < 0).any()):
+                return f"parameter {key}'s {name} holds NaN, infinite or negative values"
+        step = entry.get("step")
+        if not (isinstance(step, torch.Tensor) and step.numel() == 1 and 0 <= step <= MAX_STEP):
+            return f"parameter {key}'s step is not a count"
+    return None
 
 
 @contextlib.contextmanager
@@ -279,7 +351,8 @@ def prepare_out(args, start):
             for p in out.iterdir():
                 if p.name != ".lock":
                     remove(p)
-        for p in [*(out / name for name in TEMPORARY), *(out / "checkpoints").glob("*.tmp")]:
+        left = [p for p in out.iterdir() if files.TEMPORARY_NAME.fullmatch(p.name)]
+        for p in [*(out / n for n in TEMPORARY), *(out / "checkpoints").glob("*.tmp"), *left]:
             remove(p)
     if args.resume:
         truncate_metrics(out / "metrics.jsonl", step)
@@ -287,10 +360,19 @@ def prepare_out(args, start):
             f"resuming {out} at step {step}" + ("" if start else " (it had no checkpoint yet)")
         )
     if dist_info()[0] == 0:
-        keep = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "recorded")}
-        keep["data_sha256"] = file_sha256(args.data) if args.data else None
-        (out / "args.json.tmp").write_text(json.dumps(keep, indent=1, default=str) + "\n")
-        os.replace(out / "args.json.tmp", out / "args.json")
+        files.write_json(out / "args.json", recorded_arguments(args), "arguments")
+
+
+def recorded_arguments(args):
+    """What args.json holds: the arguments, their paths absolute (a --resume from another
+    directory finds the same files), and the content hashes of what makes the result (rundir)."""
+    keep = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "recorded")}
+    for key in ("model", "ref", "data", "cache", "out"):
+        keep[key] = keep.get(key) and os.path.abspath(keep[key])
+    keep["eval_data"] = keep.get("eval_data") and [os.path.abspath(p) for p in keep["eval_data"]]
+    keep["sha256"] = content_hashes(args)
+    keep["data_sha256"] = keep["sha256"]["data"]  # as runs of before read it
+    return keep
 
 
 def truncate_metrics(path, step):
@@ -305,10 +387,10 @@ def truncate_metrics(path, step):
         except (ValueError, KeyError, TypeError, RecursionError):
             return math.inf
 
-    if dist_info()[0] == 0 and path.exists():
-        rows = [l for l in path.read_text(errors="replace").splitlines() if step_of(l) <= step]
-        path.with_suffix(".tmp").write_text("".join(l + "\n" for l in rows))
-        os.replace(path.with_suffix(".tmp"), path)
+    if dist_info()[0] == 0 and os.path.lexists(path):
+        text = files.read_text(path, path.parent, files.RUN_LIMIT, "metrics", errors="replace")
+        rows = [line for line in text.splitlines() if step_of(line) <= step]
+        files.write_text(path, "".join(line + "\n" for line in rows), "metrics")
 
 
 def save_model(model, out):
@@ -324,7 +406,7 @@ def save_model(model, out):
     remove(tmp)
     try:
         model.save_pretrained(tmp, full)
-    except (OSError, SafetensorError, RuntimeError) as e:  # a full disk, most often
+    except (OSError, SafetensorError, RuntimeError, CheckpointError) as e:  # a full disk, mostly
         remove(tmp)
         last = latest(out)
         raise CheckpointError(
@@ -339,8 +421,7 @@ def save_model(model, out):
 def record_step(out, row, bar):
     """One step's line in OUT/metrics.jsonl (rank 0 only), and on the progress bar."""
     if out and dist_info()[0] == 0:
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        files.append_line(out / "metrics.jsonl", json.dumps(row) + "\n", "metrics")
     bar.update()
     bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kept=f"{row['kept']:.2f}")
 
@@ -350,20 +431,16 @@ def record_step(out, row, bar):
 
 
 def prior_path(args, seqs):
-    """A file name that changes when the reference's weights, the tokenised data or the dtype do. A
-    file there that
-    does not fit the data (a damaged or crafted cache) is said in one line and removed, to be
+    """A file name made of what determines the prior, by content: the reference's weights and
+    config (their sha256, rundir.checkpoint_sha256), the tokenised data and the dtype. A file there
+    that does not fit the data (a damaged or crafted cache) is said in one line and removed, to be
     computed again."""
     key = hashlib.sha256()
-    ref = Path(args.ref)
-    for f in sorted(ref.glob("*.safetensors")) + [ref / "config.json"]:
-        st = f.stat()
-        key.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    key.update(f"prior-v2:{args.precision};".encode())
+    key.update(f"prior-v3:{checkpoint_sha256(args.ref)}:{args.precision};".encode())
     for ids, n_prompt in seqs:  # the token ids themselves (4x faster than hashing them as JSON)
         key.update(array("q", [n_prompt, len(ids), *ids]).tobytes())
     path = Path(args.cache) / "prior" / f"{key.hexdigest()[:20]}.safetensors"
-    if path.exists() and (problem := prior_problem(path, seqs)):
+    if os.path.lexists(path) and (problem := prior_problem(path, seqs)):
         log(f"prior: the cached {path} does not fit the data ({problem}); computing it again")
         path.unlink(missing_ok=True)
     return path
@@ -372,6 +449,7 @@ def prior_path(args, seqs):
 def prior_problem(path, seqs):
     """What is wrong with a cached prior for these examples (n_i response tokens each), or None."""
     try:
+        files.open_input(path, path.parent, None, "cached prior").close()  # no FIFO, no link out
         f = load_file(path)
     except Exception as e:  # safetensors raises several kinds for a damaged file
         return f"not readable: {str(e).splitlines()[0][:100]}"
@@ -404,15 +482,15 @@ def save_prior(path, prior):
             os.kill(int(old.name.split(".")[1]), 0)
             continue
         old.unlink(missing_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
     offsets = torch.tensor([0] + [len(stats) for stats in prior]).cumsum(0)
-    save_file({"stats": torch.cat(prior).contiguous(), "offsets": offsets}, tmp)
-    os.replace(tmp, path)
+    tensors = {"stats": torch.cat(prior).contiguous(), "offsets": offsets}
+    files.write_with(path, lambda f, tmp: save_file(tensors, tmp), "cached prior")
     log(f"prior: computed for {offsets[-1]} response tokens, saved to {path}")
 
 
 def load_prior(path):
     log(f"prior: reusing {path}")
+    files.open_input(path, path.parent, None, "cached prior").close()
     f = load_file(path)
     o = f["offsets"].tolist()
     return [f["stats"][a:b] for a, b in zip(o, o[1:])]

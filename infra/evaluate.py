@@ -17,8 +17,6 @@ after fine-tuning.
 
 import argparse
 import functools
-import json
-import os
 import re
 import statistics
 import sys
@@ -33,6 +31,7 @@ import data
 from data import (
     extract_answer,
 )  # the final answer of a response; data.py finds gold answers in solutions with it
+from infra import files
 from infra.cli import COUNT, POSITIVE, SAMPLES, Parser, existing, number
 from infra.distributed import autocast, dist_info, init_from_env, log, progress
 from infra.generate import generate
@@ -296,7 +295,7 @@ def report(args, before, after):
     results = {"base": before, args.rule: after} if before else {args.rule: after}
     rows = table(results, args.eval_samples)
     if dist_info()[0] == 0:
-        (args.out / "eval.json").write_text(json.dumps(results, indent=1))
+        files.write_json(args.out / "eval.json", results, "evaluation")
     return rows
 
 
@@ -409,6 +408,9 @@ def main(argv=None):
     if args.eval_samples == 0:
         parser.error("argument --samples: must be positive, got 0")
     out = Path(args.out)
+    inputs = [("checkpoint --model", args.model), *(("--data file", p) for p in args.data)]
+    if found := files.overlap(out, inputs):
+        parser.error(files.overlap_message("--out", out, found))
     if out.exists() and not args.overwrite or out.is_dir() or out.is_symlink():
         parser.error(
             f"--out {out} exists{'' if out.is_file() else ' and is not a file'}; give another file"
@@ -439,8 +441,11 @@ def main(argv=None):
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     table({"": results}, args.eval_samples)
-    out.with_name(out.name + ".tmp").write_text(json.dumps(results, indent=1))
-    os.replace(out.with_name(out.name + ".tmp"), out)  # whole, or not at all
+    try:
+        files.write_json(out, results, "--out")  # whole, or not at all
+    except CheckpointError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
     log(f"every sample, its answer and its grade: {args.out}")
     return 0
 

@@ -201,7 +201,13 @@ def write_bytes(path, content, what="file"):
 
 
 def write_text(path, text, what="file"):
-    write_bytes(path, text.encode("utf-8", "surrogateescape"), what)
+    """text as UTF-8; a path's undecodable bytes (surrogate escapes) are written back as they were,
+    any other lone surrogate as U+FFFD, so that a page naming such a path is still written whole."""
+    try:
+        content = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        content = text.encode("utf-8", "replace")
+    write_bytes(path, content, what)
 
 
 def write_json(path, value, what="file", indent=1):

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import data
 from infra import checkpoint, demo, evaluate, inspection, memory, report, rundir
-from infra.cli import COUNT, FRACTION, LENGTH, POSITIVE, Parser, existing, number
+from infra.cli import COUNT, FRACTION, LENGTH, POSITIVE, SEED, Parser, existing, number
 from infra.distributed import (
     all_reduce,
     autocast,
@@ -481,11 +481,7 @@ def run(args, device):
     checkpoint.prepare_out(
         args, start
     )  # every input has been read and checked: only now is --out written
-    before = (
-        evaluate.evaluate_files(args, model, template, eval_sets)
-        if eval_sets and not start
-        else None
-    )
+    before = evaluate.before_training(args, model, template, eval_sets, start)
     state = train(args, model, seqs, prior=prior, ref=ref, out=args.out, start=start)
     checkpoint.save_model(model, args.out)
     log(f"trained {state['step']} steps ({state['skipped']} skipped); model saved to {args.out}")
@@ -581,7 +577,7 @@ def parse_args(argv=None):
     g.add_argument(
         "--max-steps", type=POSITIVE, help="stop after this many optimizer steps instead"
     )
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=SEED, default=0)
     g.add_argument(
         "--loss-chunk",
         type=COUNT,

@@ -144,7 +144,9 @@ def restore(model, opt, start):
     counters
     and the random-number states as they were."""
     state = {"step": 0, "skipped": 0, "bad_in_row": 0, "kept_sum": 0.0}
-    if start:
+    if start and start.get("finished"):  # trained: nothing to restore but the counts
+        state.update(start["state"])
+    elif start:
         if problem := optimizer_problem(model, start["optimizer"]):
             raise CheckpointError(
                 f"the checkpoint's trainer.pt does not fit this model ({problem}); it was not "
@@ -170,12 +172,37 @@ def resume_point(out):
             "not written "
             f"by prift: start again with --overwrite"
         )
-    if not ckpt and (Path(out) / "model.safetensors").exists():
+    start = read_trainer_state(ckpt / "trainer.pt") if ckpt else None  # checked in any case
+    if os.path.lexists(Path(out) / "model.safetensors"):  # renamed last: the final model is whole
+        if not os.path.lexists(Path(out) / "config.json"):  # renamed before it by save_model
+            raise CheckpointError(
+                f"{out} holds a model.safetensors without its config.json, and no checkpoint to "
+                "resume from (checkpoints/latest is missing): it was not left so by prift"
+            )
+        return Path(out), finished_state(out)
+    return (ckpt, start) if ckpt else (None, None)
+
+
+def finished_state(out):
+    """The loop's state of a run whose final model is saved (the run finished, or was stopped in
+    the evaluation after training): every step done, so that --resume trains nothing and completes
+    what is missing (the evaluation, the report) with that model. From metrics.jsonl, whose rows
+    must be the steps 1..N."""
+    from infra.report import read_metrics
+
+    rows = read_metrics(Path(out))
+    if [r["step"] for r in rows] != list(range(1, len(rows) + 1)):
         raise CheckpointError(
-            f"{out} holds a finished model and no checkpoint to resume from (checkpoints/latest is "
-            f"missing): nothing is left to continue"
+            f"{out} holds a final model, and its metrics.jsonl does not hold its steps 1..N; it "
+            "was not left so by prift: start again with --overwrite"
         )
-    return (ckpt, read_trainer_state(ckpt / "trainer.pt")) if ckpt else (None, None)
+    state = dict(
+        step=len(rows),
+        skipped=rows[-1].get("skipped", 0) if rows else 0,
+        bad_in_row=0,
+        kept_sum=sum(r.get("kept", 0.0) for r in rows),
+    )
+    return {"state": state, "finished": True}
 
 
 def read_trainer_state(path):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import data
-from infra import checkpoint, evaluate, inspection, report
+from infra import checkpoint, evaluate, files, inspection, report
 from infra.cli import FRACTION, POSITIVE
 from infra.distributed import log
 from model import GPT, Config
@@ -209,14 +209,15 @@ def base_model(args, device, prift):
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save(str(tmp / "tokenizer.json"))
-    (tmp / "tokenizer_config.json").write_text(
+    files.write_text(
+        tmp / "tokenizer_config.json",
         json.dumps(
             {
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "eos_token": "<|endoftext|>",
                 "unk_token": "<unk>",
             }
-        )
+        ),
     )
     shutil.rmtree(base, ignore_errors=True)
     os.replace(tmp, base)
@@ -364,8 +365,8 @@ def run(args, device, prift):
             dirs.append(run_dir)
             if run_dir != out:  # its own arguments, for its report and the comparison page
                 run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "args.json").write_text(
-                    json.dumps({**vars(a), "data": str(paths["train"])}, indent=1, default=str)
+                files.write_json(
+                    run_dir / "args.json", {**vars(a), "data": str(paths["train"])}, "arguments"
                 )
             state = prift.train(
                 a, model, seqs, prior=prior if a.signal == "prior" else None, out=run_dir
@@ -388,8 +389,8 @@ def run(args, device, prift):
     table = evaluate.print_table(results, COLUMNS, title)
     if len(dirs) > 1:  # the rules (and seeds) side by side: curves overlaid, a row per run
         report.compare(dirs, out / "compare.html")
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps(runs, indent=1))
+    files.write_text(out / "results.md", table, "results")
+    files.write_json(out / "results.json", runs, "results")
     shown = prift.settings(args, rule="mass") if args.rule == "all" else args
     threshold = (
         control[shown.rule]

@@ -17,6 +17,7 @@ after fine-tuning.
 
 import argparse
 import functools
+import os
 import re
 import statistics
 import sys
@@ -32,7 +33,7 @@ from data import (
     extract_answer,
 )  # the final answer of a response; data.py finds gold answers in solutions with it
 from infra import files
-from infra.cli import COUNT, POSITIVE, SAMPLES, Parser, existing, number
+from infra.cli import COUNT, POSITIVE, SAMPLES, SEED, Parser, existing, number
 from infra.distributed import autocast, dist_info, init_from_env, log, progress
 from infra.generate import generate
 from model import GPT, CheckpointError, logits_chunk
@@ -260,6 +261,29 @@ def evaluate_files(args, model, template, sets):
     return out
 
 
+def before_training(args, model, template, sets, start):
+    """The evaluation before training, kept in OUT/eval_before.json as soon as it is made, so that
+    a run stopped later (preempted, killed, signalled) and resumed still reports it. Made now when
+    the run has not trained yet (start: None); read back when the file is there; None when neither
+    (a resumed run of a version that kept it in memory only)."""
+    if not sets:
+        return None
+    path = args.out / "eval_before.json"
+    if os.path.lexists(path):
+        kept = files.read_json(path, args.out, files.RUN_LIMIT, "evaluation before training")
+        if isinstance(kept, dict) and set(kept) == set(map(str, sets)):
+            return kept
+        if start:
+            log(f"{path} does not hold an evaluation of these files; it is left out")
+            return None
+    elif start:
+        return None
+    before = evaluate_files(args, model, template, sets)
+    if dist_info()[0] == 0:
+        files.write_json(path, before, "evaluation before training")
+    return before
+
+
 def table(results, k):
     """results: {model name: evaluate_files(...)}. A row per model and file, and the unweighted mean
     over the
@@ -400,7 +424,7 @@ def main(argv=None):
         help="every sample, its final answer and its grade (eval.json)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=SEED, default=0)
     add_arguments(parser, prefix="")
     args = parser.parse_args(argv)
     for key, value in PAPER.items():
@@ -408,14 +432,14 @@ def main(argv=None):
     if args.eval_samples == 0:
         parser.error("argument --samples: must be positive, got 0")
     out = Path(args.out)
-    inputs = [("checkpoint --model", args.model), *(("--data file", p) for p in args.data)]
-    if found := files.overlap(out, inputs):
-        parser.error(files.overlap_message("--out", out, found))
     if out.exists() and not args.overwrite or out.is_dir() or out.is_symlink():
         parser.error(
             f"--out {out} exists{'' if out.is_file() else ' and is not a file'}; give another file"
             + (", or --overwrite to replace it" if out.is_file() else "")
         )
+    inputs = [("checkpoint --model", args.model), *(("--data file", p) for p in args.data)]
+    if found := files.overlap(out, inputs):
+        parser.error(files.overlap_message("--out", out, found))
     try:  # can --out be written? Known now, not after the whole evaluation
         tempfile.TemporaryFile(dir=out.parent).close()
     except OSError as e:

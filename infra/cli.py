@@ -53,8 +53,8 @@ FRACTION = number(float, 0, low_ok=True, high=1)  # [0, 1]
 # Sizes past these can only be typos, and would be paid for in memory before anything else went
 # wrong
 LENGTH = number(int, 0, high=2**20)  # tokens per example: no model reads a million positions
-SAMPLES = number(int, 0, low_ok=True, high=10_000)
-SEED = number(int, 0, low_ok=True, high=2**32 - 1)  # what every random-number generator takes  # k of Avg@k: generation's memory grows with it
+SAMPLES = number(int, 0, low_ok=True, high=10_000)  # k of Avg@k: generation's memory grows with it
+SEED = number(int, 0, low_ok=True, high=2**32 - 1)  # what every random-number generator takes
 
 
 def existing(kind):

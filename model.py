@@ -182,7 +182,7 @@ class Config:
             raise CheckpointError(
                 f"{path} is not a directory; pass a Hugging Face checkpoint directory"
             )
-        if not (path / "config.json").is_file():
+        if not os.path.lexists(path / "config.json"):  # what else it is, the reader says
             raise CheckpointError(
                 f"{path} has no config.json (a regular file); pass a Hugging Face "
                 "checkpoint directory"

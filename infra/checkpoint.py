@@ -52,7 +52,7 @@ from infra.distributed import (
     optimizer_state_dict,
 )
 from infra.rundir import STEP, TEMPORARY, checkpoint_sha256, content_hashes, lock, not_ours
-from model import CheckpointError
+from model import GPT, CheckpointError, Config
 
 
 def save(model, opt, state, out):
@@ -147,11 +147,6 @@ def restore(model, opt, start):
     if start and start.get("finished"):  # trained: nothing to restore but the counts
         state.update(start["state"])
     elif start:
-        if problem := optimizer_problem(model, start["optimizer"]):
-            raise CheckpointError(
-                f"the checkpoint's trainer.pt does not fit this model ({problem}); it was not "
-                "written by this run: start again with --overwrite"
-            )
         load_optimizer_state_dict(model, opt, start["optimizer"])
         state.update(start["state"])
         torch.set_rng_state(start["rng"])
@@ -173,6 +168,14 @@ def resume_point(out):
             f"by prift: start again with --overwrite"
         )
     start = read_trainer_state(ckpt / "trainer.pt") if ckpt else None  # checked in any case
+    if start:  # against the model it was saved with, before anything is written
+        with torch.device("meta"):
+            saved = GPT(Config.load(ckpt))
+        if problem := optimizer_problem(saved, start["optimizer"]):
+            raise CheckpointError(
+                f"{ckpt / 'trainer.pt'} does not fit the model beside it ({problem}); it was not "
+                "written by this run: start again with --overwrite"
+            )
     if os.path.lexists(Path(out) / "model.safetensors"):  # renamed last: the final model is whole
         if not os.path.lexists(Path(out) / "config.json"):  # renamed before it by save_model
             raise CheckpointError(
@@ -191,7 +194,7 @@ def finished_state(out):
     from infra.report import read_metrics
 
     rows = read_metrics(Path(out))
-    if [r["step"] for r in rows] != list(range(1, len(rows) + 1)):
+    if not rows or [r["step"] for r in rows] != list(range(1, len(rows) + 1)):
         raise CheckpointError(
             f"{out} holds a final model, and its metrics.jsonl does not hold its steps 1..N; it "
             "was not left so by prift: start again with --overwrite"

@@ -117,6 +117,11 @@ def read_headers(files):
             raise CheckpointError(
                 f"weights file {f} cannot be read as safetensors ({e}); download it again"
             )
+        except (RuntimeError, OSError, MemoryError) as e:  # mapped whole: larger than memory allows
+            raise CheckpointError(
+                f"weights file {f} cannot be opened ({str(e).splitlines()[0][:200]}): more "
+                "than this machine's memory can map"
+            ) from None
     return stored
 
 

@@ -287,7 +287,7 @@ def test_sizes_past_a_kind_are_refused_before_reading(w, capsys):
     cfg = json.loads((big / "config.json").read_text())
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cfg.update(hidden_size=1024, intermediate_size=2048)
-    cfg["vocab_size"] = vocab = ram // (4 * 1024) + 1  # the embedding alone: more than the memory
+    cfg["vocab_size"] = ram // (4 * 1024) + 1  # the embedding alone: more than the memory
     (big / "config.json").write_text(json.dumps(cfg))
     with torch.device("meta"):
         model = GPT(Config.from_dict(cfg))
@@ -681,6 +681,7 @@ def test_no_evaluation_is_lost(w, capsys, monkeypatch):
     metrics = (w.out / "metrics.jsonl").read_text()
     capsys.readouterr()
     assert main_rc(argv) == 0
+    assert "at step 3" in capsys.readouterr().out, "trained again"
     assert (w.out / "metrics.jsonl").read_text() == metrics, "trained again"
     assert all(torch.equal(trained[k], v) for k, v in weights(w.out).items())
     results = json.loads((w.out / "eval.json").read_text())

@@ -9,12 +9,16 @@ ends with the template's end token, which is trained. Nothing of the prompt is.
 
 import json
 import math
+import os
 import re
+import time
 from datetime import datetime
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
+
+from infra import files
 
 # Where each part of an example is found, first field first: datasets name them differently.
 # `answer` is read
@@ -65,7 +69,7 @@ def read_jsonl(path, need="response", max_len=None):
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     examples = []
-    with open(path, "rb") as f:
+    with files.open_input(path, what="data file") as f:
         # lines end at \n only: str.splitlines would also cut at U+2028, U+0085 and others, which
         # JSON strings may hold
         for n, line in enumerate(iter(lambda: f.readline(limit + 1), b""), 1):
@@ -254,8 +258,9 @@ def load_tokenizer(model_dir):
             f"{model_dir} has no tokenizer.json; prift tokenises with the checkpoint's own "
             "tokenizer"
         )
+    text = files.read_text(path, model_dir, files.TOKENIZER_LIMIT, "tokenizer")
     try:
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_str(text)
     except Exception as e:  # the tokenizers library raises a bare Exception
         raise DataError(f"{path} cannot be read as a tokenizer ({e}); download it again")
 
@@ -322,23 +327,33 @@ class Template:
         right to max_len. Examples whose prompt alone fills max_len are dropped, and those of a
         single token in all
         (empty prompt and response, no BOS): nothing to predict. Returns (kept, n_dropped)."""
-        kept, dropped = [], 0
-        for ex in examples:
+        kept, left_out = self.encode_rows(examples, max_len)
+        return [seq for _, seq in kept], len(left_out)
+
+    def encode_rows(self, examples, max_len):
+        """encode's examples with their index among `examples`: ([(row, (ids, n_prompt))],
+        [(row, why it was left out)])."""
+        kept, left_out = [], []
+        for row, ex in enumerate(examples):
             prompt = self.prompt_ids(ex["messages"])
             response = self.tok.encode(ex["response"], add_special_tokens=False).ids + [self.end_id]
-            if len(prompt) >= max_len or len(prompt) + len(response) < 2:
-                dropped += 1
-                continue
-            kept.append(((prompt + response)[:max_len], len(prompt)))
-        return kept, dropped
+            if len(prompt) >= max_len:
+                left_out.append((row, f"its prompt of {len(prompt)} tokens fills --max-len"))
+            elif len(prompt) + len(response) < 2:
+                left_out.append((row, "nothing to train: empty prompt and response"))
+            else:
+                kept.append((row, ((prompt + response)[:max_len], len(prompt))))
+        return kept, left_out
 
 
 def tokenizer_config(model_dir):
     path = Path(model_dir) / "tokenizer_config.json"
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); download it again")
+    if not os.path.lexists(path):
+        return {}
+    config = files.read_json(path, model_dir, files.JSON_LIMIT, "tokenizer config")
+    if not isinstance(config, dict):
+        raise DataError(f"{path} is not a JSON object; download it again")
+    return config
 
 
 def token_text(token):
@@ -368,9 +383,30 @@ class ChatTemplate:
         def raise_exception(message):
             raise jinja2.exceptions.TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(
+        limits = self.limits = Limits()
+
+        class Bounded(ImmutableSandboxedEnvironment):
+            """The sandbox, with bounds on work: every range() counts its items against the render's
+            budget (and checks its clock), and * and ** may not make a huge string or number."""
+
+            intercepted_binops = frozenset(["*", "**", "+"])
+
+            def call_binop(self, context, operator, left, right):
+                if operator == "**" and all(type(v) in (int, float) for v in (left, right)):
+                    if abs(right) > 64:
+                        raise TemplateLimit(f"{left} ** {right}: an exponent above 64")
+                elif operator == "+" and all(isinstance(v, (str, list)) for v in (left, right)):
+                    limits.grow(len(left) + len(right))
+                elif operator == "*" and isinstance(right, int) and hasattr(left, "__len__"):
+                    limits.grow(len(left) * right)
+                elif operator == "*" and isinstance(left, int) and hasattr(right, "__len__"):
+                    limits.grow(len(right) * left)
+                return super().call_binop(context, operator, left, right)
+
+        env = Bounded(
             trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, Generation]
         )
+        env.globals.update(range=limits.range, lipsum=limits.lipsum)
         env.filters["tojson"] = (
             lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
                 x,
@@ -398,11 +434,9 @@ class ChatTemplate:
         text, source = config.get("chat_template"), Path(model_dir) / "tokenizer_config.json"
         if isinstance(text, list):  # named templates: [{"name": "default", "template": ...}, ...]
             text = next((t["template"] for t in text if t.get("name") == "default"), None)
-        if not text and (Path(model_dir) / "chat_template.jinja").exists():
-            text, source = (
-                (Path(model_dir) / "chat_template.jinja").read_text(),
-                Path(model_dir) / "chat_template.jinja",
-            )
+        if not text and os.path.lexists(Path(model_dir) / "chat_template.jinja"):
+            source = Path(model_dir) / "chat_template.jinja"
+            text = files.read_text(source, model_dir, files.JSON_LIMIT, "chat template")
         special = {
             k: token_text(config[k])
             for k in ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -414,13 +448,24 @@ class ChatTemplate:
         """The prompt's text: the turns, then the generation prompt (where the assistant's answer
         begins).
         """
+        self.limits.start()
         try:
-            return self.template.render(
+            parts = self.template.generate(
                 messages=messages,
                 tools=None,
                 documents=None,
                 add_generation_prompt=True,
                 **self.special,
+            )
+            out = []
+            for part in parts:  # the output, counted as it is made
+                self.limits.grow(len(part), out=True)
+                out.append(part)
+            return "".join(out)
+        except (TemplateLimit, RecursionError, MemoryError, OverflowError) as e:
+            raise DataError(
+                f"{self.source}: the chat template exceeds what rendering one prompt may take "
+                f"({str(e) or type(e).__name__}); fix it or choose another --template"
             )
         except self.error as e:
             raise DataError(
@@ -428,6 +473,67 @@ class ChatTemplate:
                 "the data's roles "
                 f"or choose another --template"
             )
+
+
+class TemplateLimit(Exception):
+    pass
+
+
+class CountedRange:
+    """A range whose items count against a render's Limits as they are iterated (its length and
+    items are free: a range of a billion costs nothing until it is looped over)."""
+
+    def __init__(self, r, limits):
+        self.r, self.limits = r, limits
+
+    def __iter__(self):
+        for i in self.r:
+            self.limits.tick()
+            yield i
+
+    def __reversed__(self):
+        return iter(CountedRange(self.r[::-1], self.limits))
+
+    def __len__(self):
+        return len(self.r)
+
+    def __getitem__(self, i):
+        return CountedRange(self.r[i], self.limits) if isinstance(i, slice) else self.r[i]
+
+
+class Limits:
+    """What one rendering of a chat template may take: loop items over all its range()s, output and
+    string size, and time. A real template renders a prompt in milliseconds, far inside them."""
+
+    ITEMS = 1_000_000  # range() items in all, per prompt
+    CHARS = 16 * 2**20  # characters of output, or of one string made by *
+    SECONDS = 10.0
+
+    def start(self):
+        self.items, self.chars, self.deadline = 0, 0, time.monotonic() + self.SECONDS
+
+    def tick(self, n=1):
+        self.items += n
+        if self.items > self.ITEMS:
+            raise TemplateLimit(f"loops of more than {self.ITEMS} items")
+        if time.monotonic() > self.deadline:
+            raise TemplateLimit(f"more than {self.SECONDS:.0f} s")
+
+    def grow(self, n, out=False):
+        self.chars = self.chars + n if out else n
+        if self.chars > self.CHARS:
+            raise TemplateLimit(f"more than {self.CHARS // 2**20} MiB of text")
+        self.tick(0)
+
+    def range(self, *args):
+        return CountedRange(range(*args), self)
+
+    def lipsum(self, n=5, html=True, min=20, max=100):
+        from jinja2.utils import generate_lorem_ipsum
+
+        if n * max > self.ITEMS:
+            raise TemplateLimit(f"lipsum of {n} paragraphs of up to {max} words")
+        return generate_lorem_ipsum(n, html, min, max)
 
 
 def collate(seqs, pad_id=0):
@@ -504,4 +610,4 @@ def micro_batches(seqs, idx, rank, world, size, tokens=None, by_length=True):
 
 def write_jsonl(rows, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files.write_text(Path(path), "".join(json.dumps(r) + "\n" for r in rows), "data")

@@ -7,7 +7,8 @@ no renaming at all; GPT-2 needs one short key table (gpt2_keys below).
 
 import json
 import math
-import shutil
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
+from infra import files
 from infra.hf_files import (
     CheckpointError,
     config_fields,
@@ -350,6 +352,7 @@ class GPT(nn.Module):
             {k: f for k, (f, _) in stored.items() if k not in skip},
             dtype or torch.float32,
             torch.device(device or "cpu"),
+            shapes,
         )
         state = gpt2_keys(state, to_hf=False) if cfg.model_type == "gpt2" else state
         if cfg.tie_word_embeddings:
@@ -379,12 +382,25 @@ class GPT(nn.Module):
         raw["vocab_size"] = self.config.vocab_size
         for key in [k for k in ("torch_dtype", "dtype") if k in raw] or ["torch_dtype"]:
             raw[key] = dtype
-        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-        (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+        # each file through the one writer: whole or not at all, never through a link
+        files.write_with(
+            path / "model.safetensors",
+            lambda f, tmp: save_file(state, tmp, metadata={"format": "pt"}),
+            "weights",
+        )
+        files.write_text(path / "config.json", json.dumps(raw, indent=2) + "\n", "config")
         for name in TOKENIZER_FILES:
             src = self.source_dir and Path(self.source_dir) / name
-            if src and src.exists() and src.resolve() != (path / name).resolve():
-                shutil.copy(src, path / name)
+            if not src or not os.path.lexists(src) or same_file(src, path / name):
+                continue
+            try:  # the one reader's checks (a regular file inside the checkpoint), copied as bytes
+                files.copy_file(src, path / name, self.source_dir, files.TOKENIZER_LIMIT, name)
+            except files.CheckpointError as e:
+                print(f"note: {name} left out of {path}: {e}", file=sys.stderr)
+
+
+def same_file(a, b):
+    return os.path.exists(b) and os.path.samefile(a, b)
 
 
 def gpt2_keys(state, to_hf):

@@ -4,6 +4,7 @@ argparse types that refuse an out-of-range number with a message that says what 
 """
 
 import argparse
+import math
 from pathlib import Path
 
 
@@ -25,9 +26,11 @@ def number(kind, low, low_ok=False, high=None):
             raise argparse.ArgumentTypeError(
                 f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
             )
-        in_range = (value > low or (low_ok and value == low)) and (
-            high is None or value <= high
-        )  # NaN is not
+        in_range = (
+            (value > low or (low_ok and value == low))
+            and (high is None or value <= high)
+            and math.isfinite(value)  # NaN is in no range; inf would train a NaN model
+        )
         if not in_range:
             allowed = (
                 f"in [{low}, {high}]"
@@ -50,6 +53,7 @@ FRACTION = number(float, 0, low_ok=True, high=1)  # [0, 1]
 # wrong
 LENGTH = number(int, 0, high=2**20)  # tokens per example: no model reads a million positions
 SAMPLES = number(int, 0, low_ok=True, high=10_000)  # k of Avg@k: generation's memory grows with it
+SEED = number(int, 0, low_ok=True, high=2**32 - 1)  # what every random-number generator takes
 
 
 def existing(kind):

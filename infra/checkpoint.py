@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from infra import files
 from infra.argtypes import COUNT
 from infra.distributed import (
     all_reduce,
@@ -43,8 +44,8 @@ from infra.distributed import (
     log,
     optimizer_state_dict,
 )
-from infra.rundir import STEP, TEMPORARY, file_sha256, lock, not_ours
-from model import CheckpointError
+from infra.rundir import STEP, TEMPORARY, content_hashes, lock, not_ours
+from model import GPT, CheckpointError, Config
 
 
 class Run:
@@ -104,16 +105,14 @@ def save(model, opt, state, out):
     try:
         model.save_pretrained(tmp, full)
         cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-        torch.save(
-            {
-                "optimizer": optim,
-                "state": dict(state),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": cuda_rng,
-            },
-            tmp / "trainer.pt",
-        )
-    except (OSError, SafetensorError, RuntimeError) as e:  # a full disk, most often
+        trainer = {
+            "optimizer": optim,
+            "state": dict(state),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": cuda_rng,
+        }
+        files.write_with(tmp / "trainer.pt", lambda f, _: torch.save(trainer, f), "trainer state")
+    except (OSError, SafetensorError, RuntimeError, CheckpointError) as e:  # a full disk, mostly
         remove(tmp)
         raise CheckpointError(
             f"writing the checkpoint {ckpt} failed ({e}); make room and continue with: "
@@ -173,7 +172,9 @@ def restore(model, opt, resume_state):
     counters
     and the random-number states as they were."""
     state = {"step": 0, "skipped": 0, "bad_in_row": 0, "kept_sum": 0.0}
-    if resume_state:
+    if resume_state and resume_state.get("finished"):  # trained: nothing to restore but the counts
+        state.update(resume_state["state"])
+    elif resume_state:
         load_optimizer_state_dict(model, opt, resume_state["optimizer"])
         state.update(resume_state["state"])
         torch.set_rng_state(resume_state["rng"])
@@ -194,12 +195,45 @@ def resume_point(out):
             "not written "
             f"by prift: start again with --overwrite"
         )
-    if not ckpt and (Path(out) / "model.safetensors").exists():
+    start = read_trainer_state(ckpt / "trainer.pt") if ckpt else None  # checked in any case
+    if start:  # against the model it was saved with, before anything is written
+        with torch.device("meta"):
+            saved = GPT(Config.load(ckpt))
+        if problem := optimizer_problem(saved, start["optimizer"]):
+            raise CheckpointError(
+                f"{ckpt / 'trainer.pt'} does not fit the model beside it ({problem}); it was not "
+                "written by this run: start again with --overwrite"
+            )
+    if os.path.lexists(Path(out) / "model.safetensors"):  # renamed last: the final model is whole
+        if not os.path.lexists(Path(out) / "config.json"):  # renamed before it by save_model
+            raise CheckpointError(
+                f"{out} holds a model.safetensors without its config.json, and no checkpoint to "
+                "resume from (checkpoints/latest is missing): it was not left so by prift"
+            )
+        return Path(out), finished_state(out)
+    return (ckpt, start) if ckpt else (None, None)
+
+
+def finished_state(out):
+    """The loop's state of a run whose final model is saved (the run finished, or was stopped in
+    the evaluation after training): every step done, so that --resume trains nothing and completes
+    what is missing (the evaluation, the report) with that model. From metrics.jsonl, whose rows
+    must be the steps 1..N."""
+    from infra.report import read_metrics
+
+    rows = read_metrics(Path(out))
+    if not rows or [r["step"] for r in rows] != list(range(1, len(rows) + 1)):
         raise CheckpointError(
-            f"{out} holds a finished model and no checkpoint to resume from (checkpoints/latest is "
-            f"missing): nothing is left to continue"
+            f"{out} holds a final model, and its metrics.jsonl does not hold its steps 1..N; it "
+            "was not left so by prift: start again with --overwrite"
         )
-    return (ckpt, read_trainer_state(ckpt / "trainer.pt")) if ckpt else (None, None)
+    state = dict(
+        step=len(rows),
+        skipped=rows[-1].get("skipped", 0) if rows else 0,
+        bad_in_row=0,
+        kept_sum=sum(r.get("kept", 0.0) for r in rows),
+    )
+    return {"state": state, "finished": True}
 
 
 def read_trainer_state(path):
@@ -207,7 +241,10 @@ def read_trainer_state(path):
     plain containers
     only, and refuses a file that names anything else (as a crafted pickle does, to run it)."""
     try:
-        start = torch.load(path, map_location="cpu", weights_only=True)
+        with files.open_input(path, path.parent, None, "trainer state") as f:
+            start = torch.load(f, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         what = re.search(r"GLOBAL \S+", str(e))
         raise CheckpointError(
@@ -219,21 +256,86 @@ def read_trainer_state(path):
             f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             f"start the run again with --overwrite"
         )
-    state = start.get("state") if isinstance(start, dict) else None
-    ok = (
-        isinstance(state, dict)
-        and type(state.get("step")) is int
-        and state["step"] >= 0
-        and isinstance(start.get("rng"), torch.Tensor)
-        and start["rng"].dtype == torch.uint8
-        and isinstance(start.get("optimizer"), dict)
-    )
-    if not ok:
+    if problem := trainer_problem(start):
         raise CheckpointError(
-            f"{path} is not a prift trainer state (optimizer, state, rng); start again "
-            "with --overwrite"
+            f"{path} is not a prift trainer state ({problem}); start again with --overwrite"
         )
     return start
+
+
+MAX_STEP = 10**9  # more optimizer steps than any run takes: a larger step is a crafted file
+COUNTERS = {"step": int, "skipped": int, "bad_in_row": int, "kept_sum": float}
+
+
+def trainer_problem(start):
+    """What in trainer.pt is not as save() writes it (the loop's counters, the random-number
+    states, the optimizer's layout), or None. The optimizer's tensors are compared with the model's
+    when they are loaded (restore)."""
+    if not isinstance(start, dict):
+        return "not a dict"
+    state = start.get("state")
+    if not isinstance(state, dict) or "step" not in state:
+        return "its state has no step"
+    if set(state) - set(COUNTERS):
+        return f"its state holds {', '.join(map(repr, set(state) - set(COUNTERS)))}"
+    for key, kind in COUNTERS.items():
+        value = state.get(key, 0)
+        ok = type(value) is int if kind is int else type(value) in (int, float)
+        if not ok or not math.isfinite(value) or not 0 <= value <= MAX_STEP:
+            return f"state {key} is {value!r}"
+    if max(state.get("skipped", 0), state.get("kept_sum", 0)) > state["step"]:
+        return "more skipped or kept steps than steps"
+    rng = start.get("rng")
+    if not (
+        isinstance(rng, torch.Tensor)
+        and rng.dtype == torch.uint8
+        and rng.shape == torch.get_rng_state().shape
+    ):
+        return "its rng is not a CPU generator's state"
+    cuda = start.get("cuda_rng")
+    if cuda is not None and not (isinstance(cuda, torch.Tensor) and cuda.dtype == torch.uint8):
+        return "its cuda_rng is not a CUDA generator's state"
+    optim = start.get("optimizer")
+    if not (
+        isinstance(optim, dict)
+        and isinstance(optim.get("state"), dict)
+        and isinstance(optim.get("param_groups"), list)
+        and len(optim["param_groups"]) == 1
+        and isinstance(optim["param_groups"][0], dict)
+        and isinstance(optim["param_groups"][0].get("params"), list)
+    ):
+        return "its optimizer is not an AdamW state of one parameter group"
+    return None
+
+
+def optimizer_problem(model, optim):
+    """Whether trainer.pt's AdamW state fits this model: one entry per parameter, each exp_avg and
+    exp_avg_sq of its parameter's shape and finite, its step a finite count; or None."""
+    params = optim["param_groups"][0]["params"]
+    named = dict(model.named_parameters())
+    shapes = (
+        [named[p].shape if p in named else None for p in params]
+        if params and isinstance(params[0], str)
+        else [p.shape for p in model.parameters()]
+    )
+    if len(params) != len(shapes) or None in shapes:
+        return f"{len(params)} parameters, the model has {len(named)}"
+    for i, (key, shape) in enumerate(zip(params, shapes)):
+        entry = optim["state"].get(key)
+        if entry is None:  # a parameter no step has updated yet
+            continue
+        if not isinstance(entry, dict):
+            return f"parameter {key}'s state is not a dict"
+        for name in ("exp_avg", "exp_avg_sq"):
+            t = entry.get(name)
+            if not (isinstance(t, torch.Tensor) and t.shape == shape and t.is_floating_point()):
+                return f"parameter {key}'s {name} is not a tensor of shape {tuple(shape)}"
+            if not torch.isfinite(t).all() or (name == "exp_avg_sq" and (t < 0).any()):
+                return f"parameter {key}'s {name} holds NaN, infinite or negative values"
+        step = entry.get("step")
+        if not (isinstance(step, torch.Tensor) and step.numel() == 1 and 0 <= step <= MAX_STEP):
+            return f"parameter {key}'s step is not a count"
+    return None
 
 
 @contextlib.contextmanager
@@ -307,7 +409,8 @@ def prepare_out(args, start):
             for p in out.iterdir():
                 if p.name != ".lock":
                     remove(p)
-        for p in [*(out / name for name in TEMPORARY), *(out / "checkpoints").glob("*.tmp")]:
+        left = [p for p in out.iterdir() if files.TEMPORARY_NAME.fullmatch(p.name)]
+        for p in [*(out / n for n in TEMPORARY), *(out / "checkpoints").glob("*.tmp"), *left]:
             remove(p)
     if args.resume:
         truncate_metrics(out / "metrics.jsonl", step)
@@ -315,10 +418,19 @@ def prepare_out(args, start):
             f"resuming {out} at step {step}" + ("" if start else " (it had no checkpoint yet)")
         )
     if dist_info()[0] == 0:
-        keep = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "recorded")}
-        keep["data_sha256"] = file_sha256(args.data) if args.data else None
-        (out / "args.json.tmp").write_text(json.dumps(keep, indent=1, default=str) + "\n")
-        os.replace(out / "args.json.tmp", out / "args.json")
+        files.write_json(out / "args.json", recorded_arguments(args), "arguments")
+
+
+def recorded_arguments(args):
+    """What args.json holds: the arguments, their paths absolute (a --resume from another
+    directory finds the same files), and the content hashes of what makes the result (rundir)."""
+    keep = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "recorded")}
+    for key in ("model", "ref", "data", "cache", "out"):
+        keep[key] = keep.get(key) and os.path.abspath(keep[key])
+    keep["eval_data"] = keep.get("eval_data") and [os.path.abspath(p) for p in keep["eval_data"]]
+    keep["sha256"] = content_hashes(args)
+    keep["data_sha256"] = keep["sha256"]["data"]  # as runs of before read it
+    return keep
 
 
 def truncate_metrics(path, step):
@@ -333,11 +445,10 @@ def truncate_metrics(path, step):
         except (ValueError, KeyError, TypeError, RecursionError):
             return math.inf
 
-    if dist_info()[0] == 0 and path.exists():
-        lines = path.read_text(errors="replace").splitlines()
-        rows = [line for line in lines if step_of(line) <= step]
-        path.with_suffix(".tmp").write_text("".join(line + "\n" for line in rows))
-        os.replace(path.with_suffix(".tmp"), path)
+    if dist_info()[0] == 0 and os.path.lexists(path):
+        text = files.read_text(path, path.parent, files.RUN_LIMIT, "metrics", errors="replace")
+        rows = [line for line in text.splitlines() if step_of(line) <= step]
+        files.write_text(path, "".join(line + "\n" for line in rows), "metrics")
 
 
 def save_model(model, out):
@@ -353,7 +464,7 @@ def save_model(model, out):
     remove(tmp)
     try:
         model.save_pretrained(tmp, full)
-    except (OSError, SafetensorError, RuntimeError) as e:  # a full disk, most often
+    except (OSError, SafetensorError, RuntimeError, CheckpointError) as e:  # a full disk, mostly
         remove(tmp)
         last = latest(out)
         raise CheckpointError(
@@ -368,7 +479,6 @@ def save_model(model, out):
 def record_step(out, row, bar):
     """One step's line in OUT/metrics.jsonl (rank 0 only), and on the progress bar."""
     if out and dist_info()[0] == 0:
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        files.append_line(out / "metrics.jsonl", json.dumps(row) + "\n", "metrics")
     bar.update()
     bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kept=f"{row['kept']:.2f}")

@@ -18,6 +18,7 @@ from infra.argtypes import (
     FRACTION,
     LENGTH,
     POSITIVE,
+    SEED,
     Parser,
     existing,
     number,
@@ -67,7 +68,7 @@ def parse_args(argv=None):
                    help="instead: as many sequences as fit in N positions")  # fmt: skip
     g.add_argument("--epochs", type=POSITIVE, help="passes over the data (1; demo 10)")
     g.add_argument("--max-steps", type=POSITIVE, help="stop after this many steps instead")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=SEED, default=0)
     g.add_argument("--loss-chunk", type=COUNT, default=0,
                    help="positions per loss chunk (0: 128 MB of float32 logits)")  # fmt: skip
     g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
@@ -143,8 +144,7 @@ def run(args, device):
     ref_dtype = prior.reference_dtype(args)
     ref = prift.load_reference(args.ref, device, ref_dtype) if from_prior and inline else None
     checkpoint.prepare_out(args, resume_state)  # every input has been read and checked: now --out
-    before = (evaluate.evaluate_files(args, model, template, eval_sets)
-              if eval_sets and not resume_state else None)  # fmt: skip
+    before = evaluate.before_training(args, model, template, eval_sets, resume_state)
     run_dir = checkpoint.Run(args.out, args.save_every, resume_state)
     state = prift.train(cfg, model, seqs, prior=stats, ref=ref, run=run_dir)
     checkpoint.save_model(model, args.out)

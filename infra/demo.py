@@ -26,7 +26,7 @@ import torch
 
 import data
 import prift
-from infra import checkpoint, evaluate, inspection, report
+from infra import checkpoint, evaluate, files, inspection, report
 from infra.argtypes import FRACTION, POSITIVE, train_config
 from infra.distributed import log
 from infra.prior import prior_of
@@ -200,14 +200,15 @@ def base_model(args, device):
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save(str(tmp / "tokenizer.json"))
-    (tmp / "tokenizer_config.json").write_text(
+    files.write_text(
+        tmp / "tokenizer_config.json",
         json.dumps(
             {
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "eos_token": "<|endoftext|>",
                 "unk_token": "<unk>",
             }
-        )
+        ),
     )
     shutil.rmtree(base, ignore_errors=True)
     os.replace(tmp, base)
@@ -355,12 +356,10 @@ def run(args, device):
             dirs.append(run_dir)
             if run_dir != out:  # its own arguments, for its report and the comparison page
                 run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "args.json").write_text(
-                    json.dumps(
-                        {**vars(args), **vars(cfg), "data": str(paths["train"])},
-                        indent=1,
-                        default=str,
-                    )
+                files.write_json(
+                    run_dir / "args.json",
+                    {**vars(args), **vars(cfg), "data": str(paths["train"])},
+                    "arguments",
                 )
             run = checkpoint.Run(run_dir, args.save_every)
             state = prift.train(
@@ -384,8 +383,8 @@ def run(args, device):
     table = evaluate.print_table(results, COLUMNS, title)
     if len(dirs) > 1:  # the rules (and seeds) side by side: curves overlaid, a row per run
         report.compare(dirs, out / "compare.html")
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps(runs, indent=1))
+    files.write_text(out / "results.md", table, "results")
+    files.write_json(out / "results.json", runs, "results")
     shown = train_config(args, rule="mass") if args.rule == "all" else train_config(args)
     threshold = (
         control[shown.rule]

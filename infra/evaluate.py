@@ -17,7 +17,6 @@ after fine-tuning.
 
 import argparse
 import functools
-import json
 import os
 import re
 import statistics
@@ -33,7 +32,8 @@ import prift
 from data import (
     extract_answer,
 )  # the final answer of a response; data.py finds gold answers in solutions with it
-from infra.argtypes import COUNT, POSITIVE, SAMPLES, Parser, existing, number
+from infra import files
+from infra.argtypes import COUNT, POSITIVE, SAMPLES, SEED, Parser, existing, number
 from infra.distributed import autocast, dist_info, init_from_env, log, progress
 from infra.generate import generate
 from model import GPT, CheckpointError
@@ -256,6 +256,29 @@ def evaluate_files(args, model, template, sets):
     return out
 
 
+def before_training(args, model, template, sets, start):
+    """The evaluation before training, kept in OUT/eval_before.json as soon as it is made, so that
+    a run stopped later (preempted, killed, signalled) and resumed still reports it. Made now when
+    the run has not trained yet (start: None); read back when the file is there; None when neither
+    (a resumed run of a version that kept it in memory only)."""
+    if not sets:
+        return None
+    path = args.out / "eval_before.json"
+    if os.path.lexists(path):
+        kept = files.read_json(path, args.out, files.RUN_LIMIT, "evaluation before training")
+        if isinstance(kept, dict) and set(kept) == set(map(str, sets)):
+            return kept
+        if start:
+            log(f"{path} does not hold an evaluation of these files; it is left out")
+            return None
+    elif start:
+        return None
+    before = evaluate_files(args, model, template, sets)
+    if dist_info()[0] == 0:
+        files.write_json(path, before, "evaluation before training")
+    return before
+
+
 def table(results, k):
     """results: {model name: evaluate_files(...)}. A row per model and file, and the unweighted mean
     over the
@@ -291,7 +314,7 @@ def report(args, before, after):
     results = {"base": before, args.rule: after} if before else {args.rule: after}
     rows = table(results, args.eval_samples)
     if dist_info()[0] == 0:
-        (args.out / "eval.json").write_text(json.dumps(results, indent=1))
+        files.write_json(args.out / "eval.json", results, "evaluation")
     return rows
 
 
@@ -396,7 +419,7 @@ def main(argv=None):
         help="every sample, its final answer and its grade (eval.json)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=SEED, default=0)
     add_arguments(parser, prefix="")
     given = vars(parser.parse_args(argv))
     # the paper's settings where none is given, in a new namespace (the parsed one stays as given)
@@ -409,6 +432,9 @@ def main(argv=None):
             f"--out {out} exists{'' if out.is_file() else ' and is not a file'}; give another file"
             + (", or --overwrite to replace it" if out.is_file() else "")
         )
+    inputs = [("checkpoint --model", args.model), *(("--data file", p) for p in args.data)]
+    if found := files.overlap(out, inputs):
+        parser.error(files.overlap_message("--out", out, found))
     try:  # can --out be written? Known now, not after the whole evaluation
         tempfile.TemporaryFile(dir=out.parent).close()
     except OSError as e:
@@ -433,8 +459,11 @@ def main(argv=None):
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     table({"": results}, args.eval_samples)
-    out.with_name(out.name + ".tmp").write_text(json.dumps(results, indent=1))
-    os.replace(out.with_name(out.name + ".tmp"), out)  # whole, or not at all
+    try:
+        files.write_json(out, results, "--out")  # whole, or not at all
+    except CheckpointError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
     log(f"every sample, its answer and its grade: {args.out}")
     return 0
 

@@ -5,17 +5,14 @@ the directory), and the safetensors headers (names, shapes, dtypes); then the te
 not finite.
 """
 
-import json
 import math
+import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-
-class CheckpointError(Exception):
-    """A checkpoint directory that cannot be loaded as it is; the message says what to fix."""
-
+from infra.files import JSON_LIMIT, CheckpointError, open_input, read_json
 
 MAX_LAYERS = (
     1024  # the deepest released models have ~130; more is a damaged config, and each layer is built
@@ -178,14 +175,11 @@ def read_config(path):
         raise CheckpointError(
             f"{path} is not a directory; pass a Hugging Face checkpoint directory"
         )
-    if not (path / "config.json").is_file():
+    if not os.path.lexists(path / "config.json"):  # what else it is, the reader says
         raise CheckpointError(
             f"{path} has no config.json (a regular file); pass a Hugging Face checkpoint directory"
         )
-    try:
-        d = json.loads((path / "config.json").read_text())
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({str(e).split(';')[0]})")
+    d = read_json(path / "config.json", path, JSON_LIMIT, "config")
     if not isinstance(d, dict):
         raise CheckpointError(f"{path / 'config.json'} is not a JSON object")
     return d
@@ -201,8 +195,8 @@ def weight_files(path):
         names = ["model.safetensors"]
     else:
         try:
-            weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
-        except (ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
+            weight_map = read_json(index, path, JSON_LIMIT, "index")["weight_map"]
+        except (CheckpointError, KeyError, TypeError):
             weight_map = None
         if not (
             isinstance(weight_map, dict)
@@ -221,6 +215,7 @@ def weight_files(path):
                 if name == "model.safetensors" and not f.exists()
                 else f"weights file {f} is not a regular file inside {path}"
             )
+        open_input(f, path, None, "weights file").close()  # the one reader's checks: FIFO, links
     return [path / name for name in names]
 
 
@@ -244,18 +239,46 @@ def read_headers(files):
             raise CheckpointError(
                 f"weights file {f} cannot be read as safetensors ({e}); download it again"
             )
+        except (RuntimeError, OSError, MemoryError) as e:  # mapped whole: larger than memory allows
+            raise CheckpointError(
+                f"weights file {f} cannot be opened ({str(e).splitlines()[0][:200]}): more "
+                "than this machine's memory can map"
+            ) from None
     return stored
 
 
-def read_tensors(files, dtype, device):
+def memory_bytes():
+    """The memory this machine has, in bytes (None where it cannot be known)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def read_tensors(files, dtype, device, shapes=None):
     """{name: file} -> {name: tensor} in dtype on device, one file open at a time; a tensor that is
-    not finite
-    everywhere is refused."""
+    not finite everywhere is refused. shapes ({name: a meta tensor}): weights that could not fit in
+    this machine's memory are refused in one line before any is read (a sparse file's header can
+    claim any size)."""
+    if shapes and device.type == "cpu" and (total := memory_bytes()):
+        need = sum(t.numel() for t in shapes.values()) * torch.empty(0, dtype=dtype).element_size()
+        if need > total:
+            raise CheckpointError(
+                f"the weights of {next(iter(files.values())).parent} take {need / 2**30:.1f} GiB "
+                f"as {str(dtype).removeprefix('torch.')}, more than this machine's "
+                f"{total / 2**30:.1f} GiB of memory"
+            )
     state = {}
     for f in dict.fromkeys(files.values()):
         with safe_open(f, framework="pt", device="cpu") as sf:
             for key in (k for k, g in files.items() if g == f):
-                state[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
+                try:
+                    state[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
+                except (MemoryError, SafetensorError, RuntimeError) as e:
+                    raise CheckpointError(
+                        f"tensor {key} in {f} cannot be read ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else 'out of memory'})"
+                    ) from None
                 if not torch.isfinite(state[key]).all():
                     raise CheckpointError(
                         f"tensor {key} in {f} holds NaN or infinite values: this "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import data
 import prift
-from infra import checkpoint
+from infra import checkpoint, files
 from infra.distributed import log
 from infra.prior import prior_of
 from infra.report import PAGE
@@ -43,35 +43,29 @@ def inspect(args, device, examples):
             f"has nothing to show; inspect a rule such as mass or prob"
         )
     template = data.Template.load(args.model, args.template)
-    # one example at a time, to know each kept one's index among the data's examples (`row`)
-    encoded = [template.encode([ex], args.max_len)[0] for ex in examples]
-    rows = [i for i, kept in enumerate(encoded) for _ in kept]
-    seqs = [seq for kept in encoded for seq in kept]
+    kept, left_out = template.encode_rows(examples, args.max_len)
+    rows, seqs = [row for row, _ in kept], [seq for _, seq in kept]
     prior = prior_of(args, seqs, device)
     weights = [
         prift.weights_from_stats(args.rule, stats[:, 0], stats[:, 1], args.threshold)
         for stats in prior
     ]
     checkpoint.prepare_out(args, None)  # every input has been read and checked
-    with open(args.out / "tokens.jsonl", "w") as f:
-        for row, (ids, n_prompt), stats, w in zip(rows, seqs, prior, weights):
-            n = max(
-                n_prompt, 1
-            )  # with an empty prompt the first token is not predicted, so not trained
-            none = [0.0] * n
-            f.write(
-                json.dumps(
-                    {
-                        "row": row,
-                        "input_ids": ids,
-                        "labels": [-100] * n + ids[n:],
-                        "prior_p": none + stats[:, 0].tolist(),
-                        "prior_u": none + stats[:, 1].tolist(),
-                        "weight": none + w.tolist(),
-                    }
-                )
-                + "\n"
-            )
+    lines = []
+    for row, (ids, n_prompt), stats, w in zip(rows, seqs, prior, weights):
+        n = max(
+            n_prompt, 1
+        )  # with an empty prompt the first token is not predicted, so not trained
+        none = [0.0] * n
+        line = {
+            "row": row,  # the example's index among the data file's examples
+            "input_ids": ids,
+            "labels": [-100] * n + ids[n:],
+            "prior_p": none + stats[:, 0].tolist(),
+            "prior_u": none + stats[:, 1].tolist(),
+            "weight": none + w.tolist(),
+        }
+        lines.append(json.dumps(line) + "\n")
     meta = dict(
         reference=str(Path(args.ref).resolve()),
         template=template.name,
@@ -82,12 +76,18 @@ def inspect(args, device, examples):
         precision=args.precision,
         examples=len(seqs),
         response_tokens=sum(len(stats) for stats in prior),
+        left_out=[{"row": row, "why": why} for row, why in left_out],
     )
-    (args.out / "prior.json").write_text(json.dumps(meta, indent=1) + "\n")
+    files.write_text(args.out / "tokens.jsonl", "".join(lines), "tokens")
+    files.write_json(args.out / "prior.json", meta, "prior summary")
     pieces = [token_texts(template.tok, ids, n_prompt) for ids, n_prompt in seqs[: args.inspect]]
-    (args.out / "weights.html").write_text(
-        weights_page(args, template.tok, seqs, prior, weights, pieces)
+    files.write_text(
+        args.out / "weights.html",
+        weights_page(args, template.tok, seqs, prior, weights, pieces),
+        "weights page",
     )
+    for row, why in left_out:  # tokens.jsonl has no line for these: say which, and why
+        log(f"left out of tokens.jsonl: example {row} of {args.data} ({why})")
     summary(template.tok, seqs, weights)
     log(
         f"\nwritten to {args.out}: tokens.jsonl, prior.json, weights.html (the first "

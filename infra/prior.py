@@ -19,7 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import prift
+from infra import files
 from infra.distributed import dist_info, log
+from infra.rundir import checkpoint_sha256
 
 
 def reference_dtype(args):
@@ -42,7 +44,7 @@ def cached_prior(seqs, ref, precision, cache, compute):
     """The prior of seqs under the reference checkpoint `ref`: from the cache, or compute() and
     kept there for the next run."""
     path = prior_path(ref, precision, cache, seqs)
-    if path.exists():
+    if os.path.lexists(path):
         return load_prior(path)
     prior = compute()
     save_prior(path, prior)
@@ -50,19 +52,16 @@ def cached_prior(seqs, ref, precision, cache, compute):
 
 
 def prior_path(ref, precision, cache, seqs):
-    """A file name that changes when the reference's weights, the tokenised data or the dtype do. A
-    file there that does not fit the data (a damaged or crafted cache) is said in one line and
-    removed, to be computed again."""
+    """A file name made of what determines the prior, by content: the reference's weights and
+    config (their sha256, rundir.checkpoint_sha256), the tokenised data and the dtype. A file there
+    that does not fit the data (a damaged or crafted cache) is said in one line and removed, to be
+    computed again."""
     key = hashlib.sha256()
-    ref = Path(ref)
-    for f in sorted(ref.glob("*.safetensors")) + [ref / "config.json"]:
-        st = f.stat()
-        key.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    key.update(f"prior-v2:{precision};".encode())
+    key.update(f"prior-v3:{checkpoint_sha256(ref)}:{precision};".encode())
     for ids, n_prompt in seqs:  # the token ids themselves (4x faster than hashing them as JSON)
         key.update(array("q", [n_prompt, len(ids), *ids]).tobytes())
     path = Path(cache) / "prior" / f"{key.hexdigest()[:20]}.safetensors"
-    if path.exists() and (problem := prior_problem(path, seqs)):
+    if os.path.lexists(path) and (problem := prior_problem(path, seqs)):
         log(f"prior: the cached {path} does not fit the data ({problem}); computing it again")
         path.unlink(missing_ok=True)
     return path
@@ -71,6 +70,7 @@ def prior_path(ref, precision, cache, seqs):
 def prior_problem(path, seqs):
     """What is wrong with a cached prior for these examples (n_i response tokens each), or None."""
     try:
+        files.open_input(path, path.parent, None, "cached prior").close()  # no FIFO, no link out
         f = load_file(path)
     except Exception as e:  # safetensors raises several kinds for a damaged file
         return f"not readable: {str(e).splitlines()[0][:100]}"
@@ -103,15 +103,15 @@ def save_prior(path, prior):
             os.kill(int(old.name.split(".")[1]), 0)
             continue
         old.unlink(missing_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
     offsets = torch.tensor([0] + [len(stats) for stats in prior]).cumsum(0)
-    save_file({"stats": torch.cat(prior).contiguous(), "offsets": offsets}, tmp)
-    os.replace(tmp, path)
+    tensors = {"stats": torch.cat(prior).contiguous(), "offsets": offsets}
+    files.write_with(path, lambda f, tmp: save_file(tensors, tmp), "cached prior")
     log(f"prior: computed for {offsets[-1]} response tokens, saved to {path}")
 
 
 def load_prior(path):
     log(f"prior: reusing {path}")
+    files.open_input(path, path.parent, None, "cached prior").close()
     f = load_file(path)
     o = f["offsets"].tolist()
     return [f["stats"][a:b] for a, b in zip(o, o[1:])]

@@ -23,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+from infra import files
 from infra.argtypes import Parser
 
 CURVES = {
@@ -89,8 +90,8 @@ def run_report(out, eval_rows, seqs, state):
         timed_tokens=sum(r.get("tokens", 0) for r in timed),
         evaluation=evaluation,
     )
-    (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
-    (out / "report.html").write_text(run_page(load_run(out)))
+    files.write_json(out / "run.json", run, "run summary")
+    files.write_text(out / "report.html", run_page(load_run(out)), "report")
 
 
 def read_metrics(path):
@@ -98,24 +99,92 @@ def read_metrics(path):
     out.
     """
     rows = []
-    for line in (path / "metrics.jsonl").read_text(errors="replace").splitlines():
+    text = files.read_text(path / "metrics.jsonl", path, files.RUN_LIMIT, "metrics", "replace")
+    for line in text.splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             continue
-        if isinstance(row, dict) and type(row.get("step")) is int:
-            rows.append(row)
+        if isinstance(row, dict) and fits(row.get("step"), int) and row["step"] > 0:
+            rows.append(typed(row, ROW_FIELDS))
     return rows
+
+
+# What the pages read of each file, and as what: a value of another type (a string for a loss, a
+# NaN, a 400-digit step) is left out, as if the file did not give it.
+ROW_FIELDS = dict(
+    step=int, lr=float, loss=float, ce=float, kept=float, grad_norm=float, tokens=int, skipped=int
+)
+RUN_FIELDS = dict(
+    examples=int,
+    response_tokens=int,
+    world_size=int,
+    train_s=float,
+    timed_steps=int,
+    timed_tokens=int,
+    evaluation=dict,
+)
+ARG_FIELDS = dict(
+    rule=str,
+    signal=str,
+    threshold=float,
+    model=str,
+    ref=str,
+    data=str,
+    eval_data=list,
+    template=str,
+    micro_tokens=int,
+    micro_batch=int,
+    batch_size=int,
+    lr=float,
+    max_steps=int,
+    epochs=int,
+    seed=int,
+    precision=str,
+)
+BIG = 10**15  # no count of steps, tokens or seconds is this large
+
+
+def fits(value, kind):
+    """Whether a value read from a file is a `kind`: int (not a bool, not huge), float (any finite
+    number), str, list of str, or dict."""
+    if kind is int:
+        return type(value) is int and abs(value) < BIG
+    if kind is float:
+        return type(value) in (int, float) and math.isfinite(value) and abs(value) < BIG
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, kind)
+
+
+def typed(d, fields):
+    """The entries of d that fields names, each of its type (see fits); the others are left out."""
+    return {k: d[k] for k, kind in fields.items() if k in d and fits(d[k], kind)}
+
+
+def scores(evaluation):
+    """run.json's evaluation as the pages read it: {file: {before|after: {measure: number}}}."""
+    return {
+        str(file): {
+            when: {str(m): v for m, v in ms.items() if fits(v, float)}
+            for when, ms in ba.items()
+            if when in ("before", "after") and isinstance(ms, dict)
+        }
+        for file, ba in evaluation.items()
+        if isinstance(ba, dict)
+    }
 
 
 def read_object(path):
     """A JSON object from a file, or {} when there is none."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return {}
     try:
-        value = json.loads(path.read_text(errors="replace"))
-    except json.JSONDecodeError as e:
-        raise NotARun(f"{path} is not valid JSON ({e})")
+        value = json.loads(files.read_text(path, path.parent, files.RUN_LIMIT, "", "replace"))
+    except (ValueError, RecursionError) as e:
+        raise NotARun(f"{path} is not valid JSON ({str(e)[:200]})")
+    except files.CheckpointError as e:
+        raise NotARun(str(e).strip())
     if not isinstance(value, dict):
         raise NotARun(f"{path} does not hold a JSON object")
     return value
@@ -132,7 +201,10 @@ def load_run(path):
             f"{path} is not a prift run (no metrics.jsonl in it); give the --out directory "
             "of a training run"
         )
-    rows = read_metrics(path)
+    try:
+        rows = read_metrics(path)
+    except files.CheckpointError as e:
+        raise NotARun(str(e))
     if not rows:
         raise NotARun(
             f"{path}/metrics.jsonl holds no step; give a run that has trained at least one step"
@@ -142,6 +214,8 @@ def load_run(path):
         raise NotARun(
             f"{path}/run.json is not one that prift wrote; move it aside, or give another run"
         )
+    args, run = typed(args, ARG_FIELDS), typed(run, RUN_FIELDS)
+    run["evaluation"] = scores(run.get("evaluation", {}))
     args.setdefault("rule", path.name.split("-")[0])
     return dict(dir=path, args=args, rows=rows, run=run)
 
@@ -277,7 +351,7 @@ def compare(dirs, page):
     runs = [load_run(d) for d in dirs]
     page = Path(page)
     page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text(compare_page(runs, page.parent))
+    files.write_text(page, compare_page(runs, page.parent), "page")
 
 
 def compare_page(runs, where):
@@ -586,17 +660,27 @@ def main(argv=None):
         "--out", type=Path, required=True, help="the page to write, e.g. compare.html"
     )
     args = parser.parse_args(argv)
-    if args.out.exists() and (
-        args.out.is_dir() or GENERATOR not in args.out.read_text(errors="replace")
-    ):
+    read = [
+        (f"run's {n}", d / n) for d in args.runs for n in ("metrics.jsonl", "args.json", "run.json")
+    ]
+    if found := files.overlap(args.out, read):  # a page written over a file of a run it reads
+        parser.error(files.overlap_message("--out", args.out, found))
+    if os.path.lexists(args.out) and not is_our_page(args.out):
         parser.error(
             f"--out {args.out} exists and is not a page report.py wrote; give another path"
         )
     try:
         compare(args.runs, args.out)
-    except NotARun as e:
+    except (NotARun, files.CheckpointError) as e:
         parser.error(str(e))
     print(f"written to {args.out}")
+
+
+def is_our_page(path):
+    try:
+        return GENERATOR in files.read_text(path, None, files.RUN_LIMIT, "page", "replace")
+    except files.CheckpointError:
+        return False
 
 
 if __name__ == "__main__":

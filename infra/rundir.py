@@ -9,12 +9,14 @@ is written, are here too.
 import argparse
 import fcntl
 import hashlib
-import json
 import os
 import re
+import stat
 from pathlib import Path
 
 from data import DataError
+from infra import files
+from infra.hf_files import weight_files
 from model import TOKENIZER_FILES, CheckpointError, Config
 
 MODEL_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES)
@@ -30,6 +32,8 @@ RUN_FILES = {
     "results.md",
     "results.json",
     "compare.html",
+    "eval_before.json",
+    "left_out.jsonl",
     ".lock",
     *MODEL_FILES,
 }
@@ -98,16 +102,14 @@ def recorded_args(parser, run_dir):
     value goes through
     the same types, ranges and choices as one typed by hand. Keys that are no option are dropped."""
     path = Path(run_dir) / "args.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         parser.error(
             f"--resume {run_dir}: no args.json there; give the --out directory of an earlier run"
         )
     try:
-        saved = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        parser.error(
-            f"--resume {run_dir}: args.json is not valid JSON ({e}); the run cannot be continued"
-        )
+        saved = files.read_json(path, run_dir, files.JSON_LIMIT, "arguments")
+    except CheckpointError as e:
+        parser.error(f"--resume {run_dir}: {e}; the run cannot be continued")
     if not isinstance(saved, dict):
         parser.error(f"--resume {run_dir}: args.json does not hold the arguments of a prift run")
     argv = []
@@ -138,11 +140,13 @@ def recorded_args(parser, run_dir):
     finally:
         parser.error = error
     parsed = {k: v for k, v in parsed.items() if k not in ("out", "resume", "overwrite")}
+    hashes = saved.get("sha256")
     return {
         **parsed,
         "data_sha256": saved.get("data_sha256")
         if isinstance(saved.get("data_sha256"), str)
         else None,
+        "sha256": hashes if isinstance(hashes, dict) else {},
     }
 
 
@@ -178,13 +182,18 @@ def check_run(args, seqs, config, steps_per_epoch):
             f"({config.max_positions} "
             f"positions); give --max-len {config.max_positions} or less"
         )
+    if (top := max(max(ids) for ids, _ in seqs)) >= config.vocab_size:
+        raise DataError(
+            f"the tokenizer of {args.model} gives token id {top}, outside the model's vocabulary "
+            f"({config.vocab_size} tokens); the tokenizer does not belong to this checkpoint"
+        )
     recorded = getattr(args, "recorded", None)
     if not recorded:
         return
-    if recorded["data_sha256"] and recorded["data_sha256"] != file_sha256(args.data):
+    if changed := changed_inputs(args, recorded):
         raise CheckpointError(
-            f"--data {args.data} is not the data the run in {args.out} started with (its sha256 "
-            f"differs from args.json's); give that data, or start a new run in another --out"
+            f"--resume {args.out}: {changed} changed since the run started (its sha256 differs "
+            "from args.json's); restore it, or start a new run in another --out"
         )
     same = lambda k, a, b: (
         Path(a).resolve() == Path(b).resolve()
@@ -201,12 +210,55 @@ def check_run(args, seqs, config, steps_per_epoch):
             )
 
 
-def file_sha256(path):
+# ----------------------------------------------------------------------------------------------------
+# Identity by content: what determines a run's result, hashed (sha256, streamed, once per run)
+
+# A checkpoint's files that change what is trained: the tokenizer and the chat template make the
+# token ids, the weights and config.json the model. generation_config.json changes nothing trained.
+IDENTITY_FILES = ("config.json", *(n for n in TOKENIZER_FILES if n != "generation_config.json"))
+
+
+def checkpoint_sha256(path):
+    """One sha256 of a checkpoint directory's weights, config, tokenizer and template files: each
+    file's content hashed (read as the one reader reads them), then their names and hashes."""
+    path = Path(path)
+    names = [f.name for f in weight_files(path)]
+    names += [n for n in IDENTITY_FILES if os.path.lexists(path / n)]
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for name in sorted(set(names)):
+        h.update(f"{name}:{files.sha256(path / name, path, name)};".encode())
     return h.hexdigest()
+
+
+def content_hashes(args):
+    """The sha256 of each input that makes the result: model, reference, data, evaluation files."""
+    signal = getattr(args, "signal", None)
+    return {
+        "model": checkpoint_sha256(args.model) if args.model else None,
+        "ref": checkpoint_sha256(args.ref) if args.ref and signal == "prior" else None,
+        "data": files.sha256(args.data) if args.data else None,
+        "eval_data": [files.sha256(p) for p in args.eval_data or []],
+    }
+
+
+def changed_inputs(args, recorded):
+    """The first input whose content differs from what args.json recorded, named; or None."""
+    old = recorded.get("sha256") or {"data": recorded.get("data_sha256")}
+    new = content_hashes(args)
+    names = {
+        "data": f"--data {args.data}",
+        "model": f"the checkpoint --model {args.model} (weights, tokenizer or chat template)",
+        "ref": f"the reference --ref {args.ref} (weights, tokenizer or chat template)",
+        "eval_data": f"--eval-data {' '.join(map(str, args.eval_data or []))}",
+    }
+    for key, name in names.items():
+        if old.get(key) and new[key] and old[key] != new[key]:
+            return name
+    return None
+
+
+def file_sha256(path):
+    return files.sha256(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,12 +266,21 @@ def file_sha256(path):
 
 
 def check_out(parser, args, is_demo):
-    """Refuse an --out that this run would write over by mistake, in one line."""
+    """Refuse an --out that this run would write over by mistake, in one line: one that is, holds
+    or lies inside an input, one that cannot be written, one that holds what prift did not write."""
     out = args.out
+    files.forget_hashes()  # a new run: its inputs' content is hashed again
     if is_demo and args.resume:
         parser.error(
             "--resume continues --model/--data runs; the demo is short enough to run again"
         )
+    if not is_demo and (found := files.overlap(out, run_inputs(args))):
+        parser.error(files.overlap_message("--out", out, found))
+    if found := files.overlap(args.cache, run_inputs(args)[:-1], contains=False):
+        parser.error(files.overlap_message("--cache", args.cache, found))
+    for flag, path in (("--out", out), ("--cache", Path(args.cache))):
+        if problem := not_writable(path):
+            parser.error(f"{flag} {path} cannot be written ({problem}); give another {flag}")
     if out.is_symlink():
         parser.error(
             f"--out {out} is a symbolic link (to {os.readlink(out)}); give the directory "
@@ -254,6 +315,32 @@ def check_out(parser, args, is_demo):
         )
 
 
+def run_inputs(args):
+    """(name, path) of everything a run reads, the cache last (it is also written)."""
+    return [
+        ("checkpoint --model", args.model),
+        ("reference --ref", args.ref),
+        ("data --data", args.data),
+        *(("evaluation file", p) for p in args.eval_data or []),
+        ("cache --cache", args.cache),
+    ]
+
+
+def not_writable(path):
+    """Why a directory (made if it is not there) cannot be written, or None: the nearest existing
+    directory on its way must be writable (nothing is created to find out)."""
+    path = Path(os.path.abspath(path))
+    while not os.path.lexists(path):
+        path = path.parent
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable"
+    if os.statvfs(path).f_flag & os.ST_RDONLY:  # what os.access does not tell root
+        return f"{path} is on a read-only file system"
+    return None
+
+
 def not_ours(out):
     """The entries of a run directory that prift did not write: any name it does not write, or of a
     kind it does not
@@ -263,9 +350,12 @@ def not_ours(out):
     def kind_ok(p):
         if p.name == "final.tmp":  # the final model, before its files are renamed into OUT
             return p.is_dir() and all(
-                q.name in MODEL_FILES and q.is_file() and not q.is_symlink() for q in p.iterdir()
+                (q.name in MODEL_FILES or files.TEMPORARY_NAME.fullmatch(q.name))
+                and q.is_file()
+                and not q.is_symlink()
+                for q in p.iterdir()
             )
-        if p.name in RUN_FILES or p.name in TEMPORARY:
+        if p.name in RUN_FILES or p.name in TEMPORARY or files.TEMPORARY_NAME.fullmatch(p.name):
             return p.is_file()
         if p.name == "checkpoints":
             return p.is_dir() and all(checkpoint_entry_ok(q) for q in p.iterdir())
@@ -294,7 +384,12 @@ def checkpoint_entry_ok(p):
         STEP.fullmatch(p.name.removesuffix(".tmp"))
         and p.is_dir()
         and not p.is_symlink()
-        and all(q.name in names and q.is_file() and not q.is_symlink() for q in p.iterdir())
+        and all(
+            (q.name in names or files.TEMPORARY_NAME.fullmatch(q.name))
+            and q.is_file()
+            and not q.is_symlink()
+            for q in p.iterdir()
+        )
     )
 
 
@@ -309,10 +404,18 @@ def lock(out):
     if key in _LOCKS:
         return
     try:
-        fd = os.open(Path(out) / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(Path(out) / ".lock", flags, 0o644)
     except OSError as e:
         raise CheckpointError(
             f"{out}/.lock cannot be opened ({e.strerror}); remove it if it is not a prift lock file"
+        )
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # its pid would be written into another
+        os.close(fd)
+        raise CheckpointError(
+            f"{out}/.lock is not a file of its own (a FIFO, a device, or a file with other hard "
+            "links); remove it if it is not a prift lock file"
         )
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -627,7 +627,8 @@ def test_resume_is_bit_identical(extra, w, monkeypatch, capsys):
 def test_a_run_from_before_resumes(w, monkeypatch, capsys):
     """An args.json as the first version of prift wrote it: no option added since (they take their
     defaults) and
-    --eval-data a single file. The run resumes and finishes, and evaluates that file."""
+    --eval-data a single file. The run resumes and finishes, and evaluates that file (before
+    training too: that evaluation was written to eval_before.json when it was made)."""
     assert (
         run_interrupted(
             w,
@@ -654,7 +655,7 @@ def test_a_run_from_before_resumes(w, monkeypatch, capsys):
     assert main_rc(["--resume", w.out]) == 0
     assert metrics_steps(w.out) == [1, 2, 3, 4] and list(
         json.loads((w.out / "eval.json").read_text())
-    ) == ["mass"]
+    ) == ["base", "mass"]  # the evaluation before training was kept in eval_before.json
 
 
 def wait_for(cond, proc, timeout=120, poll=0.002):

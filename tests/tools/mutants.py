@@ -37,8 +37,8 @@ MUTANTS = {
     ),
     "drop-long": (
         "data.py",
-        "if len(prompt) >= max_len or len(prompt) + len(response) < 2:",
-        "if len(prompt) + len(response) > max_len or len(prompt) + len(response) < 2:",
+        "if len(prompt) >= max_len:",
+        "if len(prompt) + len(response) > max_len:",
         ["tests/test_batching.py", "-k", "right"],
     ),
     # the optimizer
@@ -133,6 +133,144 @@ MUTANTS = {
         '"<|start_header_id|>assistant<|end_header_id|>\\n\\n",',
         '"<|start_header_id|>assistant<|end_header_id|>\\n",',
         ["tests/test_templates.py", "-k", "named_template"],
+    ),
+    # issue 25: trust by mechanism (tests/test_trust.py). The one reader
+    "reader-follows-links-out": (
+        "infra/files.py",
+        'if real == top or real.startswith(top.rstrip("/") + "/"):',
+        "if True:",
+        ["tests/test_trust.py", "-k", "side_files or no_file_of"],
+    ),
+    "reader-any-kind": (
+        "infra/files.py",
+        """    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = (""",
+        """    if False:
+        os.close(fd)
+        kind = (""",
+        ["tests/test_trust.py", "-k", "no_file_of"],
+    ),
+    "side-files-copied-as-before": (
+        "model.py",
+        "files.copy_file(src, path / name, self.source_dir, files.TOKENIZER_LIMIT, name)",
+        "(path / name).write_bytes(Path(src).read_bytes())",
+        ["tests/test_trust.py", "-k", "side_files and (environ or outside)"],
+    ),
+    # the one writer, the append, the lock
+    "writer-in-place": (
+        "infra/files.py",
+        """    tmp = temporary(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC""",
+        """    tmp = path
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC""",
+        ["tests/test_trust.py", "-k", "replaced_never or full_disk"],
+    ),
+    "append-through-hard-links": (
+        "infra/files.py",
+        "if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:",
+        "if not stat.S_ISREG(st.st_mode):",
+        ["tests/test_trust.py", "-k", "appending"],
+    ),
+    "append-not-undone": (
+        "infra/files.py",
+        "os.ftruncate(fd, st.st_size)",
+        "pass",
+        ["tests/test_trust.py", "-k", "full_disk"],
+    ),
+    "lock-through-hard-links": (
+        "infra/rundir.py",
+        "if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # its pid",
+        "if not stat.S_ISREG(st.st_mode):  # its pid",
+        ["tests/test_trust.py", "-k", "replaced_never"],
+    ),
+    # inputs are never outputs
+    "out-compared-unresolved": (
+        "infra/files.py",
+        "target = os.path.realpath(out)",
+        "target = os.path.abspath(out)",
+        ["tests/test_trust.py", "-k", "input_is_never"],
+    ),
+    "out-may-hold-an-input": (
+        "infra/files.py",
+        "if contains and under(place, target):",
+        "if False:",
+        ["tests/test_trust.py", "-k", "input_is_never"],
+    ),
+    # identity by content
+    "prior-key-by-name": (
+        "infra/prior.py",
+        'key.update(f"prior-v3:{checkpoint_sha256(ref)}:{precision};".encode())',
+        'key.update(f"prior-v3:{ref}:{precision};".encode())',
+        ["tests/test_trust.py", "-k", "keyed_by_content"],
+    ),
+    "resume-ignores-ref": (
+        "infra/rundir.py",
+        '"ref": checkpoint_sha256(args.ref) if args.ref and signal == "prior" else None,',
+        '"ref": None,',
+        ["tests/test_trust.py", "-k", "resume_refuses and ref"],
+    ),
+    "hash-skips-tokenizer": (
+        "infra/rundir.py",
+        'IDENTITY_FILES = ("config.json", *(n for n in TOKENIZER_FILES if n != "generation_config.json"))',
+        'IDENTITY_FILES = ("config.json",)',
+        ["tests/test_trust.py", "-k", "resume_refuses and template"],
+    ),
+    # every value checked
+    "lr-may-be-inf": (
+        "infra/argtypes.py",
+        "and math.isfinite(value)  # NaN is in no range",
+        "and True  # NaN is in no range",
+        ["tests/test_trust.py", "-k", "numbers_out"],
+    ),
+    "trainer-counters-unchecked": (
+        "infra/checkpoint.py",
+        "if problem := trainer_problem(start):",
+        "if problem := None:",
+        ["tests/test_trust.py", "-k", "crafted_trainer"],
+    ),
+    "optimizer-unchecked": (
+        "infra/checkpoint.py",
+        'if problem := optimizer_problem(saved, start["optimizer"]):',
+        "if problem := None:",
+        ["tests/test_trust.py", "-k", "crafted_trainer"],
+    ),
+    "vocab-unchecked": (
+        "infra/rundir.py",
+        "if (top := max(max(ids) for ids, _ in seqs)) >= config.vocab_size:",
+        "if (top := 0) >= config.vocab_size:",
+        ["tests/test_trust.py", "-k", "token_ids"],
+    ),
+    "report-untyped": (
+        "infra/report.py",
+        "rows.append(typed(row, ROW_FIELDS))",
+        "rows.append(row)",
+        ["tests/test_trust.py", "-k", "crafted_values"],
+    ),
+    # no evaluation lost, bounded templates, --inspect's rows
+    "eval-before-in-memory": (
+        "infra/evaluate.py",
+        'files.write_json(path, before, "evaluation before training")',
+        "pass",
+        ["tests/test_trust.py", "-k", "no_evaluation"],
+    ),
+    "finished-run-trains-again": (
+        "infra/checkpoint.py",
+        "        return Path(out), finished_state(out)",
+        "        pass",
+        ["tests/test_trust.py", "-k", "no_evaluation"],
+    ),
+    "template-range-unbounded": (
+        "data.py",
+        "env.globals.update(range=limits.range, lipsum=limits.lipsum)",
+        "env.globals.update(lipsum=limits.lipsum)",
+        ["tests/test_trust.py", "-k", "template_past"],
+    ),
+    "inspect-without-rows": (
+        "infra/inspection.py",
+        '"row": row,  # the example',
+        "# the example",
+        ["tests/test_trust.py", "-k", "inspect_says"],
     ),
 }
 

@@ -1,0 +1,299 @@
+"""
+How prift touches files, in one place: the one way to read a file it did not write, the one way to
+write a file, the one way to append to one, and the one check that an output is none of the inputs.
+
+Reading (open_input, read_bytes, read_text): a checkpoint, a run directory or the cache comes from
+elsewhere, so a file there must be a regular file (not a FIFO, which would block the reader
+forever, nor a device such as /dev/zero, which never ends), inside its directory (a link to
+/proc/self/environ would leak the environment into what prift writes; the Hugging Face cache's
+snapshot links into its ../../blobs are inside), opened without blocking (O_NONBLOCK, then fstat),
+and of a size that fits its kind.
+
+Writing (write_with, write_bytes, write_text, write_json): a temporary file beside the target,
+created exclusively without following a link (O_CREAT | O_EXCL | O_NOFOLLOW), flushed to the disk
+(fsync), then renamed over the target. A kill leaves the previous file whole, a link in the target's
+place is replaced rather than written through, and so is a file with other hard links (its other
+names keep their content). A full disk is one line, and the previous file stays.
+
+Appending (append_line): O_APPEND | O_NOFOLLOW on a regular file with no other hard link; a write
+the disk has no room for is undone, so the file ends at a whole line.
+
+Outputs are never inputs (overlap): --out may not be, contain or lie inside an input.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+MIB = 2**20
+# The most a file of each kind can hold: far above any real one, far below a memory or a disk
+JSON_LIMIT = 64 * MIB  # config.json, tokenizer_config.json (with its chat template), args.json, ...
+TOKENIZER_LIMIT = 1024 * MIB  # tokenizer.json, vocab.json, merges.txt: large vocabularies
+RUN_LIMIT = 1024 * MIB  # metrics.jsonl, eval.json: a long run's log
+TEMPORARY_NAME = re.compile(r".+\.\d+\.tmp")  # what write_with creates beside its target
+
+
+class CheckpointError(Exception):
+    """A checkpoint, run directory or file that cannot be used as it is; the message says what to
+    fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading what prift did not write
+
+
+def inside(path, root):
+    """Whether path, links followed, lies inside the directory root (links followed), or, for a
+    Hugging Face cache snapshot (REPO/snapshots/REVISION), inside REPO/blobs where its links go."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    if real == top or real.startswith(top.rstrip("/") + "/"):
+        return True
+    parts = Path(os.path.abspath(root)).parts
+    if "snapshots" in parts[:-1]:
+        repo = Path(*parts[: len(parts) - 1 - parts[::-1].index("snapshots")])
+        blobs = os.path.realpath(repo / "blobs")
+        return real.startswith(blobs + "/")
+    return False
+
+
+def open_input(path, root=None, limit=None, what="file"):
+    """path opened for reading (binary), after the checks above: a regular file, inside root when
+    given, at most limit bytes when given. Anything else is a CheckpointError naming it."""
+    path = Path(path)
+    if root is not None and not inside(path, root):
+        raise CheckpointError(
+            f"{what} {path} is not inside {root} (it leads to {os.path.realpath(path)}); prift "
+            "reads a checkpoint's or a run's files only from its own directory"
+        )
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise CheckpointError(f"{what} {path} cannot be read ({e.strerror})")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a device"
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "a directory"
+            if stat.S_ISDIR(st.st_mode)
+            else "not a regular file"
+        )
+        raise CheckpointError(f"{what} {path} is {kind}, not a regular file; replace it")
+    if limit is not None and st.st_size > limit:
+        os.close(fd)
+        raise CheckpointError(
+            f"{what} {path} holds {st.st_size} bytes, more than the {limit // MIB} MiB such a file "
+            "can be; it is not what it says it is"
+        )
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_bytes(path, root=None, limit=JSON_LIMIT, what="file"):
+    """The bytes of a file that passes open_input's checks; never more than limit (a file of the
+    kernel's, such as /proc's, says its size is 0)."""
+    with open_input(path, root, limit, what) as f:
+        content = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(content) > limit:
+        raise CheckpointError(f"{what} {path} holds more than {limit // MIB} MiB; replace it")
+    return content
+
+
+def read_text(path, root=None, limit=JSON_LIMIT, what="file", errors="strict"):
+    try:
+        return read_bytes(path, root, limit, what).decode("utf-8", errors)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})")
+
+
+def read_json(path, root=None, limit=JSON_LIMIT, what="file"):
+    """A JSON file: its value, or a CheckpointError naming it."""
+    try:
+        return json.loads(read_text(path, root, limit, what))
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{what} {path} is not valid JSON ({str(e).split(';')[0][:200]})")
+
+
+# Content hashes: each file's sha256, streamed, once per file and run (the same inode, size and
+# modification time in this process); a new run forgets them (forget_hashes).
+_HASHES = {}
+
+
+def sha256(path, root=None, what="file"):
+    with open_input(path, root, None, what) as f:
+        st = os.fstat(f.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _HASHES:
+            h = hashlib.sha256()
+            while block := f.read(8 * MIB):
+                h.update(block)
+            _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def forget_hashes():
+    _HASHES.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def temporary(path):
+    """The name write_with writes under before renaming: beside the target, of this process."""
+    return path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+
+
+def write_with(path, write, what="file"):
+    """Write path whole or not at all: write(f, tmp) fills f, the file object of the temporary
+    tmp (a library that writes by name may write tmp itself); then fsync and rename over path."""
+    path = Path(path)
+    tmp = temporary(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileExistsError:  # left by a killed process of the same pid: this one is not it
+            tmp.unlink()
+            fd = os.open(tmp, flags, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            write(f, tmp)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if not (isinstance(e, OSError) and e.filename == str(tmp) and e.errno == errno.EEXIST):
+            with _quiet():
+                tmp.unlink()
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+            raise CheckpointError(
+                f"writing {what} {path} failed ({reason})"
+                + ("; make room and run again" if getattr(e, "errno", None) == errno.ENOSPC else "")
+                + (f"; {path.name} as it was is kept" if os.path.lexists(path) else "")
+            ) from None
+        raise
+    with _quiet():  # the rename itself reaches the disk
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class _quiet:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        return kind is not None and issubclass(kind, OSError)
+
+
+def write_bytes(path, content, what="file"):
+    write_with(path, lambda f, tmp: f.write(content), what)
+
+
+def write_text(path, text, what="file"):
+    """text as UTF-8; a path's undecodable bytes (surrogate escapes) are written back as they were,
+    any other lone surrogate as U+FFFD, so that a page naming such a path is still written whole."""
+    try:
+        content = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        content = text.encode("utf-8", "replace")
+    write_bytes(path, content, what)
+
+
+def write_json(path, value, what="file", indent=1):
+    write_text(path, json.dumps(value, indent=indent, default=str) + "\n", what)
+
+
+def copy_file(src, dst, root, limit, what="file"):
+    """src (checked as open_input checks it, inside root) copied as bytes into dst (written as
+    write_with writes): never a link, never more than limit bytes."""
+    with open_input(src, root, limit, what) as f:
+
+        def write(out, tmp):
+            left = limit
+            while block := f.read(min(8 * MIB, left + 1)):
+                left -= len(block)
+                if left < 0:
+                    raise CheckpointError(f"{what} {src} grew past {limit // MIB} MiB")
+                out.write(block)
+
+        write_with(dst, write, what)
+
+
+def append_line(path, line, what="file"):
+    """Append one line to path: never through a link, never to a file with other hard links, never
+    blocking; a write the disk has no room for is undone (the file keeps its whole lines)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        raise CheckpointError(
+            f"{what} {path} cannot be appended to ({e.strerror}"
+            + (": it is a symbolic link" if e.errno == errno.ELOOP else "")
+            + "); prift appends only to a file it wrote"
+        )
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            raise CheckpointError(
+                f"{what} {path} is not a regular file of its own (a FIFO, a device or a file with "
+                "other hard links); prift appends only to a file it wrote"
+            )
+        content = memoryview(line.encode())
+        try:
+            while content:
+                content = content[os.write(fd, content) :]
+        except OSError as e:
+            os.ftruncate(fd, st.st_size)
+            raise CheckpointError(
+                f"appending to {what} {path} failed ({e.strerror}); it ends at its last whole line"
+            ) from None
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs are never inputs
+
+
+def overlap(out, inputs, contains=True):
+    """The first input that out would write over, as (name, input path, how), or None. inputs:
+    (name, path) pairs. out is refused when it is an input, lies inside one (a directory), or, with
+    contains, holds one (--overwrite would delete it, and a run's files could replace it). Links are
+    followed: the paths compared are where they lead, also each file of an input directory (the
+    Hugging Face cache's links into its blobs)."""
+    target = os.path.realpath(out)
+    under = lambda a, b: a == b or a.startswith(b.rstrip("/") + "/")
+    for name, path in inputs:
+        if not path:
+            continue
+        places = [os.path.realpath(path)]
+        if os.path.isdir(path):
+            with _quiet():
+                places += [os.path.realpath(e.path) for e in os.scandir(path)]
+        for place in places:
+            if place == target:
+                return name, path, "is"
+            if under(target, place):
+                return name, path, "lies inside"
+            if contains and under(place, target):
+                return name, path, "holds"
+    return None
+
+
+def overlap_message(flag, out, found):
+    name, path, how = found
+    return (
+        f"{flag} {out} {how} the {name} {path}; a run never writes over its inputs: give "
+        f"another {flag}"
+    )

@@ -42,6 +42,10 @@ class CheckpointError(Exception):
     fix."""
 
 
+class DataError(Exception):
+    """Data that cannot be used as it is; the message names the file, the line and what to fix."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading what prift did not write
 

@@ -261,7 +261,7 @@ MUTANTS = {
         ["tests/test_trust.py", "-k", "no_evaluation"],
     ),
     "template-range-unbounded": (
-        "data.py",
+        "infra/chat_template.py",
         "env.globals.update(range=limits.range, lipsum=limits.lipsum)",
         "env.globals.update(lipsum=limits.lipsum)",
         ["tests/test_trust.py", "-k", "template_past"],

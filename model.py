@@ -5,6 +5,7 @@ and qwen3. Modules are named as in Hugging Face's Llama, so llama/qwen2/qwen3 st
 no renaming at all; GPT-2 needs one short key table (gpt2_keys below).
 """
 
+import contextlib
 import json
 import math
 import shutil
@@ -363,10 +364,86 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# --------------------------------------------------------------------------------------------------
+# LoRA: a low-rank update of chosen nn.Linear layers, named as PEFT names it
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear of the model given a trainable low-rank update (add_lora turns one into this, in
+    place): y = W x + b + (alpha / r) B A dropout(x), with A (r, in) and B (out, r) float32. Its
+    own weight and bias stay as they were, frozen; lora_A and lora_B are children, so their names
+    are PEFT's (`...q_proj.lora_A.weight`). lora_on False: the base layer alone, exactly."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        if not self.lora_on:
+            return y
+        a = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype))  # (..., r)
+        return y + (self.lora_B(a) * self.lora_scale).to(y.dtype)
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(model, r, alpha, dropout=0.0, targets=LORA_TARGETS):
+    """Give every nn.Linear of the blocks named in `targets` a rank-r update scaled by alpha / r,
+    as PEFT's LoRA does: A kaiming-uniform (nn.Linear's own init, PEFT's too), B zero, so that the
+    model computes exactly what it did. Freezes everything else. Returns the model."""
+    if model.config.model_type == "gpt2":  # its Hugging Face modules are fused c_attn, Conv1D
+        raise CheckpointError("--lora supports the llama, qwen2 and qwen3 families, not gpt2")
+    model.requires_grad_(False)
+    model.lora = dict(r=r, alpha=alpha, dropout=dropout, targets=list(targets))
+    for name, m in model.model.layers.named_modules():
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            dev = m.weight.device
+            m.__class__ = LoRALinear
+            m.lora_A = nn.Linear(m.in_features, r, bias=False, device=dev)  # kaiming-uniform
+            m.lora_B = nn.Linear(r, m.out_features, bias=False, device=dev)
+            nn.init.zeros_(m.lora_B.weight)
+            m.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+            m.lora_scale, m.lora_on = alpha / r, True
+    return model
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """Within the block the model is its base: every LoRA update is skipped."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.lora_on = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.lora_on = True
+
+
+def merge_lora(model):
+    """Fold each update into its layer's weight, W += (alpha / r) B A, and drop the adapters: a
+    plain model again, which save_pretrained writes as a full checkpoint. Returns the model."""
+    for m in list(model.modules()):
+        if isinstance(m, LoRALinear):
+            with torch.no_grad():
+                delta = (m.lora_B.weight.float() @ m.lora_A.weight.float()) * m.lora_scale
+                m.weight += delta.to(m.weight.dtype)  # (out, in)
+            for child in ("lora_A", "lora_B", "lora_dropout"):
+                delattr(m, child)
+            m.__class__ = nn.Linear
+    model.lora = None
+    return model
+
+
+def lora_state(model, state_dict=None):
+    """The adapters' tensors under PEFT's names (base_model.model. + ours), from a full state dict
+    (FSDP's, gathered) or the model's own."""
+    state = state_dict or model.state_dict()
+    return {"base_model.model." + k: v for k, v in state.items() if ".lora_" in k}
+
+
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.config, self.source_dir = cfg, None
+        self.config, self.source_dir, self.lora = cfg, None, None  # lora: add_lora's settings
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         if cfg.family["pos"] == "learned":
@@ -421,6 +498,8 @@ class GPT(nn.Module):
         if not finite, and assigned to a model
         built on the meta device, so the weights are held in memory once."""
         path = Path(path)
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
+            return cls.from_adapter(path, dtype, device)
         cfg = Config.load(path)
         stored = read_headers(weight_files(path))  # name -> (file, a meta tensor of its shape)
         skip = {
@@ -472,11 +551,79 @@ class GPT(nn.Module):
         model.source_dir = path
         return model
 
+    @classmethod
+    def from_adapter(cls, path, dtype=None, device=None):
+        """A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors): its base
+        model (base_model_name_or_path) with the adapter's update on it, the adapter float32."""
+        path = Path(path)
+        try:
+            conf = json.loads((path / "adapter_config.json").read_text())
+            base, r, alpha = conf["base_model_name_or_path"], conf["r"], conf["lora_alpha"]
+            targets, dropout = conf["target_modules"], conf.get("lora_dropout", 0.0)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path / 'adapter_config.json'} is not a LoRA adapter's ({e})")
+        if conf.get("peft_type") != "LORA" or conf.get("use_dora") or conf.get("rank_pattern"):
+            raise CheckpointError(f"{path}: only plain LoRA adapters (peft_type LORA) load here")
+        model = add_lora(cls.from_pretrained(base, dtype, device), r, alpha, dropout, targets)
+        state = {
+            k.removeprefix("base_model.model."): v
+            for k, v in read_tensors(
+                {k: f for k, (f, _) in read_headers([path / "adapter_model.safetensors"]).items()},
+                torch.float32,
+                torch.device(device or "cpu"),
+            ).items()
+        }
+        ours = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+        if state.keys() != ours.keys() or any(v.shape != ours[k].shape for k, v in state.items()):
+            raise CheckpointError(
+                f"{path / 'adapter_model.safetensors'} does not fit {base} with r={r} on "
+                f"{', '.join(targets)}"
+            )
+        model.load_state_dict(state, strict=False)
+        return model
+
+    def save_adapter(self, path, state_dict=None):
+        """Write the LoRA adapter as PEFT does: adapter_config.json and adapter_model.safetensors
+        (float32, PEFT's names), beside the base's tokenizer files; no base weights."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {
+            k: v.detach().cpu().float().contiguous()
+            for k, v in lora_state(self, state_dict).items()
+        }
+        conf = dict(
+            peft_type="LORA",
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=str(Path(self.source_dir).resolve()),
+            r=self.lora["r"],
+            lora_alpha=self.lora["alpha"],
+            lora_dropout=self.lora["dropout"],
+            target_modules=self.lora["targets"],
+            bias="none",
+            fan_in_fan_out=False,
+            inference_mode=True,
+            init_lora_weights=True,
+            modules_to_save=None,
+            use_rslora=False,
+            use_dora=False,
+        )
+        save_file(state, path / "adapter_model.safetensors", metadata={"format": "pt"})
+        (path / "adapter_config.json").write_text(json.dumps(conf, indent=2) + "\n")
+        self.copy_tokenizer(path)
+
+    def copy_tokenizer(self, path):
+        for name in TOKENIZER_FILES:
+            src = self.source_dir and Path(self.source_dir) / name
+            if src and src.exists() and src.resolve() != (path / name).resolve():
+                shutil.copy(src, path / name)
+
     def save_pretrained(self, path, state_dict=None):
         """Write config.json and model.safetensors in the Hugging Face layout, plus the source
         checkpoint's
         tokenizer files, so that the directory is complete. state_dict: a gathered one (FSDP), else
         ours."""
+        if self.lora:  # the adapter alone, in PEFT's format (merge_lora first for a full one)
+            return self.save_adapter(path, state_dict)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {
@@ -493,10 +640,7 @@ class GPT(nn.Module):
             raw[key] = dtype
         save_file(state, path / "model.safetensors", metadata={"format": "pt"})
         (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-        for name in TOKENIZER_FILES:
-            src = self.source_dir and Path(self.source_dir) / name
-            if src and src.exists() and src.resolve() != (path / name).resolve():
-                shutil.copy(src, path / name)
+        self.copy_tokenizer(path)
 
 
 def gpt2_keys(state, to_hf):

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from infra import checkpoint, demo, evaluate, inspection, memory, report, rundir
+from infra import checkpoint, demo, evaluate, inspection, lora, memory, report, rundir
 from infra.cli import COUNT, FRACTION, LENGTH, POSITIVE, Parser, existing, number
 from infra.distributed import (
     all_reduce,
@@ -352,7 +352,8 @@ def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
     wrapped = wrap_distributed(
         args, model, ref
     )  # first: fully_shard replaces the parameters with sharded ones
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    trained = [p for p in model.parameters() if p.requires_grad]  # --lora: the adapters alone
+    opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     state = checkpoint.restore(model, opt, start)
     t0, from_step = (
         time.time(),
@@ -460,7 +461,9 @@ def run(args, device):
         for path in args.eval_data or []
     }
     ckpt, start = checkpoint.resume_point(args.out) if args.resume else (None, None)
-    model = GPT.from_pretrained(ckpt or args.model, device=device)
+    dtype = lora.base_dtype(args.lora, args.fsdp and dist_info()[1] > 1, device)
+    model = GPT.from_pretrained(ckpt or args.model, dtype=dtype, device=device)
+    model = lora.attach(model, args.lora, args.lora_alpha, args.lora_dropout, args.lora_targets)
     log(
         f"data: {len(seqs)} examples, {sum(map(data.n_response_tokens, seqs))} response "
         "tokens, template "
@@ -476,7 +479,9 @@ def run(args, device):
         else None
     )
     ref = (
-        load_reference(args, device) if args.signal == "prior" and args.prior == "inline" else None
+        lora.reference(model, args.ref, args.model, lambda: load_reference(args, device))
+        if args.signal == "prior" and args.prior == "inline"
+        else None
     )
     checkpoint.prepare_out(
         args, start
@@ -488,6 +493,8 @@ def run(args, device):
     )
     state = train(args, model, seqs, prior=prior, ref=ref, out=args.out, start=start)
     checkpoint.save_model(model, args.out)
+    if args.merge and dist_info()[0] == 0:  # the adapter just saved, merged: OUT/merged
+        lora.merge(args.out, args.out / "merged")
     log(f"trained {state['step']} steps ({state['skipped']} skipped); model saved to {args.out}")
     after = evaluate.evaluate_files(args, model, template, eval_sets) if eval_sets else None
     rows = evaluate.report(args, before, after) if after else None
@@ -601,6 +608,7 @@ def parse_args(argv=None):
     checkpoint.add_arguments(parser)
     demo.add_arguments(parser)
     memory.add_arguments(parser)
+    lora.add_arguments(parser)
     return parser, parser.parse_args(argv)
 
 
@@ -632,6 +640,7 @@ def check_args(parser, args):
         parser.error(
             f"--rule {args.rule} is a control: give its weight or keep rate with --threshold"
         )
+    lora.check(parser, args.lora, args.merge)
     args.ref = args.ref or args.model
     args.loss_chunk = args.loss_chunk or None
     args.out = Path(

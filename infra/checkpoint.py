@@ -166,12 +166,20 @@ def resume_point(out):
             "not written "
             f"by prift: start again with --overwrite"
         )
-    if not ckpt and (Path(out) / "model.safetensors").exists():
+    if not ckpt and finished(out):
         raise CheckpointError(
             f"{out} holds a finished model and no checkpoint to resume from (checkpoints/latest is "
             f"missing): nothing is left to continue"
         )
     return (ckpt, read_trainer_state(ckpt / "trainer.pt")) if ckpt else (None, None)
+
+
+def finished(out):
+    """Whether OUT holds its final model: the weights, or a LoRA run's adapter, are written last."""
+    return any((Path(out) / name).exists() for name in WEIGHTS)
+
+
+WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
 
 
 def read_trainer_state(path):
@@ -331,7 +339,7 @@ def save_model(model, out):
             f"writing the final model into {out} failed ({e}); make room and run python prift.py "
             f"--resume {out}: it trains again from {last or 'step 0'} to the same weights"
         )
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "model.safetensors"):
+    for name in sorted(os.listdir(tmp), key=lambda n: n in WEIGHTS):
         os.replace(tmp / name, out / name)
     tmp.rmdir()
 

@@ -17,7 +17,9 @@ from pathlib import Path
 from data import DataError
 from model import TOKENIZER_FILES, CheckpointError, Config
 
-MODEL_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES)
+# a LoRA run's model is its adapter, in PEFT's format (model.py's save_adapter)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MODEL_FILES = ("config.json", "model.safetensors", *ADAPTER_FILES, *TOKENIZER_FILES)
 RUN_FILES = {
     "args.json",
     "metrics.jsonl",
@@ -31,6 +33,7 @@ RUN_FILES = {
     "results.json",
     "compare.html",
     ".lock",
+    "wandb_id",  # infra/logs.py: the wandb run a resumed run continues
     *MODEL_FILES,
 }
 TEMPORARY = {
@@ -60,6 +63,10 @@ IDENTITY = (
     "max_steps",
     "seed",
     "match_authors",
+    "lora",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
 )  # what makes the weights
 
 
@@ -269,6 +276,12 @@ def not_ours(out):
             return p.is_file()
         if p.name == "checkpoints":
             return p.is_dir() and all(checkpoint_entry_ok(q) for q in p.iterdir())
+        if p.name == "merged":  # --merge: the LoRA run's full checkpoint
+            return p.is_dir() and all(
+                q.name in MODEL_FILES and q.is_file() and not q.is_symlink() for q in p.iterdir()
+            )
+        if p.name in ("tensorboard", "wandb"):  # --log's own files, written by those packages
+            return p.is_dir()
         if p.name == "demo-data":
             return p.is_dir() and all(
                 q.suffix == ".jsonl" and q.is_file() and not q.is_symlink() for q in p.iterdir()

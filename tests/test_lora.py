@@ -1,0 +1,230 @@
+"""LoRA (issue 27): --lora R trains low-rank adapters on a frozen base, which is its own reference
+(adapters off); the run saves a PEFT adapter that peft loads on transformers' model with our logits,
+merges into a full checkpoint with the same logits, and resumes bit-identically."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from conftest import make_hf_checkpoint, write_tokenizer
+from safetensors.torch import load_file
+from tiny import Work, assert_some_kept, main_rc, make_checkpoint, make_data, one_error_line
+
+import data
+import prift
+from infra import lora
+from model import GPT, CheckpointError, adapters_off, add_lora, merge_lora
+
+TRAIN = dict(batch_size=4, micro_batch=2, max_len=64, lr=1e-2)
+LORA = ["--lora", "4"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return make_checkpoint(root / "ck", pretrain_steps=20), make_data(root / "train.jsonl", n=24)
+
+
+@pytest.fixture
+def w(tmp_path, assets):
+    return Work(tmp_path, assets, max_steps=2, **TRAIN)
+
+
+def randomize_adapters_(model, seed=0):
+    """B is 0 at the start, so that the update is 0: give A and B values that change the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tokens(vocab, seed=1):
+    return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# The layer: step 0 is the base, adapters off are the base, PEFT's format, merging
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_peft_loads_our_adapter_with_our_logits(family, tmp_path):
+    import peft
+    import transformers
+
+    ck = make_hf_checkpoint(tmp_path / "base", family)
+    write_tokenizer(ck)
+    model = GPT.from_pretrained(ck).eval()
+    x = tokens(model.config.vocab_size)
+    with torch.no_grad():
+        base = model(x)
+        add_lora(model, 4, 8.0)
+        assert torch.equal(model(x), base), "step 0 (B = 0) must be the base model exactly"
+        randomize_adapters_(model)
+        ours = model(x)
+        assert (ours - base).abs().max() > 1e-2, "the adapters must change the logits"
+        with adapters_off(model):
+            assert torch.equal(model(x), base), "adapters off must be the base model exactly"
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in n for n in trained), "only the adapters are trained"
+    model.save_pretrained(tmp_path / "adapter")
+    names = set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in names
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in names
+    assert not (tmp_path / "adapter" / "config.json").exists()  # no base weights there
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        theirs = peft_model(x).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+    again = GPT.from_pretrained(tmp_path / "adapter").eval()  # from_pretrained reads an adapter too
+    with torch.no_grad():
+        assert torch.equal(again(x), ours)
+    lora.merge(tmp_path / "adapter", tmp_path / "merged")
+    with torch.no_grad():
+        merged = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "merged", dtype=torch.float32
+        )(x).logits
+    torch.testing.assert_close(merged, ours, rtol=0, atol=1e-5)
+
+
+def test_merge_drops_the_adapters(tmp_path, assets):
+    model = randomize_adapters_(add_lora(GPT.from_pretrained(assets[0]), 2, 4.0))
+    x = tokens(model.config.vocab_size)
+    with torch.no_grad():
+        before = model(x)
+        merge_lora(model)
+        torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
+    assert model.lora is None and not any(".lora_" in k for k in model.state_dict())
+
+
+def test_gpt2_is_refused(tmp_path):
+    ck = make_hf_checkpoint(tmp_path / "gpt2", "gpt2")
+    with pytest.raises(CheckpointError, match="llama, qwen2 and qwen3"):
+        add_lora(GPT.from_pretrained(ck), 4, 8.0)
+
+
+def test_bad_flags_are_one_line(w, capsys):
+    for argv, fragment in [
+        (w.argv("--merge"), "--merge merges a LoRA adapter"),
+        (w.argv("--lora", "0"), "must be positive"),
+        (w.argv(*LORA, "--lora-targets", "q_proj,nope"), "expected names out of"),
+    ]:
+        assert main_rc(argv) == 2
+        assert fragment in one_error_line(capsys.readouterr().err)
+        assert not w.out.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Training: every rule, the base frozen, the reference the base with adapters off
+
+
+@pytest.mark.parametrize("rule", ["sft", "dft", "prob", "mass", "profit"])
+def test_every_rule_trains_the_adapters_alone(rule, w):
+    assert main_rc(w.argv("--merge", rule=rule, lora=4)) == 0
+    out = w.out
+    base = load_file(w.ck / "model.safetensors")
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert not (out / "model.safetensors").exists() and (out / "adapter_config.json").exists()
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items()), (
+        "B still 0: the adapters were not trained"
+    )
+    merged = load_file(out / "merged" / "model.safetensors")
+    assert merged.keys() == base.keys()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q], base[q])  # the update is in the merged weights
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["grad_norm"] > 0 for r in rows)
+    if rule in ("mass", "profit"):
+        assert_some_kept(rows)
+    # the finished adapter evaluates as the model it is: ours from OUT, transformers' from merged
+    x = tokens(GPT.from_pretrained(w.ck).config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            GPT.from_pretrained(out / "merged")(x), GPT.from_pretrained(out)(x), rtol=0, atol=1e-5
+        )
+
+
+def targs(w, rule, **over):
+    parser, args = prift.parse_args(w.argv("--rule", rule, *LORA, **over))
+    prift.check_args(parser, args)
+    args = prift.settings(args)
+    args.precision = "fp32"
+    return args
+
+
+@pytest.mark.parametrize("rule", ["mass", "prob"])
+def test_inline_reference_is_the_base_and_equals_the_prior(rule, w, tmp_path):
+    """--prior inline with --lora runs the model with its adapters off: the base's (p, u), equal to
+    the precomputed prior of the separately loaded base, on a model whose adapters are not 0; and
+    the two runs train alike, step by step."""
+    args = targs(w, rule, max_steps=3)
+    seqs = data.Template.load(args.model, "auto").encode(data.read_jsonl(w.data, "response"), 64)[0]
+    prior = prift.compute_prior(args, seqs, torch.device("cpu"))
+    model = randomize_adapters_(lora.attach(GPT.from_pretrained(w.ck), 4, None, 0.0, "q_proj"))
+    ref = lora.reference(model, args.ref, args.model, lambda: pytest.fail("loaded a second model"))
+    assert isinstance(ref, lora.BaseOf)
+    for mb in ([0, 1, 2], [5, 9]):
+        x, y, m = data.collate([seqs[i] for i in mb])
+        inline = prift.reference_stats(ref, x, y, m)
+        torch.testing.assert_close(inline, torch.cat([prior[i] for i in mb]), rtol=1e-5, atol=1e-7)
+        adapted = prift.head_stats(model(x, hidden_only=True)[m], model.lm_head, y[m])
+        assert (adapted - inline).abs().max() > 1e-3, "the test needs adapters that matter"
+
+    runs = {}
+    for mode in ("precompute", "inline"):
+        torch.manual_seed(0)  # the same A (kaiming-uniform from the global generator)
+        model = lora.attach(GPT.from_pretrained(w.ck), 4, None, 0.0, ",".join(lora.LORA_TARGETS))
+        out = tmp_path / mode
+        out.mkdir()
+        source = dict(prior=prior) if mode == "precompute" else dict(ref=lora.BaseOf(model))
+        prift.train(args, model, seqs, out=out, **source)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[mode] = rows, model.state_dict()
+    (rows_p, sd_p), (rows_i, sd_i) = runs["precompute"], runs["inline"]
+    for a, b in zip(rows_p, rows_i, strict=True):
+        for k in ("loss", "ce", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5), (k, a, b)
+    for k in sd_p:
+        torch.testing.assert_close(sd_p[k], sd_i[k], rtol=1e-5, atol=1e-6)
+
+
+def run_interrupted(w, argv, at_step, monkeypatch):
+    """prift.main(argv) with SIGTERM sent to this process during step `at_step` (1-based)."""
+    get_lr = prift.get_lr
+
+    def hook(step, *a, **k):
+        if step == at_step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return get_lr(step, *a, **k)
+
+    monkeypatch.setattr(prift, "get_lr", hook)
+    rc = main_rc(argv)
+    monkeypatch.setattr(prift, "get_lr", get_lr)
+    return rc
+
+
+@pytest.mark.parametrize("extra", [["--prior", "inline", "--lora-dropout", "0.1"], []])
+def test_resume_is_bit_identical(extra, w, monkeypatch):
+    """Stopped by SIGTERM at step 5 of 8 and resumed: its checkpoint holds the adapters (no base
+    weights) and their AdamW state; the same adapter bit for bit, the same metrics. With dropout,
+    the random state resumes too."""
+    whole = w.root / "whole"
+    argv = lambda **over: w.argv("--rule", "mass", *LORA, *extra, max_steps=8, save_every=3, **over)
+    assert main_rc(argv(out=whole)) == 0
+    assert run_interrupted(w, argv(), 5, monkeypatch) == 128 + signal.SIGTERM
+    ckpt = w.out / "checkpoints" / "latest"
+    assert (ckpt / "adapter_model.safetensors").exists() and not (ckpt / "config.json").exists()
+    state = torch.load(ckpt / "trainer.pt", weights_only=True)["optimizer"]["state"]
+    n_adapters = len(load_file(ckpt / "adapter_model.safetensors"))
+    assert len(state) == n_adapters, "AdamW holds a state for each adapter tensor, and nothing else"
+    assert main_rc(["--resume", w.out]) == 0
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (whole, w.out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed adapter"
+    read = lambda d: (d / "metrics.jsonl").read_text().splitlines()
+    assert read(w.out) == read(whole) and len(read(whole)) == 8

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from infra import checkpoint, demo, evaluate, inspection, lora, memory, report, rundir
+from infra import checkpoint, demo, evaluate, inspection, logs, lora, memory, report, rundir
 from infra.cli import COUNT, FRACTION, LENGTH, POSITIVE, Parser, existing, number
 from infra.distributed import (
     all_reduce,
@@ -609,6 +609,7 @@ def parse_args(argv=None):
     demo.add_arguments(parser)
     memory.add_arguments(parser)
     lora.add_arguments(parser)
+    logs.add_arguments(parser)
     return parser, parser.parse_args(argv)
 
 

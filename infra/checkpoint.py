@@ -42,6 +42,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from infra import logs
 from infra.cli import COUNT
 from infra.distributed import (
     dist_info,
@@ -345,10 +346,12 @@ def save_model(model, out):
 
 
 def record_step(out, row, bar):
-    """One step's line in OUT/metrics.jsonl (rank 0 only), and on the progress bar."""
+    """One step's line in OUT/metrics.jsonl (rank 0 only), to --log's destinations, and on the
+    progress bar."""
     if out and dist_info()[0] == 0:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        logs.step(out, row)  # --log tensorboard/wandb
     bar.update()
     bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kept=f"{row['kept']:.2f}")
 

@@ -91,6 +91,9 @@ def run_report(out, eval_rows, seqs, state):
     )
     (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
     (out / "report.html").write_text(run_page(load_run(out)))
+    from infra import logs
+
+    logs.finish(out, evaluation, state["step"])  # --log: the evaluation, then closed
 
 
 def read_metrics(path):

@@ -228,3 +228,65 @@ def test_resume_is_bit_identical(extra, w, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed adapter"
     read = lambda d: (d / "metrics.jsonl").read_text().splitlines()
     assert read(w.out) == read(whole) and len(read(whole)) == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Data parallel: the frozen base under DDP and FSDP2, 2 processes = 1 process (gloo, CPU)
+
+
+@pytest.fixture(scope="module")
+def dist_work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    make_checkpoint(d / "untied", tie=False, pretrain_steps=20)  # mass keeps some, not all
+    make_data(d / "train.jsonl", n=17)
+    return d
+
+
+def lora_run(work, name, nproc, *extra):
+    """`prift.py --lora 4` (mass) in work/name, as test_distributed's runs: (rows, adapter)."""
+    import test_distributed as td
+
+    td.prift(
+        work,
+        nproc,
+        *("--model", "untied", "--data", "train.jsonl", "--rule", "mass", "--out", name),
+        *("--cache", f"cache-{name}", *td.TRAIN, "--lr", "1e-2", *LORA, *extra),
+    )
+    rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+    return rows, load_file(work / name / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("--fsdp", "--prior", "inline"), ("--fsdp", "--grad-checkpoint")],
+    ids=["ddp", "fsdp-inline", "fsdp-checkpointing"],
+)
+def test_two_processes_match_one(extra, dist_work):
+    """DDP and FSDP2 with a frozen base and trained adapters, 2 processes = 1 process (precomputed
+    prior); FSDP2 with the inline reference, the sharded model itself with its adapters off. From
+    the FSDP2 run's checkpoint (the adapters and their AdamW state gathered by name) one process
+    resumes to the same adapter."""
+    if "single" not in BASELINES:
+        BASELINES["single"] = lora_run(dist_work, "single", 1)
+    rows1, adapter1 = BASELINES["single"]
+    name = "two" + "".join(extra)
+    rows, adapter = lora_run(dist_work, name, 2, *extra)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert_some_kept(rows)
+    for r, r1 in zip(rows, rows1, strict=True):
+        for k in ("loss", "ce", "kept", "grad_norm"):
+            assert abs(r[k] - r1[k]) <= 1e-5, (k, r, r1)
+    assert adapter.keys() == adapter1.keys()
+    assert max((adapter[k] - adapter1[k]).abs().max().item() for k in adapter) <= 1e-5
+    assert max(adapter[k].abs().max().item() for k in adapter if "lora_B" in k) > 1e-3, "trained"
+    if "inline" not in extra:
+        return
+    import test_distributed as td
+
+    (dist_work / name / "adapter_model.safetensors").unlink()
+    td.prift(dist_work, 1, "--resume", name)
+    resumed = load_file(dist_work / name / "adapter_model.safetensors")
+    assert max((resumed[k] - adapter[k]).abs().max().item() for k in adapter) <= 1e-5
+
+
+BASELINES = {}

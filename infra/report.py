@@ -206,6 +206,7 @@ def what_ran(a, r):
         ("signal", a.get("signal") or "none"),
         ("threshold", short(a.get("threshold"))),
         ("model", a.get("model")),
+        ("LoRA", lora_text(a)),
         ("reference", a.get("ref") if a.get("signal") == "prior" else "not used"),
         ("data", a.get("data") or "the demo's"),
         ("evaluated on", evals),
@@ -219,6 +220,14 @@ def what_ran(a, r):
         ("precision", a.get("precision")),
         ("ranks", r.get("world_size")),
     ]
+
+
+def lora_text(a):
+    """--lora R's rank, scale and layers, or full fine-tuning."""
+    if not a.get("lora"):
+        return "off: full fine-tuning"
+    alpha = a.get("lora_alpha") or 2 * a["lora"]
+    return f"rank {a['lora']}, alpha {short(alpha)}, on {a.get('lora_targets')}"
 
 
 def how_it_went(rows, r):

@@ -290,3 +290,57 @@ def test_two_processes_match_one(extra, dist_work):
 
 
 BASELINES = {}
+
+
+# ----------------------------------------------------------------------------------------------
+# The memory plan and the report page
+
+
+def test_plan_counts_what_lora_saves():
+    """Qwen2.5-Math-7B's shape at the paper's 4 x 2,048 tokens on one CUDA card with checkpointing:
+    full fine-tuning does not fit 80 GB; --lora 16 on all seven linears (40.4M adapter parameters,
+    PEFT's count for this model) fits 24 GB: a bfloat16 base, float32 adapters with gradients and
+    AdamW state, and no second model for the inline reference."""
+    from infra import memory
+    from model import LORA_TARGETS, Config
+
+    cfg = Config.from_dict(
+        dict(
+            model_type="qwen2",
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+        )
+    )
+    A = memory.lora_params(cfg, 16, LORA_TARGETS)
+    assert A == 40_370_176
+    P = memory.count_params(cfg)[0]
+    kw = dict(tokens=4 * 2048, world=1, fsdp=False, cuda=True, authors=False, checkpointing=True)
+    full, low = memory.plan(cfg, **kw), memory.plan(cfg, **kw, lora=(16, LORA_TARGETS))
+    assert not memory.fits(full, 80) and memory.fits(low, 24)
+    assert low["weights"] == 2 * P + 4 * A and low["gradients"] == 4 * A
+    assert low["optimizer"] == 8 * A and low["inline reference"] == 0
+    assert low["activations"] == full["activations"]
+
+
+def test_plan_and_report_say_lora(w):
+    import subprocess
+    import sys
+
+    from tiny import ROOT
+
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "prift.py"), *w.argv("--plan", *LORA, "--prior", "inline")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and "LoRA rank 4" in r.stdout, r.stderr
+    assert "inline reference       0.00 MiB" in r.stdout and not w.out.exists()
+    out = w.finished(lora=4, lora_alpha=16)
+    page = (out / "report.html").read_text()
+    assert "rank 4, alpha 16" in page and "q_proj,k_proj" in page

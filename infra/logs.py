@@ -18,6 +18,7 @@ row, passes it on (step), and report.run_report ends the logs with the evaluatio
 """
 
 import argparse
+import atexit
 import importlib.util
 import json
 import os
@@ -95,6 +96,13 @@ class Logs:
 
 
 OPEN = {}  # resolved run directory -> its Logs
+
+
+@atexit.register
+def close_all():
+    """Close every open destination: at exit (a run stopped by a signal keeps what it logged)."""
+    while OPEN:
+        OPEN.popitem()[1].close()
 
 
 def opened(out, step):

@@ -15,6 +15,7 @@ import pytest
 from tiny import ROOT, Work, main_rc, make_checkpoint, make_data, one_error_line, read_metrics
 
 import prift
+from infra import logs
 
 TRAIN = dict(batch_size=4, micro_batch=2, max_len=64, rule="mass")
 KEYS = ("loss", "ce", "kept", "grad_norm", "lr", "tokens", "skipped")
@@ -32,7 +33,9 @@ def w(tmp_path, assets):
 
 
 def interrupted(argv, at_step, monkeypatch):
-    """prift.main(argv) with SIGTERM sent to this process during step `at_step` (1-based)."""
+    """prift.main(argv) with SIGTERM sent to this process during step `at_step` (1-based); then
+    what the process's exit does (logs.close_all), so that the resumed run opens its logs again as
+    a new process would."""
     get_lr = prift.get_lr
 
     def hook(step, *a, **k):
@@ -45,6 +48,7 @@ def interrupted(argv, at_step, monkeypatch):
         return main_rc(argv)
     finally:
         monkeypatch.setattr(prift, "get_lr", get_lr)
+        logs.close_all()
 
 
 def tensorboard_scalars(logdir):
@@ -79,6 +83,11 @@ def test_tensorboard_gets_every_step_and_the_evaluation(w):
 
 def test_tensorboard_resume_continues_the_same_steps(w, monkeypatch):
     assert interrupted(w.argv("--log", "tensorboard", save_every=2), 3, monkeypatch) == 128 + 15
+    assert main_rc(["--resume", w.out]) == 0
+    # as if killed after step 4 was logged and before the model was saved: resumed from step 3's
+    # checkpoint, step 4 is logged again, and tensorboard shows it once (purge_step)
+    logs.close_all()
+    (w.out / "model.safetensors").unlink()
     assert main_rc(["--resume", w.out]) == 0
     rows = read_metrics(w.out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

@@ -344,3 +344,85 @@ def test_plan_and_report_say_lora(w):
     out = w.finished(lora=4, lora_alpha=16)
     page = (out / "report.html").read_text()
     assert "rank 4, alpha 16" in page and "q_proj,k_proj" in page
+
+
+# ----------------------------------------------------------------------------------------------
+# The TRL port: peft_config and ref_model="base", against prift's --lora run
+
+
+def test_trl_port_with_peft_equals_prift_lora(tmp_path):
+    """ports/trl_prift.py with TRL's peft_config and ref_model="base" (the policy with its adapter
+    disabled) trains the adapter prift's --lora --prior inline run trains: the same data order and
+    initial adapters, prift's optimizer; each step's gradient norm within 1e-5 (relative), the
+    final adapters within 1e-5."""
+    import sys
+
+    import datasets
+    import peft
+    from tiny import ROOT
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    sys.path.insert(0, str(ROOT / "ports"))
+    from trl_prift import PriftTrainer, prift_optimizer
+
+    steps, batch, micro, lr, seed = 3, 8, 2, 1e-2, 0
+    ck = make_checkpoint(tmp_path / "model", seed=3, pretrain_steps=20)
+    make_data(tmp_path / "train.jsonl", n=24, seed=5)
+    common = ["--model", ck, "--data", tmp_path / "train.jsonl", "--cache", tmp_path / "cache"]
+    assert main_rc([*common, "--inspect", "--out", tmp_path / "prior"]) == 0
+    flags = ["--batch-size", batch, "--micro-batch", micro, "--max-steps", steps, "--lr", lr]
+    run = tmp_path / "prift"
+    argv = [*common, *flags, "--seed", seed, *LORA, "--prior", "inline", "--out", run]
+    assert main_rc(argv) == 0
+
+    torch.manual_seed(seed)  # prift's initial adapters: its seed, then attach
+    start = lora.attach(GPT.from_pretrained(ck), 4, None, 0.0, ",".join(lora.LORA_TARGETS))
+    start = {k: v for k, v in start.state_dict().items() if ".lora_" in k}
+
+    train = datasets.load_dataset(
+        "json", data_files=str(tmp_path / "prior" / "tokens.jsonl"), split="train"
+    )
+    train = train.select([i for s in range(steps) for i in prift.batch_order(24, batch, s, seed)])
+    config = SFTConfig(
+        output_dir=str(tmp_path / "trl"),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch // micro,
+        max_steps=steps,
+        bf16=False,
+        max_length=None,
+        remove_unused_columns=False,
+        report_to="none",
+        train_sampling_strategy="sequential",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        use_cpu=True,
+    )
+    trainer = PriftTrainer(
+        model=AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32),
+        args=config,
+        train_dataset=train,
+        rule="mass",
+        ref_model="base",
+        peft_config=peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(lora.LORA_TARGETS)
+        ),
+    )
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(start[name.removeprefix("base_model.model.").replace(".default", "")])
+    trainer.optimizer, trainer.lr_scheduler = prift_optimizer(trainer.model, lr, steps)
+    trainer.train()
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    grad_norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert grad_norms == pytest.approx([r["grad_norm"] for r in rows], rel=1e-5)
+    ours = load_file(run / "adapter_model.safetensors")
+    theirs = peft.get_peft_model_state_dict(trainer.model)
+    assert theirs.keys() == ours.keys()
+    assert max((theirs[k] - ours[k]).abs().max().item() for k in ours) <= 1e-5
+    assert (
+        max((ours[k] - start[k.removeprefix("base_model.model.")]).abs().max() for k in ours) > 1e-3
+    )

@@ -641,7 +641,7 @@ def check_args(parser, args):
         parser.error(
             f"--rule {args.rule} is a control: give its weight or keep rate with --threshold"
         )
-    lora.check(parser, args.lora, args.merge)
+    lora.check(parser, args.lora, args.merge, is_demo)
     args.ref = args.ref or args.model
     args.loss_chunk = args.loss_chunk or None
     args.out = Path(

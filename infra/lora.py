@@ -63,10 +63,13 @@ def add_arguments(parser):
     )
 
 
-def check(parser, lora, merge):
-    """What the types cannot see: --merge without --lora."""
+def check(parser, lora, merge, is_demo):
+    """What the types cannot see: --merge without --lora, and LoRA on the built-in demo (which
+    compares full fine-tuning runs)."""
     if merge and not lora:
         parser.error("--merge merges a LoRA adapter: give --lora R too")
+    if lora and is_demo:
+        parser.error("--lora fine-tunes --model on --data; the built-in demo trains every weight")
 
 
 def alpha(r, lora_alpha):

@@ -114,6 +114,7 @@ def test_bad_flags_are_one_line(w, capsys):
         (w.argv("--merge"), "--merge merges a LoRA adapter"),
         (w.argv("--lora", "0"), "must be positive"),
         (w.argv(*LORA, "--lora-targets", "q_proj,nope"), "expected names out of"),
+        (w.argv(*LORA, model=None, data=None), "the built-in demo trains every weight"),
     ]:
         assert main_rc(argv) == 2
         assert fragment in one_error_line(capsys.readouterr().err)
@@ -426,3 +427,25 @@ def test_trl_port_with_peft_equals_prift_lora(tmp_path):
     assert (
         max((ours[k] - start[k.removeprefix("base_model.model.")]).abs().max() for k in ours) > 1e-3
     )
+
+
+def test_evaluate_reads_the_adapter_and_the_merged_checkpoint(w, tmp_path):
+    """python -m infra.evaluate on the run's adapter (prift reads it: base, then adapter) and on
+    OUT/merged: the same greedy answers and the same cross-entropy of the reference solutions."""
+    from infra import evaluate
+
+    assert main_rc(w.argv("--merge", lora=4)) == 0
+    scores = {}
+    for name, model in (("adapter", w.out), ("merged", w.out / "merged")):
+        out = tmp_path / f"{name}.json"
+        argv = ["--model", model, "--data", w.data, "--samples", "1", "--problems", "4"]
+        argv += ["--max-new-tokens", "6", "--greedy", "--out", out]
+        assert evaluate.main(list(map(str, argv))) == 0
+        result = json.loads(out.read_text())[str(w.data)]
+        scores[name] = (
+            result["scores"],
+            [s["text"] for p in result["problems"] for s in p["samples"]],
+        )
+    (s_a, texts_a), (s_m, texts_m) = scores["adapter"], scores["merged"]
+    assert texts_a == texts_m and s_a.keys() == s_m.keys()
+    assert s_a["ce"] == pytest.approx(s_m["ce"], rel=1e-5)

@@ -5,6 +5,7 @@ and qwen3. Modules are named as in Hugging Face's Llama, so llama/qwen2/qwen3 st
 no renaming at all; GPT-2 needs one short key table (gpt2_keys below).
 """
 
+import contextlib
 import json
 import math
 import os
@@ -249,10 +250,64 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# --------------------------------------------------------------------------------------------------
+# LoRA: a low-rank update of chosen nn.Linear layers, named as PEFT names it
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear of the model given a trainable low-rank update (add_lora turns one into this, in
+    place): y = W x + b + (alpha / r) B A dropout(x), with A (r, in) and B (out, r) float32. Its
+    own weight and bias stay as they were, frozen; lora_A and lora_B are children, so their names
+    are PEFT's (`...q_proj.lora_A.weight`). lora_on False: the base layer alone, exactly."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        if not self.lora_on:
+            return y
+        a = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype))  # (..., r)
+        return y + (self.lora_B(a) * self.lora_scale).to(y.dtype)
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(model, r, alpha, dropout=0.0, targets=LORA_TARGETS):
+    """Give every nn.Linear of the blocks named in `targets` a rank-r update scaled by alpha / r,
+    as PEFT's LoRA does: A kaiming-uniform (nn.Linear's own init, PEFT's too), B zero, so that the
+    model computes exactly what it did. Freezes everything else. Returns the model."""
+    if model.config.model_type == "gpt2":  # its Hugging Face modules are fused c_attn, Conv1D
+        raise CheckpointError("--lora supports the llama, qwen2 and qwen3 families, not gpt2")
+    model.requires_grad_(False)
+    model.lora = dict(r=r, alpha=alpha, dropout=dropout, targets=list(targets))
+    for name, m in model.model.layers.named_modules():
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            dev = m.weight.device
+            m.__class__ = LoRALinear
+            m.lora_A = nn.Linear(m.in_features, r, bias=False, device=dev)  # kaiming-uniform
+            m.lora_B = nn.Linear(r, m.out_features, bias=False, device=dev)
+            nn.init.zeros_(m.lora_B.weight)
+            m.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+            m.lora_scale, m.lora_on = alpha / r, True
+    return model
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """Within the block the model is its base: every LoRA update is skipped."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.lora_on = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.lora_on = True
+
+
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.config, self.source_dir = cfg, None
+        self.config, self.source_dir, self.lora = cfg, None, None  # lora: add_lora's settings
         self.model = nn.Module()
         # padding_idx as transformers builds it: the pad row's input-side gradient is zero, which
         # matters when the pad id is a trained token (often the template's end token)
@@ -311,6 +366,12 @@ class GPT(nn.Module):
         if not finite, and assigned to a model
         built on the meta device, so the weights are held in memory once."""
         path = Path(path)
+        if os.path.lexists(path / "adapter_config.json") and not os.path.lexists(
+            path / "config.json"
+        ):
+            from infra.lora import load_adapter  # here: infra/lora.py builds on this module
+
+            return load_adapter(path, dtype, device)
         cfg = Config.load(path)
         stored = read_headers(weight_files(path))  # name -> (file, a meta tensor of its shape)
         skip = {
@@ -368,6 +429,10 @@ class GPT(nn.Module):
         checkpoint's
         tokenizer files, so that the directory is complete. state_dict: a gathered one (FSDP), else
         ours."""
+        if self.lora:  # the adapter alone, in PEFT's format (merge_lora first for a full one)
+            from infra.lora import save_adapter  # here: infra/lora.py builds on this module
+
+            return save_adapter(self, path, state_dict)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {
@@ -389,6 +454,10 @@ class GPT(nn.Module):
             "weights",
         )
         files.write_text(path / "config.json", json.dumps(raw, indent=2) + "\n", "config")
+        self.copy_side_files(path)
+
+    def copy_side_files(self, path):
+        """The source checkpoint's tokenizer and generation files, so that path is complete."""
         for name in TOKENIZER_FILES:
             src = self.source_dir and Path(self.source_dir) / name
             if not src or not os.path.lexists(src) or same_file(src, path / name):

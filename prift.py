@@ -340,7 +340,8 @@ def train(cfg, model, seqs, prior=None, ref=None, run=None):
         model.to(torch.bfloat16)
     # first: fully_shard replaces the parameters with sharded ones
     wrapped = wrap_distributed(model, ref, cfg.fsdp, cfg.recompute)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    trained = [p for p in model.parameters() if p.requires_grad]  # --lora: the adapters alone
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
     state = run.restore(model, opt)
     t0, from_step = time.time(), state["step"]  # the report's time covers this call's steps
     with (

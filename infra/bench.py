@@ -52,7 +52,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import data
 import prift
-from infra import memory
+from infra import lora, memory
 from infra.distributed import autocast
 from infra.prior import cached_prior
 from model import GPT, Config
@@ -273,6 +273,29 @@ def run_ours(a, rule, prior_mode, ckpt, cache):
     return meter.steps(a.warmup)
 
 
+def run_lora(a, rank, prior_mode, ckpt, cache):
+    """mass with --lora `rank` (0: full fine-tuning), the prior precomputed or inline: with LoRA
+    the inline reference is the model itself with its adapters off (lora.BaseOf), with full
+    fine-tuning a second model. On the CPU malloc maps large blocks on their own (as run_memory),
+    so that the peak is that of live tensors: the reference pass's freed temporaries are not
+    counted again on top of the training step's."""
+    if a.device == "cpu":
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 2**20)
+    device, seqs = torch.device(a.device), synthetic_data(a)
+    cfg = train_config(a, "mass")
+    meter = Meter(device)
+    model = GPT.from_pretrained(ckpt, device=device)
+    model = lora.attach(model, rank, None, 0.0, ",".join(lora.LORA_TARGETS))
+    prior = ref = None
+    if prior_mode == "precompute":  # made by run_prior; read back here
+        prior = prior_in_cache(a, seqs, ckpt, cache, device)
+    else:
+        dtype = torch.bfloat16 if a.device == "cuda" else None
+        ref = lora.reference(model, ckpt, ckpt, lambda: prift.load_reference(ckpt, device, dtype))
+    prift.train(cfg, model, seqs, prior=prior, ref=ref)
+    return meter.steps(a.warmup)
+
+
 def run_prior(a, ckpt, cache):
     """The one no-grad pass over the data that precomputes the prior (into the cache), per batch;
     timed without loading the reference, a fixed cost that would dominate the few batches here."""
@@ -457,8 +480,11 @@ def main():
         "--quick", action="store_true", help="tiny sizes: seconds, to check that it runs"
     )
     p.add_argument(
-        "--only", choices=["train", "loss", "lengths", "memory"], help="one part of the four"
+        "--only",
+        choices=["train", "loss", "lengths", "memory", "lora"],
+        help="one part of the five",
     )
+    p.add_argument("--lora-rank", type=int, default=16, help="the lora part's rank (16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, help="rounds over all configurations (2; quick 1)")
     p.add_argument(
@@ -534,6 +560,8 @@ def main():
             report_lengths(a, tmp)
         if a.only in (None, "memory"):
             report_memory(a, tmp)
+        if a.only in (None, "lora"):
+            report_lora(a, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -679,6 +707,53 @@ def report_train(a, tmp):
             rows,
         )
     )
+
+
+def report_lora(a, tmp):
+    """Step time and peak memory of mass with --lora against full fine-tuning, the prior precomputed
+    and inline, side by side (interleaved rounds, as report_train)."""
+    ckpt, cache = tmp / "model", tmp / "cache"
+    if not ckpt.exists():
+        in_child(make_checkpoint, a, ckpt)
+    in_child(run_prior, a, ckpt, cache)  # the cache that the precompute configurations read
+    configs = [(r, m) for r in (0, a.lora_rank) for m in ("precompute", "inline")]
+    res = {c: [] for c in configs}
+    for r in range(a.rounds):
+        for c in configs[r % len(configs) :] + configs[: r % len(configs)]:
+            res[c].append(in_child(run_lora, a, c[0], c[1], ckpt, cache))
+            print(f"  round {r + 1}/{a.rounds}: lora {c[0]} ({c[1]}) done", file=sys.stderr)
+    med = {c: statistics.median(t for x in v for t in x["times"]) for c, v in res.items()}
+    cpu = {c: statistics.median(t for x in v for t in x["cpu"]) for c, v in res.items()}
+    mem = {c: max(x["mem"] for x in v) for c, v in res.items()}
+    with torch.device("meta"):
+        cfg = Config.from_dict(llama_config(a))
+        n_params = sum(v.numel() for v in GPT(cfg).parameters())
+    trained = memory.lora_params(cfg, a.lora_rank, lora.LORA_TARGETS)
+    full = (0, "precompute")
+    rows = [
+        [
+            f"LoRA {c[0]}" if c[0] else "full",
+            c[1],
+            f"{med[c]:.3f}",
+            f"{cpu[c]:.3f}",
+            f"{med[c] / med[(c[0], 'precompute')]:.2f}x",
+            f"{med[c] / med[full]:.2f}x",
+            f"{mem[c]:,.0f}",
+            f"{mem[c] / mem[(c[0], 'precompute')]:.2f}x",
+            f"{mem[c] / mem[full]:.2f}x",
+        ]
+        for c in configs
+    ]
+    threads = a.threads or torch.get_num_threads()
+    name = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {threads} thread(s)"
+    print(
+        f"\nLoRA: mass, Llama-shaped, {n_params / 1e6:.0f}M parameters ({trained / 1e6:.1f}M "
+        f"trained with LoRA {a.lora_rank} on all seven linears), {a.batch} x {a.seq_len} "
+        f"tokens per step, {name}; median of {a.rounds} x {a.steps} steps. Peak: the weights, "
+        "gradients, AdamW state, activations (and a full run's inline reference).\n"
+    )
+    head = ["model", "prior", "step s", "CPU s", "vs precompute", "vs full", "peak MB"]
+    print(table(head + ["vs precompute", "vs full"], rows))
 
 
 def peak_tflops(a, name):

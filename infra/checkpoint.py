@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from infra import files
+from infra import files, logs
 from infra.argtypes import COUNT
 from infra.distributed import (
     all_reduce,
@@ -44,8 +44,9 @@ from infra.distributed import (
     log,
     optimizer_state_dict,
 )
+from infra.lora import meta_model
 from infra.rundir import STEP, TEMPORARY, content_hashes, lock, not_ours
-from model import GPT, CheckpointError, Config
+from model import CheckpointError
 
 
 class Run:
@@ -197,18 +198,18 @@ def resume_point(out):
         )
     start = read_trainer_state(ckpt / "trainer.pt") if ckpt else None  # checked in any case
     if start:  # against the model it was saved with, before anything is written
-        with torch.device("meta"):
-            saved = GPT(Config.load(ckpt))
-        if problem := optimizer_problem(saved, start["optimizer"]):
+        if problem := optimizer_problem(meta_model(ckpt), start["optimizer"]):
             raise CheckpointError(
                 f"{ckpt / 'trainer.pt'} does not fit the model beside it ({problem}); it was not "
                 "written by this run: start again with --overwrite"
             )
-    if os.path.lexists(Path(out) / "model.safetensors"):  # renamed last: the final model is whole
-        if not os.path.lexists(Path(out) / "config.json"):  # renamed before it by save_model
+    # renamed last: the final model (a LoRA run's: its adapter) is whole
+    if weights := next((n for n in WEIGHTS if os.path.lexists(Path(out) / n)), None):
+        config = "config.json" if weights == "model.safetensors" else "adapter_config.json"
+        if not os.path.lexists(Path(out) / config):  # renamed before it by save_model
             raise CheckpointError(
-                f"{out} holds a model.safetensors without its config.json, and no checkpoint to "
-                "resume from (checkpoints/latest is missing): it was not left so by prift"
+                f"{out} holds a {weights} without its {config}, and no checkpoint to resume from "
+                "(checkpoints/latest is missing): it was not left so by prift"
             )
         return Path(out), finished_state(out)
     return (ckpt, start) if ckpt else (None, None)
@@ -234,6 +235,10 @@ def finished_state(out):
         kept_sum=sum(r.get("kept", 0.0) for r in rows),
     )
     return {"state": state, "finished": True}
+
+
+# the final model's weights (a LoRA run's: its adapter), renamed into OUT last
+WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
 
 
 def read_trainer_state(path):
@@ -312,11 +317,12 @@ def optimizer_problem(model, optim):
     """Whether trainer.pt's AdamW state fits this model: one entry per parameter, each exp_avg and
     exp_avg_sq of its parameter's shape and finite, its step a finite count; or None."""
     params = optim["param_groups"][0]["params"]
-    named = dict(model.named_parameters())
+    # the trained parameters alone, as prift.train gives them to AdamW (--lora: the adapters)
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
     shapes = (
         [named[p].shape if p in named else None for p in params]
         if params and isinstance(params[0], str)
-        else [p.shape for p in model.parameters()]
+        else [p.shape for p in named.values()]
     )
     if len(params) != len(shapes) or None in shapes:
         return f"{len(params)} parameters, the model has {len(named)}"
@@ -471,14 +477,16 @@ def save_model(model, out):
             f"writing the final model into {out} failed ({e}); make room and run python prift.py "
             f"--resume {out}: it trains again from {last or 'step 0'} to the same weights"
         )
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "model.safetensors"):
+    for name in sorted(os.listdir(tmp), key=lambda n: n in WEIGHTS):
         os.replace(tmp / name, out / name)
     tmp.rmdir()
 
 
 def record_step(out, row, bar):
-    """One step's line in OUT/metrics.jsonl (rank 0 only), and on the progress bar."""
+    """One step's line in OUT/metrics.jsonl (rank 0 only), to --log's destinations, and on the
+    progress bar."""
     if out and dist_info()[0] == 0:
         files.append_line(out / "metrics.jsonl", json.dumps(row) + "\n", "metrics")
+        logs.step(out, row)  # --log tensorboard/wandb
     bar.update()
     bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kept=f"{row['kept']:.2f}")

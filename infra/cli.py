@@ -12,7 +12,18 @@ import torch
 
 import data
 import prift
-from infra import checkpoint, demo, evaluate, inspection, memory, prior, report, rundir
+from infra import (
+    checkpoint,
+    demo,
+    evaluate,
+    inspection,
+    logs,
+    lora,
+    memory,
+    prior,
+    report,
+    rundir,
+)
 from infra.argtypes import (
     COUNT,
     FRACTION,
@@ -80,6 +91,8 @@ def parse_args(argv=None):
     checkpoint.add_arguments(parser)
     demo.add_arguments(parser)
     memory.add_arguments(parser)
+    lora.add_arguments(parser)
+    logs.add_arguments(parser)
     return parser, parser.parse_args(argv)
 
 
@@ -107,6 +120,7 @@ def check_args(parser, args, device):
     if args.rule in ("uniform", "random") and args.threshold is None and not is_demo:
         parser.error(f"--rule {args.rule} is a control: give its weight or keep rate with "
                      "--threshold")  # fmt: skip
+    lora.check(parser, args.lora, args.merge, is_demo)
     if args.rule != "all":
         resolved["signal"], resolved["threshold"] = prift.rule_settings(
             args.rule, args.signal, args.threshold
@@ -132,7 +146,9 @@ def run(args, device):
     eval_sets = {path: data.read_jsonl(path, need="answer", max_len=args.max_len)
                  for path in args.eval_data or []}  # fmt: skip
     ckpt, resume_state = checkpoint.resume_point(args.out) if args.resume else (None, None)
-    model = GPT.from_pretrained(ckpt or args.model, device=device)
+    dtype = lora.base_dtype(args.lora, args.fsdp and dist_info()[1] > 1, device)
+    model = GPT.from_pretrained(ckpt or args.model, dtype=dtype, device=device)
+    model = lora.attach(model, args.lora, args.lora_alpha, args.lora_dropout, args.lora_targets)
     n_response = sum(map(data.n_response_tokens, seqs))
     log(f"data: {len(seqs)} examples, {n_response} response tokens, template {template.name}"
         + (f", {dropped} dropped (prompt fills --max-len, or nothing to train)" if dropped else ""))  # fmt: skip
@@ -142,12 +158,16 @@ def run(args, device):
     from_prior, inline = cfg.signal == "prior", args.prior == "inline"
     stats = prior.prior_of(args, seqs, device) if from_prior and not inline else None
     ref_dtype = prior.reference_dtype(args)
-    ref = prift.load_reference(args.ref, device, ref_dtype) if from_prior and inline else None
+    load_ref = lambda: prift.load_reference(args.ref, device, ref_dtype)  # noqa: E731
+    # with --lora and the reference its base: the model itself, its adapters off
+    ref = lora.reference(model, args.ref, args.model, load_ref) if from_prior and inline else None
     checkpoint.prepare_out(args, resume_state)  # every input has been read and checked: now --out
     before = evaluate.before_training(args, model, template, eval_sets, resume_state)
     run_dir = checkpoint.Run(args.out, args.save_every, resume_state)
     state = prift.train(cfg, model, seqs, prior=stats, ref=ref, run=run_dir)
     checkpoint.save_model(model, args.out)
+    if args.merge and dist_info()[0] == 0:  # the adapter just saved, merged: OUT/merged
+        lora.merge(args.out, args.out / "merged")
     log(f"trained {state['step']} steps ({state['skipped']} skipped); model saved to {args.out}")
     after = evaluate.evaluate_files(args, model, template, eval_sets) if eval_sets else None
     rows = evaluate.report(args, before, after) if after else None

@@ -69,7 +69,8 @@ def wrap_distributed(model, ref=None, fsdp=False, recompute=None):
         from torch.distributed.fsdp import fully_shard
 
         policy = fsdp_policy(device)
-        for module in [model] + ([ref] if ref is not None else []):
+        # a LoRA run's reference is the model itself with its adapters off (lora.BaseOf): no module
+        for module in [model] + ([ref] if isinstance(ref, torch.nn.Module) else []):
             for block in module.model.layers:
                 fully_shard(block, mp_policy=policy)
             # the root (embeddings, final norm, lm_head) stays unsharded after forward, as the loss

@@ -12,7 +12,9 @@ the total against measured peaks is `python bench.py --only memory`.
 
 import argparse
 import copy
+import dataclasses
 import sys
+from pathlib import Path
 
 import torch
 
@@ -124,6 +126,17 @@ def count_params(cfg):
     return numel([model]), numel(root), numel([model.model.layers[0]])
 
 
+def lora_params(cfg, r, targets):
+    """Parameters of rank-r adapters on the linear layers named in `targets` of every block."""
+    with torch.device("meta"):
+        block = GPT(dataclasses.replace(cfg, num_layers=1)).model.layers[0]
+    return cfg.num_layers * sum(
+        r * (m.in_features + m.out_features)
+        for name, m in block.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    )
+
+
 def plan(
     cfg,
     *,
@@ -136,16 +149,29 @@ def plan(
     ref_cfg=None,
     loss_chunk=None,
     accumulate=True,
+    lora=None,
 ):
     """Bytes per GPU of each part of a training step at its peak, for micro-batches of `tokens`
     positions; fsdp:
-    sharded over `world` processes. Returns {part: bytes}, and 'total': the step's peak."""
+    sharded over `world` processes. lora: (r, target names) of a --lora run, whose frozen base
+    has no gradient and no AdamW state (and on CUDA without FSDP2 is held in bfloat16), while the
+    adapters have both, in float32. Returns {part: bytes}, and 'total': the step's peak."""
     P, P_root, P_block = count_params(cfg)
     wb = 2 if authors else 4  # weights, gradients and AdamW state: float32, or bf16 (authors)
     mode = "bf16" if authors or (cuda and fsdp) else "autocast" if cuda else "fp32"
     b = 4 if mode == "fp32" else 2
     shard = world if fsdp else 1
     parts = dict(weights=P * wb / shard, gradients=P * wb / shard, optimizer=2 * P * wb / shard)
+    A = lora_params(cfg, *lora) if lora else 0  # the adapters' parameters
+    T = P  # the trained parameters: what has gradients, AdamW state, DDP buckets
+    if lora:
+        base_b = 2 if (cuda and not fsdp) or authors else 4  # lora.base_dtype
+        T = A
+        parts = dict(
+            weights=(P * base_b + A * wb) / shard,
+            gradients=A * wb / shard,
+            optimizer=2 * A * wb / shard,
+        )
     # what exists besides: gathered blocks and root under FSDP2; bf16 copies autocast keeps; DDP's
     # buckets
     extra = 0
@@ -157,11 +183,11 @@ def plan(
         # prift reduce-scatters after every micro-batch (distributed.sync_grads)
         extra = (P_root + 2 * P_block) * (2 if cuda or authors else 4) + 4 * (P_root + P_block)
     elif cuda and not authors:
-        extra = 2 * (
-            P - P_root
-        )  # autocast's cache: a bfloat16 copy of each block weight, kept until backward ends
+        # autocast's cache: a bfloat16 copy of each block weight, kept until backward ends (a LoRA
+        # base is bfloat16 already: only the adapters are copied)
+        extra = 2 * (A if lora else P - P_root)
     if world > 1 and not fsdp:
-        extra += P * wb  # DDP's gradient buckets
+        extra += T * wb  # DDP's gradient buckets
     parts["gathers and copies"] = extra
     L, V, C = cfg.num_layers, cfg.vocab_size, cfg.hidden_size
     # kept from forward to backward: every block's activations, or with checkpointing only its input
@@ -169,6 +195,8 @@ def plan(
     kept = (
         C * (2 if mode == "bf16" else 4) * L if checkpointing else block_bytes(cfg, mode) * L
     ) + model_bytes(cfg, mode)
+    if lora and not checkpointing:  # each adapted layer keeps its rank-r A x for B's gradient
+        kept += L * b * lora[0] * len(lora[1])
     # in backward, besides: the block being remade (checkpointing), and backward's own working set,
     # the gradients
     # of one MLP's intermediates (about three of them at once)
@@ -198,11 +226,12 @@ def plan(
     # temporary float per
     # (local) parameter once the activations are gone.
     held = parts["weights"] + parts["optimizer"] + extra + parts["inline reference"]
-    grads_then = parts["gradients"] if accumulate else V * C * wb
+    # (a LoRA run's head is frozen: no gradient is made in forward)
+    grads_then = parts["gradients"] if accumulate or lora else V * C * wb
     activations = max(
         tokens * kept + parts["loss chunk"], parts["activations"] + parts["loss chunk"] - logits
     )
-    parts["total"] = held + max(grads_then + activations, parts["gradients"] + P * wb / shard)
+    parts["total"] = held + max(grads_then + activations, parts["gradients"] + T * wb / shard)
     return parts
 
 
@@ -215,6 +244,9 @@ def run_plan(args, world, cuda):
     """The plan of this run's arguments."""
     cfg = Config.load(args.model)
     ref = Config.load(args.ref) if args.signal == "prior" and args.prior == "inline" else None
+    own_base = Path(args.ref).resolve() == Path(args.model).resolve()
+    if args.lora and own_base:  # the inline reference is the model itself, its adapters off
+        ref = None
     tokens = (
         max(args.micro_tokens, args.max_len)
         if args.micro_tokens
@@ -233,6 +265,7 @@ def run_plan(args, world, cuda):
         ref_cfg=ref,
         loss_chunk=args.loss_chunk,
         accumulate=accumulate,
+        lora=(args.lora, args.lora_targets.split(",")) if args.lora else None,
     )
 
 
@@ -298,6 +331,10 @@ def describe(args, world, cuda):
         else "float32"
     )
     ckpt = "on" if recompute(args.grad_checkpoint, cuda) else "off"
+    if args.lora:
+        A = lora_params(cfg, args.lora, args.lora_targets.split(","))
+        base = "bf16" if cuda and not (args.fsdp and world > 1) else "float32"
+        precision += f"; LoRA rank {args.lora} ({A / 1e6:.1f}M trained), {base} base"
     lines = [
         f"memory plan per {'GPU' if cuda else 'process'}: {cfg.model_type}, "
         f"{f'{P / 1e9:.2f}B' if P >= 1e9 else f'{P / 1e6:.1f}M' if P >= 1e6 else f'{P:,}'} "

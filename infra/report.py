@@ -92,6 +92,9 @@ def run_report(out, eval_rows, seqs, state):
     )
     files.write_json(out / "run.json", run, "run summary")
     files.write_text(out / "report.html", run_page(load_run(out)), "report")
+    from infra import logs
+
+    logs.finish(out, evaluation, state["step"])  # --log: the evaluation, then closed
 
 
 def read_metrics(path):
@@ -141,6 +144,9 @@ ARG_FIELDS = dict(
     epochs=int,
     seed=int,
     precision=str,
+    lora=int,
+    lora_alpha=float,
+    lora_targets=str,
 )
 BIG = 10**15  # no count of steps, tokens or seconds is this large
 
@@ -277,6 +283,7 @@ def what_ran(a, r):
         ("signal", a.get("signal") or "none"),
         ("threshold", short(a.get("threshold"))),
         ("model", a.get("model")),
+        ("LoRA", lora_text(a)),
         ("reference", a.get("ref") if a.get("signal") == "prior" else "not used"),
         ("data", a.get("data") or "the demo's"),
         ("evaluated on", evals),
@@ -290,6 +297,14 @@ def what_ran(a, r):
         ("precision", a.get("precision")),
         ("ranks", r.get("world_size")),
     ]
+
+
+def lora_text(a):
+    """--lora R's rank, scale and layers, or full fine-tuning."""
+    if not a.get("lora"):
+        return "off: full fine-tuning"
+    alpha = a.get("lora_alpha") or 2 * a["lora"]
+    return f"rank {a['lora']}, alpha {short(alpha)}, on {a.get('lora_targets')}"
 
 
 def how_it_went(rows, r):

@@ -19,7 +19,9 @@ from infra import files
 from infra.hf_files import weight_files
 from model import TOKENIZER_FILES, CheckpointError, Config
 
-MODEL_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES)
+# a LoRA run's model is its adapter, in PEFT's format (infra/lora.py's save_adapter)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MODEL_FILES = ("config.json", "model.safetensors", *ADAPTER_FILES, *TOKENIZER_FILES)
 RUN_FILES = {
     "args.json",
     "metrics.jsonl",
@@ -35,6 +37,7 @@ RUN_FILES = {
     "eval_before.json",
     "left_out.jsonl",
     ".lock",
+    "wandb_id",  # infra/logs.py: the wandb run a resumed run continues
     *MODEL_FILES,
 }
 TEMPORARY = {
@@ -64,6 +67,10 @@ IDENTITY = (
     "max_steps",
     "seed",
     "match_authors",
+    "lora",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
 )  # what makes the weights
 
 
@@ -359,6 +366,12 @@ def not_ours(out):
             return p.is_file()
         if p.name == "checkpoints":
             return p.is_dir() and all(checkpoint_entry_ok(q) for q in p.iterdir())
+        if p.name == "merged":  # --merge: the LoRA run's full checkpoint
+            return p.is_dir() and all(
+                q.name in MODEL_FILES and q.is_file() and not q.is_symlink() for q in p.iterdir()
+            )
+        if p.name in ("tensorboard", "wandb"):  # --log's own files, written by those packages
+            return p.is_dir()
         if p.name == "demo-data":
             return p.is_dir() and all(
                 q.suffix == ".jsonl" and q.is_file() and not q.is_symlink() for q in p.iterdir()
@@ -432,6 +445,6 @@ def lock(out):
 
 
 def unlock():
-    """Let go of every run directory this process holds (prift.main, when it ends)."""
+    """Let go of every run directory this process holds (infra.cli.main, when it ends)."""
     while _LOCKS:
         os.close(_LOCKS.popitem()[1])

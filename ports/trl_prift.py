@@ -13,7 +13,11 @@ by the rule's detached weight:
     sft 1,  dft p(y_t) of the model being trained,  prob q(y_t),  mass 1[u_t >= 0.5],  profit 1[p(y_t) >= 0.1]
 
 with q and u from those columns (no reference model in memory: an SFT step's cost), or from
-`ref_model`, a frozen model run on every batch on the policy's own inputs. The loss is sum_t w_t
+`ref_model`, a frozen model run on every batch on the policy's own inputs. With LoRA (TRL's
+peft_config=LoraConfig(...)), ref_model="base" makes the reference the policy itself with its
+adapter disabled, as prift's --lora does: no second model. Build prift's optimizer after the
+trainer, over the adapters PEFT has added: trainer.optimizer, trainer.lr_scheduler =
+prift_optimizer(trainer.model, lr, total_steps). The loss is sum_t w_t
 CE_t over the whole optimizer batch (all micro-batches, all ranks), divided by its trained tokens,
 also those of weight 0. Settings (prift's README, "For porters"):
 SFTConfig(remove_unused_columns=False, max_length=None, bf16=False on a CPU, use_cpu=True under
@@ -23,6 +27,7 @@ SFTConfig(train_sampling_strategy="sequential") for prift's data order. Each ste
 the fraction of trained tokens of weight > 0, as prift's metrics.jsonl (ports/compare.py reads it).
 """
 
+import contextlib
 import math
 
 import torch
@@ -60,10 +65,10 @@ def rule_weights(rule, p, u, threshold):
 
 def prift_optimizer(model, lr, total_steps, warmup=0.1):
     """prift's optimizer and schedule, for optimizers=(...): AdamW, betas (0.9, 0.95), weight decay
-    0.01 on every
-    parameter; linear warmup over int(10%) of the steps starting at lr / n_warm (not 0), then cosine
-    to 0."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    0.01 on every trained parameter (with LoRA: the adapters); linear warmup over int(10%) of the
+    steps starting at lr / n_warm (not 0), then cosine to 0."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     n_warm = max(1, int(warmup * total_steps))
 
     def factor(step):
@@ -153,10 +158,14 @@ class PriftTrainer(SFTTrainer):
         # rank's kept tokens over the step's trained tokens, summed over the micro-batches since
         # the log, and the step they began at (a resumed run begins past 0)
         self._kept, self._kept_from = torch.zeros((), device=self.accelerator.device), None
+        if ref_model == "base" and not hasattr(self.model, "disable_adapter"):
+            raise ValueError(
+                'ref_model="base" is the PEFT policy with its adapter off: pass peft_config'
+            )
         self.ref_model = (
             ref_model.to(self.accelerator.device).eval().requires_grad_(False)
-            if ref_model is not None
-            else None
+            if ref_model not in (None, "base")
+            else ref_model
         )
         if not self.args.average_tokens_across_devices:
             raise ValueError(
@@ -175,8 +184,8 @@ class PriftTrainer(SFTTrainer):
             policy_inputs = {
                 k: v for k, v in inputs.items() if k not in ("labels", "prior_p", "prior_u", "row")
             }
-            with torch.no_grad():  # the policy's own inputs: attention mask, position ids
-                ref_logits = self.ref_model(**policy_inputs, use_cache=False).logits
+            with torch.no_grad(), self.reference() as ref:  # the policy's own inputs
+                ref_logits = ref(**policy_inputs, use_cache=False).logits
             p, u = target_stats(ref_logits[:, :-1], labels)
         elif self.signal == "prior":
             if "prior_p" not in inputs:
@@ -188,6 +197,16 @@ class PriftTrainer(SFTTrainer):
         else:
             p = u = log_probs
         return rule_weights(self.rule, p, u, self.threshold) * (labels != -100)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen reference: ref_model, or the PEFT policy itself with its adapter disabled (the
+        module, not its DDP wrapper: a no-grad forward needs none)."""
+        if self.ref_model == "base":
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            yield self.ref_model
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if num_items_in_batch is None:

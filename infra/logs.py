@@ -1,0 +1,153 @@
+"""
+Logs where people look: `--log tensorboard` and/or `--log wandb` send each step's row of
+OUT/metrics.jsonl (train/loss, train/ce, train/kept, train/grad_norm, train/lr, train/tokens,
+train/skipped, at the step's number), the evaluation before and after (eval/FILE/before|after/...,
+at step 0 and at the last step), and the run's arguments (args.json) as its config. Rank 0 only.
+
+    OUT/tensorboard/          tensorboard's event files: tensorboard --logdir OUT/tensorboard
+    OUT/wandb/, OUT/wandb_id  wandb's run files, and the id a resumed run continues
+
+A resumed run continues the same run, at the same step numbers: tensorboard is told to drop what
+was logged after the checkpoint (purge_step); wandb continues the run whose id OUT/wandb_id keeps.
+Both packages are optional (not in requirements.txt): without one, its --log is refused before
+anything is written, in one line that names the pip command. wandb follows its own environment
+(WANDB_MODE=offline writes the run to OUT/wandb alone, for `wandb sync` later; WANDB_PROJECT).
+
+The training loop does not call this module: checkpoint.record_step, which writes each step's
+row, passes it on (step), and report.run_report ends the logs with the evaluation (finish).
+"""
+
+import argparse
+import atexit
+import importlib.util
+import json
+import os
+import uuid
+from pathlib import Path
+
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --log NAME: the package it needs
+
+
+def sink(name):
+    """An argparse type: a --log destination whose package is installed."""
+    if name not in PACKAGES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(PACKAGES)}, got {name!r}")
+    if importlib.util.find_spec(PACKAGES[name]) is None:
+        raise argparse.ArgumentTypeError(
+            f"--log {name} needs the {PACKAGES[name]} package, which is not installed: "
+            f"pip install {PACKAGES[name]}"
+        )
+    return name
+
+
+def add_arguments(parser):
+    g = parser.add_argument_group("logs")
+    g.add_argument(
+        "--log",
+        type=sink,
+        nargs="+",
+        metavar="{tensorboard,wandb}",
+        help="also send each step's metrics, the evaluation and the arguments to tensorboard "
+        "(OUT/tensorboard) and/or wandb (OUT/wandb; WANDB_MODE=offline works without a network); "
+        "pip install tensorboard / wandb",
+    )
+
+
+class Logs:
+    """The open destinations of one run directory, from its args.json's `log`."""
+
+    def __init__(self, out, names, config, first_step):
+        self.out, self.last, self.tb, self.wandb = out, first_step - 1, None, None
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: events of steps >= first_step from before a resume are dropped on reading
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=first_step)
+            if first_step == 1:
+                self.tb.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", 0)
+        if "wandb" in names:
+            import wandb
+
+            id_file = out / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+            id_file.write_text(run_id + "\n")
+            self.wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "prift"),
+                name=out.name,
+                id=run_id,
+                resume="allow",
+                dir=str(out),
+                config=config,
+            )
+
+    def scalars(self, values, step):
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()  # a killed run keeps every step it logged
+        if self.wandb:
+            self.wandb.log(values, step=step)
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+OPEN = {}  # resolved run directory -> its Logs
+
+
+@atexit.register
+def close_all():
+    """Close every open destination: at exit (a run stopped by a signal keeps what it logged)."""
+    while OPEN:
+        OPEN.popitem()[1].close()
+
+
+def opened(out, step):
+    """The run's Logs when its args.json asks for any, opened at the first step this process logs
+    (again, if the steps do not follow: a resumed run in the same process); else None."""
+    key = Path(out).resolve()
+    logs = OPEN.get(key)
+    if logs and logs.last + 1 == step:
+        return logs
+    if logs:
+        logs.close()
+        del OPEN[key]
+    path = Path(out) / "args.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if not (isinstance(config, dict) and config.get("log")):
+        return None
+    OPEN[key] = Logs(Path(out), config["log"], config, step)
+    return OPEN[key]
+
+
+def step(out, row):
+    """One step's row of metrics.jsonl (on rank 0)."""
+    logs = opened(out, row["step"])
+    if logs:
+        logs.scalars({f"train/{k}": v for k, v in row.items() if k != "step"}, row["step"])
+        logs.last = row["step"]
+
+
+def finish(out, evaluation, last_step):
+    """The end of the run: the evaluation (report.run_report's {file: {before, after}: scores}),
+    before at step 0 and after at the last, then the logs closed."""
+    logs = OPEN.pop(Path(out).resolve(), None)
+    if not logs:
+        return
+    for file, when in evaluation.items():
+        name = Path(file).stem
+        for which, at in (("before", 0), ("after", last_step)):
+            scores = {
+                f"eval/{name}/{which}/{k}": v
+                for k, v in (when.get(which) or {}).items()
+                if isinstance(v, (int, float))
+            }
+            if scores and logs.tb:
+                for k, v in scores.items():
+                    logs.tb.add_scalar(k, v, at)
+            if scores and logs.wandb:  # wandb's steps only go up: the summary holds both
+                logs.wandb.summary.update(scores)
+    logs.close()

@@ -51,7 +51,15 @@ from infra.distributed import (
     log,
     optimizer_state_dict,
 )
-from infra.rundir import STEP, TEMPORARY, checkpoint_sha256, content_hashes, lock, not_ours
+from infra.rundir import (
+    STEP,
+    TEMPORARY,
+    checkpoint_sha256,
+    content_hashes,
+    is_temporary,
+    lock,
+    not_ours,
+)
 from model import GPT, CheckpointError, Config
 
 
@@ -381,7 +389,7 @@ def prepare_out(args, start):
             for p in out.iterdir():
                 if p.name != ".lock":
                     remove(p)
-        left = [p for p in out.iterdir() if files.TEMPORARY_NAME.fullmatch(p.name)]
+        left = [p for p in out.iterdir() if is_temporary(p.name) and p.is_file()]
         for p in [*(out / n for n in TEMPORARY), *(out / "checkpoints").glob("*.tmp"), *left]:
             remove(p)
     if args.resume:

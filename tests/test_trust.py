@@ -450,6 +450,12 @@ def test_the_prior_cache_is_keyed_by_content(w):
     args.ref = str(w.ck)
     files.forget_hashes()
     assert checkpoint.prior_path(args, seqs) == first
+    for f in w.ck.iterdir():  # the twin's files in the first one's place, sizes and times kept
+        st = f.stat()
+        shutil.copy(twin / f.name, f)
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    files.forget_hashes()
+    assert checkpoint.prior_path(args, seqs) != first
 
 
 def change_in_place(path, edit):
@@ -622,6 +628,9 @@ def test_crafted_values_in_run_files_do_not_crash_report(w, file, content):
     )
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert report.GENERATOR in page.read_text()
+    # and the run's own page, as a resumed run writes it at its end
+    report.run_report(out, None, [], {"from_step": 0, "train_s": 1.0})
+    assert report.GENERATOR in (out / "report.html").read_text()
 
 
 def test_token_ids_outside_the_vocabulary_are_refused_before_the_prior(w, capsys):
@@ -731,3 +740,20 @@ def test_inspect_says_what_it_left_out(w, capsys):
     assert [line["row"] for line in lines] == [0, *range(2, len(rows))]
     meta = json.loads((w.out / "prior.json").read_text())
     assert [d["row"] for d in meta["left_out"]] == [1]
+
+
+def test_a_non_utf8_path_still_gets_a_whole_report(w):
+    """--out whose name is not UTF-8 (bytes a file system may hold): report.html is written whole."""
+    out = Path(os.fsdecode(bytes(w.root) + b"/run-\xff"))
+    assert main_rc(w.argv(out=out)) == 0
+    page = (out / "report.html").read_bytes()
+    assert page.endswith(b"</html>\n") or page.rstrip().endswith(b"</html>"), page[-100:]
+
+
+def test_a_users_temporary_looking_file_is_not_taken_for_prifts(w):
+    out = w.finished(save_every=1, max_steps=3)
+    (out / "model.safetensors").unlink()
+    (out / "notes.2024.tmp").write_text("mine")
+    (out / "args.4242.tmp").write_text("left by a killed prift")
+    assert main_rc(["--resume", out]) == 0
+    assert (out / "notes.2024.tmp").read_text() == "mine" and not (out / "args.4242.tmp").exists()

@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import infra.startup  # noqa: F401  first: Ctrl-C during the imports below is one line, exit 130
+
+# isort: split
 import torch
 import torch.nn.functional as F
 

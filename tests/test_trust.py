@@ -757,3 +757,30 @@ def test_a_users_temporary_looking_file_is_not_taken_for_prifts(w):
     (out / "args.4242.tmp").write_text("left by a killed prift")
     assert main_rc(["--resume", out]) == 0
     assert (out / "notes.2024.tmp").read_text() == "mine" and not (out / "args.4242.tmp").exists()
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.2])
+def test_ctrl_c_during_the_imports_is_one_line(delay):
+    """Ctrl-C while torch and numpy are still being imported: one line and exit code 130, not a
+    traceback from a half-loaded module (or, if the command was already done, exit code 0)."""
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "prift.py"), "--help"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    import time
+
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode in (0, 130) and "Traceback" not in err, err[-500:]
+    assert p.returncode == 0 or err.strip() == "prift: interrupted", err
+
+
+def test_an_evaluation_problem_without_a_user_turn_is_refused_before_writing(w, capsys):
+    evals = w.root / "e.jsonl"
+    evals.write_text(
+        json.dumps({"messages": [{"role": "system", "content": "be brief"}], "answer": "2"}) + "\n"
+    )
+    refused(w.argv(eval_data=evals), w.root, capsys, "e.jsonl:1", "user")

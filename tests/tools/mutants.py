@@ -259,6 +259,18 @@ MUTANTS = {
         "env.globals.update(lipsum=limits.lipsum)",
         ["tests/test_trust.py", "-k", "template_past"],
     ),
+    "ctrl-c-at-imports": (
+        "prift.py",
+        "import infra.startup  # noqa: F401",
+        "pass  # noqa: F401",
+        ["tests/test_trust.py", "-k", "ctrl_c"],
+    ),
+    "eval-problem-without-user": (
+        "data.py",
+        'if need == "answer" and not any(m["role"] == "user" for m in ex["messages"]):',
+        "if False:",
+        ["tests/test_trust.py", "-k", "without_a_user_turn"],
+    ),
     "inspect-without-rows": (
         "infra/inspection.py",
         '"row": row,  # the example',

@@ -3,7 +3,8 @@ What prift keeps on disk, and how a run survives being stopped: a run's director
 time), atomic checkpoints, resume (also of a preempted job's command line run again), Ctrl-C and
 SIGTERM, the final model published atomically; and the cache of computed priors.
 
-    OUT/args.json                     the run's arguments and the data's sha256; `--resume OUT` continues with these
+    OUT/args.json                     the run's arguments (absolute paths) and its inputs' sha256; `--resume OUT` continues with these
+    OUT/eval_before.json              the evaluation before training, written as soon as it is made
     OUT/metrics.jsonl                 one line per optimizer step
     OUT/checkpoints/step-NNNNNNN/     the model (a Hugging Face checkpoint) and trainer.pt (optimizer, step, rng)
     OUT/checkpoints/latest            a link to the newest complete one

@@ -420,11 +420,12 @@ def truncate_metrics(path, step):
     after it, and a line cut short by a kill, go. Replaced atomically, so a kill here loses
     nothing."""
 
-    def step_of(line):
+    def step_of(line):  # a row's step as report.py reads it (an int); anything else goes
         try:
-            return json.loads(line)["step"]
+            step = json.loads(line)["step"]
         except (ValueError, KeyError, TypeError, RecursionError):
             return math.inf
+        return step if type(step) is int else math.inf
 
     if dist_info()[0] == 0 and os.path.lexists(path):
         text = files.read_text(path, path.parent, files.RUN_LIMIT, "metrics", errors="replace")

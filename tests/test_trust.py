@@ -633,6 +633,27 @@ def test_crafted_values_in_run_files_do_not_crash_report(w, file, content):
     assert report.GENERATOR in (out / "report.html").read_text()
 
 
+@pytest.mark.parametrize("step", ['"3"', "1.5", "true", "[1]", "1e400", "null"])
+def test_crafted_steps_in_metrics_do_not_crash_a_resume(w, monkeypatch, step):
+    """A preempted run whose metrics.jsonl holds a row with a step that is not an integer: the
+    row goes, the run resumes and finishes."""
+    get_lr = prift.get_lr
+    monkeypatch.setattr(
+        prift,
+        "get_lr",
+        lambda s, *a, **k: (s == 2 and os.kill(os.getpid(), signal.SIGTERM)) or get_lr(s, *a, **k),
+    )
+    assert main_rc(w.argv(max_steps=4, save_every=1)) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    with open(w.out / "metrics.jsonl", "a") as f:
+        f.write('{"step": ' + step + ', "loss": 1.0}\n')
+    assert main_rc(["--resume", w.out]) == 0
+    steps = [
+        json.loads(line)["step"] for line in (w.out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_token_ids_outside_the_vocabulary_are_refused_before_the_prior(w, capsys):
     small = w.root / "small"
     shutil.copytree(w.ck, small)

@@ -271,6 +271,12 @@ MUTANTS = {
         "if False:",
         ["tests/test_trust.py", "-k", "without_a_user_turn"],
     ),
+    "metrics-step-untyped": (
+        "infra/checkpoint.py",
+        "return step if type(step) is int else math.inf",
+        "return step",
+        ["tests/test_trust.py", "-k", "crafted_steps"],
+    ),
     "inspect-without-rows": (
         "infra/inspection.py",
         '"row": row,  # the example',

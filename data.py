@@ -124,6 +124,11 @@ def read_line(line, n, where, need):
     except ValueError as e:  # an integer of thousands of digits: Python's limit on converting them
         raise DataError(f"{where}: a number too long to read ({str(e).split(';')[0]})")
     ex = parse_example(row, where)
+    if need == "answer" and not any(m["role"] == "user" for m in ex["messages"]):
+        raise DataError(
+            f"{where}: no user turn holds the problem to evaluate on; give the problem as a "
+            "'user' message (or as prompt, problem or question)"
+        )
     if need == "response" and ex["response"] is None:
         raise DataError(
             f"{where}: nothing to train on, only the final answer {ex['answer']!r}; give a worked "

@@ -28,6 +28,9 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import infra.startup  # noqa: F401  first: Ctrl-C during the imports below is one line, exit 130
+
+# isort: split
 import torch
 import torch.nn.functional as F
 

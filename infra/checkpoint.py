@@ -3,7 +3,8 @@ What prift keeps on disk, and how a run survives being stopped: a run's director
 time), atomic checkpoints, resume (also of a preempted job's command line run again), Ctrl-C and
 SIGTERM, the final model published atomically; and the cache of computed priors.
 
-    OUT/args.json                     the run's arguments and the data's sha256; `--resume OUT` continues with these
+    OUT/args.json                     the run's arguments (absolute paths) and its inputs' sha256; `--resume OUT` continues with these
+    OUT/eval_before.json              the evaluation before training, written as soon as it is made
     OUT/metrics.jsonl                 one line per optimizer step
     OUT/checkpoints/step-NNNNNNN/     the model (a Hugging Face checkpoint) and trainer.pt (optimizer, step, rng)
     OUT/checkpoints/latest            a link to the newest complete one
@@ -45,7 +46,7 @@ from infra.distributed import (
     optimizer_state_dict,
 )
 from infra.lora import meta_model
-from infra.rundir import STEP, TEMPORARY, content_hashes, lock, not_ours
+from infra.rundir import STEP, TEMPORARY, content_hashes, is_temporary, lock, not_ours
 from model import CheckpointError
 
 
@@ -415,7 +416,7 @@ def prepare_out(args, start):
             for p in out.iterdir():
                 if p.name != ".lock":
                     remove(p)
-        left = [p for p in out.iterdir() if files.TEMPORARY_NAME.fullmatch(p.name)]
+        left = [p for p in out.iterdir() if is_temporary(p.name) and p.is_file()]
         for p in [*(out / n for n in TEMPORARY), *(out / "checkpoints").glob("*.tmp"), *left]:
             remove(p)
     if args.resume:
@@ -445,11 +446,12 @@ def truncate_metrics(path, step):
     after it, and a line cut short by a kill, go. Replaced atomically, so a kill here loses
     nothing."""
 
-    def step_of(line):
+    def step_of(line):  # a row's step as report.py reads it (an int); anything else goes
         try:
-            return json.loads(line)["step"]
+            step = json.loads(line)["step"]
         except (ValueError, KeyError, TypeError, RecursionError):
             return math.inf
+        return step if type(step) is int else math.inf
 
     if dist_info()[0] == 0 and os.path.lexists(path):
         text = files.read_text(path, path.parent, files.RUN_LIMIT, "metrics", errors="replace")

@@ -34,7 +34,7 @@ MIB = 2**20
 JSON_LIMIT = 64 * MIB  # config.json, tokenizer_config.json (with its chat template), args.json, ...
 TOKENIZER_LIMIT = 1024 * MIB  # tokenizer.json, vocab.json, merges.txt: large vocabularies
 RUN_LIMIT = 1024 * MIB  # metrics.jsonl, eval.json: a long run's log
-TEMPORARY_NAME = re.compile(r".+\.\d+\.tmp")  # what write_with creates beside its target
+TEMPORARY_NAME = re.compile(r"(.+)\.\d+\.tmp")  # what write_with creates beside its target
 
 
 class CheckpointError(Exception):

@@ -47,6 +47,15 @@ TEMPORARY = {
 }  # what a kill can leave (final.tmp: a directory)
 STEP = re.compile(r"step-\d{7}")
 
+
+def is_temporary(name):
+    """Whether name is one files.write_with gives a file of prift's (NAME.PID.tmp) while it is
+    written: a stem of a file prift writes, so that a user's own notes.2024.tmp is never taken for
+    one (and removed)."""
+    m = files.TEMPORARY_NAME.fullmatch(name)
+    return bool(m) and m[1] in {Path(n).stem for n in (*RUN_FILES, "trainer.pt")}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Resuming: the recorded arguments, checked as the command line's are, and the same run
 
@@ -357,12 +366,12 @@ def not_ours(out):
     def kind_ok(p):
         if p.name == "final.tmp":  # the final model, before its files are renamed into OUT
             return p.is_dir() and all(
-                (q.name in MODEL_FILES or files.TEMPORARY_NAME.fullmatch(q.name))
+                (q.name in MODEL_FILES or is_temporary(q.name))
                 and q.is_file()
                 and not q.is_symlink()
                 for q in p.iterdir()
             )
-        if p.name in RUN_FILES or p.name in TEMPORARY or files.TEMPORARY_NAME.fullmatch(p.name):
+        if p.name in RUN_FILES or p.name in TEMPORARY or is_temporary(p.name):
             return p.is_file()
         if p.name == "checkpoints":
             return p.is_dir() and all(checkpoint_entry_ok(q) for q in p.iterdir())
@@ -398,9 +407,7 @@ def checkpoint_entry_ok(p):
         and p.is_dir()
         and not p.is_symlink()
         and all(
-            (q.name in names or files.TEMPORARY_NAME.fullmatch(q.name))
-            and q.is_file()
-            and not q.is_symlink()
+            (q.name in names or is_temporary(q.name)) and q.is_file() and not q.is_symlink()
             for q in p.iterdir()
         )
     )

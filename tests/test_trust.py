@@ -447,6 +447,12 @@ def test_the_prior_cache_is_keyed_by_content(w):
     assert prior_path(str(twin), "fp32", cache, seqs) != first
     files.forget_hashes()
     assert prior_path(str(w.ck), "fp32", cache, seqs) == first
+    for f in w.ck.iterdir():  # the twin's files in the first one's place, sizes and times kept
+        st = f.stat()
+        shutil.copy(twin / f.name, f)
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    files.forget_hashes()
+    assert prior_path(str(w.ck), "fp32", cache, seqs) != first
 
 
 def change_in_place(path, edit):
@@ -619,6 +625,30 @@ def test_crafted_values_in_run_files_do_not_crash_report(w, file, content):
     )
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert report.GENERATOR in page.read_text()
+    # and the run's own page, as a resumed run writes it at its end
+    report.run_report(out, None, [], {"from_step": 0, "train_s": 1.0})
+    assert report.GENERATOR in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("step", ['"3"', "1.5", "true", "[1]", "1e400", "null"])
+def test_crafted_steps_in_metrics_do_not_crash_a_resume(w, monkeypatch, step):
+    """A preempted run whose metrics.jsonl holds a row with a step that is not an integer: the
+    row goes, the run resumes and finishes."""
+    get_lr = prift.get_lr
+    monkeypatch.setattr(
+        prift,
+        "get_lr",
+        lambda s, *a, **k: (s == 2 and os.kill(os.getpid(), signal.SIGTERM)) or get_lr(s, *a, **k),
+    )
+    assert main_rc(w.argv(max_steps=4, save_every=1)) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    with open(w.out / "metrics.jsonl", "a") as f:
+        f.write('{"step": ' + step + ', "loss": 1.0}\n')
+    assert main_rc(["--resume", w.out]) == 0
+    steps = [
+        json.loads(line)["step"] for line in (w.out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4]
 
 
 def test_token_ids_outside_the_vocabulary_are_refused_before_the_prior(w, capsys):
@@ -728,3 +758,47 @@ def test_inspect_says_what_it_left_out(w, capsys):
     assert [line["row"] for line in lines] == [0, *range(2, len(rows))]
     meta = json.loads((w.out / "prior.json").read_text())
     assert [d["row"] for d in meta["left_out"]] == [1]
+
+
+def test_a_non_utf8_path_still_gets_a_whole_report(w):
+    """--out whose name is not UTF-8 (bytes a file system may hold): report.html is written whole."""
+    out = Path(os.fsdecode(bytes(w.root) + b"/run-\xff"))
+    assert main_rc(w.argv(out=out)) == 0
+    page = (out / "report.html").read_bytes()
+    assert page.endswith(b"</html>\n") or page.rstrip().endswith(b"</html>"), page[-100:]
+
+
+def test_a_users_temporary_looking_file_is_not_taken_for_prifts(w):
+    out = w.finished(save_every=1, max_steps=3)
+    (out / "model.safetensors").unlink()
+    (out / "notes.2024.tmp").write_text("mine")
+    (out / "args.4242.tmp").write_text("left by a killed prift")
+    assert main_rc(["--resume", out]) == 0
+    assert (out / "notes.2024.tmp").read_text() == "mine" and not (out / "args.4242.tmp").exists()
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.2])
+def test_ctrl_c_during_the_imports_is_one_line(delay):
+    """Ctrl-C while torch and numpy are still being imported: one line and exit code 130, not a
+    traceback from a half-loaded module (or, if the command was already done, exit code 0)."""
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "prift.py"), "--help"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    import time
+
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode in (0, 130) and "Traceback" not in err, err[-500:]
+    assert p.returncode == 0 or err.strip() == "prift: interrupted", err
+
+
+def test_an_evaluation_problem_without_a_user_turn_is_refused_before_writing(w, capsys):
+    evals = w.root / "e.jsonl"
+    evals.write_text(
+        json.dumps({"messages": [{"role": "system", "content": "be brief"}], "answer": "2"}) + "\n"
+    )
+    refused(w.argv(eval_data=evals), w.root, capsys, "e.jsonl:1", "user")

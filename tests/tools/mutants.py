@@ -266,6 +266,24 @@ MUTANTS = {
         "env.globals.update(lipsum=limits.lipsum)",
         ["tests/test_trust.py", "-k", "template_past"],
     ),
+    "ctrl-c-at-imports": (
+        "prift.py",
+        "import infra.startup  # noqa: F401",
+        "pass  # noqa: F401",
+        ["tests/test_trust.py", "-k", "ctrl_c"],
+    ),
+    "eval-problem-without-user": (
+        "data.py",
+        'if need == "answer" and not any(m["role"] == "user" for m in ex["messages"]):',
+        "if False:",
+        ["tests/test_trust.py", "-k", "without_a_user_turn"],
+    ),
+    "metrics-step-untyped": (
+        "infra/checkpoint.py",
+        "return step if type(step) is int else math.inf",
+        "return step",
+        ["tests/test_trust.py", "-k", "crafted_steps"],
+    ),
     "inspect-without-rows": (
         "infra/inspection.py",
         '"row": row,  # the example',

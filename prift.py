@@ -73,8 +73,8 @@ def rule_settings(rule, signal=None, threshold=None):
 
 def target_stats(logits, targets):
     """logits (N, V), targets (N,) -> p (N,) the probability of each target, and u (N,) its mass
-    score: the probability of all tokens strictly less likely than the target, plus the target's
-    own. Ties with the target are not counted. float32."""
+    score: the probability of all tokens strictly less likely than the target, plus its own (ties
+    with the target not counted). float32."""
     return probs_stats(logits.float().softmax(-1), targets)
 
 
@@ -103,9 +103,8 @@ def weights_from_stats(rule, p, u, threshold):
 
 
 def token_weights(rule, targets, logits, ref_logits=None, threshold=None, signal=None):
-    """The weights of every token: targets (B, T), logits (B, T, V) of the model being trained,
-    ref_logits (B, T, V) of the frozen reference. threshold and signal default to the rule's own.
-    Returns detached float32 weights (B, T)."""
+    """Detached float32 weights (B, T) of targets (B, T), from logits (B, T, V) of the model being
+    trained or ref_logits (B, T, V) of the frozen reference; signal, threshold: the rule's own."""
     signal, threshold = rule_settings(rule, signal, threshold)
     if signal is None:  # sft and the controls read no signal
         p = u = torch.zeros(targets.numel(), device=targets.device)
@@ -136,9 +135,7 @@ def prift_loss(logits, labels, rule="mass", ref_logits=None, n_tokens=None, thre
     ref_logits = None if ref_logits is None else ref_logits[:, :-1]
     mask = labels != -100  # (B, T-1)
     w = token_weights(rule, labels, logits, ref_logits, threshold, signal)  # (B, T-1)
-    ce = F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), reduction="none"
-    )  # 0 at -100
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
     return (w * ce.view_as(w) * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
 
 
@@ -318,8 +315,8 @@ def batch_order(n, batch_size, step, seed, drop_last=False):
 
 
 def optimizer_step(model, opt, state, loss_is_finite):
-    """Clip the gradient at norm 1.0 and step. A step whose loss or gradient norm is not finite is
-    skipped and counted. Returns the gradient norm."""
+    """Clip the gradient at norm 1.0 and step; skip (and count) a step whose loss or gradient norm
+    is not finite. Returns the gradient norm."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     ok = loss_is_finite and math.isfinite(grad_norm)

@@ -26,9 +26,8 @@ from infra.files import DataError
 PROMPT_FIELDS = ("prompt", "problem", "question")
 RESPONSE_FIELDS = ("response", "solution")
 ROLES = ("system", "user", "assistant")
-FINAL_ANSWER_MAX_CHARS = (
-    100  # an `answer` of one line this long at most, no \boxed{} or ####: a final answer
-)
+# an `answer` of one line this long at most, no \boxed{} or ####: a final answer
+FINAL_ANSWER_MAX_CHARS = 100
 
 # template: (prompt text builder, end token). {sys} blocks appear only when a system message is
 # given.
@@ -58,8 +57,8 @@ def read_jsonl(path, need="response", max_len=None):
 
     A line longer than line_limit(max_len) bytes is refused, naming it, before it is read whole: at
     most max_len tokens of it are used, and tokenising all of it would take memory in proportion to
-    its length (hundreds of
-    bytes per character), not to max_len. A line under the limit is used exactly as written."""
+    its length (hundreds of bytes per character), not to max_len. A line under the limit is used
+    exactly as written."""
     assert need in ("response", "answer"), need
     path, limit = Path(path), line_limit(max_len)
     if not path.is_file():
@@ -89,15 +88,14 @@ def read_jsonl(path, need="response", max_len=None):
 
 def line_limit(max_len):
     """The longest line read, in bytes: 256 per token of max_len, at least 1 MiB (64 MiB when
-    max_len is not known).
-    A real example this long would be cut to under 1/64 of itself, even at 4 bytes a token."""
+    max_len is not known). A real example this long would be cut to under 1/64 of itself, even at 4
+    bytes a token."""
     return max(2**20, 256 * max_len) if max_len else 2**26
 
 
 def read_line(line, n, where, need):
     """One line's example, as a list of none (a blank line) or one. JSON that Python's parser
-    rejects, however it
-    rejects it, is one error naming the line."""
+    rejects, however it rejects it, is one error naming the line."""
     try:
         line = line.decode(
             "utf-8-sig" if n == 1 else "utf-8"
@@ -108,9 +106,8 @@ def read_line(line, n, where, need):
         return []
     try:
         row = json.loads(line)
-        if (
-            "\\u" in line
-        ):  # a \ud800 escape without its pair decodes to a lone surrogate, which is not text
+        # a \ud800 escape without its pair decodes to a lone surrogate, which is not text
+        if "\\u" in line:
             json.dumps(row, ensure_ascii=False).encode("utf-8")
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg})")
@@ -144,13 +141,12 @@ def parse_example(row, where):
     27.0) or OlympiadBench's `final_answer` list; a `system` field opens the prompt. `answer` holds
     either the final answer or, in question/answer data, a worked solution: it is the solution when
     it has a \\boxed{} (gold: the last one), a GSM8K "#### 18" line (gold: 18), or is longer than a
-    short line; else it is the final answer. Without a gold field the gold is
-    the last \\boxed{} of the response."""
+    short line; else it is the final answer. Without a gold field the gold is the last \\boxed{} of
+    the response."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if (
-        "messages" in row
-    ):  # chat: a last assistant message is the response, the turns before it the prompt
+    # chat: a last assistant message is the response, the turns before it the prompt
+    if "messages" in row:
         msgs = row["messages"]
         is_turn = lambda m: (
             isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ROLES
@@ -178,9 +174,8 @@ def parse_example(row, where):
     answer, gold = row.get("answer"), first_text(row, ["final_answer"])
     if gold is not None:  # OlympiadBench: "$2$", or "$1$, $2$" with is_multiple_answer, kept whole
         gold = re.sub(r"(?<!\\)\$", "", gold).strip()
-    elif isinstance(answer, (int, float)) and not isinstance(
-        answer, bool
-    ):  # AMC23: 27.0 -> "27", 2.5 stays
+    # AMC23: 27.0 -> "27", 2.5 stays
+    elif isinstance(answer, (int, float)) and not isinstance(answer, bool):
         gold = (
             str(answer) if isinstance(answer, int) or not answer.is_integer() else str(int(answer))
         )
@@ -232,8 +227,7 @@ def first_text(row, fields):
 def extract_answer(text):
     """The final answer in text: the content of the last \\boxed{...} or \\fbox{...} (nested braces
     allowed), or of a \\boxed X without braces (X runs to the next space or $). None if there is
-    none, or if the last
-    one never closes (a generation cut off inside it)."""
+    none, or if the last one never closes (a generation cut off inside it)."""
     found = list(re.finditer(r"\\(?:boxed|fbox)(?:\s*\{|\s+([^\s$]+))", text))
     if not found:
         return None
@@ -307,9 +301,8 @@ class Template:
 
     def prompt_ids(self, messages):
         """The token ids of a prompt (role/content turns), up to where the response begins."""
-        if (
-            self.name == "plain"
-        ):  # the turns' contents, one after the other; BOS if the tokenizer adds one
+        # the turns' contents, one after the other; BOS if the tokenizer adds one
+        if self.name == "plain":
             return self.tok.encode("\n".join(m["content"] for m in messages)).ids
         if self.render:
             text = self.render(messages)
@@ -326,8 +319,8 @@ class Template:
     def encode(self, examples, max_len):
         """Examples -> list of (ids, n_prompt): ids = prompt ids + response ids + end id, cut on the
         right to max_len. Examples whose prompt alone fills max_len are dropped, and those of a
-        single token in all
-        (empty prompt and response, no BOS): nothing to predict. Returns (kept, n_dropped)."""
+        single token in all (empty prompt and response, no BOS): nothing to predict. Returns (kept,
+        n_dropped)."""
         kept, left_out = self.encode_rows(examples, max_len)
         return [seq for _, seq in kept], len(left_out)
 
@@ -364,8 +357,7 @@ def token_text(token):
 
 def collate(seqs, pad_id=0):
     """(ids, n_prompt) pairs -> inputs x (B, T), targets y (B, T), mask m (B, T) bool: m is True
-    where
-    y is a response token (the next-token prediction of position t is trained)."""
+    where y is a response token (the next-token prediction of position t is trained)."""
     T = max(len(ids) for ids, _ in seqs) - 1
     x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     y = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -373,9 +365,8 @@ def collate(seqs, pad_id=0):
     for b, (ids, n_prompt) in enumerate(seqs):
         t = torch.tensor(ids)
         x[b, : len(ids) - 1], y[b, : len(ids) - 1] = t[:-1], t[1:]
-        m[b, max(n_prompt - 1, 0) : len(ids) - 1] = (
-            True  # y[t] = ids[t+1] is a response token when t+1 >= n_prompt
-        )
+        # y[t] = ids[t+1] is a response token when t+1 >= n_prompt
+        m[b, max(n_prompt - 1, 0) : len(ids) - 1] = True
     return x, y, m
 
 
@@ -386,9 +377,8 @@ def n_response_tokens(seq):
 
 def length_batches(seqs, order, size, tokens=None):
     """Cut `order` (example indices) into micro-batches, keeping its order: `size` examples each, or
-    with `tokens`,
-    as many as fit in that many computed positions (rows x the longest row; at least one
-    example)."""
+    with `tokens`, as many as fit in that many computed positions (rows x the longest row; at least
+    one example)."""
     if not tokens:
         return [order[s : s + size] for s in range(0, len(order), size)]
     batches, longest = [[]], 0
@@ -411,9 +401,8 @@ def micro_batches(seqs, idx, rank, world, size, tokens=None, by_length=True):
     the update. The micro-batches are dealt to ranks longest first, each to the rank with the fewest
     positions so far. Without it (--match-authors), each rank cuts its own share of `idx` in order,
     as the authors' trainer does. The collectives of DDP and FSDP need every rank to run as many
-    micro-batches as the busiest one: a rank with
-    fewer runs the batch's first example again, with keep = 0, so that it adds nothing to loss or
-    gradient."""
+    micro-batches as the busiest one: a rank with fewer runs the batch's first example again, with
+    keep = 0, so that it adds nothing to loss or gradient."""
     cost = lambda b: (
         len(b) * max(len(seqs[i][0]) for i in b)
     )  # the positions a micro-batch computes

@@ -110,21 +110,18 @@ class RMSNorm(nn.Module):
 
 def logits_chunk(vocab_size):
     """Rows of logits to make at a time, from a head over vocab_size tokens: as many as fit in 128
-    MB of float32
-    (the loss, the prior and held-out cross-entropy never hold more)."""
+    MB of float32 (the loss, the prior and held-out cross-entropy never hold more)."""
     return max(16, 2**25 // vocab_size)
 
 
 def rope_cos_sin(cfg, positions):
     """cos, sin for the given positions, in float32: (T, head_dim) for positions (T,) shared by all
-    rows, or
-    (B, 1, T, head_dim) for per-row positions (B, T) (left-padded generation), to broadcast over the
-    heads."""
+    rows, or (B, 1, T, head_dim) for per-row positions (B, T) (left-padded generation), to broadcast
+    over the heads."""
     d = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device).float() / d)
-    if (
-        cfg.rope_scaling
-    ):  # Llama 3.x: stretch the low frequencies by `factor`, blend the middle band
+    # Llama 3.x: stretch the low frequencies by `factor`, blend the middle band
+    if cfg.rope_scaling:
         s = cfg.rope_scaling
         old_len, lo, hi = (
             s["original_max_position_embeddings"],
@@ -338,8 +335,8 @@ class GPT(nn.Module):
         normalised hidden states (B, T, C), from which the loss makes logits chunk by chunk.
         Training and scoring pass idx alone: positions 0..T-1, causal attention. Generation
         (generate.py) passes one KVCache per layer, written at slots pos..pos+T, and for left-padded
-        rows each token's position in its own row, positions (B, T), and
-        mask (B, 1, T, pos+T), True where a query may attend to a key (causal, padding left out)."""
+        rows each token's position in its own row, positions (B, T), and mask (B, 1, T, pos+T), True
+        where a query may attend to a key (causal, padding left out)."""
         if positions is None:
             positions = torch.arange(
                 pos, pos + idx.shape[1], device=idx.device
@@ -363,8 +360,8 @@ class GPT(nn.Module):
         """Load config.json + model.safetensors (or a sharded index) from a directory. dtype
         defaults to float32. The tensors' names, shapes and dtypes are compared with what the config
         implies from the files' headers alone, before any tensor is read; then each is read, refused
-        if not finite, and assigned to a model
-        built on the meta device, so the weights are held in memory once."""
+        if not finite, and assigned to a model built on the meta device, so the weights are held in
+        memory once."""
         path = Path(path)
         if os.path.lexists(path / "adapter_config.json") and not os.path.lexists(
             path / "config.json"
@@ -426,9 +423,8 @@ class GPT(nn.Module):
 
     def save_pretrained(self, path, state_dict=None):
         """Write config.json and model.safetensors in the Hugging Face layout, plus the source
-        checkpoint's
-        tokenizer files, so that the directory is complete. state_dict: a gathered one (FSDP), else
-        ours."""
+        checkpoint's tokenizer files, so that the directory is complete. state_dict: a gathered one
+        (FSDP), else ours."""
         if self.lora:  # the adapter alone, in PEFT's format (merge_lora first for a full one)
             from infra.lora import save_adapter  # here: infra/lora.py builds on this module
 
@@ -474,8 +470,7 @@ def same_file(a, b):
 
 def gpt2_keys(state, to_hf):
     """Map GPT-2's names to ours (or back). GPT-2 stores Linear weights transposed (Conv1D) and
-    fuses
-    q|k|v into c_attn; its attn.bias / attn.masked_bias entries are causal-mask buffers, not
+    fuses q|k|v into c_attn; its attn.bias / attn.masked_bias entries are causal-mask buffers, not
     weights."""
     out = {}
     if to_hf:

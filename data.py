@@ -1,6 +1,6 @@
 """
 SFT data for prift: JSONL readers (training sets, and evaluation sets with their gold answers),
-prompt templates, loss masks, and batches.
+prompt templates and loss masks. How batches are cut is infra/batching.py's.
 
 An example becomes one token sequence, prompt then response, and a count of prompt tokens. Prompt
 and response are tokenised separately so that the boundary of the loss mask is exact; the response
@@ -8,7 +8,6 @@ ends with the template's end token, which is trained. Nothing of the prompt is.
 """
 
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -63,26 +62,15 @@ def read_jsonl(path, need="response", max_len=None):
     path, limit = Path(path), line_limit(max_len)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    examples = []
-    with files.open_input(path, what="data file") as f:
-        # lines end at \n only: str.splitlines would also cut at U+2028, U+0085 and others, which
-        # JSON strings may hold
-        for n, line in enumerate(iter(lambda: f.readline(limit + 1), b""), 1):
-            line = line.removesuffix(b"\n")
-            if len(line) > limit:
-                raise DataError(
-                    f"{path}:{n}: a line of more than {limit / 2**20:.0f} MiB, of which "
-                    f"--max-len {max_len} "
-                    f"tokens at most would be used; shorten or remove it (or raise --max-len)"
-                )
-            examples += read_line(line, n, f"{path}:{n}", need)
+    too_long = (f", of which --max-len {max_len} tokens at most would be used; shorten or remove "
+                "it (or raise --max-len)")  # fmt: skip
+    rows = files.jsonl_rows(path, limit, "data file", too_long)
+    examples = [needed(parse_example(row, where), where, need) for where, row in rows]
     if not examples:
         raise DataError(f"data file {path} holds no examples")
     if need == "answer" and all(ex["answer"] is None for ex in examples):
-        raise DataError(
-            f"{path}: no problem has a gold answer to score against (an 'answer' or 'final_answer' "
-            f"field, or a \\boxed{{}} in the solution)"
-        )
+        raise DataError(f"{path}: no problem has a gold answer to score against (an 'answer' or "
+                        "'final_answer' field, or a \\boxed{} in the solution)")  # fmt: skip
     return examples
 
 
@@ -93,45 +81,16 @@ def line_limit(max_len):
     return max(2**20, 256 * max_len) if max_len else 2**26
 
 
-def read_line(line, n, where, need):
-    """One line's example, as a list of none (a blank line) or one. JSON that Python's parser
-    rejects, however it rejects it, is one error naming the line."""
-    try:
-        line = line.decode(
-            "utf-8-sig" if n == 1 else "utf-8"
-        )  # a byte-order mark may open the file
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the line)")
-    if not line.strip():
-        return []
-    try:
-        row = json.loads(line)
-        # a \ud800 escape without its pair decodes to a lone surrogate, which is not text
-        if "\\u" in line:
-            json.dumps(row, ensure_ascii=False).encode("utf-8")
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})")
-    except RecursionError:
-        raise DataError(f"{where}: JSON nested too deeply to read")
-    except UnicodeEncodeError:
-        raise DataError(
-            f"{where}: a \\u escape of half a surrogate pair (\\ud800-\\udfff alone), "
-            "which is not text"
-        )
-    except ValueError as e:  # an integer of thousands of digits: Python's limit on converting them
-        raise DataError(f"{where}: a number too long to read ({str(e).split(';')[0]})")
-    ex = parse_example(row, where)
+def needed(ex, where, need):
+    """The example, if it has what it is read for: a response to train on, or a problem to ask."""
     if need == "answer" and not any(m["role"] == "user" for m in ex["messages"]):
-        raise DataError(
-            f"{where}: no user turn holds the problem to evaluate on; give the problem as a "
-            "'user' message (or as prompt, problem or question)"
-        )
+        raise DataError(f"{where}: no user turn holds the problem to evaluate on; give the problem "
+                        "as a 'user' message (or as prompt, problem or question)")  # fmt: skip
     if need == "response" and ex["response"] is None:
-        raise DataError(
-            f"{where}: nothing to train on, only the final answer {ex['answer']!r}; give a worked "
-            f"solution as 'response' or 'solution' (a file of problems and answers is --eval-data)"
-        )
-    return [ex]
+        raise DataError(f"{where}: nothing to train on, only the final answer {ex['answer']!r}; "
+                        "give a worked solution as 'response' or 'solution' (a file of problems "
+                        "and answers is --eval-data)")  # fmt: skip
+    return ex
 
 
 def parse_example(row, where):
@@ -373,54 +332,6 @@ def collate(seqs, pad_id=0):
 def n_response_tokens(seq):
     ids, n_prompt = seq
     return len(ids) - max(n_prompt, 1)
-
-
-def length_batches(seqs, order, size, tokens=None):
-    """Cut `order` (example indices) into micro-batches, keeping its order: `size` examples each, or
-    with `tokens`, as many as fit in that many computed positions (rows x the longest row; at least
-    one example)."""
-    if not tokens:
-        return [order[s : s + size] for s in range(0, len(order), size)]
-    batches, longest = [[]], 0
-    for i in order:
-        longest = max(longest, len(seqs[i][0]) - 1)
-        if batches[-1] and (len(batches[-1]) + 1) * longest > tokens:
-            batches.append([])
-            longest = len(seqs[i][0]) - 1
-        batches[-1].append(i)
-    return batches if batches[-1] else []
-
-
-def micro_batches(seqs, idx, rank, world, size, tokens=None, by_length=True):
-    """This rank's micro-batches of one optimizer step (the example indices `idx`): a list of
-    (indices, keep).
-
-    by_length: the step's examples sorted by length before they are cut, so that a micro-batch holds
-    examples of about one length and almost nothing it computes is padding. The loss of a step is
-    normalised by the whole batch's response tokens, so how its examples are grouped does not change
-    the update. The micro-batches are dealt to ranks longest first, each to the rank with the fewest
-    positions so far. Without it (--match-authors), each rank cuts its own share of `idx` in order,
-    as the authors' trainer does. The collectives of DDP and FSDP need every rank to run as many
-    micro-batches as the busiest one: a rank with fewer runs the batch's first example again, with
-    keep = 0, so that it adds nothing to loss or gradient."""
-    cost = lambda b: (
-        len(b) * max(len(seqs[i][0]) for i in b)
-    )  # the positions a micro-batch computes
-    if by_length:
-        batches = length_batches(seqs, sorted(idx, key=lambda i: -len(seqs[i][0])), size, tokens)
-        per_rank, load, dealt = (
-            math.ceil(len(batches) / world),
-            [0] * world,
-            [[] for _ in range(world)],
-        )
-        for b in sorted(batches, key=cost, reverse=True):
-            r = min((r for r in range(world) if len(dealt[r]) < per_rank), key=lambda r: load[r])
-            dealt[r].append(b)
-            load[r] += cost(b)
-    else:
-        dealt = [length_batches(seqs, idx[r::world], size, tokens) for r in range(world)]
-    needed = max(len(d) for d in dealt)
-    return [(b, 1) for b in dealt[rank]] + [(idx[:1], 0)] * (needed - len(dealt[rank]))
 
 
 def write_jsonl(rows, path):

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from infra.checkpoint import Run
+from infra import batching, checkpoint
 from infra.distributed import (
     all_reduce,
     autocast,
@@ -247,11 +247,11 @@ def compute_prior(seqs, load_ref, device, micro_batch, micro_tokens=None, loss_c
     """(p, u) of the reference for every response token of every example: a list of (n_i, 2)
     float32 tensors, from one no-grad pass (examples batched by length). load_ref() gives the
     reference; the caller keeps the result (infra/checkpoint.py's cache)."""
-    ref = load_ref()
-    rank, world = dist_info()
+    ref, (rank, world) = load_ref(), dist_info()
     mine = sorted(range(rank, len(seqs), world), key=lambda i: len(seqs[i][0]))  # every world-th
     stats = {}
-    for idxs in progress(data.length_batches(seqs, mine, micro_batch, micro_tokens), desc="prior"):
+    batches = batching.length_batches(seqs, mine, micro_batch, micro_tokens)
+    for idxs in progress(batches, desc="prior"):
         x, y, m = (t.to(device) for t in data.collate([seqs[i] for i in idxs]))
         with autocast(device):
             prior_stats = reference_stats(ref, x, y, m, loss_chunk).float().cpu()  # (N, 2)
@@ -335,7 +335,7 @@ def train(cfg, model, seqs, prior=None, ref=None, run=None):
     response tokens of the whole global batch, so accumulation and data parallelism give the
     gradient of the full batch. `run` keeps the run on disk (infra/checkpoint.Run; by default
     nothing). Returns the loop's state, with the mean kept fraction and its seconds."""
-    run, total = run or Run(), cfg.total_steps(len(seqs))
+    run, total = run or checkpoint.Run(), cfg.total_steps(len(seqs))
     if cfg.match_authors:  # bf16 weights, so bf16 AdamW state too
         model.to(torch.bfloat16)
     # first: fully_shard replaces the parameters with sharded ones
@@ -374,7 +374,7 @@ def backward_step(cfg, model, wrapped, seqs, idx, n_tokens, prior, ref):
     `idx`. Returns the sums (weighted CE, CE, kept tokens) of its share, for the log."""
     device, (rank, world) = next(model.parameters()).device, dist_info()
     sums = torch.zeros(3, device=device)
-    micro = data.micro_batches(seqs, idx, rank, world, cfg.micro_batch, cfg.micro_tokens,
+    micro = batching.micro_batches(seqs, idx, rank, world, cfg.micro_batch, cfg.micro_tokens,
                                by_length=not cfg.match_authors)  # fmt: skip
     for j, (mb, is_real) in enumerate(micro):  # is_real 0: a filler, so that ranks stay in step
         x, y, m = (t.to(device) for t in data.collate([seqs[i] for i in mb]))

@@ -52,7 +52,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import data
 import prift
-from infra import lora, memory
+from infra import batching, lora, memory
 from infra.distributed import autocast
 from infra.prior import cached_prior
 from model import GPT, Config
@@ -387,7 +387,7 @@ LENGTH_MODES = {
 }
 
 
-def micro_batches(a, mode, seqs, idx, cut=data.micro_batches):
+def micro_batches(a, mode, seqs, idx, cut=batching.micro_batches):
     kw = LENGTH_MODES[mode]
     return cut(
         seqs, idx, 0, 1, a.len_micro, a.len_tokens if kw.get("tokens") else None, kw["by_length"]
@@ -413,7 +413,7 @@ def run_lengths(a, mode, ckpt):
         real_length_seqs(a.len_batch * (a.warmup + a.steps), a.len_vocab),
     )
     cfg = train_config(a, "sft", batch_size=a.len_batch)
-    data.micro_batches = lambda seqs, idx, *_, **__: micro_batches(
+    batching.micro_batches = lambda seqs, idx, *_, **__: micro_batches(
         a, mode, seqs, idx
     )  # in this child process only
     meter = Meter(device)

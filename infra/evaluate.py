@@ -32,7 +32,7 @@ import prift
 from data import (
     extract_answer,
 )  # the final answer of a response; data.py finds gold answers in solutions with it
-from infra import files
+from infra import batching, files
 from infra.argtypes import COUNT, POSITIVE, SAMPLES, SEED, Parser, existing, number
 from infra.distributed import autocast, dist_info, init_from_env, log, progress
 from infra.generate import generate
@@ -172,7 +172,7 @@ def heldout_ce(model, seqs, micro_batch):
     logits a few rows at a time, by the loss's own chunked head)."""
     device, total, count = next(model.parameters()).device, 0.0, 0
     by_length = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    for batch in data.length_batches(seqs, by_length, micro_batch):
+    for batch in batching.length_batches(seqs, by_length, micro_batch):
         x, y, m = (t.to(device) for t in data.collate([seqs[i] for i in batch]))
         with autocast(device):
             h = model(x, hidden_only=True)[m]  # (N, C): the response positions only

@@ -125,6 +125,46 @@ def read_json(path, root=None, limit=JSON_LIMIT, what="file"):
         raise CheckpointError(f"{what} {path} is not valid JSON ({str(e).split(';')[0][:200]})")
 
 
+def jsonl_rows(path, limit, what="file", too_long=""):
+    """(where, value) of each non-blank line of a JSONL file, where "path:n": read as open_input
+    reads, split at \n only (str.splitlines would also cut at U+2028, U+0085 and others, which JSON
+    strings may hold), and a line of more than `limit` bytes refused, before it is read whole."""
+    with open_input(path, what=what) as f:
+        for n, line in enumerate(iter(lambda: f.readline(limit + 1), b""), 1):
+            where, line = f"{path}:{n}", line.removesuffix(b"\n")
+            if len(line) > limit:
+                raise DataError(f"{where}: a line of more than {limit / MIB:.0f} MiB{too_long}")
+            try:  # a byte-order mark may open the file
+                text = line.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+                )
+            if text.strip():
+                yield where, parse_json(text, where)
+
+
+def parse_json(text, where):
+    """text's JSON value. JSON that Python's parser rejects, however it rejects it, is one
+    DataError naming where."""
+    try:
+        value = json.loads(text)
+        if "\\u" in text:  # a \ud800 escape without its pair decodes to a lone surrogate: not text
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return value
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})")
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read")
+    except UnicodeEncodeError:
+        raise DataError(
+            f"{where}: a \\u escape of half a surrogate pair (\\ud800-\\udfff alone), which is "
+            "not text"
+        )
+    except ValueError as e:  # an integer of thousands of digits: Python's limit on converting them
+        raise DataError(f"{where}: a number too long to read ({str(e).split(';')[0]})")
+
+
 # Content hashes: each file's sha256, streamed, once per file and run (the same inode, size and
 # modification time in this process); a new run forgets them (forget_hashes).
 _HASHES = {}

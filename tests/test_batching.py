@@ -14,7 +14,7 @@ import torch
 from tiny import ROOT, assert_some_kept, make_checkpoint, make_data
 
 import data
-from infra import cli
+from infra import batching, cli
 
 
 def lengths_seqs(lengths, vocab=100, seed=0):
@@ -35,7 +35,7 @@ def test_every_example_once_and_ranks_in_step(world, tokens):
     idx = torch.randperm(40, generator=g)[
         :29
     ].tolist()  # a short last batch: 29 is no multiple of anything here
-    per_rank = [data.micro_batches(seqs, idx, r, world, 4, tokens) for r in range(world)]
+    per_rank = [batching.micro_batches(seqs, idx, r, world, 4, tokens) for r in range(world)]
     assert len({len(m) for m in per_rank}) == 1, (
         "every rank runs as many micro-batches (the collectives need it)"
     )
@@ -63,8 +63,8 @@ def test_grouping_removes_the_padding_and_order_is_kept_without_it():
     seqs = lengths_seqs((torch.rand(256, generator=g) ** 3 * 1000 + 20).int().tolist())
     idx = torch.randperm(256, generator=g).tolist()
     before, after = (
-        data.micro_batches(seqs, idx, 0, 1, 4, by_length=False),
-        data.micro_batches(seqs, idx, 0, 1, 4),
+        batching.micro_batches(seqs, idx, 0, 1, 4, by_length=False),
+        batching.micro_batches(seqs, idx, 0, 1, 4),
     )
     assert [mb for mb, _ in before] == [idx[s : s + 4] for s in range(0, 256, 4)], (
         "random order: cut as it comes"
@@ -95,9 +95,9 @@ def run_in_process(root, ckpt, name, monkeypatch, *extra, by_length=True):
     """infra.cli.main in this process; by_length=False cuts micro-batches in the batch's random order,
     as before.
     """
-    cut = data.micro_batches
+    cut = batching.micro_batches
     monkeypatch.setattr(
-        data, "micro_batches", lambda *a, **k: cut(*a, **{**k, "by_length": by_length})
+        batching, "micro_batches", lambda *a, **k: cut(*a, **{**k, "by_length": by_length})
     )
     argv = [
         "--rule",
@@ -114,7 +114,7 @@ def run_in_process(root, ckpt, name, monkeypatch, *extra, by_length=True):
         *extra,
     ]
     assert cli.main([str(x) for x in argv]) == 0
-    monkeypatch.setattr(data, "micro_batches", cut)
+    monkeypatch.setattr(batching, "micro_batches", cut)
     return read_run(root / name)
 
 

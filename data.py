@@ -107,27 +107,18 @@ def parse_example(row, where):
     # chat: a last assistant message is the response, the turns before it the prompt
     if "messages" in row:
         msgs = row["messages"]
-        is_turn = lambda m: (
-            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ROLES
-        )
+        text = lambda m: isinstance(m, dict) and isinstance(m.get("content"), str)  # noqa: E731
+        is_turn = lambda m: text(m) and m.get("role") in ROLES  # noqa: E731
         if not (isinstance(msgs, list) and msgs and all(map(is_turn, msgs))):
-            raise DataError(
-                f"{where}: 'messages' must be a list of {{role, content}}, role one of "
-                f"{', '.join(ROLES)}"
-            )
-        turns, response = (
-            (msgs[:-1], msgs[-1]["content"]) if msgs[-1]["role"] == "assistant" else (msgs, None)
-        )
+            raise DataError(f"{where}: 'messages' must be a list of {{role, content}}, role one of "
+                            f"{', '.join(ROLES)}")  # fmt: skip
+        last_is_answer = msgs[-1]["role"] == "assistant"
+        turns, response = (msgs[:-1], msgs[-1]["content"]) if last_is_answer else (msgs, None)
     elif (prompt := first_text(row, PROMPT_FIELDS)) is not None:
-        system = (
-            [{"role": "system", "content": row["system"]}]
-            if isinstance(row.get("system"), str)
-            else []
-        )
-        turns, response = (
-            system + [{"role": "user", "content": prompt}],
-            first_text(row, RESPONSE_FIELDS),
-        )
+        system = row.get("system")
+        turns = [{"role": "system", "content": system}] if isinstance(system, str) else []
+        turns += [{"role": "user", "content": prompt}]
+        response = first_text(row, RESPONSE_FIELDS)
     else:
         raise unusable(row, where)
     answer, gold = row.get("answer"), first_text(row, ["final_answer"])
@@ -135,9 +126,8 @@ def parse_example(row, where):
         gold = re.sub(r"(?<!\\)\$", "", gold).strip()
     # AMC23: 27.0 -> "27", 2.5 stays
     elif isinstance(answer, (int, float)) and not isinstance(answer, bool):
-        gold = (
-            str(answer) if isinstance(answer, int) or not answer.is_integer() else str(int(answer))
-        )
+        whole = isinstance(answer, float) and answer.is_integer()
+        gold = str(int(answer) if whole else answer)
     elif isinstance(answer, str) and "####" in answer:  # GSM8K: the reasoning, then "#### 1,000"
         response = answer if response is None else response
         gold = answer.rsplit("####", 1)[1].strip().replace(",", "")
@@ -146,9 +136,7 @@ def parse_example(row, where):
         or response is None
         and ("\n" in answer.strip() or len(answer) > FINAL_ANSWER_MAX_CHARS)
     ):
-        response = (
-            answer if response is None else response
-        )  # a worked solution, as question/answer data has
+        response = answer if response is None else response  # a worked solution, as in Q/A data
         gold = extract_answer(answer)
     elif isinstance(answer, str):
         gold = answer.strip()
@@ -162,19 +150,13 @@ def parse_example(row, where):
 
 def unusable(row, where):
     found = ", ".join(f"{k} ({type(v).__name__})" for k, v in row.items()) or "nothing"
-    return DataError(
-        f"{where}: no usable fields; expected a prompt with a response or a gold answer: "
-        "prompt/response, "
-        "problem/solution, question/answer (a solution or a final answer), a "
-        "final_answer, or 'messages' "
-        f"(found: {found})"
-    )
+    return DataError(f"{where}: no usable fields; expected a prompt with a response or a gold "
+                     "answer: prompt/response, problem/solution, question/answer (a solution or a "
+                     f"final answer), a final_answer, or 'messages' (found: {found})")  # fmt: skip
 
 
 def first_text(row, fields):
-    """The first of `fields` that row holds as a string, or as a list that starts with one; else
-    None.
-    """
+    """The first of `fields` row holds as a string, or as a list that starts with one; or None."""
     for f in fields:
         value = row.get(f)
         value = value[0] if isinstance(value, list) and value else value
@@ -201,17 +183,15 @@ def extract_answer(text):
     return None
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Tokenisation and templates
 
 
 def load_tokenizer(model_dir):
     path = Path(model_dir) / "tokenizer.json"
     if not path.exists():
-        raise DataError(
-            f"{model_dir} has no tokenizer.json; prift tokenises with the checkpoint's own "
-            "tokenizer"
-        )
+        raise DataError(f"{model_dir} has no tokenizer.json; prift tokenises with the checkpoint's "
+                        "own tokenizer")  # fmt: skip
     text = files.read_text(path, model_dir, files.TOKENIZER_LIMIT, "tokenizer")
     try:
         return Tokenizer.from_str(text)
@@ -223,29 +203,27 @@ class Template:
     """How one checkpoint's examples become token ids: its tokenizer, how a prompt is written
     (`name`), and the token that ends a response, which is trained.
 
-    auto     the checkpoint's own chat template (tokenizer_config.json's `chat_template`, or chat_template.jinja),
-             rendered as transformers' apply_chat_template renders it, with a generation prompt; the
-             response is followed by the tokenizer's EOS. This is the text the authors' trainer
-             builds. A checkpoint without a chat template gets `plain`.
-    plain    the prompt's turns one after the other (with a BOS if the tokenizer adds one), then the response
-             and the tokenizer's EOS
+    auto     the checkpoint's own chat template (tokenizer_config.json's `chat_template`, or
+             chat_template.jinja), rendered as transformers' apply_chat_template renders it, with a
+             generation prompt; the response is followed by the tokenizer's EOS. This is the text
+             the authors' trainer builds. A checkpoint without a chat template gets `plain`.
+    plain    the prompt's turns one after the other (with a BOS if the tokenizer adds one), then
+             the response and the tokenizer's EOS
     chatml   <|im_start|>role ... <|im_end|> turns; the response ends with <|im_end|>
-    llama3   <|begin_of_text|> and <|start_header_id|>role<|end_header_id|> turns; the response ends with <|eot_id|>
+    llama3   <|begin_of_text|> and <|start_header_id|>role<|end_header_id|> turns; the response
+             ends with <|eot_id|>
     Prompt and response are tokenised separately, so the boundary of the loss mask is exact."""
 
     def __init__(self, tok, name, end_token, eos=None, render=None):
         self.tok, self.name, self.render = tok, name, render
         if end_token is None or tok.token_to_id(end_token) is None:
-            raise DataError(
-                f"the tokenizer has no end token for template {name!r} "
-                f"({end_token or 'no EOS found'}); "
-                f"choose another --template"
-            )
+            found = end_token or "no EOS found"
+            raise DataError(f"the tokenizer has no end token for template {name!r} ({found}); "
+                            "choose another --template")  # fmt: skip
         self.end_id = tok.token_to_id(end_token)
         # generation stops at the end token or at the tokenizer's EOS, whichever the model writes
-        self.stop_ids = {self.end_id} | (
-            {tok.token_to_id(eos)} if eos and tok.token_to_id(eos) is not None else set()
-        )
+        eos_id = tok.token_to_id(eos) if eos else None
+        self.stop_ids = {self.end_id} | ({eos_id} if eos_id is not None else set())
 
     @classmethod
     def load(cls, model_dir, name="auto"):
@@ -267,13 +245,10 @@ class Template:
             text = self.render(messages)
         else:
             turn, gen_prompt, _ = TEMPLATES[self.name]
-            text = ("<|begin_of_text|>" if self.name == "llama3" else "") + "".join(
-                turn.format(**m) for m in messages
-            )
-            text += gen_prompt
-        return self.tok.encode(
-            text, add_special_tokens=False
-        ).ids  # the text holds its special tokens already
+            bos = "<|begin_of_text|>" if self.name == "llama3" else ""
+            text = bos + "".join(turn.format(**m) for m in messages) + gen_prompt
+        # the text holds its special tokens already
+        return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode(self, examples, max_len):
         """Examples -> list of (ids, n_prompt): ids = prompt ids + response ids + end id, cut on the

@@ -2,31 +2,27 @@
 One decoder-only transformer, written by hand, that loads and saves Hugging Face checkpoints of four
 families: gpt2, llama (SmolLM, TinyLlama, Llama 2/3, DeepSeek-Math), qwen2 (Qwen2.5, Qwen2.5-Math)
 and qwen3. Modules are named as in Hugging Face's Llama, so llama/qwen2/qwen3 state dicts load with
-no renaming at all; GPT-2 needs one short key table (gpt2_keys below).
+no renaming at all; GPT-2 needs one short key table (infra/hf_files.py: gpt2_keys).
 """
 
 import contextlib
-import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from infra import files
 from infra.hf_files import (
     CheckpointError,
     config_fields,
+    copy_side_files,
     read_config,
-    read_headers,
-    read_tensors,
-    weight_files,
+    read_state,
+    write_state,
 )
 
 # What differs between the families, in one place. Everything else is read from config.json.
@@ -78,7 +74,7 @@ class Config:
 
     @classmethod
     def load(cls, path):
-        """The config.json of a checkpoint directory; a CheckpointError says what is wrong with it."""
+        """A checkpoint directory's config.json; a CheckpointError says what is wrong with it."""
         d = read_config(path)
         try:
             return cls.from_dict(d)
@@ -90,7 +86,7 @@ class Config:
         return FAMILIES[self.model_type]
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # The transformer
 
 
@@ -123,18 +119,13 @@ def rope_cos_sin(cfg, positions):
     # Llama 3.x: stretch the low frequencies by `factor`, blend the middle band
     if cfg.rope_scaling:
         s = cfg.rope_scaling
-        old_len, lo, hi = (
-            s["original_max_position_embeddings"],
-            s["low_freq_factor"],
-            s["high_freq_factor"],
-        )
+        old_len, lo, hi = (s[k] for k in ("original_max_position_embeddings", "low_freq_factor",
+                                          "high_freq_factor"))  # fmt: skip
         wavelen = 2 * math.pi / inv_freq
         smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
         inv_freq = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
     freqs = positions.float()[..., None] * inv_freq  # (..., T, d/2)
-    emb = torch.cat(
-        (freqs, freqs), dim=-1
-    )  # (..., T, d): rotate-half layout, as Hugging Face stores q/k
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, d): rotate-half, as Hugging Face stores q/k
     if positions.dim() == 2:
         emb = emb[:, None]  # (B, 1, T, d)
     return emb.cos(), emb.sin()
@@ -160,7 +151,7 @@ class KVCache(nn.Module):
 
     def select(
         self, rows
-    ):  # rows (B',): keep, reorder or repeat batch rows (drop finished ones, copy a prompt)
+    ):  # rows (B',): keep, reorder or repeat rows (drop finished, copy a prompt)
         self.k, self.v = self.k[rows], self.v[rows]
 
 
@@ -193,26 +184,20 @@ class Attention(nn.Module):
             k, v = cache.update(pos, k, v)
         # mask None: causal over the new tokens (a single new token attends to every cached one),
         # the fast path
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            enable_gqa=k.shape[1] != q.shape[1],
-        )
+        causal, gqa = mask is None and T > 1, k.shape[1] != q.shape[1]
+        y = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        C, I = cfg.hidden_size, cfg.intermediate_size
+        C, inner = cfg.hidden_size, cfg.intermediate_size
         self.gelu = cfg.family["mlp"] == "gelu_tanh"
         if not self.gelu:
-            self.gate_proj = nn.Linear(C, I, bias=False)
-        self.up_proj = nn.Linear(C, I, bias=self.gelu)
-        self.down_proj = nn.Linear(I, C, bias=self.gelu)
+            self.gate_proj = nn.Linear(C, inner, bias=False)
+        self.up_proj = nn.Linear(C, inner, bias=self.gelu)
+        self.down_proj = nn.Linear(inner, C, bias=self.gelu)
 
     def forward(self, x):
         if self.gelu:  # GPT-2 uses the tanh approximation of GELU, not the exact one
@@ -223,11 +208,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        norm = (
-            (lambda: nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps))
-            if cfg.family["norm"] == "layernorm"
-            else (lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps))
-        )
+        C, eps, layernorm = cfg.hidden_size, cfg.norm_eps, cfg.family["norm"] == "layernorm"
+        norm = lambda: nn.LayerNorm(C, eps=eps) if layernorm else RMSNorm(C, eps)  # noqa: E731
         self.input_layernorm, self.self_attn = norm(), Attention(cfg)
         self.post_attention_layernorm, self.mlp = norm(), MLP(cfg)
         # activation checkpointing (--grad-checkpoint), set by distributed.wrap_distributed
@@ -236,9 +218,7 @@ class Block(nn.Module):
     def forward(self, x, rope, cache=None, pos=0, mask=None):
         if self.recompute and torch.is_grad_enabled():
             # Keep only the input x (B, T, C) for backward, and run the block again there to remake
-            # what its
-            # backward needs (non-reentrant: autograd, autocast and FSDP2's hooks work as without
-            # it).
+            # what its backward needs (non-reentrant: autograd, autocast and FSDP2's hooks work)
             return checkpoint(self.body, x, rope, cache, pos, mask, use_reentrant=False)
         return self.body(x, rope, cache, pos, mask)
 
@@ -352,16 +332,15 @@ class GPT(nn.Module):
         x = self.model.norm(x)
         return x if hidden_only else self.lm_head(x)
 
-    # ------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------
     # Hugging Face checkpoints
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        """Load config.json + model.safetensors (or a sharded index) from a directory. dtype
-        defaults to float32. The tensors' names, shapes and dtypes are compared with what the config
-        implies from the files' headers alone, before any tensor is read; then each is read, refused
-        if not finite, and assigned to a model built on the meta device, so the weights are held in
-        memory once."""
+        """Load config.json + model.safetensors (or a sharded index) from a directory, dtype float32
+        by default. The tensors' names, shapes and dtypes are checked from the files' headers alone,
+        before any is read (infra/hf_files.py); then each is read, refused if not finite, and
+        assigned to a model built on the meta device, so the weights are held in memory once."""
         path = Path(path)
         if os.path.lexists(path / "adapter_config.json") and not os.path.lexists(
             path / "config.json"
@@ -370,53 +349,15 @@ class GPT(nn.Module):
 
             return load_adapter(path, dtype, device)
         cfg = Config.load(path)
-        stored = read_headers(weight_files(path))  # name -> (file, a meta tensor of its shape)
-        skip = {
-            k
-            for k in stored
-            if k == "lm_head.weight"
-            and cfg.tie_word_embeddings  # the tied head is the embedding
-            or cfg.model_type == "gpt2"
-            and k.endswith((".attn.bias", ".attn.masked_bias"))
-        }  # GPT-2's mask buffers
-        shapes = {k: v for k, (f, v) in stored.items() if k not in skip}
-        shapes = (
-            gpt2_keys(shapes, to_hf=False) if cfg.model_type == "gpt2" else shapes
-        )  # names and shapes, on meta
         with torch.device("meta"):
             model = cls(cfg)
-        expected = {
-            k: v.shape
-            for k, v in model.state_dict().items()
-            if not (cfg.tie_word_embeddings and k == "lm_head.weight")
-        }
-        for k, shape in expected.items():
-            if k not in shapes:
-                raise CheckpointError(
-                    f"tensor {k} of shape {tuple(shape)} is missing from the checkpoint in {path}"
-                )
-            if shapes[k].shape != shape:
-                raise CheckpointError(
-                    f"tensor {k} has shape {tuple(shapes[k].shape)} in the checkpoint in {path}, "
-                    f"the config implies {tuple(shape)}"
-                )
-        for k in shapes:
-            if k not in expected:
-                raise CheckpointError(
-                    f"unexpected tensor {k} of shape {tuple(shapes[k].shape)} in the checkpoint "
-                    f"in {path} (config.json does not describe it)"
-                )
-        state = read_tensors(
-            {k: f for k, (f, _) in stored.items() if k not in skip},
-            dtype or torch.float32,
-            torch.device(device or "cpu"),
-            shapes,
-        )
-        state = gpt2_keys(state, to_hf=False) if cfg.model_type == "gpt2" else state
-        if cfg.tie_word_embeddings:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        model.load_state_dict(state, strict=True, assign=True)
-        if cfg.tie_word_embeddings:  # assign=True replaced the parameters: tie them again
+        # the tied head is the embedding: not stored, and assigned again after loading
+        tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+        expected = {k: v.shape for k, v in model.state_dict().items() if k not in tied}
+        state = read_state(path, cfg.model_type, expected, dtype or torch.float32, device or "cpu")
+        model.load_state_dict(state | {k: state["model.embed_tokens.weight"] for k in tied},
+                              strict=True, assign=True)  # fmt: skip
+        if tied:  # assign=True replaced the parameters: tie them again
             model.lm_head.weight = model.model.embed_tokens.weight
         model.source_dir = path
         return model
@@ -429,92 +370,14 @@ class GPT(nn.Module):
             from infra.lora import save_adapter  # here: infra/lora.py builds on this module
 
             return save_adapter(self, path, state_dict)
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {
-            k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()
-        }
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        if self.config.model_type == "gpt2":
-            state = gpt2_keys(state, to_hf=True)
-        raw = dict(self.config.raw or {})
-        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        raw["vocab_size"] = self.config.vocab_size
-        for key in [k for k in ("torch_dtype", "dtype") if k in raw] or ["torch_dtype"]:
-            raw[key] = dtype
-        # each file through the one writer: whole or not at all, never through a link
-        files.write_with(
-            path / "model.safetensors",
-            lambda f, tmp: save_file(state, tmp, metadata={"format": "pt"}),
-            "weights",
+        tied = {"lm_head.weight"} if self.config.tie_word_embeddings else set()  # stored once
+        state = state_dict or self.state_dict()
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in tied}
+        write_state(
+            path, state, self.config.model_type, self.config.raw or {}, self.config.vocab_size
         )
-        files.write_text(path / "config.json", json.dumps(raw, indent=2) + "\n", "config")
         self.copy_side_files(path)
 
     def copy_side_files(self, path):
         """The source checkpoint's tokenizer and generation files, so that path is complete."""
-        for name in TOKENIZER_FILES:
-            src = self.source_dir and Path(self.source_dir) / name
-            if not src or not os.path.lexists(src) or same_file(src, path / name):
-                continue
-            try:  # the one reader's checks (a regular file inside the checkpoint), copied as bytes
-                files.copy_file(src, path / name, self.source_dir, files.TOKENIZER_LIMIT, name)
-            except files.CheckpointError as e:
-                print(f"note: {name} left out of {path}: {e}", file=sys.stderr)
-
-
-def same_file(a, b):
-    return os.path.exists(b) and os.path.samefile(a, b)
-
-
-def gpt2_keys(state, to_hf):
-    """Map GPT-2's names to ours (or back). GPT-2 stores Linear weights transposed (Conv1D) and
-    fuses q|k|v into c_attn; its attn.bias / attn.masked_bias entries are causal-mask buffers, not
-    weights."""
-    out = {}
-    if to_hf:
-        for k, v in state.items():
-            if k.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):
-                continue
-            if ".q_proj." in k:  # fuse q|k|v back into c_attn
-                v = torch.cat(
-                    [v, state[k.replace("q_proj", "k_proj")], state[k.replace("q_proj", "v_proj")]]
-                )
-                k = k.replace("q_proj", "c_attn")
-            for ours, theirs in GPT2_NAMES:
-                k = k.replace(ours, theirs)
-            if k.endswith(".weight") and any(n in k for n in ("c_attn", "c_proj", "c_fc")):
-                v = v.t()
-            out[k if k.startswith("lm_head.") else "transformer." + k] = (
-                v.contiguous()
-            )  # head: top level
-        return out
-    for k, v in state.items():
-        k = k.removeprefix("transformer.")
-        if k.endswith((".attn.bias", ".attn.masked_bias")):
-            continue
-        if k.endswith(".weight") and any(n in k for n in ("c_attn", "c_proj", "c_fc")):
-            v = v.t()
-        for ours, theirs in GPT2_NAMES:
-            k = k.replace(theirs, ours)
-        if ".c_attn." in k:  # split the fused projection: rows q | k | v
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
-                out[k.replace("c_attn", name)] = part.contiguous()
-        else:
-            out[k] = v
-    return out
-
-
-GPT2_NAMES = [  # ours, GPT-2's (order matters: the more specific first)
-    ("model.embed_tokens.", "wte."),
-    ("model.embed_positions.", "wpe."),
-    ("model.norm.", "ln_f."),
-    ("model.layers.", "h."),
-    (".input_layernorm.", ".ln_1."),
-    (".post_attention_layernorm.", ".ln_2."),
-    (".self_attn.o_proj.", ".attn.c_proj."),
-    (".self_attn.", ".attn."),
-    (".mlp.up_proj.", ".mlp.c_fc."),
-    (".mlp.down_proj.", ".mlp.c_proj."),
-]
+        copy_side_files(self.source_dir, path, TOKENIZER_FILES)

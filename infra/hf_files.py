@@ -5,14 +5,26 @@ the directory), and the safetensors headers (names, shapes, dtypes); then the te
 not finite.
 """
 
+import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from infra.files import JSON_LIMIT, CheckpointError, open_input, read_json
+from infra.files import (
+    JSON_LIMIT,
+    TOKENIZER_LIMIT,
+    CheckpointError,
+    copy_file,
+    open_input,
+    read_json,
+    write_text,
+    write_with,
+)
 
 MAX_LAYERS = (
     1024  # the deepest released models have ~130; more is a damaged config, and each layer is built
@@ -286,3 +298,125 @@ def read_tensors(files, dtype, device, shapes=None):
                         f"(or saved from a diverged run) and cannot be trained"
                     )
     return state
+
+
+# --------------------------------------------------------------------------------------------------
+# A model's state dict, read and written in the Hugging Face layout
+
+
+def read_state(path, model_type, expected, dtype, device):
+    """The state dict of the checkpoint in path, in model.py's names: every tensor of `expected`
+    ({name: shape}) present and of its shape, and no other, checked from the headers before any
+    tensor is read."""
+    stored = read_headers(weight_files(path))  # name -> (file, a meta tensor of its shape)
+    gpt2 = model_type == "gpt2"
+    stored = {k: v for k, v in stored.items() if not (gpt2 and k.endswith(GPT2_BUFFERS))}
+    stored = {
+        k: v
+        for k, v in stored.items()
+        if not (k == "lm_head.weight" and "lm_head.weight" not in expected)
+    }
+    shapes = {k: t for k, (_, t) in stored.items()}
+    shapes = gpt2_keys(shapes, to_hf=False) if gpt2 else shapes  # names and shapes, on meta
+    for k, shape in expected.items():
+        if k not in shapes:
+            raise CheckpointError(f"tensor {k} of shape {tuple(shape)} is missing from the "
+                                  f"checkpoint in {path}")  # fmt: skip
+        if shapes[k].shape != shape:
+            raise CheckpointError(f"tensor {k} has shape {tuple(shapes[k].shape)} in the checkpoint "
+                                  f"in {path}, the config implies {tuple(shape)}")  # fmt: skip
+    for k in shapes.keys() - expected.keys():
+        raise CheckpointError(f"unexpected tensor {k} of shape {tuple(shapes[k].shape)} in the "
+                              f"checkpoint in {path} (config.json does not describe it)")  # fmt: skip
+    files = {k: f for k, (f, _) in stored.items()}
+    state = read_tensors(files, dtype, torch.device(device), shapes)
+    return gpt2_keys(state, to_hf=False) if gpt2 else state
+
+
+def write_state(path, state, model_type, raw, vocab_size):
+    """model.safetensors and config.json (raw: the config.json read, its dtype made the state's)
+    in path, each through the one writer: whole or not at all, never through a link."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = gpt2_keys(state, to_hf=True) if model_type == "gpt2" else state
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    raw = dict(raw, vocab_size=vocab_size)
+    for key in [k for k in ("torch_dtype", "dtype") if k in raw] or ["torch_dtype"]:
+        raw[key] = dtype
+    write = lambda f, tmp: save_file(state, tmp, metadata={"format": "pt"})  # noqa: E731
+    write_with(path / "model.safetensors", write, "weights")
+    write_text(path / "config.json", json.dumps(raw, indent=2) + "\n", "config")
+
+
+def copy_side_files(source_dir, path, names):
+    """The source checkpoint's files of these names (tokenizer, generation config), checked as the
+    one reader checks them (a regular file inside the checkpoint) and copied as bytes; one that is
+    not is left out with a note."""
+    for name in names:
+        src = source_dir and Path(source_dir) / name
+        dst = Path(path) / name
+        if (
+            not src
+            or not os.path.lexists(src)
+            or (os.path.exists(dst) and os.path.samefile(src, dst))
+        ):
+            continue
+        try:
+            copy_file(src, dst, source_dir, TOKENIZER_LIMIT, name)
+        except CheckpointError as e:
+            print(f"note: {name} left out of {path}: {e}", file=sys.stderr)
+
+
+GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")  # GPT-2's causal-mask buffers: not weights
+
+
+def gpt2_keys(state, to_hf):
+    """Map GPT-2's names to ours (or back). GPT-2 stores Linear weights transposed (Conv1D) and
+    fuses q|k|v into c_attn; its attn.bias / attn.masked_bias entries are causal-mask buffers, not
+    weights."""
+    out = {}
+    if to_hf:
+        for k, v in state.items():
+            if k.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):
+                continue
+            if ".q_proj." in k:  # fuse q|k|v back into c_attn
+                v = torch.cat(
+                    [v, state[k.replace("q_proj", "k_proj")], state[k.replace("q_proj", "v_proj")]]
+                )
+                k = k.replace("q_proj", "c_attn")
+            for ours, theirs in GPT2_NAMES:
+                k = k.replace(ours, theirs)
+            if k.endswith(".weight") and any(n in k for n in ("c_attn", "c_proj", "c_fc")):
+                v = v.t()
+            out[k if k.startswith("lm_head.") else "transformer." + k] = (
+                v.contiguous()
+            )  # head: top level
+        return out
+    for k, v in state.items():
+        k = k.removeprefix("transformer.")
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        if k.endswith(".weight") and any(n in k for n in ("c_attn", "c_proj", "c_fc")):
+            v = v.t()
+        for ours, theirs in GPT2_NAMES:
+            k = k.replace(theirs, ours)
+        if ".c_attn." in k:  # split the fused projection: rows q | k | v
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                out[k.replace("c_attn", name)] = part.contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+GPT2_NAMES = [  # ours, GPT-2's (order matters: the more specific first)
+    ("model.embed_tokens.", "wte."),
+    ("model.embed_positions.", "wpe."),
+    ("model.norm.", "ln_f."),
+    ("model.layers.", "h."),
+    (".input_layernorm.", ".ln_1."),
+    (".post_attention_layernorm.", ".ln_2."),
+    (".self_attn.o_proj.", ".attn.c_proj."),
+    (".self_attn.", ".attn."),
+    (".mlp.up_proj.", ".mlp.c_fc."),
+    (".mlp.down_proj.", ".mlp.c_proj."),
+]

@@ -12,7 +12,8 @@ from conftest import FAMILIES, make_chat_checkpoint
 
 import data
 import prift
-from model import GPT, gpt2_keys
+from infra.hf_files import gpt2_keys
+from model import GPT
 
 RTOL = 1e-5  # of each tensor's largest gradient: float32, two implementations' orders of summation
 EXAMPLES = [

@@ -71,7 +71,7 @@ def refused(argv, root, capsys, *fragments, entry=cli.main, prog="prift", second
 
 
 def cli_process(argv, timeout=120, **env):
-    """`python prift.py ARGV` in a fresh process (for what would hang or fill memory in this one)."""
+    """`python prift.py ARGV` in a fresh process (what would hang or fill memory in this one)."""
     return subprocess.run(
         [sys.executable, str(ROOT / "prift.py"), *map(str, argv)],
         capture_output=True,
@@ -96,7 +96,7 @@ def every_byte(root):
     return b"".join(p.read_bytes() for p in Path(root).rglob("*") if p.is_file())
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. Inputs are never outputs
 
 
@@ -191,7 +191,7 @@ def test_a_chained_run_fine_tunes_a_fine_tuned_model(w, capsys):
     ] == str(b)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. One way to read a file prift did not write
 
 
@@ -313,7 +313,7 @@ def test_the_hugging_face_cache_layout_still_loads(w):
     assert (w.out / "tokenizer.json").is_file() and not (w.out / "tokenizer.json").is_symlink()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. One way to write
 
 
@@ -427,7 +427,7 @@ def test_a_full_disk_at_the_prior_cache_is_one_line(w, capsys, monkeypatch):
     assert "Traceback" not in line
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. Identity by content
 
 
@@ -539,7 +539,7 @@ def test_args_json_records_absolute_paths(w, monkeypatch):
     assert main_rc(["--resume", w.out]) == 0
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. Every value a user or a file gives is checked
 
 
@@ -681,7 +681,7 @@ def test_unwritable_out_or_cache_is_refused_before_any_work(w, capsys):
     )
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 7. No evaluation is lost
 
 
@@ -720,7 +720,7 @@ def test_no_evaluation_is_lost(w, capsys, monkeypatch):
     assert list(json.loads((w.out / "eval.json").read_text())) == ["base", "sft"]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. Bounded templates
 
 
@@ -743,7 +743,7 @@ def test_a_template_past_its_bounds_is_one_line(w, capsys, template):
     refused(w.argv(), w.root, capsys, "tokenizer_config.json", "chat template", seconds=30)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 8. --inspect says what it left out
 
 
@@ -761,7 +761,7 @@ def test_inspect_says_what_it_left_out(w, capsys):
 
 
 def test_a_non_utf8_path_still_gets_a_whole_report(w):
-    """--out whose name is not UTF-8 (bytes a file system may hold): report.html is written whole."""
+    """An --out whose name is not UTF-8 (bytes a file system may hold): report.html is whole."""
     out = Path(os.fsdecode(bytes(w.root) + b"/run-\xff"))
     assert main_rc(w.argv(out=out)) == 0
     page = (out / "report.html").read_bytes()

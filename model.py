@@ -562,8 +562,14 @@ class GPT(nn.Module):
             targets, dropout = conf["target_modules"], conf.get("lora_dropout", 0.0)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path / 'adapter_config.json'} is not a LoRA adapter's ({e})")
-        if conf.get("peft_type") != "LORA" or conf.get("use_dora") or conf.get("rank_pattern"):
-            raise CheckpointError(f"{path}: only plain LoRA adapters (peft_type LORA) load here")
+        plain = (
+            isinstance(targets, list) and not conf.get("use_dora") and not conf.get("rank_pattern")
+        )
+        if conf.get("peft_type") != "LORA" or not plain:
+            raise CheckpointError(
+                f"{path}: only plain LoRA adapters load here (peft_type LORA, a list of "
+                "target_modules, one rank)"
+            )
         model = add_lora(cls.from_pretrained(base, dtype, device), r, alpha, dropout, targets)
         state = {
             k.removeprefix("base_model.model."): v

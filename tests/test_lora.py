@@ -449,3 +449,26 @@ def test_evaluate_reads_the_adapter_and_the_merged_checkpoint(w, tmp_path):
     (s_a, texts_a), (s_m, texts_m) = scores["adapter"], scores["merged"]
     assert texts_a == texts_m and s_a.keys() == s_m.keys()
     assert s_a["ce"] == pytest.approx(s_m["ce"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU; written without one to run it on)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_bf16_base_float32_adapters(w):
+    """On CUDA a LoRA run holds its base in bfloat16 and its adapters (and their AdamW state) in
+    float32; it trains with the inline reference, and the run's adapter loads back."""
+    assert main_rc(w.argv("--rule", "mass", *LORA, "--prior", "inline", max_steps=3)) == 0
+    adapter = load_file(w.out / "adapter_model.safetensors")
+    assert all(v.dtype == torch.float32 for v in adapter.values())
+    model = GPT.from_pretrained(w.out, dtype=torch.bfloat16, device="cuda")
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if ".lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if ".lora_" not in n} == {torch.bfloat16}
+    x = tokens(model.config.vocab_size).cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with adapters_off(model):
+            off = model(x)
+        base = GPT.from_pretrained(w.ck, dtype=torch.bfloat16, device="cuda")(x)
+    assert torch.equal(off, base)

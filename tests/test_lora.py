@@ -472,3 +472,23 @@ def test_cuda_bf16_base_float32_adapters(w):
             off = model(x)
         base = GPT.from_pretrained(w.ck, dtype=torch.bfloat16, device="cuda")(x)
     assert torch.equal(off, base)
+
+
+def test_merge_command(w, tmp_path, capsys):
+    """python -m infra.merge_lora RUN DEST: a full checkpoint with the adapter's logits, from the
+    run or one of its checkpoints; a directory without an adapter is one line, exit 2."""
+    from infra import merge_lora
+
+    assert main_rc(w.argv(lora=4, save_every=1, max_steps=3)) == 0
+    x = tokens(GPT.from_pretrained(w.ck).config.vocab_size)
+    for run in (w.out, w.out / "checkpoints" / "latest"):
+        dest = tmp_path / f"merged-{run.name}"
+        assert merge_lora.main([str(run), str(dest)]) == 0
+        assert (dest / "config.json").exists() and not (dest / "adapter_config.json").exists()
+        with torch.no_grad():
+            torch.testing.assert_close(
+                GPT.from_pretrained(dest)(x), GPT.from_pretrained(run)(x), rtol=0, atol=1e-5
+            )
+    capsys.readouterr()
+    assert merge_lora.main([str(tmp_path), str(tmp_path / "nothing")]) == 2
+    assert one_error_line(capsys.readouterr().err, prog="merge_lora")

@@ -44,12 +44,15 @@ def add_arguments(parser):
     g = parser.add_argument_group("logs")
     g.add_argument(
         "--log",
+        "--report-to",  # the same, as transformers names it; under torchrun, whose own parser
+        # takes --log for its --log-dir ("ambiguous option"), this one
+        dest="log",
         type=sink,
         nargs="+",
         metavar="{tensorboard,wandb}",
         help="also send each step's metrics, the evaluation and the arguments to tensorboard "
         "(OUT/tensorboard) and/or wandb (OUT/wandb; WANDB_MODE=offline works without a network); "
-        "pip install tensorboard / wandb",
+        "pip install tensorboard / wandb. Under torchrun: --report-to (torchrun takes --log)",
     )
 
 

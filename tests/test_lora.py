@@ -259,7 +259,11 @@ def lora_run(work, name, nproc, *extra):
 
 @pytest.mark.parametrize(
     "extra",
-    [(), ("--fsdp", "--prior", "inline"), ("--fsdp", "--grad-checkpoint")],
+    [
+        (),
+        ("--fsdp", "--prior", "inline"),
+        ("--fsdp", "--grad-checkpoint", "--report-to", "tensorboard"),
+    ],
     ids=["ddp", "fsdp-inline", "fsdp-checkpointing"],
 )
 def test_two_processes_match_one(extra, dist_work):
@@ -270,7 +274,7 @@ def test_two_processes_match_one(extra, dist_work):
     if "single" not in BASELINES:
         BASELINES["single"] = lora_run(dist_work, "single", 1)
     rows1, adapter1 = BASELINES["single"]
-    name = "two" + "".join(extra)
+    name = "two" + "".join(extra[:3])
     rows, adapter = lora_run(dist_work, name, 2, *extra)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert_some_kept(rows)
@@ -280,6 +284,13 @@ def test_two_processes_match_one(extra, dist_work):
     assert adapter.keys() == adapter1.keys()
     assert max((adapter[k] - adapter1[k]).abs().max().item() for k in adapter) <= 1e-5
     assert max(adapter[k].abs().max().item() for k in adapter if "lora_B" in k) > 1e-3, "trained"
+    if "--report-to" in extra:  # rank 0 alone logs: one event file, each step once (--report-to:
+        # torchrun's parser takes --log for its own --log-dir)
+        from test_logs import tensorboard_scalars
+
+        assert len(list((dist_work / name / "tensorboard").iterdir())) == 1
+        scalars, _ = tensorboard_scalars(dist_work / name / "tensorboard")
+        assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3]
     if "inline" not in extra:
         return
     import test_distributed as td

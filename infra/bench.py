@@ -18,11 +18,13 @@ machine:
   4. peak memory and step time with and without activation checkpointing (--grad-checkpoint), at
      sequence 2,048,
      beside what memory.py's plan says the run needs.
+  5. step time and peak memory of mass with --lora 16 against full fine-tuning, the prior
+     precomputed and inline (with LoRA: the model itself with its adapters off).
 
     python bench.py                  # Llama-shaped, ~100M parameters, sequence 512; float32 (minutes on a CPU)
     python bench.py --quick          # tiny sizes, to check that it runs
     python bench.py --device cuda    # bfloat16 autocast, and model FLOPs utilisation
-    python bench.py --only memory    # one of the four parts: train, loss, lengths, memory
+    python bench.py --only memory    # one of the parts: train, loss, lengths, memory, lora
 
 Each configuration runs in a child process forked from this one (before any tensor work), so its
 memory is its own. Peak memory, CPU: the child's peak resident set (VmHWM) minus its resident set
@@ -712,7 +714,7 @@ def report_train(a, tmp):
 def report_lora(a, tmp):
     """Step time and peak memory of mass with --lora against full fine-tuning, the prior precomputed
     and inline, side by side (interleaved rounds, as report_train)."""
-    ckpt, cache = tmp / "model", tmp / "cache"
+    ckpt, cache = tmp / "model", tmp / "lora-cache"  # its own: run_prior times a fresh pass
     if not ckpt.exists():
         in_child(make_checkpoint, a, ckpt)
     in_child(run_prior, a, ckpt, cache)  # the cache that the precompute configurations read

@@ -44,12 +44,15 @@ def add_arguments(parser):
     g = parser.add_argument_group("logs")
     g.add_argument(
         "--log",
+        "--report-to",  # the same, as transformers names it; under torchrun, whose own parser
+        # takes --log for its --log-dir ("ambiguous option"), this one
+        dest="log",
         type=sink,
         nargs="+",
         metavar="{tensorboard,wandb}",
         help="also send each step's metrics, the evaluation and the arguments to tensorboard "
         "(OUT/tensorboard) and/or wandb (OUT/wandb; WANDB_MODE=offline works without a network); "
-        "pip install tensorboard / wandb",
+        "pip install tensorboard / wandb. Under torchrun: --report-to (torchrun takes --log)",
     )
 
 
@@ -106,29 +109,27 @@ def close_all():
 
 
 def opened(out, step):
-    """The run's Logs when its args.json asks for any, opened at the first step this process logs
-    (again, if the steps do not follow: a resumed run in the same process); else None."""
+    """The run's Logs (with no destination when its args.json asks for none), opened at the first
+    step this process logs, and again if the steps do not follow (a resumed run in the same
+    process): args.json is read once, not at every step."""
     key = Path(out).resolve()
     logs = OPEN.get(key)
     if logs and logs.last + 1 == step:
         return logs
     if logs:
         logs.close()
-        del OPEN[key]
     path = Path(out) / "args.json"
     config = json.loads(path.read_text()) if path.is_file() else {}
-    if not (isinstance(config, dict) and config.get("log")):
-        return None
-    OPEN[key] = Logs(Path(out), config["log"], config, step)
+    names = (config.get("log") if isinstance(config, dict) else None) or []
+    OPEN[key] = Logs(Path(out), names, config, step)
     return OPEN[key]
 
 
 def step(out, row):
     """One step's row of metrics.jsonl (on rank 0)."""
     logs = opened(out, row["step"])
-    if logs:
-        logs.scalars({f"train/{k}": v for k, v in row.items() if k != "step"}, row["step"])
-        logs.last = row["step"]
+    logs.scalars({f"train/{k}": v for k, v in row.items() if k != "step"}, row["step"])
+    logs.last = row["step"]
 
 
 def finish(out, evaluation, last_step):

@@ -161,8 +161,10 @@ def adapter_config(path):
         targets, dropout = conf["target_modules"], conf.get("lora_dropout", 0.0)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / 'adapter_config.json'} is not a LoRA adapter's ({e})")
-    if conf.get("peft_type") != "LORA" or conf.get("use_dora") or conf.get("rank_pattern"):
-        raise CheckpointError(f"{path}: only plain LoRA adapters (peft_type LORA) load here")
+    plain = isinstance(targets, list) and not conf.get("use_dora") and not conf.get("rank_pattern")
+    if conf.get("peft_type") != "LORA" or not plain:
+        raise CheckpointError(f"{path}: only plain LoRA adapters load here (peft_type LORA, a list "
+                              "of target_modules, one rank)")  # fmt: skip
     return base, r, alpha, dropout, targets
 
 

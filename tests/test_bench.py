@@ -19,6 +19,7 @@ def test_bench_quick_runs_every_part():
         "| rule | prior | tokens/s |",
         "| loss | peak MB |",
         "| micro-batches | padded (256) |",
+        "| model | prior | step s | CPU s | vs precompute | vs full |",
     ):
         assert head in r.stdout, r.stdout
     padded = {

@@ -258,7 +258,11 @@ def lora_run(work, name, nproc, *extra):
 
 @pytest.mark.parametrize(
     "extra",
-    [(), ("--fsdp", "--prior", "inline"), ("--fsdp", "--grad-checkpoint")],
+    [
+        (),
+        ("--fsdp", "--prior", "inline"),
+        ("--fsdp", "--grad-checkpoint", "--report-to", "tensorboard"),
+    ],
     ids=["ddp", "fsdp-inline", "fsdp-checkpointing"],
 )
 def test_two_processes_match_one(extra, dist_work):
@@ -269,7 +273,7 @@ def test_two_processes_match_one(extra, dist_work):
     if "single" not in BASELINES:
         BASELINES["single"] = lora_run(dist_work, "single", 1)
     rows1, adapter1 = BASELINES["single"]
-    name = "two" + "".join(extra)
+    name = "two" + "".join(extra[:3])
     rows, adapter = lora_run(dist_work, name, 2, *extra)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert_some_kept(rows)
@@ -279,6 +283,13 @@ def test_two_processes_match_one(extra, dist_work):
     assert adapter.keys() == adapter1.keys()
     assert max((adapter[k] - adapter1[k]).abs().max().item() for k in adapter) <= 1e-5
     assert max(adapter[k].abs().max().item() for k in adapter if "lora_B" in k) > 1e-3, "trained"
+    if "--report-to" in extra:  # rank 0 alone logs: one event file, each step once (--report-to:
+        # torchrun's parser takes --log for its own --log-dir)
+        from test_logs import tensorboard_scalars
+
+        assert len(list((dist_work / name / "tensorboard").iterdir())) == 1
+        scalars, _ = tensorboard_scalars(dist_work / name / "tensorboard")
+        assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3]
     if "inline" not in extra:
         return
     import test_distributed as td
@@ -448,3 +459,46 @@ def test_evaluate_reads_the_adapter_and_the_merged_checkpoint(w, tmp_path):
     (s_a, texts_a), (s_m, texts_m) = scores["adapter"], scores["merged"]
     assert texts_a == texts_m and s_a.keys() == s_m.keys()
     assert s_a["ce"] == pytest.approx(s_m["ce"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU; written without one to run it on)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_bf16_base_float32_adapters(w):
+    """On CUDA a LoRA run holds its base in bfloat16 and its adapters (and their AdamW state) in
+    float32; it trains with the inline reference, and the run's adapter loads back."""
+    assert main_rc(w.argv("--rule", "mass", *LORA, "--prior", "inline", max_steps=3)) == 0
+    adapter = load_file(w.out / "adapter_model.safetensors")
+    assert all(v.dtype == torch.float32 for v in adapter.values())
+    model = GPT.from_pretrained(w.out, dtype=torch.bfloat16, device="cuda")
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if ".lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if ".lora_" not in n} == {torch.bfloat16}
+    x = tokens(model.config.vocab_size).cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with adapters_off(model):
+            off = model(x)
+        base = GPT.from_pretrained(w.ck, dtype=torch.bfloat16, device="cuda")(x)
+    assert torch.equal(off, base)
+
+
+def test_merge_command(w, tmp_path, capsys):
+    """python -m infra.merge_lora RUN DEST: a full checkpoint with the adapter's logits, from the
+    run or one of its checkpoints; a directory without an adapter is one line, exit 2."""
+    from infra import merge_lora
+
+    assert main_rc(w.argv(lora=4, save_every=1, max_steps=3)) == 0
+    x = tokens(GPT.from_pretrained(w.ck).config.vocab_size)
+    for run in (w.out, w.out / "checkpoints" / "latest"):
+        dest = tmp_path / f"merged-{run.name}"
+        assert merge_lora.main([str(run), str(dest)]) == 0
+        assert (dest / "config.json").exists() and not (dest / "adapter_config.json").exists()
+        with torch.no_grad():
+            torch.testing.assert_close(
+                GPT.from_pretrained(dest)(x), GPT.from_pretrained(run)(x), rtol=0, atol=1e-5
+            )
+    capsys.readouterr()
+    assert merge_lora.main([str(tmp_path), str(tmp_path / "nothing")]) == 2
+    assert one_error_line(capsys.readouterr().err, prog="merge_lora")

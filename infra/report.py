@@ -92,9 +92,10 @@ def run_report(out, eval_rows, seqs, state):
     )
     files.write_json(out / "run.json", run, "run summary")
     files.write_text(out / "report.html", run_page(load_run(out)), "report")
-    from infra import logs
+    from infra import logs  # here, as data above: report.py's command line starts without torch
 
-    logs.finish(out, evaluation, state["step"])  # --log: the evaluation, then closed
+    # --log: the evaluation (after at the last step), then closed
+    logs.finish(out, evaluation, state.get("step", 0))
 
 
 def read_metrics(path):

@@ -185,8 +185,8 @@ def defaults(steps=25, batch=8, micro=2, lr=1e-3):
     weights."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import datasets
+    from helpers import make_checkpoint, make_data
     from safetensors.torch import load_file
-    from tiny import make_checkpoint, make_data
     from transformers import AutoModelForCausalLM, PrinterCallback
     from trl import SFTConfig
     from trl_prift import PriftTrainer, prift_optimizer
@@ -326,10 +326,10 @@ def parity(vocab, hidden=64):
 
     tests = Path(__file__).resolve().parents[1] / "tests"
     sys.path.insert(0, str(tests))
-    from conftest import make_chat_checkpoint
+    import conftest  # noqa: F401  (the tests' environment: offline, one thread, PYTHONPATH)
+    from helpers import make_chat_checkpoint, make_data
     from safetensors.torch import load_file
     from test_compare import BATCH, LR, MICRO, SEED, STEPS, run_trl
-    from tiny import make_data
 
     from infra import cli
 

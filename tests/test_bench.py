@@ -1,6 +1,5 @@
 """bench.py runs: its three parts at quick sizes, in a real process (the figures themselves are for
-the README,
-measured side by side, never asserted as times)."""
+the README, measured side by side, never asserted as times)."""
 
 import re
 import subprocess

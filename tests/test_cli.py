@@ -3,23 +3,39 @@ directory, the saved model loads in transformers, --eval-data prints the table, 
 trains, the chat templates put the mask boundary in the right place, and bad data lines fail with
 one line and exit 2.
 
-Two runs go through a real subprocess (tests/tiny.py run_cli: exit codes, stderr, no traceback); the
-rule matrix calls cli.main(argv) in this process, the same code path from argument parsing to the
-saved
-model, because a fresh Python process with torch takes 10 s or more on a loaded 2-core machine."""
+Two runs go through a real subprocess (tests/helpers.py run_cli: exit codes, stderr, no traceback);
+the rule matrix calls cli.main(argv) in this process, the same code path from argument parsing to
+the saved model, because a fresh Python process with torch takes 10 s or more on a loaded 2-core
+machine.
+
+The main job needs nothing beyond requirements.txt.
+
+CI installs requirements-test.txt, whose transformers brings numpy and much else, so a runtime
+import that requirements.txt does not cover passes there and crashes on a user's fresh machine (it
+happened: saving a checkpoint needs numpy). These runs go through tests/tools/runtime_only.py, which
+refuses every module that a fresh `pip install -r requirements.txt` would not have, and they fail on
+any warning or traceback."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import helpers
 import pytest
+import runtime_only
 import torch
-from tiny import assert_some_kept, make_checkpoint, make_data, run_cli
+from helpers import assert_some_kept, make_checkpoint, make_data, read_metrics, run_cli
 
 import data
 import prift
 from infra import cli, demo
 from model import GPT, Config
+
+# --------------------------------------------------------------------------------------------------
+# The command line end to end
 
 CHAT_TOKENS = [
     "<|im_start|>",
@@ -48,8 +64,8 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def processes(env):
     """The two real processes of this file, started when its first test runs and collected by the
-    last
-    tests, so that their start-up (torch, in a fresh interpreter) overlaps the in-process tests."""
+    last tests, so that their start-up (torch, in a fresh interpreter) overlaps the in-process
+    tests."""
     root = env["root"]
     bad = root / "bad.jsonl"
     bad.write_text("\n".join(BAD["not-json"]) + "\n")
@@ -115,7 +131,7 @@ def check_run_dir(out, steps, rule):
     } <= names, names
     args = json.loads((out / "args.json").read_text())
     assert args["rule"] == rule
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for r in rows:
         assert all(math.isfinite(r[k]) for k in ("loss", "ce", "kept")), r
@@ -125,7 +141,7 @@ def check_run_dir(out, steps, rule):
     return args, rows
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Every rule, end to end
 
 CASES = {  # name: extra arguments
@@ -172,12 +188,8 @@ def test_rule_runs_end_to_end(runs, env, name):
 def test_signals_agree_where_they_must(runs):
     """Same data order for every rule; before any update the online model is the reference, so the
     first step of dft and prob (and of mass from either signal) has the same loss; inline and
-    precomputed prior
-    give the same run."""
-    rows = {
-        n: [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-        for n, (_, out) in runs.items()
-    }
+    precomputed prior give the same run."""
+    rows = {n: read_metrics(out) for n, (_, out) in runs.items()}
     assert len({r[0]["tokens"] for r in rows.values()}) == 1
     assert rows["dft"][0]["loss"] == pytest.approx(rows["prob"][0]["loss"], rel=1e-5)
     assert rows["mass"][0]["loss"] == pytest.approx(rows["mass-online"][0]["loss"], rel=1e-5)
@@ -188,7 +200,7 @@ def test_signals_agree_where_they_must(runs):
         )
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Data formats and templates
 
 FORMATS = [
@@ -292,7 +304,7 @@ def test_template_mask_boundary(template, tmp_path):
     for b, (ex, (ids, n_prompt)) in enumerate(zip(examples, seqs)):
         # the prompt's ids are the code's own here (this test is about where the mask starts and
         # ends); that they
-        # are the template's text is test_templates' (transformers' apply_chat_template on the jinja
+        # are the template's text is test_data.py's (transformers' apply_chat_template on the jinja
         # equivalent)
         prompt = tpl.prompt_ids(ex["messages"])
         response = tok.encode(ex["response"], add_special_tokens=False).ids
@@ -371,7 +383,7 @@ def test_chat_template_trains_through_the_cli(tmp_path, capsys):
     check_run_dir(out, 2, "mass")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Bad data: one line naming file:line, exit 2, no traceback
 
 GOOD = json.dumps(FORMATS[0])
@@ -414,8 +426,7 @@ def test_bad_data_lines(env, tmp_path, capsys, case, which):
 
 def test_cli_with_eval_data_and_transformers_loads_the_result(env, processes):
     """A real process (started by `processes`): exit 0, the table with base and the rule, and a
-    checkpoint
-    that transformers loads and that gives our logits."""
+    checkpoint that transformers loads and that gives our logits."""
     import transformers
 
     out = env["root"] / "cli-mass"
@@ -449,3 +460,103 @@ def test_cli_with_eval_data_and_transformers_loads_the_result(env, processes):
         base = GPT.from_pretrained(env["ckpt"])(idx)
     torch.testing.assert_close(hf, ours, rtol=0, atol=1e-4)
     assert (ours - base).abs().max() > 1e-3  # it is the trained model
+
+
+# --------------------------------------------------------------------------------------------------
+# Runtime dependencies: nothing beyond requirements.txt (was test_runtime_deps.py)
+
+RUNNER = helpers.ROOT / "tests" / "tools" / "runtime_only.py"
+
+
+def run_runtime_only(args, tmp_path):
+    env = {**os.environ, "PRIFT_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": ""}
+    r = subprocess.run(
+        [sys.executable, str(RUNNER), str(helpers.ROOT / "prift.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    output = r.stdout + r.stderr
+    assert r.returncode == 0, output[-3000:]
+    assert "Traceback" not in output and "Warning" not in output, output[-3000:]
+    return r
+
+
+def test_the_refusal_is_real(tmp_path):
+    """The runner refuses what requirements.txt does not install (transformers, pytest) and lets the
+    rest in.
+    """
+    allowed = runtime_only.allowed_modules()
+    assert {
+        "torch",
+        "safetensors",
+        "tokenizers",
+        "tqdm",
+        "jinja2",
+        "numpy",
+    } <= allowed  # numpy: saving needs it
+    assert not {"transformers", "pytest", "_pytest"} & allowed
+    script = tmp_path / "imports.py"
+    script.write_text("import safetensors.torch\nimport transformers\n")
+    r = subprocess.run([sys.executable, str(RUNNER), str(script)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "No module named 'transformers'" in r.stderr
+
+
+def test_demo_and_a_saving_fine_tune_need_only_requirements_txt(tmp_path):
+    # the built-in demo, shortened: pretraining, the prior, fine-tuning, evaluation, saving
+    r = run_runtime_only(
+        [
+            "--rule",
+            "mass",
+            "--demo-pretrain-steps",
+            3,
+            "--epochs",
+            1,
+            "--eval-problems",
+            2,
+            "--max-new-tokens",
+            6,
+            "--out",
+            tmp_path / "demo",
+        ],
+        tmp_path,
+    )
+    assert "| mass |" in r.stdout
+    # a checkpoint and data of one's own, with a mid-run checkpoint and held-out evaluation
+    ckpt, train = (
+        helpers.make_checkpoint(tmp_path / "ckpt"),
+        helpers.make_data(tmp_path / "train.jsonl"),
+    )
+    run_runtime_only(
+        [
+            "--rule",
+            "mass",
+            "--model",
+            ckpt,
+            "--data",
+            train,
+            "--eval-data",
+            train,
+            "--batch-size",
+            8,
+            "--micro-batch",
+            4,
+            "--max-steps",
+            2,
+            "--save-every",
+            1,
+            "--eval-samples",
+            2,
+            "--max-new-tokens",
+            4,
+            "--out",
+            tmp_path / "run",
+        ],
+        tmp_path,
+    )
+    assert (tmp_path / "run" / "model.safetensors").exists() and (
+        tmp_path / "run" / "checkpoints" / "latest"
+    ).exists()

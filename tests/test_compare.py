@@ -1,5 +1,5 @@
 """ports/compare.py on prift.py against ports/trl_prift.py, trained on a checkpoint with the traps
-of a real instruct one (conftest.make_chat_checkpoint: its pad id is the end token, trained and in
+of a real instruct one (helpers.make_chat_checkpoint: its pad id is the end token, trained and in
 every prompt; tied embeddings, GQA), in prift's data order by in_prift_order: a match on one process
 and on two. On deliberately wrong ports it names the difference: no world factor on two processes
 (the loss and the gradient norm), and a model whose embedding has no padding_idx where prift's has
@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_chat_checkpoint
+from helpers import ROOT, make_chat_checkpoint, make_data, read_metrics
 from test_port import BATCH, LR, MICRO, SEED, STEPS
-from tiny import ROOT, make_data
 
 sys.path.insert(0, str(ROOT / "ports"))
 import compare  # noqa: E402
@@ -208,7 +207,7 @@ def test_row_is_the_index_in_the_data_counting_dropped_examples(work, tmp_path):
 def test_a_log_over_several_steps_is_compared_with_prifts_mean(work, tmp_path, capsys):
     """logging_steps=3: Trainer logs the mean loss of the three steps and the last one's gradient
     norm; compare.py compares them with prift's mean and last, and sees a loss off by 1e-5."""
-    rows = [json.loads(r) for r in (work / "prift" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(work / "prift")
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("loss", "kept")}
     other = tmp_path / "every-3"
     other.mkdir()

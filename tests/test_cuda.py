@@ -6,20 +6,27 @@
 families in bfloat16 against transformers' in bfloat16; the precomputed and the inline prior over 5
 steps of training; activation checkpointing against none under bfloat16 autocast; FSDP2 with
 bfloat16 gathers under torchrun (NCCL); batched generation against transformers' generate; the
-memory plan against torch.cuda.max_memory_allocated; and
-bench.py and bench_generate.py on the GPU. Written without a GPU to run them on: the tolerances are
-bfloat16's."""
+memory plan against torch.cuda.max_memory_allocated; and bench.py and bench_generate.py on the GPU.
+Written without a GPU to run them on: the tolerances are bfloat16's."""
 
-import json
 import re
 import subprocess
 import sys
 
+import helpers
 import pytest
-import tiny
 import torch
-from conftest import FAMILIES, VOCAB, load_hf, make_hf_checkpoint
-from tiny import ROOT, make_checkpoint, make_data, run_cli
+from helpers import (
+    FAMILIES,
+    ROOT,
+    VOCAB,
+    load_hf,
+    make_checkpoint,
+    make_data,
+    make_hf_checkpoint,
+    read_metrics,
+    run_cli,
+)
 
 import data
 import prift
@@ -39,8 +46,8 @@ def max_error(a, b):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_logits_match_transformers(tmp_path, family, idx):
     """Our bfloat16 logits are as close to the float32 ones as transformers' bfloat16 logits are
-    (both on the GPU),
-    with bfloat16 weights, and with float32 weights under autocast (how prift trains)."""
+    (both on the GPU), with bfloat16 weights, and with float32 weights under autocast (how prift
+    trains)."""
     path = make_hf_checkpoint(tmp_path, family)
     idx = idx.to(CUDA)
     with torch.no_grad():
@@ -59,10 +66,6 @@ def work(tmp_path_factory):
     make_checkpoint(d / "model", hidden=64, layers=2)
     make_data(d / "train.jsonl", n=40)
     return d
-
-
-def metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def cli(work, name, *args, torchrun=0):
@@ -102,22 +105,21 @@ def cli(work, name, *args, torchrun=0):
         timeout=300,
     )
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
-    return r.stdout, metrics(work / name)
+    return r.stdout, read_metrics(work / name)
 
 
 def test_precomputed_and_inline_prior(work):
     """5 steps of mass with each prior, bfloat16 autocast: the reference's p and u per token agree
-    to bfloat16's
-    precision; the 0/1 weights agree wherever u is not within that of tau; the runs' losses
-    agree."""
-    args = tiny.settings(prift_cli.parse_args(["--rule", "mass"])[1])
+    to bfloat16's precision; the 0/1 weights agree wherever u is not within that of tau; the runs'
+    losses agree."""
+    args = helpers.settings(prift_cli.parse_args(["--rule", "mass"])[1])
     args.__dict__.update(
         ref=str(work / "model"), cache=str(work / "cache"), precision="bf16", micro_batch=4
     )
     seqs, _ = data.Template.load(work / "model", "auto").encode(
         data.read_jsonl(work / "train.jsonl"), 128
     )
-    prior, ref = tiny.compute_prior(args, seqs, CUDA), tiny.load_reference(args, CUDA)
+    prior, ref = helpers.compute_prior(args, seqs, CUDA), helpers.load_reference(args, CUDA)
     flips = border = total = 0
     for step in range(5):
         idx = prift.batch_order(len(seqs), 8, step, 0)
@@ -142,9 +144,8 @@ def test_precomputed_and_inline_prior(work):
 
 def test_grad_checkpoint_under_autocast(work):
     """One step's loss and gradient with each block recomputed in backward, against keeping its
-    activations:
-    the forward is the same computation (the loss equal to float32 rounding), the gradient equal to
-    bfloat16's."""
+    activations: the forward is the same computation (the loss equal to float32 rounding), the
+    gradient equal to bfloat16's."""
     seqs, _ = data.Template.load(work / "model", "auto").encode(
         data.read_jsonl(work / "train.jsonl"), 128
     )
@@ -168,9 +169,8 @@ def test_grad_checkpoint_under_autocast(work):
 
 def test_fsdp_bf16_gathers_under_torchrun(work):
     """prift.py under torchrun with --fsdp (NCCL, bfloat16 gathers, checkpointing on by default) on
-    up to 2 GPUs:
-    5 steps whose losses follow the single-process run's within bfloat16's precision; the plan is
-    printed first."""
+    up to 2 GPUs: 5 steps whose losses follow the single-process run's within bfloat16's precision;
+    the plan is printed first."""
     n = min(2, torch.cuda.device_count())
     out, rows_f = cli(work, "fsdp", "--rule", "sft", "--fsdp", torchrun=n)
     assert out.startswith("memory plan per GPU") and ("FSDP2" in out or n == 1), out
@@ -182,8 +182,7 @@ def test_fsdp_bf16_gathers_under_torchrun(work):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generation_matches_transformers(tmp_path, family):
     """Greedy tokens of prompts of mixed lengths in one left-padded batch, float32 on the GPU,
-    against
-    transformers' generate of each prompt alone."""
+    against transformers' generate of each prompt alone."""
     path = make_hf_checkpoint(tmp_path, family)
     ours, hf = GPT.from_pretrained(path, device=CUDA).eval(), load_hf(path).to(CUDA)
     eos = ours.config.eos_token_id
@@ -219,8 +218,7 @@ def bench(*args):
 
 def test_memory_plan_against_measured_peak():
     """bench.py --only memory on the GPU: the plan within 20% of torch.cuda.max_memory_allocated,
-    with and without
-    checkpointing (the table is printed, for the README)."""
+    with and without checkpointing (the table is printed, for the README)."""
     out = bench("-m", "infra.bench", "--only", "memory")
     ratios = [
         float(x)

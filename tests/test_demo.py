@@ -1,4 +1,5 @@
-"""The built-in demo: its data generator, the weight display, and a shortened run through the CLI."""
+"""The built-in demo: its data generator, the weight display, and a shortened run through the
+CLI."""
 
 import ast
 import contextlib
@@ -6,7 +7,7 @@ import io
 import json
 import re
 
-import tiny
+import helpers
 import torch
 
 import data
@@ -45,7 +46,7 @@ def test_answers_are_right_and_noise_is_exactly_where_it_says():
 
 
 def test_weight_display_marks_exactly_the_zero_weight_tokens(tmp_path):
-    ckpt = tiny.make_checkpoint(tmp_path / "ckpt")
+    ckpt = helpers.make_checkpoint(tmp_path / "ckpt")
     template = data.Template.load(ckpt, "plain")
     tok = template.tok
     row = demo.task(10, 3, noise_frac=1.0)[0]
@@ -72,7 +73,7 @@ def test_weight_display_marks_exactly_the_zero_weight_tokens(tmp_path):
 
 def test_shortened_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "out"
-    r = tiny.run_cli(
+    r = helpers.run_cli(
         [
             "--rule",
             "mass",
@@ -102,6 +103,6 @@ def test_shortened_demo_runs_end_to_end(tmp_path):
     assert (out / "results.md").read_text().strip() in r.stdout
     runs = json.loads((out / "results.json").read_text())
     assert [x["rule"] for x in runs] == ["mass"] and 0 <= runs[0]["task greedy"] <= 100
-    assert len(tiny.read_metrics(out)) == 13  # 200 demonstrations / 16, one epoch
-    tiny.assert_some_kept(tiny.read_metrics(out))  # mass: some tokens kept, some not
+    assert len(helpers.read_metrics(out)) == 13  # 200 demonstrations / 16, one epoch
+    helpers.assert_some_kept(helpers.read_metrics(out))  # mass: some tokens kept, some not
     assert (out / "config.json").exists() and (out / "demo-data" / "train.jsonl").exists()

@@ -5,21 +5,19 @@ process; only rank 0 writes.
 
 The data has 17 examples and --batch-size 8 --micro-batch 2, so one epoch is 3 optimizer steps: two
 full batches, where each rank accumulates 2 micro-batches of its 4 examples, and a last batch of one
-example,
-where rank 1 has nothing of its own and must still take part in every collective."""
+example, where rank 1 has nothing of its own and must still take part in every collective."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 
+import helpers
 import pytest
-import tiny
 import torch
 import torch.distributed as dist
+from helpers import ROOT, read_metrics
 from safetensors.torch import load_file
-from tiny import ROOT
 
 from infra import cli
 
@@ -54,16 +52,16 @@ except ImportError:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
-    tiny.make_checkpoint(d / "tied", tie=True)
-    tiny.make_checkpoint(d / "untied", tie=False)
-    tiny.make_data(d / "train.jsonl", n=17)
+    helpers.make_checkpoint(d / "tied", tie=True)
+    helpers.make_checkpoint(d / "untied", tie=False)
+    helpers.make_data(d / "train.jsonl", n=17)
     return d
 
 
 def prift(work, nproc, *args):
     """prift.py ARGS in `work`: as one plain process, or under torchrun with `nproc` processes
-    (--standalone
-    picks a free port). One intra-op thread per process: the machine may have 2 cores."""
+    (--standalone picks a free port). One intra-op thread per process: the machine may have 2 cores.
+    """
     launch = (
         []
         if nproc == 1
@@ -105,7 +103,7 @@ def train(work, name, nproc, model, rule, *extra):
         *TRAIN,
         *extra,
     )
-    rows = [json.loads(l) for l in (work / name / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(work / name)
     return r.stdout.splitlines(), rows, load_file(work / name / "model.safetensors")
 
 
@@ -175,9 +173,8 @@ def test_ddp_matches_one_process(work, model, rule):
 def test_fsdp_matches_one_process(work, model, rule, extra):
     """FSDP2 with 2 processes (gloo, CPU) = 1 process. mass runs the frozen reference inline,
     sharded the same way, against the 1-process run with the precomputed prior. The sft run also
-    saves a checkpoint at step 2,
-    with the model and the optimizer state gathered whole from both ranks: one process resumes from
-    it."""
+    saves a checkpoint at step 2, with the model and the optimizer state gathered whole from both
+    ranks: one process resumes from it."""
     want = one_process(work, model, rule)
     name = f"fsdp-{rule}-{model}"
     got = train(work, name, 2, model, rule, "--fsdp", *extra)
@@ -200,15 +197,14 @@ def test_fsdp_matches_one_process(work, model, rule, extra):
     assert err <= ATOL, f"resumed from the FSDP2 checkpoint, the final weights differ by {err:.3g}"
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # In this process, as a process group of one (gloo): what the runs above cannot see from outside
 
 
 @pytest.fixture
 def group_of_one(tmp_path, monkeypatch):
     """A gloo process group of this process alone; afterwards, the group is gone and the signal
-    handlers that
-    train() installs are put back."""
+    handlers that train() installs are put back."""
     sys.path.insert(0, str(ROOT))
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     dist.init_process_group(
@@ -223,7 +219,8 @@ def group_of_one(tmp_path, monkeypatch):
 
 
 def in_process(work, tmp_path, *argv):
-    """(args, seqs) as prift.py's main() makes them for the tied checkpoint and the training data."""
+    """(args, seqs) as prift.py's main() makes them for the tied checkpoint and the training
+    data."""
     import data
 
     ckpt = work / "tied"
@@ -249,8 +246,7 @@ def in_process(work, tmp_path, *argv):
 
 def test_ddp_all_reduces_once_per_step(work, tmp_path, monkeypatch, group_of_one):
     """DDP all-reduces its gradient buckets (counted with a communication hook) as often with 4
-    micro-batches
-    per step as with 1: only on the last micro-batch."""
+    micro-batches per step as with 1: only on the last micro-batch."""
     import prift
     from model import GPT
 
@@ -272,7 +268,7 @@ def test_ddp_all_reduces_once_per_step(work, tmp_path, monkeypatch, group_of_one
 
         monkeypatch.setattr(prift, "wrap_distributed", spy)
         args, seqs = in_process(work, tmp_path, "--rule", "sft", "--micro-batch", micro_batch)
-        tiny.train(args, GPT.from_pretrained(work / "tied"), seqs)
+        helpers.train(args, GPT.from_pretrained(work / "tied"), seqs)
         return calls
 
     once = all_reduces(8)
@@ -284,8 +280,7 @@ def test_fsdp_in_one_process(work, tmp_path, monkeypatch, group_of_one):
     """FSDP2 is never told to skip the reduce-scatter of a micro-batch (that would keep the gradient
     whole on every GPU until the step's last micro-batch); the inline reference is sharded like the
     model; a checkpoint of step 1 (model and optimizer gathered whole) loads back into the sharded
-    model and optimizer and gives the final
-    weights of the run that was not interrupted."""
+    model and optimizer and gives the final weights of the run that was not interrupted."""
     from torch.distributed.tensor import DTensor
 
     import prift
@@ -320,8 +315,8 @@ def test_fsdp_in_one_process(work, tmp_path, monkeypatch, group_of_one):
     )
     out = tmp_path / "out"
     out.mkdir()
-    model, ref = GPT.from_pretrained(work / "tied"), tiny.load_reference(args, "cpu")
-    tiny.train(args, model, seqs, ref=ref, out=out)
+    model, ref = GPT.from_pretrained(work / "tied"), helpers.load_reference(args, "cpu")
+    helpers.train(args, model, seqs, ref=ref, out=out)
     assert False not in calls, calls
     blocks = [p for layer in ref.model.layers for p in layer.parameters()]
     assert blocks and all(isinstance(p, DTensor) for p in blocks), (
@@ -332,11 +327,11 @@ def test_fsdp_in_one_process(work, tmp_path, monkeypatch, group_of_one):
     ckpt = out / "checkpoints" / "latest"
     assert ckpt.resolve().name == "step-0000001"
     again = GPT.from_pretrained(ckpt)
-    tiny.train(
+    helpers.train(
         args,
         again,
         seqs,
-        ref=tiny.load_reference(args, "cpu"),
+        ref=helpers.load_reference(args, "cpu"),
         out=out,
         start=torch.load(ckpt / "trainer.pt", weights_only=True),
     )

@@ -12,7 +12,14 @@ import sys
 
 import numpy as np
 import pytest
-from tiny import ROOT, Work, main_rc, make_checkpoint, make_data, one_error_line, read_metrics
+from helpers import (
+    ROOT,
+    Work,
+    main_rc,
+    one_error_line,
+    read_metrics,
+    trained_inputs,
+)
 
 import prift
 from infra import logs
@@ -23,8 +30,7 @@ KEYS = ("loss", "ce", "kept", "grad_norm", "lr", "tokens", "skipped")
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_checkpoint(root / "ck", pretrain_steps=20), make_data(root / "train.jsonl", n=24)
+    return trained_inputs(tmp_path_factory)
 
 
 @pytest.fixture

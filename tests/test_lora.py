@@ -3,15 +3,25 @@
 merges into a full checkpoint with the same logits, and resumes bit-identically."""
 
 import json
-import os
 import signal
 
+import helpers
 import pytest
-import tiny
 import torch
-from conftest import make_hf_checkpoint, write_tokenizer
+from helpers import (
+    Work,
+    assert_some_kept,
+    main_rc,
+    make_checkpoint,
+    make_data,
+    make_hf_checkpoint,
+    one_error_line,
+    read_metrics,
+    run_interrupted,
+    trained_inputs,
+    write_tokenizer,
+)
 from safetensors.torch import load_file
-from tiny import Work, assert_some_kept, main_rc, make_checkpoint, make_data, one_error_line
 
 import data
 import prift
@@ -25,8 +35,7 @@ LORA = ["--lora", "4"]
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_checkpoint(root / "ck", pretrain_steps=20), make_data(root / "train.jsonl", n=24)
+    return trained_inputs(tmp_path_factory)
 
 
 @pytest.fixture
@@ -141,7 +150,7 @@ def test_every_rule_trains_the_adapters_alone(rule, w):
     assert merged.keys() == base.keys()
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged[q], base[q])  # the update is in the merged weights
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert len(rows) == 2 and all(r["grad_norm"] > 0 for r in rows)
     if rule in ("mass", "profit"):
         assert_some_kept(rows)
@@ -165,7 +174,7 @@ def test_inline_reference_is_the_base_and_equals_the_prior(rule, w, tmp_path):
     the two runs train alike, step by step."""
     args = targs(w, rule, max_steps=3)
     seqs = data.Template.load(args.model, "auto").encode(data.read_jsonl(w.data, "response"), 64)[0]
-    prior = tiny.compute_prior(args, seqs, torch.device("cpu"))
+    prior = helpers.compute_prior(args, seqs, torch.device("cpu"))
     model = randomize_adapters_(lora.attach(GPT.from_pretrained(w.ck), 4, None, 0.0, "q_proj"))
     ref = lora.reference(model, args.ref, args.model, lambda: pytest.fail("loaded a second model"))
     assert isinstance(ref, lora.BaseOf)
@@ -183,8 +192,8 @@ def test_inline_reference_is_the_base_and_equals_the_prior(rule, w, tmp_path):
         out = tmp_path / mode
         out.mkdir()
         source = dict(prior=prior) if mode == "precompute" else dict(ref=lora.BaseOf(model))
-        tiny.train(args, model, seqs, out=out, **source)
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        helpers.train(args, model, seqs, out=out, **source)
+        rows = read_metrics(out)
         runs[mode] = rows, model.state_dict()
     (rows_p, sd_p), (rows_i, sd_i) = runs["precompute"], runs["inline"]
     for a, b in zip(rows_p, rows_i, strict=True):
@@ -192,21 +201,6 @@ def test_inline_reference_is_the_base_and_equals_the_prior(rule, w, tmp_path):
             assert a[k] == pytest.approx(b[k], rel=1e-5), (k, a, b)
     for k in sd_p:
         torch.testing.assert_close(sd_p[k], sd_i[k], rtol=1e-5, atol=1e-6)
-
-
-def run_interrupted(w, argv, at_step, monkeypatch):
-    """infra.cli.main(argv) with SIGTERM sent to this process during step `at_step` (1-based)."""
-    get_lr = prift.get_lr
-
-    def hook(step, *a, **k):
-        if step == at_step - 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return get_lr(step, *a, **k)
-
-    monkeypatch.setattr(prift, "get_lr", hook)
-    rc = main_rc(argv)
-    monkeypatch.setattr(prift, "get_lr", get_lr)
-    return rc
 
 
 @pytest.mark.parametrize("extra", [["--prior", "inline", "--lora-dropout", "0.1"], []])
@@ -252,7 +246,7 @@ def lora_run(work, name, nproc, *extra):
         *("--model", "untied", "--data", "train.jsonl", "--rule", "mass", "--out", name),
         *("--cache", f"cache-{name}", *td.TRAIN, "--lr", "1e-2", *LORA, *extra),
     )
-    rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(work / name)
     return rows, load_file(work / name / "adapter_model.safetensors")
 
 
@@ -343,7 +337,7 @@ def test_plan_and_report_say_lora(w):
     import subprocess
     import sys
 
-    from tiny import ROOT
+    from helpers import ROOT
 
     r = subprocess.run(
         [sys.executable, str(ROOT / "prift.py"), *w.argv("--plan", *LORA, "--prior", "inline")],
@@ -370,7 +364,7 @@ def test_trl_port_with_peft_equals_prift_lora(tmp_path):
 
     import datasets
     import peft
-    from tiny import ROOT
+    from helpers import ROOT
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig
 
@@ -427,7 +421,7 @@ def test_trl_port_with_peft_equals_prift_lora(tmp_path):
     trainer.optimizer, trainer.lr_scheduler = prift_optimizer(trainer.model, lr, steps)
     trainer.train()
 
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run)
     grad_norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     assert grad_norms == pytest.approx([r["grad_norm"] for r in rows], rel=1e-5)
     ours = load_file(run / "adapter_model.safetensors")

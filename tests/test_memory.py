@@ -5,8 +5,7 @@ bfloat16 gathers (the CUDA policy, run here on the CPU) give the gradient of bfl
 with float32 master weights; --plan.
 
 The two-process checks run in one torchrun launch of this file as a script (worker() below), to
-start the
-interpreters once."""
+start the interpreters once."""
 
 import contextlib
 import json
@@ -15,8 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
-import tiny
 import torch
 import torch.distributed as dist
 
@@ -72,8 +71,7 @@ def tiny_config(family, layers=3):
 
 def saved_bytes(model, T, mode):
     """Bytes of the distinct storages autograd saves for backward in a forward pass over T tokens
-    (the final
-    hidden states, as the training loop asks), the parameters not counted."""
+    (the final hidden states, as the training loop asks), the parameters not counted."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
@@ -95,8 +93,8 @@ def saved_bytes(model, T, mode):
 def test_activations_are_what_autograd_saves(family, mode):
     """The plan's bytes per token (3 blocks and the rest) equal autograd's own: the difference
     between 256 and 128 tokens of what its saved-tensor hooks see (so that constant terms, such as
-    autocast's cast weights, drop
-    out). 'bf16' is what FSDP2's bfloat16 gathers and --match-authors compute with."""
+    autocast's cast weights, drop out). 'bf16' is what FSDP2's bfloat16 gathers and --match-authors
+    compute with."""
     cfg = tiny_config(family)
     model = GPT(cfg)
     if mode == "bf16":
@@ -110,7 +108,7 @@ def test_parameter_count_matches_transformers():
     own.
     """
     import transformers
-    from conftest import hf_config
+    from helpers import hf_config
 
     for family in FAMILIES:
         for tied in (False, True):
@@ -121,7 +119,7 @@ def test_parameter_count_matches_transformers():
             assert memory.count_params(cfg)[0] == hf.num_parameters()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Activation checkpointing changes nothing but memory and time
 
 
@@ -147,8 +145,7 @@ def in_process_args(work, *extra):
 
 def train_rows(work, *extra):
     """(metrics rows, final weights, block forwards run) of 2 steps of prift.train in this process.
-    Under FSDP2
-    the weights are gathered on rank 0; other ranks get none."""
+    Under FSDP2 the weights are gathered on rank 0; other ranks get none."""
     from infra import checkpoint, distributed
 
     args, seqs = in_process_args(work, *extra)
@@ -157,7 +154,7 @@ def train_rows(work, *extra):
     M.Block.body = lambda self, *a: (calls.append(1), body(self, *a))[1]
     try:
         model = GPT.from_pretrained(args.model)
-        tiny.train(args, model, seqs)
+        helpers.train(args, model, seqs)
         weights = (
             distributed.full_state_dict(model) if distributed.is_fsdp(model) else model.state_dict()
         )
@@ -173,15 +170,14 @@ def max_difference(a, b):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("memory")
-    tiny.make_checkpoint(d / "tied", tie=True)
-    tiny.make_data(d / "train.jsonl", n=17)
+    helpers.make_checkpoint(d / "tied", tie=True)
+    helpers.make_data(d / "train.jsonl", n=17)
     return d
 
 
 def test_grad_checkpoint_equal_in_one_process(work):
     """mass and sft, float32, 2 steps of 4 micro-batches: the same losses and weights within 1e-6,
-    and every block
-    ran twice per micro-batch (recomputed in backward)."""
+    and every block ran twice per micro-batch (recomputed in backward)."""
     for rule in ("sft", "dft"):
         rows, weights, calls = train_rows(work, "--rule", rule, "--no-grad-checkpoint")
         rows_c, weights_c, calls_c = train_rows(work, "--rule", rule, "--grad-checkpoint")
@@ -197,9 +193,8 @@ def test_two_processes(work, tmp_path):
     """torchrun, 2 gloo processes: checkpointing under DDP and under FSDP2 gives the losses and
     weights of the same run without it (1e-6); under FSDP2 each rank holds only its shard of the
     gradient after every micro-batch, as the plan counts; FSDP2 with the CUDA policy gathers
-    bfloat16 blocks and its float32 gradient is the
-    float32 sum of the bfloat16 gradients that bfloat16 copies of the weights give on each rank's
-    micro-batch."""
+    bfloat16 blocks and its float32 gradient is the float32 sum of the bfloat16 gradients that
+    bfloat16 copies of the weights give on each rank's micro-batch."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("this torch build has no torch.distributed with the gloo backend")
     out = tmp_path / "results.json"
@@ -298,8 +293,8 @@ def worker(work, out):
 
     def grads(model, wrapped, ranks):
         """The float32 sum over `ranks` of the gradient of each one's half of the global batch's
-        loss, computed
-        as the training loop does (each rank's own .grad, so that no sum is taken in bfloat16)."""
+        loss, computed as the training loop does (each rank's own .grad, so that no sum is taken in
+        bfloat16)."""
         total, dtypes = {}, set()
         for r in ranks:
             x, y, m = data.collate(batch[4 * r : 4 * r + 4])
@@ -344,20 +339,20 @@ def worker(work, out):
     distributed.shutdown()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # --plan
 
 
 def test_plan_alone_loads_no_weights(work, tmp_path):
     """--plan prints every part and the three cards, exits 0 and writes nothing; it reads
-    config.json only (the
-    weights file here is not a safetensors file at all). Without --model: one line, exit code 2."""
+    config.json only (the weights file here is not a safetensors file at all). Without --model: one
+    line, exit code 2."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text((work / "tied" / "config.json").read_text())
     (ckpt / "model.safetensors").write_text("not weights")
     out = tmp_path / "out"
-    r = tiny.run_cli(
+    r = helpers.run_cli(
         [
             "--plan",
             "--model",
@@ -382,15 +377,14 @@ def test_plan_alone_loads_no_weights(work, tmp_path):
     ):
         assert part in r.stdout, r.stdout
     assert "micro-batch 2 x 2,048 tokens" in r.stdout and not out.exists()
-    r = tiny.run_cli(["--plan"])
+    r = helpers.run_cli(["--plan"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--plan needs --model" in r.stderr
 
 
 def test_plan_says_which_switch_fits():
     """Qwen2.5-Math-7B's shape (config.json only) at the paper's 4 x 2,048 tokens on one GPU: too
     big for 80 GB; checkpointing does not fix weights and AdamW's 16 bytes per parameter, FSDP2 over
-    enough GPUs does; and the
-    activations without checkpointing outweigh those with it."""
+    enough GPUs does; and the activations without checkpointing outweigh those with it."""
     cfg = Config.from_dict(
         dict(
             model_type="qwen2",

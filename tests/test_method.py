@@ -1,18 +1,17 @@
 """The method itself: the weights of every rule (analytic cases, ties, thresholds, signal swaps),
 that no gradient flows through a weight, the chunked loss against a plain computation, the
-normalisation by all
-response tokens, gradient accumulation, the frozen reference, and the reference vectors for
-porters."""
+normalisation by all response tokens, gradient accumulation, the frozen reference, and the reference
+vectors for porters."""
 
 import functools
 import json
 import math
 
+import helpers
 import make_reference_vectors as refvec
 import pytest
-import tiny
 import torch
-from tiny import assert_some_kept, make_checkpoint, make_data, read_metrics
+from helpers import assert_some_kept, make_checkpoint, make_data, read_metrics
 
 import data
 import prift
@@ -24,8 +23,8 @@ RULES = ["sft", "dft", "prob", "mass", "profit"]
 
 def stats(probs, target):
     """(p, u) of one target from a list of probabilities, in float64, straight from the definition:
-    p = q(y), and
-    u = q(y) plus the mass of every token strictly less likely than y (ties with y not counted)."""
+    p = q(y), and u = q(y) plus the mass of every token strictly less likely than y (ties with y not
+    counted)."""
     q = probs[target]
     return q, sum(x for x in probs if x < q) + q
 
@@ -45,7 +44,7 @@ def weights(rule, probs_rows, targets, threshold=None, signal=None):
     return prift.token_weights(rule, y, lg, lg, threshold=threshold, signal=signal)[0]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The weights: analytic cases
 
 
@@ -92,9 +91,8 @@ def test_mass_score_by_hand(probs, target):
     assert weights("mass", [probs], [target], signal="prior").item() == float(u_hand >= 0.5)
     assert weights("mass", [probs], [target], signal="online").item() == float(u_hand >= 0.5)
     assert weights("prob", [probs], [target]).item() == pytest.approx(p_hand, abs=1e-6)
-    if (
-        abs(p_hand - 0.1) > 1e-4
-    ):  # p = 0.1 exactly is 0.1 only up to float32 rounding; see the threshold test
+    # p = 0.1 exactly is 0.1 only up to float32 rounding; see the threshold test
+    if abs(p_hand - 0.1) > 1e-4:
         assert weights("profit", [probs], [target]).item() == float(p_hand >= 0.1)
 
 
@@ -153,9 +151,8 @@ def test_thresholds_on_both_sides(signal):
 
 def test_signal_swaps():
     """Which logits each rule reads. The oracle is token_weights itself with the logits swapped: the
-    values of
-    each rule's weight are checked by hand above; this test is only about the source of the
-    signal."""
+    values of each rule's weight are checked by hand above; this test is only about the source of
+    the signal."""
     g = torch.Generator().manual_seed(1)
     logits, ref = torch.randn(3, 6, 9, generator=g) * 2, torch.randn(3, 6, 9, generator=g) * 2
     y = torch.randint(0, 9, (3, 6), generator=g)
@@ -212,7 +209,7 @@ def test_softmax_in_float32():
     torch.testing.assert_close((p, u), (p32, u32), rtol=0, atol=0)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # No gradient through a weight
 
 
@@ -272,7 +269,7 @@ def test_chunked_loss_gradient_is_weighted_ce(rule):
     torch.testing.assert_close(head.weight.grad, dlogits.T @ h.detach(), rtol=1e-5, atol=1e-6)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The chunked loss equals a plain full computation
 
 
@@ -342,7 +339,7 @@ def test_chunked_loss_equals_plain(rule, chunk):
     torch.testing.assert_close(head.weight.grad, Wp.grad, rtol=1e-6, atol=1e-6 * scale_w)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Training: normalisation, accumulation, the frozen reference (a tiny random checkpoint)
 
 
@@ -369,7 +366,7 @@ def targs(rule, **kw):
             **kw,
         }
     )
-    a = tiny.settings(a)
+    a = helpers.settings(a)
     return a
 
 
@@ -384,9 +381,8 @@ def text_stream():
 
 def uneven_seqs(seed=0):
     """Four examples whose responses have 2, 5, 11 and 23 tokens: micro-batch means weigh them
-    unequally. Pieces
-    of text, so that the pretrained checkpoint predicts some of their tokens well (profit keeps
-    about half)."""
+    unequally. Pieces of text, so that the pretrained checkpoint predicts some of their tokens well
+    (profit keeps about half)."""
     g, stream = torch.Generator().manual_seed(seed), text_stream()
     starts = torch.randint(0, len(stream) - 25, (4,), generator=g).tolist()
     return [
@@ -405,12 +401,13 @@ def train_capturing(args, model, seqs, monkeypatch, **kw):
         return clip(params, max_norm, *a, **k)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
-    state = tiny.train(args, model, seqs, **kw)
+    state = helpers.train(args, model, seqs, **kw)
     return state, grads
 
 
 def prior_of(ref, seqs):
-    """What --prior precompute computes: the reference's (p, u) per response token of each example."""
+    """What --prior precompute computes: the reference's (p, u) per response token of each
+    example."""
     out = []
     for s in seqs:
         x, y, m = data.collate([s])
@@ -420,9 +417,8 @@ def prior_of(ref, seqs):
 
 def full_batch_loss(model, seqs, rule, ref=None, denominator="tokens"):
     """The loss over the whole batch, computed plainly: sum(w * CE * m) / sum(m), where m marks
-    every response
-    token (also those weighted 0), CE is the model's cross-entropy and w the rule's detached
-    weight."""
+    every response token (also those weighted 0), CE is the model's cross-entropy and w the rule's
+    detached weight."""
     x, y, m = data.collate(seqs)
     logits = model(x)
     ref_logits = ref(x).detach() if ref is not None else None
@@ -463,8 +459,7 @@ def test_loss_is_normalised_by_all_response_tokens(ckpt, tmp_path, monkeypatch, 
 @pytest.mark.parametrize("rule", ["sft", "dft", "prob", "mass", "profit"])
 def test_prift_loss_is_what_the_training_loop_computes(ckpt, tmp_path, monkeypatch, rule):
     """prift_loss, the function a porter copies, called on each of two micro-batches with the whole
-    batch's
-    response-token count: the same loss and the same gradient as the training loop's chunked
+    batch's response-token count: the same loss and the same gradient as the training loop's chunked
     loss."""
     model, ref = GPT.from_pretrained(ckpt), GPT.from_pretrained(ckpt).requires_grad_(False)
     seqs = uneven_seqs(seed=3)
@@ -512,9 +507,8 @@ def test_gradient_accumulation_matches_full_batch(ckpt, monkeypatch, rule):
     (g1, p1), (g4, p4) = runs[1], runs[4]
     for a, b in zip(g1, g4):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # float32 sums in another order
-    for a, b in zip(
-        p1, p4
-    ):  # AdamW's first step is lr g / (|g| + 1e-8): float32 noise in a tiny g shows more
+    # AdamW's first step is lr g / (|g| + 1e-8): float32 noise in a tiny g shows more
+    for a, b in zip(p1, p4):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(p1, base.parameters())), (
         "the step changed nothing"
@@ -542,7 +536,7 @@ def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch)
     seqs, _ = data.Template.load(ckpt, "plain").encode(rows, 128)
     model, ref = (
         GPT.from_pretrained(ckpt),
-        tiny.load_reference(targs("prob", ref=str(ckpt)), torch.device("cpu")),
+        helpers.load_reference(targs("prob", ref=str(ckpt)), torch.device("cpu")),
     )
     x, y, m = data.collate(seqs)
     with torch.no_grad():
@@ -556,10 +550,10 @@ def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch)
     # through training: the precomputed prior (in a cache), the first step's loss and the updated
     # weights
     args = targs("prob", ref=str(ckpt), cache=str(tmp_path / "cache"))
-    prior = tiny.compute_prior(args, seqs, torch.device("cpu"))
+    prior = helpers.compute_prior(args, seqs, torch.device("cpu"))
     assert [len(p) for p in prior] == [data.n_response_tokens(s) for s in seqs]
     assert any((tmp_path / "cache" / "prior").iterdir())
-    again = tiny.compute_prior(args, seqs, torch.device("cpu"))  # from the cache this time
+    again = helpers.compute_prior(args, seqs, torch.device("cpu"))  # from the cache this time
     torch.testing.assert_close(torch.cat(again), torch.cat(prior), rtol=0, atol=0)
     torch.testing.assert_close(
         torch.cat(prior)[:, 0], prift.token_weights("dft", y, logits)[m], rtol=1e-6, atol=0
@@ -569,7 +563,7 @@ def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch)
         model = GPT.from_pretrained(ckpt)
         out = tmp_path / rule
         out.mkdir()
-        tiny.train(targs(rule), model, seqs, out=out, **kw)
+        helpers.train(targs(rule), model, seqs, out=out, **kw)
         after[rule] = json.loads((out / "metrics.jsonl").read_text()), list(model.parameters())
     assert after["dft"][0]["loss"] == pytest.approx(after["prob"][0]["loss"], rel=1e-6)
     assert after["dft"][0]["grad_norm"] == pytest.approx(after["prob"][0]["grad_norm"], rel=1e-6)
@@ -589,12 +583,12 @@ def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch)
 @pytest.mark.parametrize("rule", ["prob", "mass"])
 def test_inline_reference_stays_frozen(ckpt, tmp_path, rule):
     args = targs(rule, ref=str(ckpt), max_steps=2, batch_size=2, micro_batch=1)
-    ref = tiny.load_reference(args, torch.device("cpu"))
+    ref = helpers.load_reference(args, torch.device("cpu"))
     model = GPT.from_pretrained(ckpt)
     before_ref = {k: v.clone() for k, v in ref.state_dict().items()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seqs = uneven_seqs(seed=2)
-    state = tiny.train(args, model, seqs, ref=ref)
+    state = helpers.train(args, model, seqs, ref=ref)
     assert state["step"] == 2 and state["skipped"] == 0
     assert all(not p.requires_grad and p.grad is None for p in ref.parameters())
     for k, v in ref.state_dict().items():
@@ -604,7 +598,7 @@ def test_inline_reference_stays_frozen(ckpt, tmp_path, rule):
     )
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reference vectors for porters (tests/reference_vectors.json)
 
 
@@ -645,8 +639,7 @@ def test_reference_vectors_match_the_implementation(vectors):
 
 def test_reference_vectors_match_the_definition(vectors):
     """The file agrees with a naive float64 reading of the definitions (sft 1, dft/prob p, profit
-    1[p >= tau],
-    mass 1[u >= tau]; the loss sum(w CE m) / sum(m)), so a porter can trust it."""
+    1[p >= tau], mass 1[u >= tau]; the loss sum(w CE m) / sum(m)), so a porter can trust it."""
     i = vectors["inputs"]
 
     def softmax(row):
@@ -683,7 +676,7 @@ def test_reference_vectors_match_the_definition(vectors):
     assert mass["weights"][0][1] == 0.0
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # --match-authors: the authors' trainer where this one differs on purpose, each part against a hand
 # computation
 
@@ -691,9 +684,8 @@ def test_reference_vectors_match_the_definition(vectors):
 def mean_weighted_ce(hf, examples):
     """From scratch, in float64: sum over the examples' response tokens of w * CE, over their
     number; hf a transformers model (float64) for the logits, w the mass weight 1[u >= 0.5] with u =
-    q(y) plus the mass of the
-    tokens strictly less likely than y, q the same model's probabilities (the reference before any
-    update)."""
+    q(y) plus the mass of the tokens strictly less likely than y, q the same model's probabilities
+    (the reference before any update)."""
     num, den, margins = 0.0, 0, []
     for ids, n_prompt in examples:
         first = max(n_prompt, 1)  # the first response token with a context
@@ -717,8 +709,8 @@ def test_match_authors_sums_micro_batch_means_in_bfloat16(ckpt, tmp_path, monkey
     their sum, clipped as such; (b) weights and AdamW state in bfloat16. The oracle: transformers'
     model of the checkpoint in float64 on the same bfloat16-rounded weights, and the loss written
     out (mean_weighted_ce). prift's gradient, made in bfloat16 arithmetic, agrees to what that
-    allows (a relative 6e-2 of each parameter's gradient, 1e-2 of the
-    whole), and is far from the gradient of the mean over the whole batch (more than 0.3)."""
+    allows (a relative 6e-2 of each parameter's gradient, 1e-2 of the whole), and is far from the
+    gradient of the mean over the whole batch (more than 0.3)."""
     seqs = uneven_seqs(seed=4)
     prior = prior_of(GPT.from_pretrained(ckpt).requires_grad_(False), seqs)
     args = targs("mass", micro_batch=2, match_authors=True, save_every=1, max_steps=2)
@@ -733,7 +725,7 @@ def test_match_authors_sums_micro_batch_means_in_bfloat16(ckpt, tmp_path, monkey
         if k in ("exp_avg", "exp_avg_sq")
     )
 
-    from conftest import load_hf
+    from helpers import load_hf
 
     idx = prift.batch_order(len(seqs), 4, 0, 0, drop_last=True)
     oracle = {}
@@ -742,9 +734,8 @@ def test_match_authors_sums_micro_batch_means_in_bfloat16(ckpt, tmp_path, monkey
         ("mean", (idx,)),
     ):  # the loop's micro-batches; the whole batch
         hf = load_hf(ckpt, torch.float64)
-        with (
-            torch.no_grad()
-        ):  # the weights prift trains: rounded to bfloat16 (the arithmetic stays float64)
+        # the weights prift trains: rounded to bfloat16 (the arithmetic stays float64)
+        with torch.no_grad():
             for p in hf.parameters():
                 p.copy_(p.bfloat16())
         sum(mean_weighted_ce(hf, [seqs[i] for i in mb]) for mb in parts).backward()
@@ -763,14 +754,13 @@ def test_match_authors_sums_micro_batch_means_in_bfloat16(ckpt, tmp_path, monkey
 
 def test_match_authors_warms_up_from_zero_and_drops_the_short_batch(ckpt, tmp_path):
     """(c) the learning rate of step s < n_warmup is lr * s / n_warmup (0 at the first step), and 17
-    examples in
-    batches of 4 make 4 steps an epoch, not 5."""
+    examples in batches of 4 make 4 steps an epoch, not 5."""
     seqs = uneven_seqs() * 4 + uneven_seqs(seed=9)[:1]  # 17 examples
     args = targs(
         "sft", batch_size=4, micro_batch=4, max_steps=None, epochs=3, lr=1e-3, match_authors=True
     )
-    tiny.train(args, GPT.from_pretrained(ckpt), seqs, out=tmp_path)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    helpers.train(args, GPT.from_pretrained(ckpt), seqs, out=tmp_path)
+    rows = read_metrics(tmp_path)
     assert len(rows) == 12 and all(
         r["tokens"]
         == sum(
@@ -795,16 +785,15 @@ def test_match_authors_warms_up_from_zero_and_drops_the_short_batch(ckpt, tmp_pa
     )  # without it
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The optimizer: AdamW (0.9, 0.95), weight decay 0.01, the gradient clipped at norm 1.0
 
 
 def test_two_steps_are_clipped_adamw_by_hand(ckpt, tmp_path, monkeypatch):
     """prift.train's first two updates against a hand-written AdamW in float64: betas (0.9, 0.95),
     eps 1e-8, decoupled weight decay 0.01, after clipping the whole gradient to norm 1.0 (scaled by
-    1 / (norm + 1e-6), as
-    torch's clip does). Two steps, because the first Adam step is lr * g / |g| whatever the betas
-    and the clip."""
+    1 / (norm + 1e-6), as torch's clip does). Two steps, because the first Adam step is lr * g / |g|
+    whatever the betas and the clip."""
     seqs = uneven_seqs(seed=5)
     # both steps at it: with 2 steps the warmup is one step, and the cosine starts at its top
     lr = 1e-2
@@ -836,7 +825,7 @@ def test_two_steps_are_clipped_adamw_by_hand(ckpt, tmp_path, monkeypatch):
         torch.testing.assert_close(got.detach().double(), want, rtol=0, atol=2e-6)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # bfloat16 autocast, the arithmetic of every GPU run, on the CPU
 
 
@@ -844,9 +833,8 @@ def test_two_steps_are_clipped_adamw_by_hand(ckpt, tmp_path, monkeypatch):
 def test_chunked_loss_under_bfloat16_autocast(rule):
     """Under torch.autocast("cpu", bfloat16) the chunks' matrix products run in bfloat16 and the
     softmax in float32. The oracle: the same loss computed plainly in float32 from bfloat16-rounded
-    h and head (and
-    logits rounded to bfloat16, as a bfloat16 product returns them); the gradient to bfloat16's
-    precision."""
+    h and head (and logits rounded to bfloat16, as a bfloat16 product returns them); the gradient to
+    bfloat16's precision."""
     g = torch.Generator().manual_seed(6)
     N, C, V = 37, 16, 50
     h0, W0 = torch.randn(N, C, generator=g), 0.5 * torch.randn(V, C, generator=g)

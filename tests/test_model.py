@@ -1,7 +1,6 @@
 """model.py against transformers as an oracle: logits parity for each family on tiny random
 checkpoints, left-padded rows, the round trip through our save_pretrained, loader errors, and how
-loading allocates.
-Generation is tested in test_generate.py."""
+loading allocates. Generation is tested in test_evaluation.py."""
 
 import json
 import shutil
@@ -9,7 +8,7 @@ import shutil
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, hf_logits, make_hf_checkpoint, write_tokenizer
+from helpers import FAMILIES, hf_logits, make_hf_checkpoint, write_tokenizer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -45,7 +44,7 @@ def tensor_names(path):
     return names
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Parity with transformers
 
 
@@ -100,7 +99,8 @@ def test_bfloat16_checkpoint_loads_as_float32(tmp_path, family, idx):
     ids=["llama-llama3", "qwen2-default"],
 )
 def test_transformers4_config_layout(tmp_path, family, rope, idx):
-    """4.x writes rope_theta and rope_scaling at the top level of config.json, not rope_parameters."""
+    """4.x writes rope_theta and rope_scaling at the top level of config.json, not
+    rope_parameters."""
     path = make_hf_checkpoint(tmp_path, family, rope_parameters=dict(rope))
     ref = hf_logits(path, idx)  # from the 5.x layout, before the rewrite
     cfg = json.loads((path / "config.json").read_text())
@@ -115,7 +115,7 @@ def test_transformers4_config_layout(tmp_path, family, rope, idx):
         assert_close(model(idx), ref)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Our save_pretrained, read back by transformers
 
 
@@ -139,7 +139,7 @@ def test_save_pretrained_round_trip(tmp_path, family, tied, idx):
         assert_close(GPT.from_pretrained(out)(idx), logits)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loader errors
 
 
@@ -215,7 +215,7 @@ def test_error_unexpected_tensor(ckpt):
     assert name in msg and "unexpected" in msg
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loading allocates the weights once
 
 

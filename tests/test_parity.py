@@ -8,7 +8,7 @@ pad row's gradient alone, which the negative check below shows this test detects
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, make_chat_checkpoint
+from helpers import FAMILIES, make_chat_checkpoint
 
 import data
 import prift

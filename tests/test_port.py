@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny import ROOT, make_checkpoint, make_data  # noqa: E402
+from helpers import ROOT, make_checkpoint, make_data  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "ports"))
 import prift  # noqa: E402
@@ -31,9 +31,8 @@ STEPS, BATCH, MICRO, LR, SEED = 3, 8, 2, 1e-3, 0
 
 def run_trl(model_dir, export, out, rule, inline):
     """One TRL run with ports/trl_prift.py, in prift's data order and with its optimizer; returns
-    the trainer and
-    what it saw: each micro-batch's input ids, weights and loss (this rank's share of the step's
-    loss)."""
+    the trainer and what it saw: each micro-batch's input ids, weights and loss (this rank's share
+    of the step's loss)."""
     import datasets
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig
@@ -171,9 +170,8 @@ def assert_same_as_prift(work, rule, seen, weights, world=1):
                     tuple(i for i, m in zip(ids, mask) if m)
                 ]  # the token ids are the export's, unchanged
                 n = len(row["input_ids"])
-                if (
-                    rule == "mass"
-                ):  # the weights are prift's own (tokens.jsonl's `weight`, shifted as trained)
+                # the weights are prift's own (tokens.jsonl's `weight`, shifted as trained)
+                if rule == "mass":
                     assert w[: n - 1] == row["weight"][1:] and not any(w[n - 1 :])
     losses, grad_norms, final = prift_run(work, rule)
     assert max(abs(a - b) for a, b in zip(steps, losses)) <= 1e-6, (steps, losses)
@@ -191,7 +189,7 @@ def assert_same_as_prift(work, rule, seen, weights, world=1):
     )  # within 1e-5, and the training moved the weights far more
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reference vectors for the cases that bite porters, each against a plain float64 computation
 
 
@@ -286,8 +284,7 @@ def test_trl_trainer_equals_prift(work, tmp_path, rule, inline):
 
 def test_trl_trainer_equals_prift_on_two_processes(work, tmp_path):
     """Both the exported prior and the inline reference, under one torchrun with 2 processes (one
-    start: trl
-    takes seconds to import)."""
+    start: trl takes seconds to import)."""
     cmd = [
         sys.executable,
         "-m",
@@ -321,8 +318,7 @@ def test_trl_trainer_equals_prift_on_two_processes(work, tmp_path):
 )
 def test_trl_trainer_refuses_a_lost_prior(work, tmp_path, setting, message):
     """SFTTrainer's defaults drop the prior's columns, or truncate the ids and not them: one clear
-    error, not a
-    silent training without the prior."""
+    error, not a silent training without the prior."""
     import datasets
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig
@@ -372,8 +368,7 @@ def test_the_readme_snippet_runs(work, tmp_path, monkeypatch):
 
 def test_the_readme_prift_loss_snippet_runs(work):
     """README's block for any other trainer, on a batch of the export: its loss is sum w_t CE_t /
-    n_tokens with
-    prift's weights (tokens.jsonl) and the cross-entropy in float64 by hand."""
+    n_tokens with prift's weights (tokens.jsonl) and the cross-entropy in float64 by hand."""
     from transformers import AutoModelForCausalLM
 
     readme = (ROOT / "docs" / "porting.md").read_text()
@@ -415,9 +410,8 @@ def test_the_readme_prift_loss_snippet_runs(work):
     assert all(p.grad is not None for p in model.parameters())
 
 
-if (
-    __name__ == "__main__"
-):  # under torchrun: WORK OUT; PriFT-mass with the exported prior, then the inline reference
+# under torchrun: WORK OUT; PriFT-mass with the exported prior, then the inline reference
+if __name__ == "__main__":
     import torch.distributed as dist
     from safetensors.torch import save_file
 

@@ -7,17 +7,16 @@ vocabulary) tensor.
 The precomputed prior comes from batches other than the training ones (other padding, other
 lengths), so its p and u can differ from the in-loop ones by float rounding; a mass weight can then
 flip only for a token whose u lies within that rounding of the threshold. The tests count such
-tokens (BORDER) and demand
-equal weights everywhere else, and bit-identical training only where there is none."""
+tokens (BORDER) and demand equal weights everywhere else, and bit-identical training only where
+there is none."""
 
 import argparse
-import json
 
+import helpers
 import pytest
-import tiny
 import torch
+from helpers import make_checkpoint, make_data, read_metrics
 from safetensors import safe_open
-from tiny import make_checkpoint, make_data
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
@@ -57,7 +56,7 @@ def targs(w, rule, **kw):
         seed=0,
     )
     a.__dict__.update(kw)
-    a = tiny.settings(a)
+    a = helpers.settings(a)
     return a
 
 
@@ -65,14 +64,14 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Precomputed and in-loop priors
 
 
 def test_precomputed_and_inline_prior_give_the_same_weights(w):
     args = targs(w, "mass")
-    prior = tiny.compute_prior(args, w.seqs, CPU)
-    ref = tiny.load_reference(args, CPU)
+    prior = helpers.compute_prior(args, w.seqs, CPU)
+    ref = helpers.load_reference(args, CPU)
     kept = near = total = 0
     for step in range(args.max_steps):  # the micro-batches that training sees
         idx = prift.batch_order(len(w.seqs), args.batch_size, step, args.seed)
@@ -99,16 +98,18 @@ def test_precomputed_and_inline_prior_give_the_same_weights(w):
 @pytest.mark.parametrize("rule", ["mass", "prob"])
 def test_precomputed_and_inline_prior_give_the_same_trajectory(w, tmp_path, rule):
     args = targs(w, rule)
-    prior = tiny.compute_prior(args, w.seqs, CPU)
+    prior = helpers.compute_prior(args, w.seqs, CPU)
     runs = {}
     for mode in ("precompute", "inline"):
         model, out = GPT.from_pretrained(w.ckpt), tmp_path / mode
         out.mkdir()
         source = (
-            dict(prior=prior) if mode == "precompute" else dict(ref=tiny.load_reference(args, CPU))
+            dict(prior=prior)
+            if mode == "precompute"
+            else dict(ref=helpers.load_reference(args, CPU))
         )
-        tiny.train(args, model, w.seqs, out=out, **source)
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        helpers.train(args, model, w.seqs, out=out, **source)
+        rows = read_metrics(out)
         runs[mode] = rows, model.state_dict()
     (rows_p, sd_p), (rows_i, sd_i) = runs["precompute"], runs["inline"]
     assert len(rows_p) == len(rows_i) == args.max_steps
@@ -128,7 +129,7 @@ def test_precomputed_and_inline_prior_give_the_same_trajectory(w, tmp_path, rule
             torch.testing.assert_close(sd_p[k], sd_i[k], rtol=1e-5, atol=1e-6)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The cache
 
 
@@ -139,7 +140,7 @@ def test_prior_cache_is_reused_and_rebuilt(w, tmp_path, monkeypatch):
     monkeypatch.setattr(prift, "load_reference", lambda *a: loads.append(a) or load(*a))
     files = lambda: sorted((tmp_path / "cache" / "prior").iterdir())
 
-    first = tiny.compute_prior(args, w.seqs, CPU)
+    first = helpers.compute_prior(args, w.seqs, CPU)
     assert len(loads) == 1 and len(files()) == 1 and files()[0].suffix == ".safetensors"
     with safe_open(files()[0], "pt") as f:
         stats, offsets = f.get_tensor("stats"), f.get_tensor("offsets")
@@ -149,13 +150,13 @@ def test_prior_cache_is_reused_and_rebuilt(w, tmp_path, monkeypatch):
     )
     assert offsets.tolist() == [0] + torch.tensor([len(p) for p in first]).cumsum(0).tolist()
 
-    again = tiny.compute_prior(args, w.seqs, CPU)  # a second run: read back, no reference loaded
+    again = helpers.compute_prior(args, w.seqs, CPU)  # a second run: read back, no reference loaded
     assert len(loads) == 1 and len(files()) == 1
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
     ids, n_prompt = w.seqs[3]  # the data changes: one token of one example
     other = w.seqs[:3] + [(ids[:-2] + [(ids[-2] + 1) % 50] + ids[-1:], n_prompt)] + w.seqs[4:]
-    changed = tiny.compute_prior(args, other, CPU)
+    changed = helpers.compute_prior(args, other, CPU)
     assert len(loads) == 2 and len(files()) == 2
     assert not torch.equal(changed[3], first[3])
     torch.testing.assert_close(
@@ -165,22 +166,22 @@ def test_prior_cache_is_reused_and_rebuilt(w, tmp_path, monkeypatch):
     shifted = [
         (ids, n + 1) for ids, n in w.seqs
     ]  # the same tokens, another prompt boundary (template)
-    tiny.compute_prior(args, shifted, CPU)
+    helpers.compute_prior(args, shifted, CPU)
     assert len(loads) == 3 and len(files()) == 3
 
     make_checkpoint(
         ref, seed=1
     )  # the reference changes in place: other weights, same files and sizes
-    new = tiny.compute_prior(args, w.seqs, CPU)
+    new = helpers.compute_prior(args, w.seqs, CPU)
     assert len(loads) == 4 and len(files()) == 4
     assert not torch.equal(torch.cat(new), torch.cat(first))
-    tiny.compute_prior(args, w.seqs, CPU)
+    helpers.compute_prior(args, w.seqs, CPU)
     assert len(loads) == 4, "the rebuilt prior is reused in turn"
     bf16 = prior_path(str(ref), "bf16", args.cache, w.seqs)
     assert bf16 != prior_path(args.ref, args.precision, args.cache, w.seqs)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The chunked loss through a whole model, and its memory
 
 
@@ -188,11 +189,11 @@ def test_prior_cache_is_reused_and_rebuilt(w, tmp_path, monkeypatch):
 def test_chunked_loss_through_the_model_equals_plain(w, rule):
     """The training loop's loss (final hidden states, chunked head and loss) against full logits and
     a plain cross-entropy, on a model whose head is tied to the embedding: loss and every
-    parameter's
-    gradient within 1e-6 relative (float32). The prior rules use the same prior in both."""
+    parameter's gradient within 1e-6 relative (float32). The prior rules use the same prior in both.
+    """
     x, y, m = data.collate(w.seqs[:6])
     signal, threshold = prift.RULES[rule]
-    prior = prift.reference_stats(tiny.load_reference(targs(w, rule), CPU), x, y, m)
+    prior = prift.reference_stats(helpers.load_reference(targs(w, rule), CPU), x, y, m)
     grads, losses = [], []
     for chunked in (True, False):
         model = GPT.from_pretrained(w.ckpt)
@@ -248,8 +249,8 @@ class LargestTensor(TorchDispatchMode):
 @pytest.mark.parametrize("signal", ["prior", "online"])
 def test_no_tokens_by_vocabulary_tensor(signal):
     """Loss, weights and gradients for N = 256 positions make nothing larger than one chunk of
-    logits
-    (chunk x V) or the head's gradient (V x C); the plain computation makes (N, V) tensors."""
+    logits (chunk x V) or the head's gradient (V x C); the plain computation makes (N, V) tensors.
+    """
     g = torch.Generator().manual_seed(0)
     N, C, V, chunk = 256, 8, 300, 16
     h, h_ref = torch.randn(N, C, generator=g).requires_grad_(), torch.randn(N, C, generator=g)
@@ -268,7 +269,7 @@ def test_no_tokens_by_vocabulary_tensor(signal):
     assert plain.most >= N * V  # the check can fail
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # bfloat16 autocast, as on a GPU, on the CPU
 
 
@@ -285,10 +286,9 @@ def test_prior_under_bfloat16_autocast(w):
     """The reference's (p, u) under torch.autocast("cpu", bfloat16): the head's product in bfloat16,
     the softmax in float32. Oracle: float32 arithmetic on bfloat16-rounded hidden states and head,
     the logits rounded to bfloat16 as the product returns them; through the whole model, a float32
-    model with bfloat16-rounded weights,
-    to the precision bfloat16 activations allow."""
+    model with bfloat16-rounded weights, to the precision bfloat16 activations allow."""
     x, y, m = data.collate(w.seqs[:6])
-    ref = tiny.load_reference(targs(w, "mass"), CPU)
+    ref = helpers.load_reference(targs(w, "mass"), CPU)
     h = ref(x, hidden_only=True)[m]  # (N, C) float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pu = prift.head_stats(h, ref.lm_head, y[m], chunk=16)
@@ -298,7 +298,7 @@ def test_prior_under_bfloat16_autocast(w):
     assert pu.dtype == torch.float32
     torch.testing.assert_close(pu, torch.stack([p, u], 1), rtol=1e-5, atol=1e-6)
 
-    rounded = tiny.load_reference(targs(w, "mass"), CPU)
+    rounded = helpers.load_reference(targs(w, "mass"), CPU)
     with torch.no_grad():
         for t in rounded.parameters():
             t.copy_(bf(t))

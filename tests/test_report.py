@@ -1,6 +1,5 @@
 """What a person looks at: --inspect (what the prior keeps, before any training), every run's
-report.html and
-report.py's page of several runs side by side."""
+report.html and report.py's page of several runs side by side."""
 
 import html
 import json
@@ -12,8 +11,7 @@ import sys
 import browser_check
 import pytest
 import torch
-from conftest import load_hf
-from tiny import make_checkpoint, make_data, run_cli
+from helpers import load_hf, make_checkpoint, make_data, read_metrics, run_cli
 
 import data
 import prift
@@ -55,9 +53,8 @@ def test_inspect_writes_what_the_prior_keeps(work, tmp_path):
     assert [row["input_ids"] for row in rows] == [
         ids for ids, _ in seqs
     ]  # in data order, exactly as trained
-    for row, (ids, n_prompt) in zip(
-        rows, seqs
-    ):  # Hugging Face's labels: unshifted, -100 on the prompt
+    # Hugging Face's labels: unshifted, -100 on the prompt
+    for row, (ids, n_prompt) in zip(rows, seqs):
         assert row["labels"] == [-100] * n_prompt + ids[n_prompt:] and n_prompt > 0
         assert len(row["prior_p"]) == len(row["prior_u"]) == len(row["weight"]) == len(ids)
     meta = json.loads((out / "prior.json").read_text())
@@ -144,7 +141,7 @@ def test_inspect_on_the_demo(tmp_path):
     )  # prob: the prior's q
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # report.html and report.py's page of several runs
 
 
@@ -178,10 +175,6 @@ def two_runs(work):
     return root / "mass", root / "sft"
 
 
-def metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def summary(page):
     """{label: text} of the page's <dt>/<dd> pairs."""
     return {
@@ -197,8 +190,7 @@ def figures(page):
 
 def plotted(fig, kind="line"):
     """{run: [(step, value)]} of a chart's polylines of `kind`, read back through its axes' tick
-    labels: a wrong
-    scale or axis reads back wrong values."""
+    labels: a wrong scale or axis reads back wrong values."""
     xt = [
         (float(t), float(x))
         for x, t in re.findall(
@@ -242,7 +234,7 @@ def close(got, expected, fig):
 def test_every_run_writes_a_report(work, two_runs):
     root, ckpt, train = work
     run = two_runs[0]
-    page, rows = (run / "report.html").read_text(), metrics(run)
+    page, rows = (run / "report.html").read_text(), read_metrics(run)
     assert (
         browser_check.check_page(page) == []
     )  # the summary, one line per chart, ticks, nothing loaded, no script
@@ -321,7 +313,7 @@ def test_runs_side_by_side(work, two_runs, tmp_path):
         assert list(lines) == ["mass", "sft"] and [len(v) for v in lines.values()] == [3, 5]
         if key in ("kept", "lr", "grad_norm"):
             for name, run in (("mass", mass), ("sft", sft)):
-                close(lines[name], [(row["step"], row[key]) for row in metrics(run)], fig)
+                close(lines[name], [(row["step"], row[key]) for row in read_metrics(run)], fig)
     table = page[page.index('<table class="runs">') : page.index("</table>")]
     cells = [re.findall(r"<td>(.*?)</td>", row) for row in table.split("<tr>")[2:]]
     head = re.findall(r"<th>(.*?)</th>", table)
@@ -337,7 +329,7 @@ def test_runs_side_by_side(work, two_runs, tmp_path):
     assert "<dt>model</dt><dd>model</dd>" in page and "<dt>data</dt><dd>train.jsonl</dd>" in page
     ev = json.loads((mass / "eval.json").read_text())
     for row, run in zip(cells, (mass, sft)):
-        last = metrics(run)[-1]
+        last = read_metrics(run)[-1]
         got = dict(zip(head, row))
         assert got["rule"] == run.name and got["steps"] == str(last["step"])
         assert (got["final loss"], got["final ce"]) == (f"{last['loss']:.4f}", f"{last['ce']:.4f}")
@@ -476,8 +468,7 @@ def test_demo_rule_all_puts_the_rules_side_by_side(demo_all):
 
 def test_pages_in_a_real_browser(two_runs, demo_all, tmp_path):
     """What tests/tools/browser_check.py does for anyone: Chromium opens the pages; no console
-    error, the summary, a
-    line per run in every chart. And it does fail on a page with an error."""
+    error, the summary, a line per run in every chart. And it does fail on a page with an error."""
     if not browser_check.chromium():
         pytest.skip("no Chromium (on Debian: apt-get install chromium)")
     pages = [

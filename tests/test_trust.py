@@ -6,7 +6,6 @@ a file gives is checked; no evaluation is lost; templates are bounded; --inspect
 out. Each case ends in exit code 2 and one line, or in the right result; none hangs (a guard fails
 the test after a few seconds), leaks, loses a file or traces back."""
 
-import contextlib
 import errno
 import json
 import os
@@ -17,9 +16,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
-from tiny import ROOT, Work, main_rc, make_checkpoint, make_data, one_error_line, snapshot
+from helpers import (
+    ROOT,
+    Work,
+    main_rc,
+    make_checkpoint,
+    make_data,
+    run_cli,
+    same_weights,
+    short_inputs,
+    weights,
+    within,
+)
 
 import prift
 from infra import cli, evaluate, files, report
@@ -32,8 +43,7 @@ SECRET = "PRIFT_TEST_SECRET_d41d8cd98f"
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_checkpoint(root / "ck"), make_data(root / "train.jsonl", n=12)
+    return short_inputs(tmp_path_factory)
 
 
 @pytest.fixture
@@ -41,55 +51,15 @@ def w(tmp_path, assets):
     return Work(tmp_path, assets, **SHORT)
 
 
-@contextlib.contextmanager
-def within(seconds):
-    """Fail (TimeoutError) instead of hanging: what a FIFO or an endless template would do."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s: it hangs")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def refused(argv, root, capsys, *fragments, entry=cli.main, prog="prift", seconds=60):
-    """argv is refused: exit code 2, one line holding every fragment, nothing under root changed."""
-    before = snapshot(root)
-    with within(seconds):
-        rc = main_rc(argv, entry)
-    out, err = capsys.readouterr()
-    assert rc == 2, f"exit code {rc}\nstdout: {out}\nstderr: {err}"
-    line = one_error_line(err, prog)
-    assert all(f in line for f in fragments), (fragments, line)
-    assert snapshot(root) == before, "a refused input wrote, changed or removed files"
-    return line
-
-
 def cli_process(argv, timeout=120, **env):
-    """`python prift.py ARGV` in a fresh process (what would hang or fill memory in this one)."""
-    return subprocess.run(
-        [sys.executable, str(ROOT / "prift.py"), *map(str, argv)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-    )
+    """`python prift.py ARGV` in a fresh process (for what would hang or fill memory in this one):
+    helpers.run_cli with one thread, env added to the environment, and a shorter time limit."""
+    return run_cli(argv, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
 
-def weights(path):
-    from safetensors.torch import load_file
-
-    return {k: v.clone() for k, v in load_file(Path(path) / "model.safetensors").items()}
-
-
-def same_weights(a, b):
-    a, b = weights(a), weights(b)
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+def refused(*args, seconds=60, **kw):
+    """helpers.refused, failing instead of hanging after `seconds` (60 unless told)."""
+    return helpers.refused(*args, seconds=seconds, **kw)
 
 
 def every_byte(root):
@@ -761,7 +731,8 @@ def test_inspect_says_what_it_left_out(w, capsys):
 
 
 def test_a_non_utf8_path_still_gets_a_whole_report(w):
-    """An --out whose name is not UTF-8 (bytes a file system may hold): report.html is whole."""
+    """--out whose name is not UTF-8 (bytes a file system may hold): report.html is written
+    whole."""
     out = Path(os.fsdecode(bytes(w.root) + b"/run-\xff"))
     assert main_rc(w.argv(out=out)) == 0
     page = (out / "report.html").read_bytes()

@@ -85,8 +85,7 @@ def render(page, screenshot=None):
 
 class Page(HTMLParser):
     """What the checks need from a page: its figures with their lines, summary labels, rows of the
-    runs table,
-    legend entries, and every address it would load."""
+    runs table, legend entries, and every address it would load."""
 
     def __init__(self, text):
         super().__init__()

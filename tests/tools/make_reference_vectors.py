@@ -2,8 +2,8 @@
 with prift's own functions, for anyone porting PriFT to another framework (TRL, LLaMA-Factory, JAX,
 ...).
 
-    python tests/tools/make_reference_vectors.py            # rewrite the file
-    python tests/tools/make_reference_vectors.py --check    # recompute and compare with the file (1e-6)
+    python tests/tools/make_reference_vectors.py          # rewrite the file
+    python tests/tools/make_reference_vectors.py --check  # recompute, compare with the file (1e-6)
 
 The definition they follow: each response token t (EOS included) gets a detached weight w_t from a
 signal's probability of it, p_t, or its mass score u_t = the signal's probability of every token
@@ -11,8 +11,8 @@ strictly less likely than the target (ties not counted) plus p_t; the loss over 
 is sum_t w_t CE_t m_t / sum_t m_t, the denominator counting every response token of the whole batch
 (all micro-batches, all ranks), also those of weight 0. tests/test_method.py recomputes the main
 vectors with the current code and checks them against a plain float64 computation of that definition
-on every test run; tests/test_port.py does the same for the two cases that bite
-porters: a bfloat16 reference with ties at the top, and gradient accumulation over 2 ranks.
+on every test run; tests/test_port.py does the same for the two cases that bite porters: a bfloat16
+reference with ties at the top, and gradient accumulation over 2 ranks.
 """
 
 import json
@@ -104,8 +104,8 @@ def make_inputs():
 def as_trainers_give(logits, targets, mask, ref=None):
     """Position-aligned (logits (B, T, V), targets (B, T) of the next tokens, mask (B, T)) as a
     trainer has them for prift_loss: one more position, whose logits are never used, and unshifted
-    Hugging Face labels (-100 where
-    not trained). Returns logits (B, T+1, V), labels (B, T+1), and ref (B, T+1, V) if given."""
+    Hugging Face labels (-100 where not trained). Returns logits (B, T+1, V), labels (B, T+1), and
+    ref (B, T+1, V) if given."""
     pad = lambda z: None if z is None else torch.nn.functional.pad(z, (0, 0, 0, 1))
     labels = torch.nn.functional.pad(torch.where(mask.bool(), targets, -100), (1, 0), value=-100)
     return pad(logits), labels, pad(ref)
@@ -160,8 +160,7 @@ def compute(logits, ref, targets, mask):
 
 def margins(out):
     """The thresholded quantities must not sit near their threshold, so that a port computing in
-    float64,
-    or summing in another order, gets the same 0/1 weights."""
+    float64, or summing in another order, gets the same 0/1 weights."""
     for signal in ("online", "prior"):
         for name, tau in (("p", 0.1), ("u", 0.5)):
             closest = min(abs(x - tau) for row in out["stats"][signal][name] for x in row)
@@ -173,8 +172,8 @@ def bf16_case():
     the mass of their ties. Row 0: three top logits 2.0, 2.003, 2.001 round to one bfloat16 value,
     the target the highest of them in float32 (the unique argmax, kept by mass) and one of three
     ties in bfloat16 (u about 0.44, dropped). Row 1: below the top, the target ties with the one
-    token just under it in float32 (u 0.65 kept, 0.44 dropped).
-    Row 2: no tie, the same weight in both."""
+    token just under it in float32 (u 0.65 kept, 0.44 dropped). Row 2: no tie, the same weight in
+    both."""
     f32 = torch.tensor(
         [
             [2.0, 2.003, 2.001, 1.0, 0.0, -1.0],
@@ -205,9 +204,8 @@ def bf16_case():
 def accumulation_case():
     """One optimizer batch of 8 sequences on 2 ranks, each rank 2 micro-batches of 2, the response
     lengths uneven. Each micro-batch's loss is prift_loss with n_tokens = the whole batch's trained
-    labels; the rank backpropagates it
-    times the world size (DDP averages gradients over ranks); all losses add up to the full batch's
-    loss."""
+    labels; the rank backpropagates it times the world size (DDP averages gradients over ranks); all
+    losses add up to the full batch's loss."""
     g = torch.Generator().manual_seed(18)
     world, micro, v, t = 2, 2, 5, 6
     batches = []

@@ -7,7 +7,8 @@ mutant and exits 1 if any survived.
 
     python tests/tools/mutants.py                 # all of them (a few minutes)
     python tests/tools/mutants.py clip-100 betas  # some, by name
-    python tests/tools/mutants.py --baseline      # first check that the selected tests pass on the unchanged copy
+    python tests/tools/mutants.py --baseline      # first check that the selected tests pass on
+                                                  # the unchanged copy
 """
 
 import os
@@ -27,19 +28,19 @@ MUTANTS = {
         "data.py",
         "return len(ids) - max(n_prompt, 1)",
         "return len(ids) - n_prompt",
-        ["tests/test_batching.py", "-k", "agree or empty_prompt"],
+        ["tests/test_data.py", "-k", "agree or empty_prompt"],
     ),
     "mask-empty-prompt": (
         "data.py",
         "m[b, max(n_prompt - 1, 0) : len(ids) - 1]",
         "m[b, n_prompt : len(ids) - 1]",
-        ["tests/test_batching.py", "-k", "agree or empty_prompt"],
+        ["tests/test_data.py", "-k", "agree or empty_prompt"],
     ),
     "drop-long": (
         "data.py",
         "if len(prompt) >= max_len:",
         "if len(prompt) + len(response) > max_len:",
-        ["tests/test_batching.py", "-k", "right"],
+        ["tests/test_data.py", "-k", "right"],
     ),
     # the optimizer
     "clip-100": (
@@ -126,13 +127,13 @@ MUTANTS = {
         "data.py",
         '"<|im_start|>{role}\\n{content}<|im_end|>\\n",',
         '"<|im_start|>{role}\\n{content}<|im_end|>",',
-        ["tests/test_templates.py", "-k", "named_template"],
+        ["tests/test_data.py", "-k", "named_template"],
     ),
     "llama3-generation-prompt": (
         "data.py",
         '"<|start_header_id|>assistant<|end_header_id|>\\n\\n",',
         '"<|start_header_id|>assistant<|end_header_id|>\\n",',
-        ["tests/test_templates.py", "-k", "named_template"],
+        ["tests/test_data.py", "-k", "named_template"],
     ),
     # issue 25: trust by mechanism (tests/test_trust.py). The one reader
     "reader-follows-links-out": (

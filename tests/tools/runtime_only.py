@@ -47,8 +47,7 @@ def requirement_lines(path):
 
 def runtime_distributions(path=ROOT / "requirements.txt"):
     """Canonical names of the distributions requirements.txt installs: its own and, recursively,
-    what their
-    metadata requires (with environment markers evaluated, extras not taken)."""
+    what their metadata requires (with environment markers evaluated, extras not taken)."""
     env = {**default_environment(), "extra": ""}
     todo = [Requirement(line) for line in requirement_lines(path)]
     seen = set()
@@ -82,8 +81,8 @@ def allowed_modules():
 class RuntimeOnly(importlib.abc.MetaPathFinder):
     """Takes site-packages off the import path and finds there only the allowed top-level modules. A
     module of another distribution is then absent, to `import` (ModuleNotFoundError) and to
-    `importlib.util.find_spec`
-    (None) alike; the standard library and this repository's files import as usual."""
+    `importlib.util.find_spec` (None) alike; the standard library and this repository's files import
+    as usual."""
 
     def __init__(self, allowed):
         self.allowed = allowed

@@ -1,11 +1,11 @@
-"""Trust (issue 17): a run directory, checkpoint or dataset from elsewhere runs no code, and nothing
-a user has is lost. Every case is refused with exit code 2 and one line `prift: error: ...` (no
-traceback), writing and deleting nothing, or it succeeds (exit 0) and what was trained is kept: the
-final weights equal, bit for bit, those of a run nobody disturbed.
+"""The run directory and hostile input (issues 6 and 17). Bad input is refused with one line
+`prift: error: ...`, exit code 2, no traceback, and before anything is written or removed; a run
+directory, checkpoint or dataset from elsewhere is checked the same way wherever it comes from, and
+nothing a user has is lost: the final weights equal, bit for bit, those of a run nobody disturbed.
 
-Most cases run `cli.main(argv)` in this process (what `python prift.py ARGV` runs); those that
-need a
-second process, a file-size limit or a peak-memory figure run the real command line."""
+Most cases run `cli.main(argv)` in this process (what `python prift.py ARGV` runs; a fresh
+interpreter costs seconds per case on this machine); a few of them, and those that need a second
+process, a file-size limit or a peak-memory figure, run the real command line."""
 
 import hashlib
 import json
@@ -21,30 +21,37 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from tiny import (
+from helpers import (
     ROOT,
-    Killed,
     Work,
-    kill_at_line,
+    cli_env,
+    loaded,
     main_rc,
     make_checkpoint,
     make_data,
     one_error_line,
+    refused,
+    rewrite_config,
+    run_cli,
+    same_weights,
+    short_inputs,
     snapshot,
+    trained_inputs,
 )
+from safetensors.torch import load_file, save_file
 
-import prift
-from infra import checkpoint, cli, evaluate, rundir
+import data
+from infra import cli, evaluate, rundir
 from model import GPT
 
+TRAIN = dict(batch_size=4, micro_batch=2, max_len=64)  # 24 examples: 6 steps an epoch
 SHORT = dict(batch_size=4, micro_batch=2, max_len=64, max_steps=2, rule="sft")
 
 
+# Untrained, 12 examples, 2 steps of sft
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_checkpoint(root / "ck"), make_data(root / "train.jsonl", n=12)
+    return short_inputs(tmp_path_factory)
 
 
 @pytest.fixture
@@ -52,39 +59,23 @@ def w(tmp_path, assets):
     return Work(tmp_path, assets, **SHORT)
 
 
-def refused(argv, root, capsys, *fragments, entry=cli.main, prog="prift"):
-    """argv is refused: exit code 2, one line holding every fragment, nothing under root written or
-    removed.
-    """
-    before = snapshot(root)
-    rc = main_rc(argv, entry)
-    out, err = capsys.readouterr()
-    assert rc == 2, f"exit code {rc}\nstdout: {out}\nstderr: {err}"
-    line = one_error_line(err, prog)
-    assert all(f in line for f in fragments), (fragments, line)
-    assert snapshot(root) == before, "a refused input wrote, changed or removed files"
-    return line
+# Trained a little, 24 examples (the bad-input cases)
+@pytest.fixture(scope="module")
+def assets_trained(tmp_path_factory):
+    # pretrained a little, so that profit (the default of train_args) keeps some tokens, not none
+    return trained_inputs(tmp_path_factory)
 
 
-def loaded(path):
-    """A safetensors file's tensors, copied out of its memory map (the file may be rewritten next)."""
-    return {k: v.clone() for k, v in load_file(path).items()}
+@pytest.fixture
+def w_trained(tmp_path, assets_trained):
+    return Work(tmp_path, assets_trained, max_steps=2, **TRAIN)
 
 
-def weights(path):
-    return loaded(Path(path) / "model.safetensors")
-
-
-def same_weights(a, b):
-    a, b = weights(a), weights(b)
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
+# Unlike helpers.run_cli: a file-size limit, and the peak memory from wait4.
 def cli_process(argv, limit_bytes=None):
     """`python prift.py ARGV` in a fresh process, optionally with files limited to limit_bytes
-    (writes past it
-    fail as on a full disk). Returns (exit code, stderr, resource usage: ru_maxrss the peak memory
-    in KiB)."""
+    (writes past it fail as on a full disk). Returns (exit code, stderr, resource usage: ru_maxrss
+    the peak memory in KiB)."""
 
     def limit():
         if limit_bytes:
@@ -109,46 +100,297 @@ def cli_process(argv, limit_bytes=None):
         return os.waitstatus_to_exitcode(status), err.read(), usage
 
 
-# ----------------------------------------------------------------------------------------------------
-# No code from files
+# --------------------------------------------------------------------------------------------------
+# Bad input: one line, exit code 2, nothing written. Each case: setup(w) -> argv, fragments of the
+# message.
 
 
-class MakesAFile:
-    """Unpickled, it creates a file: what a crafted trainer.pt does to run code."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
+def rewrite_weights(w, fn):
+    state = load_file(w.ck / "model.safetensors")
+    save_file(fn(state), w.ck / "model.safetensors", metadata={"format": "pt"})
 
 
-def test_a_crafted_trainer_state_runs_no_code(w, capsys):
-    """A real trainer.pt with one object added that would create a file when unpickled: --resume
-    refuses it in
-    one line, and no file is created. The same bytes, unpickled, do create it (the test could
-    fail)."""
-    out = w.finished(save_every=1)
-    trainer = out / "checkpoints" / "latest" / "trainer.pt"
-    state = torch.load(trainer, weights_only=True)
-    marker = w.root / "pwned"
-    torch.save({**state, "extra": MakesAFile(marker)}, trainer)
-    refused(["--resume", out], w.root, capsys, "trainer.pt", "not written by prift")
-    assert not marker.exists()
-    torch.load(trainer, weights_only=False)  # what prift did before: the file is created
-    assert marker.exists()
+def write_lines(w, *lines):
+    w.data.write_text("".join(l + "\n" for l in lines))
+    return w.data
 
 
-def test_trainer_state_keeps_every_random_state(w):
-    state = torch.load(
-        w.finished(save_every=1) / "checkpoints" / "latest" / "trainer.pt", weights_only=True
+def good_line():
+    return json.dumps({"prompt": "Q: 1+1?\nA:", "response": " 2."})
+
+
+def previous_run(w):
+    """A finished earlier run in w.out, made here by writing its files."""
+    w.out.mkdir()
+    (w.out / "args.json").write_text("{}\n")
+    (w.out / "model.safetensors").write_bytes(b"earlier results")
+    (w.out / "metrics.jsonl").write_text('{"step": 1}\n')
+
+
+def ref_with_other_vocab(w):
+    ref = make_checkpoint(w.root / "ref", vocab_size=160)
+    assert (
+        json.loads((ref / "config.json").read_text())["vocab_size"]
+        != json.loads((w.ck / "config.json").read_text())["vocab_size"]
     )
-    assert state["rng"].dtype == torch.uint8 and "cuda_rng" in state
-    assert (state["cuda_rng"] is not None) == torch.cuda.is_available()
+    return w.argv(ref=ref)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Nothing lost: --overwrite, a symbolic link, the final save, one process per run, evaluate.py --out
+def resume_without_checkpoint(w):
+    previous_run(w)
+    saved = {
+        "model": str(w.ck),
+        "data": str(w.data),
+        "out": str(w.out),
+        "cache": str(w.cache),
+        "rule": "mass",
+        "batch_size": 4,
+        "micro_batch": 2,
+        "max_len": 64,
+        "max_steps": 2,
+    }
+    (w.out / "args.json").write_text(json.dumps(saved))
+    return ["--resume", w.out]
+
+
+BAD = {  # id: (setup, fragments the message must contain)
+    "model-missing": (
+        lambda w: w.argv(model=w.root / "nope"),
+        ["--model", "nope", "does not exist"],
+    ),
+    "model-is-a-file": (lambda w: w.argv(model=w.data), ["--model", "not a", "directory"]),
+    "model-no-config": (lambda w: ((w.ck / "config.json").unlink(), w.argv())[1], ["config.json"]),
+    "config-not-json": (
+        lambda w: ((w.ck / "config.json").write_text("{oops"), w.argv())[1],
+        ["config.json", "not valid JSON"],
+    ),
+    "config-lacks-field": (
+        lambda w: (rewrite_config(w.ck, hidden_size=None), w.argv())[1],
+        ["config.json", "hidden_size"],
+    ),
+    "config-field-wrong-type": (
+        lambda w: (rewrite_config(w.ck, num_attention_heads="four"), w.argv())[1],
+        ["config.json"],
+    ),
+    "config-not-an-object": (
+        lambda w: ((w.ck / "config.json").write_text("[1, 2]"), w.argv())[1],
+        ["config.json"],
+    ),
+    "unsupported-model-type": (
+        lambda w: (rewrite_config(w.ck, model_type="mamba"), w.argv())[1],
+        ["model_type 'mamba' is not supported", "llama"],
+    ),
+    "weights-missing": (
+        lambda w: ((w.ck / "model.safetensors").unlink(), w.argv())[1],
+        ["model.safetensors"],
+    ),
+    "weights-corrupt": (
+        lambda w: ((w.ck / "model.safetensors").write_bytes(b"\0" * 100), w.argv())[1],
+        ["model.safetensors"],
+    ),
+    "tensor-missing": (
+        lambda w: (
+            rewrite_weights(
+                w, lambda s: {k: v for k, v in s.items() if "layers.1.mlp.up" not in k}
+            ),
+            w.argv(),
+        )[1],
+        ["model.layers.1.mlp.up_proj.weight", "missing"],
+    ),
+    "tensor-wrong-shape": (
+        lambda w: (
+            rewrite_weights(w, lambda s: {**s, "model.norm.weight": torch.ones(7)}),
+            w.argv(),
+        )[1],
+        ["model.norm.weight", "shape"],
+    ),
+    "tokenizer-missing": (
+        lambda w: ((w.ck / "tokenizer.json").unlink(), w.argv())[1],
+        ["tokenizer.json"],
+    ),
+    "tokenizer-corrupt": (
+        lambda w: ((w.ck / "tokenizer.json").write_text("{"), w.argv())[1],
+        ["tokenizer.json"],
+    ),
+    "ref-missing": (lambda w: w.argv(ref=w.root / "noref"), ["--ref", "does not exist"]),
+    "ref-no-config": (
+        lambda w: (
+            shutil.copytree(w.ck, w.root / "ref"),
+            (w.root / "ref" / "config.json").unlink(),
+            w.argv(ref=w.root / "ref"),
+        )[2],
+        ["ref", "config.json"],
+    ),
+    "ref-config-not-json": (
+        lambda w: (
+            shutil.copytree(w.ck, w.root / "ref"),
+            (w.root / "ref" / "config.json").write_text("?"),
+            w.argv(ref=w.root / "ref"),
+        )[2],
+        ["config.json", "JSON"],
+    ),
+    "ref-tensor-wrong-shape": (
+        lambda w: (
+            shutil.copytree(w.ck, w.root / "ref"),
+            save_file(
+                {
+                    **load_file(w.root / "ref" / "model.safetensors"),
+                    "model.norm.weight": torch.ones(7),
+                },
+                w.root / "ref" / "model.safetensors",
+            ),
+            w.argv(ref=w.root / "ref"),
+        )[2],
+        ["model.norm.weight", "shape"],
+    ),
+    "ref-vocab-differs": (ref_with_other_vocab, ["vocabular", "--ref"]),
+    "data-missing": (
+        lambda w: w.argv(data=w.root / "nodata.jsonl"),
+        ["--data", "nodata.jsonl", "does not exist"],
+    ),
+    "data-empty": (lambda w: (write_lines(w), w.argv())[1], ["train.jsonl", "no examples"]),
+    "data-blank-lines-only": (
+        lambda w: (write_lines(w, "", "  "), w.argv())[1],
+        ["train.jsonl", "no examples"],
+    ),
+    "data-not-json": (
+        lambda w: (write_lines(w, good_line(), good_line(), "{not json"), w.argv())[1],
+        ["train.jsonl:3", "not valid JSON"],
+    ),
+    "data-lacks-fields": (
+        lambda w: (write_lines(w, good_line(), json.dumps({"prompt": "x", "text": "y"})), w.argv())[
+            1
+        ],
+        ["train.jsonl:2", "prompt/response"],
+    ),
+    "data-not-an-object": (
+        lambda w: (write_lines(w, "[1, 2]"), w.argv())[1],
+        ["train.jsonl:1", "JSON object"],
+    ),
+    "data-bad-messages": (
+        lambda w: (
+            write_lines(w, json.dumps({"messages": [{"role": "user", "content": "hi"}]})),
+            w.argv(),
+        )[1],
+        ["train.jsonl:1", "messages"],
+    ),
+    "data-not-utf8": (
+        lambda w: (w.data.write_bytes(b'{"prompt": "\xff\xfe", "response": "x"}\n'), w.argv())[1],
+        ["train.jsonl"],
+    ),
+    "eval-data-not-json": (
+        lambda w: (
+            (w.root / "eval.jsonl").write_text(good_line() + "\n[\n"),
+            w.argv(eval_data=w.root / "eval.jsonl"),
+        )[1],
+        ["eval.jsonl:2", "not valid JSON"],
+    ),
+    "no-usable-example": (lambda w: w.argv(max_len=3), ["no usable example", "--max-len"]),
+    "only-empty-examples": (
+        lambda w: (write_lines(w, *[json.dumps({"prompt": "", "response": ""})] * 4), w.argv())[1],
+        ["no usable example", "empty"],
+    ),
+    "unknown-rule": (lambda w: w.argv(rule="magic"), ["--rule", "magic"]),
+    "threshold-above-1": (lambda w: w.argv(threshold=1.5), ["--threshold", "[0, 1]"]),
+    "threshold-below-0": (lambda w: w.argv(threshold=-0.1), ["--threshold", "[0, 1]"]),
+    "threshold-nan": (lambda w: w.argv(threshold="nan"), ["--threshold"]),
+    "lr-zero": (lambda w: w.argv(lr=0), ["--lr", "positive"]),
+    "lr-negative": (lambda w: w.argv(lr=-1e-4), ["--lr", "positive"]),
+    "lr-nan": (lambda w: w.argv(lr="nan"), ["--lr"]),
+    "max-len-zero": (lambda w: w.argv(max_len=0), ["--max-len", "positive"]),
+    "batch-size-zero": (lambda w: w.argv(batch_size=0), ["--batch-size", "positive"]),
+    "batch-size-negative": (lambda w: w.argv(batch_size=-4), ["--batch-size", "positive"]),
+    "micro-batch-does-not-divide": (
+        lambda w: w.argv(micro_batch=3),
+        ["--batch-size 4", "--micro-batch 3"],
+    ),
+    "max-steps-zero": (lambda w: w.argv(max_steps=0), ["--max-steps", "positive"]),
+    "save-every-negative": (lambda w: w.argv(save_every=-1), ["--save-every"]),
+    "out-holds-a-run": (
+        lambda w: (previous_run(w), w.argv())[1],
+        ["already holds a run", "--resume", "--overwrite"],
+    ),
+    "overwrite-with-bad-data": (
+        lambda w: (previous_run(w), write_lines(w, "{"), w.argv("--overwrite"))[2],
+        ["train.jsonl:1", "not valid JSON"],
+    ),
+    "overwrite-with-bad-model": (
+        lambda w: (
+            previous_run(w),
+            rewrite_config(w.ck, model_type="mamba"),
+            w.argv("--overwrite"),
+        )[2],
+        ["mamba"],
+    ),
+    "overwrite-with-bad-ref": (
+        lambda w: (previous_run(w), w.argv("--overwrite", ref=w.data))[1],
+        ["--ref"],
+    ),
+    "out-is-not-a-run": (lambda w: w.argv("--overwrite", out=w.ck), ["--out", "not", "run"]),
+    "out-is-a-file": (lambda w: w.argv(out=w.data), ["--out"]),
+    "resume-no-args-json": (
+        lambda w: (w.out.mkdir(), ["--resume", w.out])[1],
+        ["--resume", "args.json"],
+    ),
+    "resume-missing-dir": (lambda w: ["--resume", w.root / "nowhere"], ["--resume", "nowhere"]),
+    "resume-args-json-corrupt": (
+        lambda w: (previous_run(w), (w.out / "args.json").write_text("{"), ["--resume", w.out])[2],
+        ["args.json"],
+    ),
+    "resume-without-checkpoint": (
+        resume_without_checkpoint,
+        ["no checkpoint", "checkpoints/latest"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input(case, w_trained, capsys):
+    setup, fragments = BAD[case]
+    argv = setup(w_trained)
+    existed = w_trained.out.exists()
+    before = snapshot(w_trained.root)
+    rc = main_rc(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, f"exit code {rc}\nstdout: {out}\nstderr: {err}"
+    line = one_error_line(err)
+    for f in fragments:
+        assert f in line, f"{f!r} not in: {line}"
+    assert snapshot(w_trained.root) == before, "a bad input wrote, changed or removed files"
+    assert w_trained.out.exists() == existed
+
+
+@pytest.mark.parametrize("case", ["config-not-json", "overwrite-with-bad-data"])
+def test_bad_input_real_command_line(case, w_trained):
+    """The same, through a fresh `python prift.py`: the exit code and stderr a user sees."""
+    setup, fragments = BAD[case]
+    argv = setup(w_trained)
+    before = snapshot(w_trained.root)
+    r = run_cli(argv, env=cli_env(w_trained))
+    assert r.returncode == 2, r.stderr
+    line = one_error_line(r.stderr)
+    assert all(f in line for f in fragments), line
+    assert snapshot(w_trained.root) == before
+
+
+def test_data_lines_split_on_newline_only(w_trained):
+    """A raw U+2028 inside a JSON string (json.dumps(..., ensure_ascii=False) writes one) is not a
+    line break.
+    """
+    w_trained.data.write_text(
+        json.dumps({"prompt": "a\u2028b", "response": "c\u0085d"}, ensure_ascii=False)
+        + "\n"
+        + good_line()
+        + "\n",
+        encoding="utf-8",
+    )
+    rows = data.read_jsonl(w_trained.data)
+    assert [r["response"] for r in rows] == ["c\u0085d", " 2."]
+
+
+# --------------------------------------------------------------------------------------------------
+# Nothing lost: --overwrite, a symbolic link, one process per run, evaluate.py --out (the final
+# save: test_checkpoint.py)
 
 
 def test_overwrite_removes_only_what_prift_wrote(w, capsys):
@@ -186,54 +428,11 @@ def test_out_through_a_symbolic_link_is_refused(w, capsys):
     refused(["--resume", old], w.root, capsys, "latest")
 
 
-SAVE_MODEL = checkpoint.save_model
-
-
-def kill_in_final_save(n):
-    """checkpoint.save_model, killed before the n-th line it executes in checkpoint.py; counts lines
-    when n=None.
-    """
-    count = [0]
-
-    def killed(*a):
-        if not kill_at_line(n, SAVE_MODEL, *a, count=count):
-            raise Killed  # the process dies here: nothing after the kill runs
-
-    return killed, count
-
-
-def test_a_kill_during_the_final_save_loses_nothing(w, monkeypatch, capsys):
-    """A kill at lines spread over the whole final save (no --save-every: no checkpoint at all): the
-    model is
-    published whole, or --resume trains the run again to the very same weights, leaving no temporary
-    file."""
-    whole = w.finished(out=w.root / "whole")
-    counting, count = kill_in_final_save(None)
-    monkeypatch.setattr(checkpoint, "save_model", counting)
-    assert main_rc(w.argv(out=w.root / "counted")) == 0
-    lines = count[0]
-    assert lines > 10
-    ends = {False: 0, True: 0}
-    for n in sorted({1, 2, lines // 4, lines // 2, 3 * lines // 4, lines - 2, lines - 1, lines}):
-        out = w.root / f"killed-{n}"
-        monkeypatch.setattr(checkpoint, "save_model", kill_in_final_save(n)[0])
-        with pytest.raises(Killed):
-            main_rc(w.argv(out=out))
-        monkeypatch.undo()
-        published = (out / "model.safetensors").exists()
-        ends[published] += 1
-        if not published:  # the run is resumable
-            assert main_rc(["--resume", out]) == 0, capsys.readouterr().err
-            assert not [p for p in out.rglob("*.tmp")]
-        assert same_weights(whole, out), f"killed at line {n} of {lines}: other weights"
-    assert ends[False] and ends[True], "the kills did not reach both sides of the publication"
-
-
 def test_a_full_disk_and_a_huge_line(w, capsys):
     """(1) Files limited below the model's size, as a full disk: the final save fails with one line,
     leaves no temporary file, and --resume then finishes to the weights of an undisturbed run. (2) A
-    200 MB line with
-    --max-len 64 is refused naming it, at a peak memory within 2x of that run on short lines."""
+    200 MB line with --max-len 64 is refused naming it, at a peak memory within 2x of that run on
+    short lines."""
     whole = w.finished(out=w.root / "whole")
     rc, err, usage = cli_process(w.argv(), limit_bytes=40_000)
     assert (w.ck / "model.safetensors").stat().st_size > 40_000
@@ -283,82 +482,7 @@ def test_evaluate_checks_out_and_sizes_first(w, capsys):
         refused(ev(*extra), w.root, capsys, fragment, entry=evaluate.main, prog="evaluate")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Preemption: the same command line, run again
-
-
-def interrupt_at(monkeypatch, step):
-    """SIGTERM to this process during step `step` (1-based), as a scheduler preempting the job
-    sends.
-    """
-    get_lr = prift.get_lr
-
-    def hook(s, *a, **k):
-        if s == step - 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return get_lr(s, *a, **k)
-
-    monkeypatch.setattr(prift, "get_lr", hook)
-
-
-def test_the_same_command_again_continues_or_starts(w, monkeypatch, capsys):
-    """`--resume` with the full command line: on an --out killed before args.json existed it starts;
-    preempted, the same command continues (also from a trainer.pt of before, without the CUDA random
-    state), removing what
-    the kill left; finished, it ends again with the same weights. A change of data, model or method
-    is refused."""
-    argv = w.argv("--resume", max_steps=4, save_every=1, rule="random", threshold=0.5)
-    whole = w.finished(out=w.root / "whole", max_steps=4, rule="random", threshold=0.5)
-    w.out.mkdir()
-    (w.out / ".lock").write_text("")  # killed before args.json was written
-    interrupt_at(monkeypatch, 3)
-    assert main_rc(argv) == 128 + signal.SIGTERM
-    monkeypatch.undo()
-    trainer = w.out / "checkpoints" / "latest" / "trainer.pt"
-    torch.save(
-        {k: v for k, v in torch.load(trainer, weights_only=True).items() if k != "cuda_rng"},
-        trainer,
-    )
-    leftovers = [
-        w.out / "final.tmp",
-        w.out / "metrics.tmp",
-        w.out / "checkpoints" / "step-0000009.tmp",
-    ]
-    leftovers[0].mkdir()
-    (leftovers[0] / "model.safetensors").write_bytes(b"half a model")
-    leftovers[1].write_text("")
-    leftovers[2].mkdir()
-    (w.out / "notes.txt").write_text("mine")
-    assert main_rc(argv) == 0
-    assert same_weights(whole, w.out) and not any(p.exists() for p in leftovers)
-    assert (w.out / "notes.txt").read_text() == "mine"
-    assert main_rc(argv) == 0 and same_weights(whole, w.out)
-    capsys.readouterr()
-
-    other_model = make_checkpoint(w.root / "other", seed=1)
-    other_data = make_data(w.root / "other.jsonl", n=12, seed=5)
-    refused(
-        w.argv(
-            "--resume", max_steps=4, save_every=1, rule="random", threshold=0.5, model=other_model
-        ),
-        w.root,
-        capsys,
-        "--model",
-    )
-    refused(w.argv("--resume", max_steps=4, save_every=1, rule="mass"), w.root, capsys, "--rule")
-    refused(
-        w.argv(
-            "--resume", max_steps=4, save_every=1, rule="random", threshold=0.5, data=other_data
-        ),
-        w.root,
-        capsys,
-        "sha256",
-    )
-    shutil.copy(other_data, w.data)  # the same path, other content
-    refused(["--resume", w.out], w.root, capsys, "sha256")
-
-
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Every input checked the same way, wherever it comes from
 
 BAD_ARGS_JSON = {
@@ -390,9 +514,8 @@ def test_an_edited_args_json_is_checked_as_the_command_line(w, capsys):
 
 def test_args_json_gives_back_every_kind_of_switch(w):
     """A recorded switch comes back as it was given: a plain flag (--match-authors) and both sides
-    of one that can be
-    turned off (--grad-checkpoint / --no-grad-checkpoint), whose recorded true or false must reach
-    the parser."""
+    of one that can be turned off (--grad-checkpoint / --no-grad-checkpoint), whose recorded true or
+    false must reach the parser."""
     parser, _ = cli.parse_args([])
     for extra, want in [
         (["--grad-checkpoint", "--match-authors"], (True, True)),
@@ -406,11 +529,6 @@ def test_args_json_gives_back_every_kind_of_switch(w):
             out / "model.safetensors"
         ).unlink()  # as if killed in the final save: --resume must take these arguments
         assert main_rc(["--resume", out]) == 0
-
-
-def rewrite_config(ck, **change):
-    cfg = json.loads((ck / "config.json").read_text())
-    (ck / "config.json").write_text(json.dumps({**cfg, **change}))
 
 
 CONFIGS = [

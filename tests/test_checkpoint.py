@@ -1,12 +1,10 @@
-"""Reliability (issue 6). Bad input is refused with one line `prift: error: ...`, exit code 2, no
-traceback, and before anything is written or removed. Training skips non-finite steps, stops after
-several in a row with the last good checkpoint intact, checkpoints atomically, resumes
-bit-identically, and saves on SIGINT/SIGTERM.
+"""Checkpoint and resume (issues 6 and 17). Training skips non-finite steps, stops after several
+in a row with the last good checkpoint intact, checkpoints atomically, resumes bit-identically, and
+saves on SIGINT/SIGTERM; a crafted trainer state runs no code; a kill during the final save loses
+nothing; the same command line run again after a preemption continues or starts the run.
 
-The bad-input cases run `cli.main(argv)`, the function that `python prift.py ARGV` runs, in this
-process (a fresh interpreter costs seconds per case on this machine); a few of them, and every
-signal and kill test,
-run the real command line in a subprocess."""
+Most cases run `cli.main(argv)` or prift.train in this process; every signal and kill -9 test runs
+the real command line in a subprocess."""
 
 import json
 import math
@@ -19,22 +17,29 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import pytest
-import tiny
 import torch
-from safetensors.torch import load_file, save_file
-from tiny import (
+from helpers import (
     ROOT,
+    Killed,
     Work,
     assert_some_kept,
+    cli_env,
     kill_at_line,
     main_rc,
     make_checkpoint,
     make_data,
+    metrics_steps,
     one_error_line,
-    run_cli,
-    snapshot,
+    read_metrics,
+    refused,
+    run_interrupted,
+    same_weights,
+    short_inputs,
+    trained_inputs,
 )
+from safetensors.torch import load_file
 
 import data
 import prift
@@ -42,17 +47,18 @@ from infra import checkpoint, cli
 from model import GPT
 
 TRAIN = dict(batch_size=4, micro_batch=2, max_len=64)  # 24 examples: 6 steps an epoch
+SHORT = dict(batch_size=4, micro_batch=2, max_len=64, max_steps=2, rule="sft")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Fixtures and helpers
 
 
+# Trained a little, 24 examples (the tests of training and resume)
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
     # pretrained a little, so that profit (the default of train_args) keeps some tokens, not none
-    return make_checkpoint(root / "ck", pretrain_steps=20), make_data(root / "train.jsonl", n=24)
+    return trained_inputs(tmp_path_factory)
 
 
 @pytest.fixture
@@ -60,8 +66,16 @@ def w(tmp_path, assets):
     return Work(tmp_path, assets, max_steps=2, **TRAIN)
 
 
-def metrics_steps(out):
-    return [json.loads(l)["step"] for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+# Untrained, 12 examples, 2 steps of sft (the tests from hostile input: no code from files, the
+# final save, preemption)
+@pytest.fixture(scope="module")
+def assets_short(tmp_path_factory):
+    return short_inputs(tmp_path_factory)
+
+
+@pytest.fixture
+def w_short(tmp_path, assets_short):
+    return Work(tmp_path, assets_short, **SHORT)
 
 
 def load_latest(out):
@@ -72,303 +86,7 @@ def load_latest(out):
     return model.state_dict(), trainer
 
 
-def cli_env(w):
-    return {**os.environ, "PRIFT_CACHE": str(w.cache), "OMP_NUM_THREADS": "1"}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Bad input: one line, exit code 2, nothing written. Each case: setup(w) -> argv, fragments of the
-# message.
-
-
-def rewrite_config(w, **change):
-    cfg = json.loads((w.ck / "config.json").read_text())
-    cfg.update(change)
-    (w.ck / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
-
-
-def rewrite_weights(w, fn):
-    state = load_file(w.ck / "model.safetensors")
-    save_file(fn(state), w.ck / "model.safetensors", metadata={"format": "pt"})
-
-
-def write_lines(w, *lines):
-    w.data.write_text("".join(l + "\n" for l in lines))
-    return w.data
-
-
-def good_line():
-    return json.dumps({"prompt": "Q: 1+1?\nA:", "response": " 2."})
-
-
-def previous_run(w):
-    """A finished earlier run in w.out, made here by writing its files."""
-    w.out.mkdir()
-    (w.out / "args.json").write_text("{}\n")
-    (w.out / "model.safetensors").write_bytes(b"earlier results")
-    (w.out / "metrics.jsonl").write_text('{"step": 1}\n')
-
-
-def ref_with_other_vocab(w):
-    ref = make_checkpoint(w.root / "ref", vocab_size=160)
-    assert (
-        json.loads((ref / "config.json").read_text())["vocab_size"]
-        != json.loads((w.ck / "config.json").read_text())["vocab_size"]
-    )
-    return w.argv(ref=ref)
-
-
-def resume_without_checkpoint(w):
-    previous_run(w)
-    saved = {
-        "model": str(w.ck),
-        "data": str(w.data),
-        "out": str(w.out),
-        "cache": str(w.cache),
-        "rule": "mass",
-        "batch_size": 4,
-        "micro_batch": 2,
-        "max_len": 64,
-        "max_steps": 2,
-    }
-    (w.out / "args.json").write_text(json.dumps(saved))
-    return ["--resume", w.out]
-
-
-BAD = {  # id: (setup, fragments the message must contain)
-    "model-missing": (
-        lambda w: w.argv(model=w.root / "nope"),
-        ["--model", "nope", "does not exist"],
-    ),
-    "model-is-a-file": (lambda w: w.argv(model=w.data), ["--model", "not a", "directory"]),
-    "model-no-config": (lambda w: ((w.ck / "config.json").unlink(), w.argv())[1], ["config.json"]),
-    "config-not-json": (
-        lambda w: ((w.ck / "config.json").write_text("{oops"), w.argv())[1],
-        ["config.json", "not valid JSON"],
-    ),
-    "config-lacks-field": (
-        lambda w: (rewrite_config(w, hidden_size=None), w.argv())[1],
-        ["config.json", "hidden_size"],
-    ),
-    "config-field-wrong-type": (
-        lambda w: (rewrite_config(w, num_attention_heads="four"), w.argv())[1],
-        ["config.json"],
-    ),
-    "config-not-an-object": (
-        lambda w: ((w.ck / "config.json").write_text("[1, 2]"), w.argv())[1],
-        ["config.json"],
-    ),
-    "unsupported-model-type": (
-        lambda w: (rewrite_config(w, model_type="mamba"), w.argv())[1],
-        ["model_type 'mamba' is not supported", "llama"],
-    ),
-    "weights-missing": (
-        lambda w: ((w.ck / "model.safetensors").unlink(), w.argv())[1],
-        ["model.safetensors"],
-    ),
-    "weights-corrupt": (
-        lambda w: ((w.ck / "model.safetensors").write_bytes(b"\0" * 100), w.argv())[1],
-        ["model.safetensors"],
-    ),
-    "tensor-missing": (
-        lambda w: (
-            rewrite_weights(
-                w, lambda s: {k: v for k, v in s.items() if "layers.1.mlp.up" not in k}
-            ),
-            w.argv(),
-        )[1],
-        ["model.layers.1.mlp.up_proj.weight", "missing"],
-    ),
-    "tensor-wrong-shape": (
-        lambda w: (
-            rewrite_weights(w, lambda s: {**s, "model.norm.weight": torch.ones(7)}),
-            w.argv(),
-        )[1],
-        ["model.norm.weight", "shape"],
-    ),
-    "tokenizer-missing": (
-        lambda w: ((w.ck / "tokenizer.json").unlink(), w.argv())[1],
-        ["tokenizer.json"],
-    ),
-    "tokenizer-corrupt": (
-        lambda w: ((w.ck / "tokenizer.json").write_text("{"), w.argv())[1],
-        ["tokenizer.json"],
-    ),
-    "ref-missing": (lambda w: w.argv(ref=w.root / "noref"), ["--ref", "does not exist"]),
-    "ref-no-config": (
-        lambda w: (
-            shutil.copytree(w.ck, w.root / "ref"),
-            (w.root / "ref" / "config.json").unlink(),
-            w.argv(ref=w.root / "ref"),
-        )[2],
-        ["ref", "config.json"],
-    ),
-    "ref-config-not-json": (
-        lambda w: (
-            shutil.copytree(w.ck, w.root / "ref"),
-            (w.root / "ref" / "config.json").write_text("?"),
-            w.argv(ref=w.root / "ref"),
-        )[2],
-        ["config.json", "JSON"],
-    ),
-    "ref-tensor-wrong-shape": (
-        lambda w: (
-            shutil.copytree(w.ck, w.root / "ref"),
-            save_file(
-                {
-                    **load_file(w.root / "ref" / "model.safetensors"),
-                    "model.norm.weight": torch.ones(7),
-                },
-                w.root / "ref" / "model.safetensors",
-            ),
-            w.argv(ref=w.root / "ref"),
-        )[2],
-        ["model.norm.weight", "shape"],
-    ),
-    "ref-vocab-differs": (ref_with_other_vocab, ["vocabular", "--ref"]),
-    "data-missing": (
-        lambda w: w.argv(data=w.root / "nodata.jsonl"),
-        ["--data", "nodata.jsonl", "does not exist"],
-    ),
-    "data-empty": (lambda w: (write_lines(w), w.argv())[1], ["train.jsonl", "no examples"]),
-    "data-blank-lines-only": (
-        lambda w: (write_lines(w, "", "  "), w.argv())[1],
-        ["train.jsonl", "no examples"],
-    ),
-    "data-not-json": (
-        lambda w: (write_lines(w, good_line(), good_line(), "{not json"), w.argv())[1],
-        ["train.jsonl:3", "not valid JSON"],
-    ),
-    "data-lacks-fields": (
-        lambda w: (write_lines(w, good_line(), json.dumps({"prompt": "x", "text": "y"})), w.argv())[
-            1
-        ],
-        ["train.jsonl:2", "prompt/response"],
-    ),
-    "data-not-an-object": (
-        lambda w: (write_lines(w, "[1, 2]"), w.argv())[1],
-        ["train.jsonl:1", "JSON object"],
-    ),
-    "data-bad-messages": (
-        lambda w: (
-            write_lines(w, json.dumps({"messages": [{"role": "user", "content": "hi"}]})),
-            w.argv(),
-        )[1],
-        ["train.jsonl:1", "messages"],
-    ),
-    "data-not-utf8": (
-        lambda w: (w.data.write_bytes(b'{"prompt": "\xff\xfe", "response": "x"}\n'), w.argv())[1],
-        ["train.jsonl"],
-    ),
-    "eval-data-not-json": (
-        lambda w: (
-            (w.root / "eval.jsonl").write_text(good_line() + "\n[\n"),
-            w.argv(eval_data=w.root / "eval.jsonl"),
-        )[1],
-        ["eval.jsonl:2", "not valid JSON"],
-    ),
-    "no-usable-example": (lambda w: w.argv(max_len=3), ["no usable example", "--max-len"]),
-    "only-empty-examples": (
-        lambda w: (write_lines(w, *[json.dumps({"prompt": "", "response": ""})] * 4), w.argv())[1],
-        ["no usable example", "empty"],
-    ),
-    "unknown-rule": (lambda w: w.argv(rule="magic"), ["--rule", "magic"]),
-    "threshold-above-1": (lambda w: w.argv(threshold=1.5), ["--threshold", "[0, 1]"]),
-    "threshold-below-0": (lambda w: w.argv(threshold=-0.1), ["--threshold", "[0, 1]"]),
-    "threshold-nan": (lambda w: w.argv(threshold="nan"), ["--threshold"]),
-    "lr-zero": (lambda w: w.argv(lr=0), ["--lr", "positive"]),
-    "lr-negative": (lambda w: w.argv(lr=-1e-4), ["--lr", "positive"]),
-    "lr-nan": (lambda w: w.argv(lr="nan"), ["--lr"]),
-    "max-len-zero": (lambda w: w.argv(max_len=0), ["--max-len", "positive"]),
-    "batch-size-zero": (lambda w: w.argv(batch_size=0), ["--batch-size", "positive"]),
-    "batch-size-negative": (lambda w: w.argv(batch_size=-4), ["--batch-size", "positive"]),
-    "micro-batch-does-not-divide": (
-        lambda w: w.argv(micro_batch=3),
-        ["--batch-size 4", "--micro-batch 3"],
-    ),
-    "max-steps-zero": (lambda w: w.argv(max_steps=0), ["--max-steps", "positive"]),
-    "save-every-negative": (lambda w: w.argv(save_every=-1), ["--save-every"]),
-    "out-holds-a-run": (
-        lambda w: (previous_run(w), w.argv())[1],
-        ["already holds a run", "--resume", "--overwrite"],
-    ),
-    "overwrite-with-bad-data": (
-        lambda w: (previous_run(w), write_lines(w, "{"), w.argv("--overwrite"))[2],
-        ["train.jsonl:1", "not valid JSON"],
-    ),
-    "overwrite-with-bad-model": (
-        lambda w: (previous_run(w), rewrite_config(w, model_type="mamba"), w.argv("--overwrite"))[
-            2
-        ],
-        ["mamba"],
-    ),
-    "overwrite-with-bad-ref": (
-        lambda w: (previous_run(w), w.argv("--overwrite", ref=w.data))[1],
-        ["--ref"],
-    ),
-    "out-is-not-a-run": (lambda w: w.argv("--overwrite", out=w.ck), ["--out", "not", "run"]),
-    "out-is-a-file": (lambda w: w.argv(out=w.data), ["--out"]),
-    "resume-no-args-json": (
-        lambda w: (w.out.mkdir(), ["--resume", w.out])[1],
-        ["--resume", "args.json"],
-    ),
-    "resume-missing-dir": (lambda w: ["--resume", w.root / "nowhere"], ["--resume", "nowhere"]),
-    "resume-args-json-corrupt": (
-        lambda w: (previous_run(w), (w.out / "args.json").write_text("{"), ["--resume", w.out])[2],
-        ["args.json"],
-    ),
-    "resume-without-checkpoint": (
-        resume_without_checkpoint,
-        ["no checkpoint", "checkpoints/latest"],
-    ),
-}
-
-
-@pytest.mark.parametrize("case", BAD)
-def test_bad_input(case, w, capsys):
-    setup, fragments = BAD[case]
-    argv = setup(w)
-    existed = w.out.exists()
-    before = snapshot(w.root)
-    rc = main_rc(argv)
-    out, err = capsys.readouterr()
-    assert rc == 2, f"exit code {rc}\nstdout: {out}\nstderr: {err}"
-    line = one_error_line(err)
-    for f in fragments:
-        assert f in line, f"{f!r} not in: {line}"
-    assert snapshot(w.root) == before, "a bad input wrote, changed or removed files"
-    assert w.out.exists() == existed
-
-
-@pytest.mark.parametrize("case", ["config-not-json", "overwrite-with-bad-data"])
-def test_bad_input_real_command_line(case, w):
-    """The same, through a fresh `python prift.py`: the exit code and stderr a user sees."""
-    setup, fragments = BAD[case]
-    argv = setup(w)
-    before = snapshot(w.root)
-    r = run_cli(argv, env=cli_env(w))
-    assert r.returncode == 2, r.stderr
-    line = one_error_line(r.stderr)
-    assert all(f in line for f in fragments), line
-    assert snapshot(w.root) == before
-
-
-def test_data_lines_split_on_newline_only(w):
-    """A raw U+2028 inside a JSON string (json.dumps(..., ensure_ascii=False) writes one) is not a
-    line break.
-    """
-    w.data.write_text(
-        json.dumps({"prompt": "a\u2028b", "response": "c\u0085d"}, ensure_ascii=False)
-        + "\n"
-        + good_line()
-        + "\n",
-        encoding="utf-8",
-    )
-    rows = data.read_jsonl(w.data)
-    assert [r["response"] for r in rows] == ["c\u0085d", " 2."]
-
-
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # During training, in this process: train() itself, or infra.cli.main with a hook in the loop
 
 
@@ -388,7 +106,7 @@ def train_args(**over):
             **over,
         }
     )
-    a = tiny.settings(a)
+    a = helpers.settings(a)
     return a
 
 
@@ -401,14 +119,9 @@ def params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def read_metrics(out):
-    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
 def watch_steps(monkeypatch, model=None):
     """Wrap get_lr, called once at the start of every step: records the 0-based step index, and the
-    weights
-    then if a model is given. Returns the record."""
+    weights then if a model is given. Returns the record."""
     rec = {"step": None, "weights": {}}
     get_lr = prift.get_lr
 
@@ -437,7 +150,7 @@ def test_micro_batch_without_response_tokens(rule, w, tmp_path):
         a = train_args(rule=rule, batch_size=2, micro_batch=1, max_steps=steps)
         pr = prior[: len(batch)] if i == 0 else prior[2:]
         (tmp_path / str(i)).mkdir()
-        state = tiny.train(
+        state = helpers.train(
             a, model, batch, prior=pr if a.signal == "prior" else None, out=tmp_path / str(i)
         )
         rows = read_metrics(tmp_path / str(i))
@@ -470,7 +183,7 @@ def test_non_finite_step_is_skipped(poison, w, tmp_path, monkeypatch):
         )
 
     monkeypatch.setattr(prift, "chunked_loss", poisoned)
-    state = tiny.train(train_args(max_steps=5), model, tiny_seqs(w), out=tmp_path)
+    state = helpers.train(train_args(max_steps=5), model, tiny_seqs(w), out=tmp_path)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5], "training went on after the skipped step"
     assert [r["skipped"] for r in rows] == [0, 0, 1, 1, 1] and state["skipped"] == 1
@@ -485,8 +198,7 @@ def test_non_finite_step_is_skipped(poison, w, tmp_path, monkeypatch):
 
 def test_non_finite_steps_in_a_row_stop_with_checkpoint(w, monkeypatch, capsys):
     """From step 4 on every step is non-finite: after 5 in a row, exit 2 with one line; the last
-    checkpoint
-    holds the weights of the last good step, and no final model is written."""
+    checkpoint holds the weights of the last good step, and no final model is written."""
     model_weights = {}
     rec = watch_steps(monkeypatch)
     loss = prift.chunked_loss
@@ -521,7 +233,7 @@ def test_non_finite_steps_in_a_row_stop_with_checkpoint(w, monkeypatch, capsys):
     assert not (w.out / "model.safetensors").exists()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints: atomic publication, resume equivalence, signals, kill -9
 
 
@@ -570,21 +282,6 @@ def test_save_killed_at_every_line_leaves_previous_checkpoint(w, tmp_path):
     ]
 
 
-def run_interrupted(w, argv, at_step, monkeypatch, signum=signal.SIGTERM):
-    """cli.main(argv) with the signal sent to this process during step `at_step` (1-based)."""
-    get_lr = prift.get_lr
-
-    def hook(step, *a, **k):
-        if step == at_step - 1:
-            os.kill(os.getpid(), signum)
-        return get_lr(step, *a, **k)
-
-    monkeypatch.setattr(prift, "get_lr", hook)
-    rc = main_rc(argv)
-    monkeypatch.setattr(prift, "get_lr", get_lr)
-    return rc
-
-
 @pytest.mark.parametrize(
     "extra",
     [
@@ -597,8 +294,7 @@ def run_interrupted(w, argv, at_step, monkeypatch, signum=signal.SIGTERM):
 )
 def test_resume_is_bit_identical(extra, w, monkeypatch, capsys):
     """Interrupted by SIGTERM at step 6 of 9 (2 epochs) and resumed: the same weights, bit for bit,
-    and the
-    same metrics, steps 1..9 once each."""
+    and the same metrics, steps 1..9 once each."""
     whole, handlers = (
         w.root / "whole",
         (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)),
@@ -626,9 +322,8 @@ def test_resume_is_bit_identical(extra, w, monkeypatch, capsys):
 
 def test_a_run_from_before_resumes(w, monkeypatch, capsys):
     """An args.json as the first version of prift wrote it: no option added since (they take their
-    defaults) and
-    --eval-data a single file. The run resumes and finishes, and evaluates that file (before
-    training too: that evaluation was written to eval_before.json when it was made)."""
+    defaults) and --eval-data a single file. The run resumes and finishes, and evaluates that file
+    (before training too: that evaluation was written to eval_before.json when it was made)."""
     assert (
         run_interrupted(
             w,
@@ -672,6 +367,7 @@ def n_lines(path):
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+# Unlike helpers.run_cli: the process is left running, to signal or kill it.
 def start_cli(w, argv):
     return subprocess.Popen(
         [sys.executable, str(ROOT / "prift.py"), *map(str, argv)],
@@ -684,8 +380,7 @@ def start_cli(w, argv):
 
 def test_sigint_saves_and_resume_continues(w, capsys):
     """Ctrl-C in the real command line: a checkpoint at the current step, a line saying how to
-    resume,
-    exit 130 without a traceback; the resumed run ends with every step logged once."""
+    resume, exit 130 without a traceback; the resumed run ends with every step logged once."""
     proc = start_cli(w, w.argv(max_steps=40))
     wait_for(lambda: n_lines(w.out / "metrics.jsonl") >= 2, proc)
     proc.send_signal(signal.SIGINT)
@@ -706,9 +401,8 @@ def test_sigint_saves_and_resume_continues(w, capsys):
 
 def test_kill_9_during_save_leaves_checkpoint_loadable(w):
     """kill -9 the real command line while it writes a checkpoint (a step-*.tmp directory exists),
-    then kill
-    the resumed run at a random moment: each time `latest` loads, and a last resume completes the
-    run."""
+    then kill the resumed run at a random moment: each time `latest` loads, and a last resume
+    completes the run."""
     ckpts = w.out / "checkpoints"
 
     def saving():
@@ -732,3 +426,165 @@ def test_kill_9_during_save_leaves_checkpoint_loadable(w):
     assert main_rc(["--resume", w.out]) == 0
     assert metrics_steps(w.out) == list(range(1, 41))
     assert sorted(os.listdir(ckpts))[0] == "latest" and len(os.listdir(ckpts)) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# No code from files
+
+
+class MakesAFile:
+    """Unpickled, it creates a file: what a crafted trainer.pt does to run code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_crafted_trainer_state_runs_no_code(w_short, capsys):
+    """A real trainer.pt with one object added that would create a file when unpickled: --resume
+    refuses it in one line, and no file is created. The same bytes, unpickled, do create it (the
+    test could fail)."""
+    out = w_short.finished(save_every=1)
+    trainer = out / "checkpoints" / "latest" / "trainer.pt"
+    state = torch.load(trainer, weights_only=True)
+    marker = w_short.root / "pwned"
+    torch.save({**state, "extra": MakesAFile(marker)}, trainer)
+    refused(["--resume", out], w_short.root, capsys, "trainer.pt", "not written by prift")
+    assert not marker.exists()
+    torch.load(trainer, weights_only=False)  # what prift did before: the file is created
+    assert marker.exists()
+
+
+def test_trainer_state_keeps_every_random_state(w_short):
+    state = torch.load(
+        w_short.finished(save_every=1) / "checkpoints" / "latest" / "trainer.pt", weights_only=True
+    )
+    assert state["rng"].dtype == torch.uint8 and "cuda_rng" in state
+    assert (state["cuda_rng"] is not None) == torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------------------------------
+# The final save, killed
+
+
+SAVE_MODEL = checkpoint.save_model
+
+
+def kill_in_final_save(n):
+    """checkpoint.save_model, killed before the n-th line it executes in checkpoint.py; counts lines
+    when n=None.
+    """
+    count = [0]
+
+    def killed(*a):
+        if not kill_at_line(n, SAVE_MODEL, *a, count=count):
+            raise Killed  # the process dies here: nothing after the kill runs
+
+    return killed, count
+
+
+def test_a_kill_during_the_final_save_loses_nothing(w_short, monkeypatch, capsys):
+    """A kill at lines spread over the whole final save (no --save-every: no checkpoint at all): the
+    model is published whole, or --resume trains the run again to the very same weights, leaving no
+    temporary file."""
+    whole = w_short.finished(out=w_short.root / "whole")
+    counting, count = kill_in_final_save(None)
+    monkeypatch.setattr(checkpoint, "save_model", counting)
+    assert main_rc(w_short.argv(out=w_short.root / "counted")) == 0
+    lines = count[0]
+    assert lines > 10
+    ends = {False: 0, True: 0}
+    for n in sorted({1, 2, lines // 4, lines // 2, 3 * lines // 4, lines - 2, lines - 1, lines}):
+        out = w_short.root / f"killed-{n}"
+        monkeypatch.setattr(checkpoint, "save_model", kill_in_final_save(n)[0])
+        with pytest.raises(Killed):
+            main_rc(w_short.argv(out=out))
+        monkeypatch.undo()
+        published = (out / "model.safetensors").exists()
+        ends[published] += 1
+        if not published:  # the run is resumable
+            assert main_rc(["--resume", out]) == 0, capsys.readouterr().err
+            assert not [p for p in out.rglob("*.tmp")]
+        assert same_weights(whole, out), f"killed at line {n} of {lines}: other weights"
+    assert ends[False] and ends[True], "the kills did not reach both sides of the publication"
+
+
+# --------------------------------------------------------------------------------------------------
+# Preemption: the same command line, run again
+
+
+def interrupt_at(monkeypatch, step):
+    """SIGTERM to this process during step `step` (1-based), as a scheduler preempting the job
+    sends.
+    """
+    get_lr = prift.get_lr
+
+    def hook(s, *a, **k):
+        if s == step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return get_lr(s, *a, **k)
+
+    monkeypatch.setattr(prift, "get_lr", hook)
+
+
+def test_the_same_command_again_continues_or_starts(w_short, monkeypatch, capsys):
+    """`--resume` with the full command line: on an --out killed before args.json existed it starts;
+    preempted, the same command continues (also from a trainer.pt of before, without the CUDA random
+    state), removing what the kill left; finished, it ends again with the same weights. A change of
+    data, model or method is refused."""
+    argv = w_short.argv("--resume", max_steps=4, save_every=1, rule="random", threshold=0.5)
+    whole = w_short.finished(out=w_short.root / "whole", max_steps=4, rule="random", threshold=0.5)
+    w_short.out.mkdir()
+    (w_short.out / ".lock").write_text("")  # killed before args.json was written
+    interrupt_at(monkeypatch, 3)
+    assert main_rc(argv) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    trainer = w_short.out / "checkpoints" / "latest" / "trainer.pt"
+    torch.save(
+        {k: v for k, v in torch.load(trainer, weights_only=True).items() if k != "cuda_rng"},
+        trainer,
+    )
+    leftovers = [
+        w_short.out / "final.tmp",
+        w_short.out / "metrics.tmp",
+        w_short.out / "checkpoints" / "step-0000009.tmp",
+    ]
+    leftovers[0].mkdir()
+    (leftovers[0] / "model.safetensors").write_bytes(b"half a model")
+    leftovers[1].write_text("")
+    leftovers[2].mkdir()
+    (w_short.out / "notes.txt").write_text("mine")
+    assert main_rc(argv) == 0
+    assert same_weights(whole, w_short.out) and not any(p.exists() for p in leftovers)
+    assert (w_short.out / "notes.txt").read_text() == "mine"
+    assert main_rc(argv) == 0 and same_weights(whole, w_short.out)
+    capsys.readouterr()
+
+    other_model = make_checkpoint(w_short.root / "other", seed=1)
+    other_data = make_data(w_short.root / "other.jsonl", n=12, seed=5)
+    refused(
+        w_short.argv(
+            "--resume", max_steps=4, save_every=1, rule="random", threshold=0.5, model=other_model
+        ),
+        w_short.root,
+        capsys,
+        "--model",
+    )
+    refused(
+        w_short.argv("--resume", max_steps=4, save_every=1, rule="mass"),
+        w_short.root,
+        capsys,
+        "--rule",
+    )
+    refused(
+        w_short.argv(
+            "--resume", max_steps=4, save_every=1, rule="random", threshold=0.5, data=other_data
+        ),
+        w_short.root,
+        capsys,
+        "sha256",
+    )
+    shutil.copy(other_data, w_short.data)  # the same path, other content
+    refused(["--resume", w_short.out], w_short.root, capsys, "sha256")

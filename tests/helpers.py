@@ -1,0 +1,555 @@
+"""The tests' helpers: tiny real checkpoints and JSONL data, made in a few hundred milliseconds;
+tiny random Hugging Face checkpoints of each family, built and saved with transformers (used only
+as an independent oracle for model.py), so no test downloads anything; run directories, command
+lines and what runs leave on disk."""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+from infra import demo  # noqa: E402
+from model import GPT, Config  # noqa: E402
+
+
+def make_checkpoint(path, seed=0, hidden=32, layers=2, vocab_size=120, tie=True, pretrain_steps=0):
+    """A random llama-family checkpoint with a BPE tokenizer trained on the demo corpus:
+    config.json, model.safetensors, tokenizer.json and tokenizer_config.json, as a downloaded one
+    has.
+
+    pretrain_steps: first train it that many steps (plain cross-entropy, AdamW, 16 windows of 32
+    tokens of the corpus), so that it predicts the demo's text. A random one gives every token about
+    1/vocab (at most 0.015): a rule with a threshold (profit keeps p >= 0.1) then keeps nothing. 20
+    steps (half a second) give p >= 0.1 on most, not all, tokens of make_data's problems."""
+    path = Path(path)
+    rows = demo.pretrain_corpus(300, seed=0)
+    tok = demo.tokenizer([r["response"] for r in rows], vocab_size=vocab_size)
+    cfg = dict(
+        model_type="llama",
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tie,
+        hidden_act="silu",
+        eos_token_id=tok.token_to_id("<|endoftext|>"),
+    )
+    torch.manual_seed(seed)
+    model = GPT(Config.from_dict(cfg))
+    if pretrain_steps:
+        pretrain(
+            model,
+            [i for r in rows for i in tok.encode(r["response"]).ids + [cfg["eos_token_id"]]],
+            pretrain_steps,
+        )
+    model.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return path
+
+
+def pretrain(model, stream, steps, lr=1e-2):
+    """A plain language-model loop on one token stream (no code of prift's training): random
+    windows.
+    """
+    stream, g = torch.tensor(stream), torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - 33, (16,), generator=g)
+        window = torch.stack([stream[s : s + 33] for s in starts.tolist()])  # (16, 33)
+        logits = model(window[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def assert_some_kept(rows):
+    """rows: metrics.jsonl's rows (dicts) of a run with a 0/1 rule. The rule kept some response
+    tokens and dropped others: a run whose weights are all 0 (no gradient) or all 1 (sft) tests
+    nothing of the rule."""
+    kept = [r["kept"] for r in rows]
+    assert 0 < sum(kept) / len(kept) < 1, (
+        f"kept fractions {kept}: the rule kept every token or none"
+    )
+    assert not any(r["kept"] > 0 and (r["loss"] == 0 or r["grad_norm"] == 0) for r in rows), rows
+
+
+def read_metrics(out):
+    """The rows of out/metrics.jsonl, as dicts."""
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def metrics_steps(out):
+    """The step of each row of out/metrics.jsonl."""
+    return [r["step"] for r in read_metrics(out)]
+
+
+def make_data(path, n=24, seed=1, noise=0.3):
+    """n demo word problems as prompt/response JSONL, with noise in a fraction of them."""
+    data.write_jsonl(demo.task(n, seed, noise), path)
+    return Path(path)
+
+
+def run_cli(args, cwd=None, timeout=300, **kw):
+    """Run `python prift.py ARGS` as a user would, to its end; returns the CompletedProcess. (Other
+    runners, which do what this one does not: test_checkpoint.start_cli, a process left running;
+    test_run_dir.cli_process, a file-size limit and the peak memory; test_cuda.cli and
+    test_report's, their own flags.)"""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, str(ROOT / "prift.py"), *map(str, args)],
+        cwd=cwd,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+        **kw,
+    )
+
+
+def trained_inputs(tmp_path_factory):
+    """A checkpoint pretrained 20 steps (so that profit keeps some tokens, not none) and 24
+    examples: (checkpoint, data), for a module-scoped fixture."""
+    root = tmp_path_factory.mktemp("assets")
+    return make_checkpoint(root / "ck", pretrain_steps=20), make_data(root / "train.jsonl", n=24)
+
+
+def short_inputs(tmp_path_factory):
+    """An untrained checkpoint and 12 examples: (checkpoint, data), for a module-scoped fixture."""
+    root = tmp_path_factory.mktemp("assets")
+    return make_checkpoint(root / "ck"), make_data(root / "train.jsonl", n=12)
+
+
+def run_interrupted(w, argv, at_step, monkeypatch, signum=signal.SIGTERM):
+    """infra.cli.main(argv) with the signal (SIGTERM unless told) sent to this process during step
+    `at_step` (1-based)."""
+    import prift
+
+    get_lr = prift.get_lr
+
+    def hook(step, *a, **k):
+        if step == at_step - 1:
+            os.kill(os.getpid(), signum)
+        return get_lr(step, *a, **k)
+
+    monkeypatch.setattr(prift, "get_lr", hook)
+    rc = main_rc(argv)
+    monkeypatch.setattr(prift, "get_lr", get_lr)
+    return rc
+
+
+# --------------------------------------------------------------------------------------------------
+# Run directories: a fresh copy of a run's inputs, infra.cli.main in this process, and what it left
+# on disk
+
+
+class Work:
+    """A fresh copy of a tiny checkpoint and its data (assets: their paths) in tmp; `out` does not
+    exist yet. flags: the command line's defaults for this test file."""
+
+    def __init__(self, tmp, assets, **flags):
+        self.root, self.flags = tmp, flags
+        self.ck = Path(shutil.copytree(assets[0], tmp / "ck"))
+        self.data = Path(shutil.copy(assets[1], tmp / "train.jsonl"))
+        self.out, self.cache = tmp / "out", tmp / "cache"
+
+    def argv(self, *extra, **over):
+        """The command line of a short run; keyword arguments replace a flag's value (None drops
+        it).
+        """
+        flags = {
+            "model": self.ck,
+            "data": self.data,
+            "out": self.out,
+            "cache": self.cache,
+            **self.flags,
+            **over,
+        }
+        return [
+            a
+            for k, v in flags.items()
+            if v is not None
+            for a in (f"--{k.replace('_', '-')}", str(v))
+        ] + [str(e) for e in extra]
+
+    def finished(self, out=None, **over):
+        """A finished run in out (default self.out), made by prift."""
+        assert main_rc(self.argv(out=out or self.out, **over)) == 0
+        return out or self.out
+
+
+def cli_env(w):
+    """The environment of a command line of the run directory w: its prior cache, one thread."""
+    return {**os.environ, "PRIFT_CACHE": str(w.cache), "OMP_NUM_THREADS": "1"}
+
+
+def rewrite_config(ck, **change):
+    """ck/config.json with the fields of change set, or removed where change gives None."""
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg.update(change)
+    (ck / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+
+
+def loaded(path):
+    """A safetensors file's tensors, copied out of its memory map (the file may be rewritten
+    next)."""
+    from safetensors.torch import load_file
+
+    return {k: v.clone() for k, v in load_file(path).items()}
+
+
+def weights(path):
+    """The tensors of path/model.safetensors."""
+    return loaded(Path(path) / "model.safetensors")
+
+
+def same_weights(a, b):
+    """The runs (or checkpoints) a and b hold the same tensors, bit for bit."""
+    a, b = weights(a), weights(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@contextlib.contextmanager
+def within(seconds):
+    """Fail (TimeoutError) instead of hanging: what a FIFO or an endless template would do."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: it hangs")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def refused(argv, root, capsys, *fragments, entry=None, prog="prift", seconds=None):
+    """argv is refused: exit code 2, one line holding every fragment, nothing under root written or
+    removed. seconds: fail instead of hanging after that long (None: no limit)."""
+    before = snapshot(root)
+    with within(seconds) if seconds else contextlib.nullcontext():
+        rc = main_rc(argv, entry)
+    out, err = capsys.readouterr()
+    assert rc == 2, f"exit code {rc}\nstdout: {out}\nstderr: {err}"
+    line = one_error_line(err, prog)
+    assert all(f in line for f in fragments), (fragments, line)
+    assert snapshot(root) == before, "a refused input wrote, changed or removed files"
+    return line
+
+
+def main_rc(argv, entry=None):
+    """infra.cli.main (or entry), what `python prift.py` runs: its return value, or the code it
+    exits with."""
+    from infra import cli
+
+    try:
+        return (entry or cli.main)([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+def snapshot(root):
+    """Every path under root with its content hash (size, for a huge file) and modification time:
+    any write or removal shows."""
+    snap = {}
+    for p in sorted(Path(root).rglob("*")):
+        key = str(p.relative_to(root))
+        if p.is_symlink():
+            snap[key] = ("link", os.readlink(p))
+        elif p.is_fifo():
+            snap[key] = "fifo"
+        elif p.is_file() and p.stat().st_size > 2**26:  # a huge (sparse) test file: not read
+            snap[key] = (p.stat().st_size, p.stat().st_mtime_ns)
+        elif p.is_file():
+            snap[key] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        else:
+            snap[key] = "dir"
+    return snap
+
+
+def one_error_line(err, prog="prift"):
+    """The single line a user error prints on stderr."""
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    return lines[0]
+
+
+class Killed(BaseException):
+    """A simulated kill -9: not an Exception, so no `except Exception` in the code under test
+    catches it.
+    """
+
+
+def kill_at_line(n, fn, *args, count=None):
+    """Run fn(*args), raising Killed before the n-th line executed in checkpoint.py (n None: never);
+    returns True if fn finished first. count: a list whose [0] counts the lines executed. (Lines of
+    model.py's save_pretrained only write into a temporary directory.)"""
+    from infra import checkpoint
+
+    count = [0] if count is None else count
+
+    def local(frame, event, arg):
+        if event == "line":
+            count[0] += 1
+            if count[0] == n:
+                raise Killed
+        return local
+
+    sys.settrace(
+        lambda frame, event, arg: local if frame.f_code.co_filename == checkpoint.__file__ else None
+    )
+    try:
+        fn(*args)
+        return True
+    except Killed:
+        return False
+    finally:
+        sys.settrace(None)
+
+
+# --------------------------------------------------------------------------------------------------
+# The method's entry points called as infra/cli.py calls them, from a test's namespace of settings
+
+
+def settings(args):
+    """The namespace with the rule's own signal and threshold filled in, as check_args does."""
+    import prift
+
+    signal, threshold = prift.rule_settings(args.rule, args.signal, args.threshold)
+    return argparse.Namespace(**{**vars(args), "signal": signal, "threshold": threshold})
+
+
+def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
+    """prift.train with a TrainConfig of these settings, and the run kept in `out` (or nowhere)."""
+    import prift
+    from infra import checkpoint
+    from infra.argtypes import train_config
+
+    run = checkpoint.Run(out, getattr(args, "save_every", 0), start)
+    return prift.train(train_config(args), model, seqs, prior=prior, ref=ref, run=run)
+
+
+def compute_prior(args, seqs, device):
+    """The prior of seqs as a run gets it: from the cache, or computed and kept there."""
+    from infra.prior import prior_of
+
+    return prior_of(args, seqs, device)
+
+
+def load_reference(args, device):
+    import prift
+    from infra.prior import reference_dtype
+
+    return prift.load_reference(args.ref, device, reference_dtype(args))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face checkpoints of each family, made with transformers (an independent oracle)
+
+
+FAMILIES = ("gpt2", "llama", "qwen2", "qwen3")
+VOCAB = 96
+
+# Tiny configs. The llama-style ones use GQA (2 key/value heads for 4 query heads); qwen3 sets
+# head_dim to
+# 16, which is not hidden_size / num_attention_heads (8).
+TINY = {
+    "gpt2": dict(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
+    ),
+    "llama": dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "qwen2": dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "qwen3": dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+}
+
+
+def hf_config(family, **overrides):
+    import transformers
+
+    cls = {
+        "gpt2": transformers.GPT2Config,
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+    }[family]
+    return cls(**{**TINY[family], **overrides})
+
+
+@torch.no_grad()
+def randomize_(model, seed=0):
+    """Replace the (tiny, std 0.02) default init with weights large enough that logits are O(1), and
+    make norm gains and biases non-trivial, so that a wrong norm, bias, rotation or mask shows in
+    the logits."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():  # tied parameters appear once
+        if p.dim() == 1 and ("norm" in name or ".ln_" in name):
+            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        elif p.dim() == 1:
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def make_hf_checkpoint(path, family, *, save_dtype=None, max_shard_size=None, seed=0, **overrides):
+    """Build a tiny random transformers model of `family` (config: TINY[family] updated with
+    `overrides`, e.g. tie_word_embeddings=True or rope_parameters={...}), save it with transformers'
+    save_pretrained into `path` (created if needed) and return `path`. save_dtype (e.g.
+    torch.bfloat16) casts the weights before saving; max_shard_size (e.g. "40KB") makes a sharded
+    checkpoint with an index."""
+    import transformers
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(family, **overrides))
+    randomize_(model, seed).eval()
+    if save_dtype is not None:
+        model = model.to(save_dtype)
+    kw = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
+    model.save_pretrained(path, **kw)
+    return path
+
+
+def load_hf(path, dtype=torch.float32):
+    """The transformers model stored in `path`, in `dtype` (float32 unless told), in eval mode."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def hf_logits(path, idx, dtype=torch.float32):
+    return load_hf(path, dtype)(idx).logits
+
+
+def write_tokenizer(path):
+    """A small word-level tokenizer.json (no download), written into `path`; returns the file."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    out = Path(path) / "tokenizer.json"
+    tok.save(str(out))
+    return out
+
+
+# A real instruct checkpoint's chat template (SmolLM2-Instruct's): chatml with a default system
+# prompt, so that even a prompt without a system turn holds <|im_end|> twice before the response.
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_chat_checkpoint(
+    path, family="llama", *, pad="end", tie=True, vocab_size=None, hidden=32, layers=2, seed=0
+):
+    """A tiny checkpoint with the traps of a real instruct one (SmolLM2-Instruct: tied embeddings,
+    GQA, a chat template with a default system prompt, EOS <|im_end|>, and pad_token_id that same
+    <|im_end|>, the end token prift trains and the template writes in every prompt). pad: "end"
+    (that trap), "outside" (<|endoftext|>, which the template never writes) or None (no
+    pad_token_id). vocab_size: rows of the embedding beyond the tokenizer's (a real-size
+    vocabulary, as Qwen's 151,936 rows for 151,665 tokens), default the tokenizer's. Built and saved
+    with transformers, weights as randomize_ makes them; returns `path`."""
+    import transformers
+
+    from infra import demo
+
+    path = Path(path)
+    texts = [r["response"] for r in demo.pretrain_corpus(300, seed=0)]
+    tok = demo.tokenizer(texts, vocab_size=120)
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    end = tok.token_to_id("<|im_end|>")
+    pad_id = {"end": end, "outside": tok.token_to_id("<|endoftext|>"), None: None}[pad]
+    vocab = max(vocab_size or 0, tok.get_vocab_size())
+    ids = dict(vocab_size=vocab, bos_token_id=end, eos_token_id=end, pad_token_id=pad_id)
+    if family == "gpt2":
+        cfg = dict(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256)
+    else:
+        cfg = dict(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,  # GQA
+            max_position_embeddings=256,
+        )
+        if family == "qwen3":
+            cfg["head_dim"] = hidden // 2  # not hidden / heads, as in Qwen3
+    config = transformers.AutoConfig.for_model(family, tie_word_embeddings=tie, **cfg, **ids)
+    torch.manual_seed(seed)
+    model = randomize_(transformers.AutoModelForCausalLM.from_config(config), seed).eval()
+    model.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    special = dict(eos_token="<|im_end|>", bos_token=None, unk_token="<unk>")
+    if pad:
+        special["pad_token"] = tok.id_to_token(pad_id)
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            dict(
+                special,
+                tokenizer_class="PreTrainedTokenizerFast",
+                chat_template=DEFAULT_SYSTEM_TEMPLATE,
+            )
+        )
+    )
+    return path

@@ -3,21 +3,18 @@ Benchmark of training speed and memory, measured side by side in one run on one 
 machine:
 
   1. training tokens per second and peak memory of sft, dft, prob and mass, the prior precomputed
-     (the
-     default) and the reference in the loop (--prior inline), each as a ratio to sft; the one
+     (the default) and the reference in the loop (--prior inline), each as a ratio to sft; the one
      no-grad pass that precomputes the prior; and transformers' own model doing the same step as our
      sft (forward, backward, clipping, AdamW), when transformers is installed;
   2. peak memory of the loss and weights alone (mass with the reference's signal, forward and
-     backward,
-     from final hidden states and heads), chunked as prift.py does it versus the plain full softmax;
+     backward, from final hidden states and heads), chunked as prift.py does it versus the plain
+     full softmax;
   3. on real lengths (REAL_LENGTHS below), the padded share of the positions the loop computes and
-     its response
-     tokens per second, with micro-batches cut from each step's examples in random order (the loop
-     before it grouped them, and --match-authors now), grouped by length (the default), and by a
-     token budget (--micro-tokens).
+     its response tokens per second, with micro-batches cut from each step's examples in random
+     order (the loop before it grouped them, and --match-authors now), grouped by length (the
+     default), and by a token budget (--micro-tokens).
   4. peak memory and step time with and without activation checkpointing (--grad-checkpoint), at
-     sequence 2,048,
-     beside what memory.py's plan says the run needs.
+     sequence 2,048, beside what memory.py's plan says the run needs.
 
     python bench.py                  # Llama-shaped, ~100M parameters, sequence 512; float32 (minutes on a CPU)
     python bench.py --quick          # tiny sizes, to check that it runs
@@ -203,8 +200,7 @@ def llama_config(a):
 
 def synthetic_data(a):
     """Random token sequences; every position after the first token is a response token, so that our
-    loss
-    and transformers' cover the same seq_len positions."""
+    loss and transformers' cover the same seq_len positions."""
     g = torch.Generator().manual_seed(0)
     n = a.batch * (a.warmup + a.steps)
     return [(torch.randint(a.vocab, (a.seq_len + 1,), generator=g).tolist(), 1) for _ in range(n)]
@@ -352,9 +348,8 @@ def run_loss(a, mode):
     meter = Meter(device)
     meter.stamp()
     with autocast(device):
-        if (
-            mode == "plain"
-        ):  # as the authors do it: both models' full (T, V) logits and softmax in float32
+        # as the authors do it: both models' full (T, V) logits and softmax in float32
+        if mode == "plain":
             logits = head(h)
             with torch.no_grad():
                 w = prift.token_weights("mass", y, logits, ref_head(h_ref))
@@ -370,8 +365,8 @@ def run_loss(a, mode):
 
 def real_length_seqs(n, vocab, seed=0):
     """n random token sequences whose lengths follow REAL_LENGTHS (uniform within a bin); every
-    token but the
-    first is trained, so 'response tokens' are all the positions a causal LM predicts."""
+    token but the first is trained, so 'response tokens' are all the positions a causal LM predicts.
+    """
     g = torch.Generator().manual_seed(seed)
     bins = torch.multinomial(
         torch.tensor(REAL_LENGTHS, dtype=torch.float), n, replacement=True, generator=g
@@ -396,8 +391,7 @@ def micro_batches(a, mode, seqs, idx, cut=data.micro_batches):
 
 def padded_share(a, mode, batch):
     """Padded share of the positions computed (rows x longest; the inputs are a sequence but its
-    last token) over
-    every step of 4 epochs of 1,024 examples in optimizer batches of `batch`."""
+    last token) over every step of 4 epochs of 1,024 examples in optimizer batches of `batch`."""
     seqs, computed, real = real_length_seqs(1024, 2), 0, 0
     for step in range(4 * 1024 // batch):
         for mb, _ in micro_batches(a, mode, seqs, prift.batch_order(len(seqs), batch, step, 0)):
@@ -428,8 +422,8 @@ def run_memory(a, checkpointing, ckpt):
     """sft, a step of one micro-batch, with or without activation checkpointing. On the CPU, glibc's
     malloc is told to map every block of 1 MB or more on its own (M_MMAP_THRESHOLD, -3), so that a
     freed tensor leaves the resident set at once: the peak is then that of live tensors, as
-    torch.cuda.max_memory_allocated is on a GPU, and not
-    that plus what malloc's heap holds freed (15-25% more here)."""
+    torch.cuda.max_memory_allocated is on a GPU, and not that plus what malloc's heap holds freed
+    (15-25% more here)."""
     if a.device == "cpu":
         ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 2**20)
     device, seqs = torch.device(a.device), synthetic_data(a)
@@ -456,8 +450,7 @@ def child(fn, args, queue, log):
 
 def in_child(fn, *args):
     """fn(*args) in a child process (forked on the CPU; spawned with CUDA, which does not survive a
-    fork);
-    its output goes to a log, shown if it fails."""
+    fork); its output goes to a log, shown if it fails."""
     ctx = mp.get_context("spawn" if args[0].device == "cuda" else "fork")
     fd, log = tempfile.mkstemp(suffix=".log")
     os.close(fd)
@@ -766,8 +759,7 @@ def peak_tflops(a, name):
 
 def mfu(a, n_params, tokens, seconds, peak):
     """Model FLOPs per token: 6 x (parameters but the embedding) + causal attention 6 x layers x T x
-    C; a block
-    recomputed in backward is not counted again."""
+    C; a block recomputed in backward is not counted again."""
     flops = tokens * (6 * (n_params - a.vocab * a.hidden) + 6 * a.layers * a.seq_len * a.hidden)
     return f"{100 * flops / seconds / (peak * 1e12):.1f}%"
 

@@ -97,9 +97,8 @@ def save(model, opt, state, out):
         return
     ckpt = out / "checkpoints" / f"step-{state['step']:07d}"
     tmp = ckpt.with_name(ckpt.name + ".tmp")
-    if (
-        ckpt.exists()
-    ):  # left by a run killed before `latest` pointed to it: a resumed run made this step again
+    # left by a run killed before `latest` pointed to it: a resumed run made this step again
+    if ckpt.exists():
         if latest(out) and latest(out).resolve() == ckpt.resolve():
             return  # this step is already the latest checkpoint
         remove(ckpt)
@@ -170,9 +169,8 @@ def latest(out):
 
 
 def restore(model, opt, resume_state):
-    """The training loop's state: new, or with resume_state (what save() wrote) the optimizer, the loop's
-    counters
-    and the random-number states as they were."""
+    """The training loop's state: new, or with resume_state (what save() wrote) the optimizer, the
+    loop's counters and the random-number states as they were."""
     state = {"step": 0, "skipped": 0, "bad_in_row": 0, "kept_sum": 0.0}
     if resume_state and resume_state.get("finished"):  # trained: nothing to restore but the counts
         state.update(resume_state["state"])
@@ -187,8 +185,7 @@ def restore(model, opt, resume_state):
 
 def resume_point(out):
     """(the newest checkpoint's directory, what save() wrote beside its model), or (None, None) for
-    a run stopped
-    before its first checkpoint, which starts again at step 0."""
+    a run stopped before its first checkpoint, which starts again at step 0."""
     ckpt = latest(out)
     link = Path(out) / "checkpoints" / "latest"
     if not ckpt and link.is_symlink():
@@ -244,8 +241,8 @@ WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
 
 def read_trainer_state(path):
     """trainer.pt, loaded without running code: torch.load(weights_only=True) builds tensors and
-    plain containers
-    only, and refuses a file that names anything else (as a crafted pickle does, to run it)."""
+    plain containers only, and refuses a file that names anything else (as a crafted pickle does, to
+    run it)."""
     try:
         with files.open_input(path, path.parent, None, "trainer state") as f:
             start = torch.load(f, map_location="cpu", weights_only=True)
@@ -348,9 +345,8 @@ def optimizer_problem(model, optim):
 @contextlib.contextmanager
 def interrupts():
     """Within the block, SIGINT and SIGTERM only set flag.signum: the loop saves a checkpoint after
-    the current
-    step and exits. The handlers there were before come back when the block ends, however it
-    ends."""
+    the current step and exits. The handlers there were before come back when the block ends,
+    however it ends."""
 
     class Flag:
         signum = 0
@@ -400,9 +396,8 @@ def add_arguments(parser):
 def prepare_out(args, start):
     """Every input has been read and checked: now take --out. A new run: create it (with
     --overwrite, first remove what prift wrote there) and record the arguments. A resumed one
-    (start: its checkpoint's trainer state, or None
-    to start at step 0): drop the metrics of steps its checkpoint has not seen. Both remove what a
-    kill left."""
+    (start: its checkpoint's trainer state, or None to start at step 0): drop the metrics of steps
+    its checkpoint has not seen. Both remove what a kill left."""
     out, step = args.out, start["state"]["step"] if start else 0
     if dist_info()[0] == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -442,9 +437,8 @@ def recorded_arguments(args):
 
 def truncate_metrics(path, step):
     """Keep the rows of steps 1..step, those the checkpoint has seen; a resumed run appends the
-    rest. Rows
-    after it, and a line cut short by a kill, go. Replaced atomically, so a kill here loses
-    nothing."""
+    rest. Rows after it, and a line cut short by a kill, go. Replaced atomically, so a kill here
+    loses nothing."""
 
     def step_of(line):  # a row's step as report.py reads it (an int); anything else goes
         try:
@@ -462,9 +456,8 @@ def truncate_metrics(path, step):
 def save_model(model, out):
     """The final model in OUT, whole or not at all: written into OUT/final.tmp, then each file
     renamed into OUT, the weights last (a run whose model.safetensors is there is finished). A kill
-    or a full disk before that leaves the
-    run to --resume, which trains again from its last checkpoint (or from step 0) to the same
-    weights."""
+    or a full disk before that leaves the run to --resume, which trains again from its last
+    checkpoint (or from step 0) to the same weights."""
     full = full_state_dict(model)  # under FSDP2 gathered from every rank, written by rank 0
     if dist_info()[0] != 0:
         return

@@ -235,8 +235,7 @@ def write_data(args, out):
 
 def metrics(args, model, template, sets):
     """The report's numbers for one model: new-task accuracy (greedy; Avg@8/Pass@8 at temperature
-    1),
-    retention of the pretraining skill, and how often a wrong answer shown in training comes
+    1), retention of the pretraining skill, and how often a wrong answer shown in training comes
     back."""
 
     def greedy(examples):  # greedy accuracy on every problem
@@ -259,8 +258,7 @@ def metrics(args, model, template, sets):
 def show_weights(tok, rows, seqs, weights, rule):
     """Print one noisy demonstration with the tokens that `rule` drops (weights: one (n_i,) tensor
     per example, from the prior before any update), and the kept fraction on tokens the clean
-    solution does not have versus
-    the others."""
+    solution does not have versus the others."""
     kept_bad, kept_ok, shown = [], [], False
     for row, (ids, n_prompt), w in zip(rows, seqs, weights):
         resp, w = ids[n_prompt:], w.tolist()
@@ -313,8 +311,7 @@ def mean_and_spread(runs, rule):
 
 def run(args, device):
     """The demo: the base model, the prior once, each rule (and seed) fine-tuned from the same base
-    on the same
-    data in the same order, the table, and one demonstration as the rule trains it."""
+    on the same data in the same order, the table, and one demonstration as the rule trains it."""
     base = base_model(args, device)
     # the demo's own model and template, in a copy of the settings (the parsed ones stay as given)
     args = argparse.Namespace(**{**vars(args), "model": str(base), "ref": str(base),

@@ -2,8 +2,8 @@
 Evaluation as the paper does it: sample k answers to every problem of one or more benchmark files,
 grade each final answer (the last \\boxed{...}) against the gold answer by mathematical equivalence,
 and report Avg@k (the mean accuracy over all samples), Pass@k (the share of problems solved at least
-once) and, when asked, greedy
-accuracy: per file, and as the unweighted mean over the files, the paper's headline.
+once) and, when asked, greedy accuracy: per file, and as the unweighted mean over the files, the
+paper's headline.
 
     python evaluate.py --model DIR --data math500.jsonl minerva.jsonl olympiadbench.jsonl
     aime24.jsonl amc23.jsonl
@@ -67,8 +67,7 @@ def prompt_kind(text):
 
 def add_arguments(parser, prefix="eval-"):
     """The evaluation options of prift.py (--eval-samples, ...) and of this file's command line
-    (--samples, ...).
-    Their defaults (None here) are the paper's, PAPER, or the demo's."""
+    (--samples, ...). Their defaults (None here) are the paper's, PAPER, or the demo's."""
     g = parser.add_argument_group("evaluation")
     g.add_argument(
         f"--{prefix}samples", dest="eval_samples", type=SAMPLES, help="k of Avg@k and Pass@k (16)"
@@ -125,8 +124,7 @@ def stop_ids(args, template):
 @torch.no_grad()
 def sample(args, model, template, examples, k, temperature, max_new, rows_per_batch=64, bar=None):
     """k generated texts for each example (a list per example). Prompts of any lengths share a
-    batch; they are
-    sorted by length first, so that little of a batch is padding."""
+    batch; they are sorted by length first, so that little of a batch is padding."""
     model.eval()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     prompts = [prompt_ids(args, template, ex) for ex in examples]
@@ -187,8 +185,7 @@ def scores(
     """One model on one set of examples: held-out cross-entropy over those with a reference
     solution; Avg@k and Pass@k (k = samples, default --eval-samples) and greedy accuracy (greedy,
     default --greedy) on the first `problems` (default --eval-problems; 0: all) of those with a gold
-    answer. records: a list to append each
-    problem's samples and grades to."""
+    answer. records: a list to append each problem's samples and grades to."""
     k, greedy = (
         args.eval_samples if samples is None else samples,
         args.greedy if greedy is None else greedy,
@@ -231,9 +228,8 @@ def scores(
 
 def answer_scores(texts, golds):
     """texts: the k responses to each problem, golds: the problems' gold answers -> ({avg@k,
-    pass@k}, the grades).
-    Avg@k: the mean accuracy over all samples; Pass@k: the percentage of problems solved by at least
-    one."""
+    pass@k}, the grades). Avg@k: the mean accuracy over all samples; Pass@k: the percentage of
+    problems solved by at least one."""
     hits = [[grade(t, gold) for t in row] for row, gold in zip(texts, golds, strict=True)]
     k = len(hits[0])
     return {
@@ -281,9 +277,8 @@ def before_training(args, model, template, sets, start):
 
 def table(results, k):
     """results: {model name: evaluate_files(...)}. A row per model and file, and the unweighted mean
-    over the
-    files of each model (the paper's headline), each column over the files that have it. Prints it;
-    returns the rows."""
+    over the files of each model (the paper's headline), each column over the files that have it.
+    Prints it; returns the rows."""
     rows = []
     for name, per_file in results.items():
         for path, r in per_file.items():
@@ -342,8 +337,7 @@ def print_table(rows, columns, title=None):
 def grade(text, answer):
     """True if the final answer in `text` (a model's whole response) is the gold `answer`:
     mathematically equivalent by math-verify (1/2 = 0.5 = \\dfrac12, x=3 = 3, {1,2} = {2,1}), or
-    where it is not installed,
-    equal as normalised text."""
+    where it is not installed, equal as normalised text."""
     pred = extract_answer(text)
     if not (pred and pred.strip() and answer):  # no final answer, an empty box, or no gold answer
         return False
@@ -364,8 +358,7 @@ def grade(text, answer):
 @functools.cache
 def load_math_verify():
     """The math_verify module, or None (said once) when it is not installed: it is a test
-    requirement, and the
-    main job runs without it."""
+    requirement, and the main job runs without it."""
     try:
         import math_verify
     except ImportError:
@@ -380,9 +373,8 @@ def load_math_verify():
 def normalize_answer(ans):
     """An answer as text with the differences of notation that are cheap to remove taken out:
     spaces, $ and \\$, a trailing period, \\text{} (dropped after a number: a unit), degrees,
-    percent, thousands commas, trailing
-    decimal zeros, \\dfrac and \\frac12, a leading x=. The fallback of grade(), without
-    math-verify."""
+    percent, thousands commas, trailing decimal zeros, \\dfrac and \\frac12, a leading x=. The
+    fallback of grade(), without math-verify."""
     ans = ans.replace("\\$", "").replace("$", "")
     ans = re.sub(r"(\d)\s*\\(?:text|mbox)\{[^{}]*\}", r"\1", ans)  # 18\text{ dollars} -> 18
     ans = re.sub(r"\\(?:text|mbox)\{([^{}]*)\}", r"\1", ans)  # \text{(C)} -> (C)

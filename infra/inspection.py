@@ -97,8 +97,7 @@ def inspect(args, device, examples):
 
 def token_texts(tok, ids, n_prompt):
     """Each response token's text as it reads in context: decode growing prefixes and take the
-    difference
-    (a token alone can decode differently, e.g. without its leading space)."""
+    difference (a token alone can decode differently, e.g. without its leading space)."""
     texts = [tok.decode(ids[:n]) for n in range(max(n_prompt, 1), len(ids) + 1)]
     return [
         b[len(a) :] if b.startswith(a) else tok.decode([t])
@@ -108,8 +107,7 @@ def token_texts(tok, ids, n_prompt):
 
 def summary(tok, seqs, weights):
     """Print the kept fraction, the kept fraction by position in the response (tenths), and the
-    tokens most
-    often dropped."""
+    tokens most often dropped."""
     kept = [w > 0 for ws in weights for w in ws.tolist()]
     log(
         f"\nkept: {100 * sum(kept) / max(len(kept), 1):.1f}% of {len(kept)} response "
@@ -139,8 +137,7 @@ def summary(tok, seqs, weights):
 
 def weights_page(args, tok, seqs, prior, weights, pieces):
     """A self-contained page: prompt in grey, each response token on a background from white (weight
-    0, struck
-    out) to green (weight 1), with p, u and the weight on hover."""
+    0, struck out) to green (weight 1), with p, u and the weight on hover."""
     rows = []
     for i, ((ids, n_prompt), stats, ws, texts) in enumerate(zip(seqs, prior, weights, pieces)):
         spans = []

@@ -63,10 +63,8 @@ class NotARun(Exception):
 def run_report(out, eval_rows, seqs, state):
     """At the end of training (rank 0): OUT/run.json, then OUT/report.html from the files of OUT.
     eval_rows: (name, scores) as evaluate.table gives them, "base FILE" before training and "RULE
-    FILE" after (or None);
-    seqs: the (ids, n_prompt) trained on; state: train()'s, with train_s (its seconds) and from_step
-    (the step a
-    resumed run began at)."""
+    FILE" after (or None); seqs: the (ids, n_prompt) trained on; state: train()'s, with train_s (its
+    seconds) and from_step (the step a resumed run began at)."""
     # here, not above: report.py's command line reads files only, and starts without torch
     import data
     from infra.distributed import dist_info
@@ -198,9 +196,8 @@ def read_object(path):
 
 def load_run(path):
     """A run directory as the pages read it: {dir, args, rows, run}. Only metrics.jsonl is required;
-    a run that was
-    stopped has no run.json yet, and the demo's runs/RULE-seedN of older versions have no
-    args.json."""
+    a run that was stopped has no run.json yet, and the demo's runs/RULE-seedN of older versions
+    have no args.json."""
     path = Path(path)
     if not (path / "metrics.jsonl").is_file():
         raise NotARun(
@@ -371,8 +368,7 @@ def compare(dirs, page):
 
 def compare_page(runs, where):
     """Every run's curves overlaid, one colour each, and a table of a row per run. where: the page's
-    directory,
-    from which the links to each run's report.html are relative."""
+    directory, from which the links to each run's report.html are relative."""
     rules = [run["args"]["rule"] for run in runs]
     labels = [
         str(rule) if rules.count(rule) == 1 else f"{rule} ({run['dir'].name})"
@@ -401,8 +397,7 @@ def compare_page(runs, where):
 
 def compare_table(runs, labels, colours, where):
     """A row per run: its key arguments, its last loss and ce, its kept fraction, and each
-    evaluation measure as
-    before → after."""
+    evaluation measure as before → after."""
     evals = {}  # (file, measure) -> None, in order of first appearance
     for run in runs:
         for file, ba in run["run"].get("evaluation", {}).items():
@@ -471,9 +466,8 @@ W, H, LEFT, BOTTOM, TOP, RIGHT = 540, 230, 58, 36, 10, 14  # pixels: the plot is
 
 def chart(key, lines, raw):
     """A figure with the curve of `key` for each (label, colour, [(step, value)]): axes with round
-    ticks, a grid,
-    and on hover the value at each step. Loss and ce: the moving mean, over the raw line when
-    `raw`."""
+    ticks, a grid, and on hover the value at each step. Loss and ce: the moving mean, over the raw
+    line when `raw`."""
     lines = [(label, colour, pts) for label, colour, pts in lines if pts]
     if not lines:
         return ""
@@ -528,8 +522,7 @@ def polyline(pts, sx, sy, colour, kind, label=""):
 
 def hover_bands(key, lines, sx, xt, most=1000):
     """A transparent band over each step (at most `most`, every n-th step beyond) whose title names
-    its value in
-    every run."""
+    its value in every run."""
     by_run = [(label, dict(pts)) for label, _, pts in lines]
     steps = sorted({x for _, v in by_run for x in v})
     stride = math.ceil(len(steps) / most)

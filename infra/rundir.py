@@ -86,17 +86,16 @@ IDENTITY = (
 def resumed_args(parser, args):
     """--resume DIR: the arguments the run in DIR recorded in its args.json, checked again by the
     command line's own parser, writing to DIR again. --resume alone: this command line, continuing
-    --out if it holds a run (run()
-    checks that it is the same run: check_run) and starting it there if not."""
+    --out if it holds a run (run() checks that it is the same run: check_run) and starting it there
+    if not."""
     if args.resume is True:
         if not args.out or args.overwrite:
             parser.error(
                 "--resume without a directory continues --out: give --out, and not --overwrite"
             )
         if not (Path(args.out) / "args.json").exists():
-            return argparse.Namespace(
-                **{**vars(args), "resume": None}
-            )  # nothing to continue yet: start
+            # nothing to continue yet: start
+            return argparse.Namespace(**{**vars(args), "resume": None})
         return argparse.Namespace(
             **{**vars(args), "resume": args.out, "recorded": recorded_args(parser, args.out)}
         )
@@ -115,8 +114,8 @@ def resumed_args(parser, args):
 
 def recorded_args(parser, run_dir):
     """args.json of the run in run_dir, turned back into a command line and parsed, so that every
-    value goes through
-    the same types, ranges and choices as one typed by hand. Keys that are no option are dropped."""
+    value goes through the same types, ranges and choices as one typed by hand. Keys that are no
+    option are dropped."""
     path = Path(run_dir) / "args.json"
     if not os.path.lexists(path):
         parser.error(
@@ -170,8 +169,7 @@ def check_run(args, seqs, config, steps_per_epoch):
     """What needs the data and the model, checked before anything is written: an example to train
     on, a reference with the model's vocabulary, at least one step to train, every example within
     the model's context, and on --resume the run's own data (the sha256 args.json recorded) and, for
-    a command line given with --resume alone,
-    the run's own model, reference and method."""
+    a command line given with --resume alone, the run's own model, reference and method."""
     if not seqs:
         raise DataError(
             f"no usable example in {args.data}: every prompt fills --max-len "
@@ -359,8 +357,7 @@ def not_writable(path):
 
 def not_ours(out):
     """The entries of a run directory that prift did not write: any name it does not write, or of a
-    kind it does not
-    write (a directory where it writes a file; a symbolic link, marked @, but
+    kind it does not write (a directory where it writes a file; a symbolic link, marked @, but
     checkpoints/latest)."""
 
     def kind_ok(p):
@@ -418,8 +415,7 @@ _LOCKS = {}  # resolved run directory -> the open file descriptor that holds its
 
 def lock(out):
     """Hold OUT/.lock until this process ends (or unlock()): one process per run directory. Another
-    process gets
-    one line naming the pid that holds it."""
+    process gets one line naming the pid that holds it."""
     key = os.path.realpath(out)
     if key in _LOCKS:
         return

@@ -46,6 +46,7 @@ from infra.distributed import (
     optimizer_state_dict,
 )
 from infra.lora import meta_model
+from infra.run_files import read_metrics
 from infra.rundir import STEP, TEMPORARY, content_hashes, is_temporary, lock, not_ours
 from model import CheckpointError
 
@@ -218,8 +219,6 @@ def finished_state(out):
     the evaluation after training): every step done, so that --resume trains nothing and completes
     what is missing (the evaluation, the report) with that model. From metrics.jsonl, whose rows
     must be the steps 1..N."""
-    from infra.report import read_metrics
-
     rows = read_metrics(Path(out))
     if not rows or [r["step"] for r in rows] != list(range(1, len(rows) + 1)):
         raise CheckpointError(

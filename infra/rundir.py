@@ -56,7 +56,7 @@ def is_temporary(name):
     return bool(m) and m[1] in {Path(n).stem for n in (*RUN_FILES, "trainer.pt")}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Resuming: the recorded arguments, checked as the command line's are, and the same run
 
 IDENTITY = (
@@ -224,7 +224,7 @@ def check_run(args, seqs, config, steps_per_epoch):
             )
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Identity by content: what determines a run's result, hashed (sha256, streamed, once per run)
 
 # A checkpoint's files that change what is trained: the tokenizer and the chat template make the
@@ -275,7 +275,7 @@ def file_sha256(path):
     return files.sha256(path)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The run directory: what prift wrote there, one process at a time
 
 

@@ -242,7 +242,7 @@ MUTANTS = {
         ["tests/test_trust.py", "-k", "token_ids"],
     ),
     "report-untyped": (
-        "infra/report.py",
+        "infra/run_files.py",
         "rows.append(typed(row, ROW_FIELDS))",
         "rows.append(row)",
         ["tests/test_trust.py", "-k", "crafted_values"],

@@ -224,13 +224,13 @@ MUTANTS = {
         ["tests/test_trust.py", "-k", "numbers_out"],
     ),
     "trainer-counters-unchecked": (
-        "infra/checkpoint.py",
+        "infra/trainer_state.py",
         "if problem := trainer_problem(start):",
         "if problem := None:",
         ["tests/test_trust.py", "-k", "crafted_trainer"],
     ),
     "optimizer-unchecked": (
-        "infra/checkpoint.py",
+        "infra/trainer_state.py",
         'if problem := optimizer_problem(saved, start["optimizer"]):',
         "if problem := None:",
         ["tests/test_trust.py", "-k", "crafted_trainer"],

@@ -22,29 +22,13 @@ from model import TOKENIZER_FILES, CheckpointError, Config
 # a LoRA run's model is its adapter, in PEFT's format (infra/lora.py's save_adapter)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MODEL_FILES = ("config.json", "model.safetensors", *ADAPTER_FILES, *TOKENIZER_FILES)
-RUN_FILES = {
-    "args.json",
-    "metrics.jsonl",
-    "run.json",
-    "report.html",
-    "eval.json",
-    "tokens.jsonl",
-    "prior.json",
-    "weights.html",
-    "results.md",
-    "results.json",
-    "compare.html",
-    "eval_before.json",
-    "left_out.jsonl",
-    ".lock",
-    "wandb_id",  # infra/logs.py: the wandb run a resumed run continues
-    *MODEL_FILES,
-}
-TEMPORARY = {
-    "metrics.tmp",
-    "args.json.tmp",
-    "final.tmp",
-}  # what a kill can leave (final.tmp: a directory)
+# the files prift writes in a run directory (wandb_id: infra/logs.py's, the wandb run a resumed
+# run continues)
+RUN_FILES = {"args.json", "metrics.jsonl", "run.json", "report.html", "eval.json", "tokens.jsonl"}
+RUN_FILES |= {"prior.json", "weights.html", "results.md", "results.json", "compare.html"}
+RUN_FILES |= {"eval_before.json", "left_out.jsonl", ".lock", "wandb_id", *MODEL_FILES}
+# what a kill can leave (final.tmp: a directory)
+TEMPORARY = {"metrics.tmp", "args.json.tmp", "final.tmp"}
 STEP = re.compile(r"step-\d{7}")
 
 

@@ -125,7 +125,7 @@ def pretrain_corpus(n, seed):
 
 
 def task(n, seed, noise_frac=0.0, noise_kind="wrong", phrasings=TASK_PHRASINGS):
-    """Fine-tuning or evaluation rows; a fraction noise_frac (exactly, rounded) of them carry noise."""
+    """Fine-tuning or evaluation rows; a fraction noise_frac (exactly, rounded) of them is noisy."""
     rng = random.Random(seed)
     noisy = set(rng.sample(range(n), round(noise_frac * n)))
     return [
@@ -216,7 +216,7 @@ def base_model(args, device):
 
 
 def write_data(args, out):
-    """Writes the demo's JSONL files into the run directory, so they can be read like any dataset."""
+    """Writes the demo's JSONL files into the run directory, to be read like any dataset."""
     files = {
         "train": task(
             200, args.seed + 1, args.demo_noise, args.demo_noise_kind
@@ -390,7 +390,7 @@ def run(args, device):
     )
     show_weights(
         template.tok,
-        [json.loads(l) for l in paths["train"].read_text().splitlines()],
+        [json.loads(line) for line in paths["train"].read_text().splitlines()],
         seqs,
         [prift.weights_from_stats(shown.rule, pu[:, 0], pu[:, 1], threshold) for pu in prior],
         shown.rule,

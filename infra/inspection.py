@@ -3,19 +3,21 @@ Which tokens each rule keeps, before any training: the prior computed as trainin
 response token's weight, written for a person (weights.html, a summary) and for a program or another
 trainer (tokens.jsonl and prior.json: the prior as a dataset).
 
-    python prift.py --rule mass --model DIR --data FILE --inspect [N] --out DIR2    # the prior's view, no training
+    python prift.py --rule mass --model DIR --data FILE --inspect [N] --out DIR2
+                                        # the prior's view, no training
 
-    OUT/tokens.jsonl    one object per example, in data order, every list as long as `input_ids` (prompt + response,
-                        as trained): `row`, the example's index among the data file's examples
-                        (counting those dropped); `labels` as Hugging Face trainers take them
-                        (unshifted: labels[t] is predicted from input_ids[:t]; the response and its
-                        end token, -100 on the prompt), and aligned with `labels`, the
-                        reference's `prior_p` (its probability of the label) and `prior_u` (the
-                        label's mass score) and the label's `weight` under --rule; 0.0 where
-                        `labels` is -100
-    OUT/prior.json      what the prior was made with: the reference checkpoint, the template and its end token,
-                        --max-len, the rule and threshold of `weight`, the counts
-    OUT/weights.html    the first N examples, each response token coloured by its weight, p and u on hover
+    OUT/tokens.jsonl    one object per example, in data order, every list as long as `input_ids`
+                        (prompt + response, as trained): `row`, the example's index among the
+                        data file's examples (counting those dropped); `labels` as Hugging Face
+                        trainers take them (unshifted: labels[t] is predicted from input_ids[:t];
+                        the response and its end token, -100 on the prompt), and aligned with
+                        `labels`, the reference's `prior_p` (its probability of the label) and
+                        `prior_u` (the label's mass score) and the label's `weight` under --rule;
+                        0.0 where `labels` is -100
+    OUT/prior.json      what the prior was made with: the reference checkpoint, the template and
+                        its end token, --max-len, the rule and threshold of `weight`, the counts
+    OUT/weights.html    the first N examples, each response token coloured by its weight, p and u
+                        on hover
 """
 
 import html

@@ -73,7 +73,7 @@ def norm_bytes(cfg, mode, readers):
 
 def block_bytes(cfg, mode):
     """Bytes per token that one transformer block keeps for backward."""
-    I, H, K, d = cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    inner, H, K, d = cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     b = 4 if mode == "fp32" else 2  # the matmuls' dtype
     swiglu = cfg.family["mlp"] == "swiglu"
     total = norm_bytes(cfg, mode, 3) + norm_bytes(cfg, mode, 2 if swiglu else 1)
@@ -89,7 +89,7 @@ def block_bytes(cfg, mode):
     ):
         total += 2 * 2 * d  # cos and sin cast to bfloat16 in each block
     # SwiGLU: gate, silu(gate), up, their product; GELU: in, out
-    return total + b * I * (4 if swiglu else 2)
+    return total + b * inner * (4 if swiglu else 2)
 
 
 def model_bytes(cfg, mode):

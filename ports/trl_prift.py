@@ -2,7 +2,8 @@
 PriFT in TRL's SFTTrainer, in one file to copy (tested with TRL 1.16 and transformers 5.24; prift is
 not needed).
 
-    python prift.py --rule mass --model BASE --data train.jsonl --inspect --out prior    # once: the prior as a dataset
+    python prift.py --rule mass --model BASE --data train.jsonl --inspect --out prior
+                                        # once: the prior as a dataset
 
 prior/tokens.jsonl has, per example, `input_ids`, `labels` (Hugging Face's convention: unshifted,
 -100 where not trained) and, aligned with `labels`, `prior_p` and `prior_u`: the frozen reference's
@@ -10,7 +11,8 @@ probability of each label and its mass score (the reference's probability of eve
 less likely than the label, plus the label's own). PriftTrainer weights each label's cross-entropy
 by the rule's detached weight:
 
-    sft 1,  dft p(y_t) of the model being trained,  prob q(y_t),  mass 1[u_t >= 0.5],  profit 1[p(y_t) >= 0.1]
+    sft 1,  dft p(y_t) of the model being trained,  prob q(y_t),  mass 1[u_t >= 0.5],
+    profit 1[p(y_t) >= 0.1]
 
 with q and u from those columns (no reference model in memory: an SFT step's cost), or from
 `ref_model`, a frozen model run on every batch on the policy's own inputs. With LoRA (TRL's

@@ -230,8 +230,8 @@ MUTANTS = {
         ["tests/test_trust.py", "-k", "crafted_trainer"],
     ),
     "optimizer-unchecked": (
-        "infra/trainer_state.py",
-        'if problem := optimizer_problem(saved, start["optimizer"]):',
+        "infra/checkpoint.py",
+        'if problem := optimizer_problem(meta_model(ckpt), start["optimizer"]):',
         "if problem := None:",
         ["tests/test_trust.py", "-k", "crafted_trainer"],
     ),

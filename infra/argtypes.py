@@ -10,7 +10,7 @@ from pathlib import Path
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
-        """A mistake on the command line: one line and exit code 2, as for every other user error."""
+        """A mistake on the command line: one line and exit code 2, as every other user error."""
         self.exit(2, f"{self.prog.removesuffix('.py')}: error: {message}\n")
 
 

@@ -3,7 +3,8 @@ Benchmark of generation throughput: new tokens per second of our generate.genera
 transformers' model.generate, side by side in one run, on the same checkpoint, the same prompts,
 dtype and device.
 
-    python bench_generate.py                 # Llama-shaped, ~21M parameters, 32 prompts; CPU, float32 (minutes)
+    python bench_generate.py                 # Llama-shaped, ~21M parameters, 32 prompts; CPU,
+                                             # float32 (minutes)
     python bench_generate.py --quick         # tiny sizes: seconds, to check that it runs
     python bench_generate.py --device cuda   # bfloat16 (written for a GPU, not run on one yet)
 

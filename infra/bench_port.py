@@ -3,8 +3,10 @@ The step cost of ports/trl_prift.py in TRL's SFTTrainer: PriFT-mass with the exp
 (tokens.jsonl's prior_p/prior_u columns) and with an inline reference, against TRL's own SFT step,
 side by side in one process.
 
-    python bench_port.py --threads 1              # a ~30M Llama-shaped model, vocabulary 32,000, 4 x 256 tokens
-    python bench_port.py --threads 1 --defaults   # what each Trainer default that differs from prift's changes
+    python bench_port.py --threads 1              # a ~30M Llama-shaped model, vocabulary 32,000,
+                                                  # 4 x 256 tokens
+    python bench_port.py --threads 1 --defaults   # what each Trainer default that differs from
+                                                  # prift's changes
     python bench_port.py --parity                 # PriftTrainer vs prift.py, 1 and 2 processes
 
 Each configuration is a real SFTTrainer on the same random checkpoint and the same batch; a step is
@@ -79,9 +81,8 @@ def main():
     )
     g = torch.Generator().manual_seed(0)
     rows = []
-    for _ in range(
-        args.batch
-    ):  # a quarter prompt, the rest response; the prior's columns as tokens.jsonl has them
+    # a quarter prompt, the rest response; the prior's columns as tokens.jsonl has them
+    for _ in range(args.batch):
         ids = torch.randint(2, args.vocab, (args.seq,), generator=g).tolist()
         n = args.seq // 4
         rows.append(
@@ -141,9 +142,8 @@ def main():
         name: [] for name in trainers
     }  # (wall, CPU) seconds: on a shared machine the CPU time is the cleaner one
     names = list(trainers)
-    for r in range(
-        args.rounds + 1
-    ):  # round 0 warms up; each round starts with another configuration
+    # round 0 warms up; each round starts with another configuration
+    for r in range(args.rounds + 1):
         for name in names[r % 3 :] + names[: r % 3]:
             trainer = trainers[name]
             if r == 0:
@@ -180,9 +180,8 @@ def main():
 def defaults(steps=25, batch=8, micro=2, lr=1e-3):
     """prift.py on the tests' tiny checkpoint and data (24 examples, 25 steps of 8, lr 1e-3), then
     PriftTrainer with prift's optimizer, schedule, precision and data order, then with one of them
-    left as the Trainer has it. Prints
-    how far each one's final weights and losses are from prift's, next to how far training moved the
-    weights."""
+    left as the Trainer has it. Prints how far each one's final weights and losses are from prift's,
+    next to how far training moved the weights."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import datasets
     from helpers import make_checkpoint, make_data

@@ -3,13 +3,16 @@ What prift keeps on disk, and how a run survives being stopped: a run's director
 time), atomic checkpoints, resume (also of a preempted job's command line run again), Ctrl-C and
 SIGTERM, the final model published atomically; and the cache of computed priors.
 
-    OUT/args.json                     the run's arguments (absolute paths) and its inputs' sha256; `--resume OUT` continues with these
+    OUT/args.json                     the run's arguments (absolute paths) and its inputs' sha256;
+                                      `--resume OUT` continues with these
     OUT/eval_before.json              the evaluation before training, written as soon as it is made
     OUT/metrics.jsonl                 one line per optimizer step
-    OUT/checkpoints/step-NNNNNNN/     the model (a Hugging Face checkpoint) and trainer.pt (optimizer, step, rng)
+    OUT/checkpoints/step-NNNNNNN/     the model (a Hugging Face checkpoint) and trainer.pt
+                                      (optimizer, step, rng; checked by trainer_state.py)
     OUT/checkpoints/latest            a link to the newest complete one
-    OUT/.lock                         locked (flock) by the process running in OUT, and holding its pid
-    OUT/model.safetensors, ...        the final model (a Hugging Face checkpoint); the run is finished when it is there
+    OUT/.lock                         locked (flock) by the process running in OUT, with its pid
+    OUT/model.safetensors, ...        the final model (a Hugging Face checkpoint); the run is
+                                      finished when it is there
 
 Each checkpoint is written under a temporary name and then published by atomically replacing the
 `latest` link, so a kill at any moment, even during a save, leaves the previous one whole.
@@ -26,8 +29,6 @@ import contextlib
 import json
 import math
 import os
-import pickle
-import re
 import shutil
 import signal
 from pathlib import Path
@@ -46,7 +47,9 @@ from infra.distributed import (
     optimizer_state_dict,
 )
 from infra.lora import meta_model
+from infra.run_files import read_metrics
 from infra.rundir import STEP, TEMPORARY, content_hashes, is_temporary, lock, not_ours
+from infra.trainer_state import optimizer_problem, read_trainer_state
 from model import CheckpointError
 
 
@@ -97,9 +100,8 @@ def save(model, opt, state, out):
         return
     ckpt = out / "checkpoints" / f"step-{state['step']:07d}"
     tmp = ckpt.with_name(ckpt.name + ".tmp")
-    if (
-        ckpt.exists()
-    ):  # left by a run killed before `latest` pointed to it: a resumed run made this step again
+    # left by a run killed before `latest` pointed to it: a resumed run made this step again
+    if ckpt.exists():
         if latest(out) and latest(out).resolve() == ckpt.resolve():
             return  # this step is already the latest checkpoint
         remove(ckpt)
@@ -170,9 +172,8 @@ def latest(out):
 
 
 def restore(model, opt, resume_state):
-    """The training loop's state: new, or with resume_state (what save() wrote) the optimizer, the loop's
-    counters
-    and the random-number states as they were."""
+    """The training loop's state: new, or with resume_state (what save() wrote) the optimizer, the
+    loop's counters and the random-number states as they were."""
     state = {"step": 0, "skipped": 0, "bad_in_row": 0, "kept_sum": 0.0}
     if resume_state and resume_state.get("finished"):  # trained: nothing to restore but the counts
         state.update(resume_state["state"])
@@ -187,8 +188,7 @@ def restore(model, opt, resume_state):
 
 def resume_point(out):
     """(the newest checkpoint's directory, what save() wrote beside its model), or (None, None) for
-    a run stopped
-    before its first checkpoint, which starts again at step 0."""
+    a run stopped before its first checkpoint, which starts again at step 0."""
     ckpt = latest(out)
     link = Path(out) / "checkpoints" / "latest"
     if not ckpt and link.is_symlink():
@@ -221,8 +221,6 @@ def finished_state(out):
     the evaluation after training): every step done, so that --resume trains nothing and completes
     what is missing (the evaluation, the report) with that model. From metrics.jsonl, whose rows
     must be the steps 1..N."""
-    from infra.report import read_metrics
-
     rows = read_metrics(Path(out))
     if not rows or [r["step"] for r in rows] != list(range(1, len(rows) + 1)):
         raise CheckpointError(
@@ -242,115 +240,11 @@ def finished_state(out):
 WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
 
 
-def read_trainer_state(path):
-    """trainer.pt, loaded without running code: torch.load(weights_only=True) builds tensors and
-    plain containers
-    only, and refuses a file that names anything else (as a crafted pickle does, to run it)."""
-    try:
-        with files.open_input(path, path.parent, None, "trainer state") as f:
-            start = torch.load(f, map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except pickle.UnpicklingError as e:
-        what = re.search(r"GLOBAL \S+", str(e))
-        raise CheckpointError(
-            f"{path} names code to run ({what.group() if what else 'not tensors'}), so it was not "
-            f"written by prift; prift does not load it: start the run again with --overwrite"
-        )
-    except Exception as e:  # torch.load raises many kinds for a damaged file
-        raise CheckpointError(
-            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            f"start the run again with --overwrite"
-        )
-    if problem := trainer_problem(start):
-        raise CheckpointError(
-            f"{path} is not a prift trainer state ({problem}); start again with --overwrite"
-        )
-    return start
-
-
-MAX_STEP = 10**9  # more optimizer steps than any run takes: a larger step is a crafted file
-COUNTERS = {"step": int, "skipped": int, "bad_in_row": int, "kept_sum": float}
-
-
-def trainer_problem(start):
-    """What in trainer.pt is not as save() writes it (the loop's counters, the random-number
-    states, the optimizer's layout), or None. The optimizer's tensors are compared with the model's
-    when they are loaded (restore)."""
-    if not isinstance(start, dict):
-        return "not a dict"
-    state = start.get("state")
-    if not isinstance(state, dict) or "step" not in state:
-        return "its state has no step"
-    if set(state) - set(COUNTERS):
-        return f"its state holds {', '.join(map(repr, set(state) - set(COUNTERS)))}"
-    for key, kind in COUNTERS.items():
-        value = state.get(key, 0)
-        ok = type(value) is int if kind is int else type(value) in (int, float)
-        if not ok or not math.isfinite(value) or not 0 <= value <= MAX_STEP:
-            return f"state {key} is {value!r}"
-    if max(state.get("skipped", 0), state.get("kept_sum", 0)) > state["step"]:
-        return "more skipped or kept steps than steps"
-    rng = start.get("rng")
-    if not (
-        isinstance(rng, torch.Tensor)
-        and rng.dtype == torch.uint8
-        and rng.shape == torch.get_rng_state().shape
-    ):
-        return "its rng is not a CPU generator's state"
-    cuda = start.get("cuda_rng")
-    if cuda is not None and not (isinstance(cuda, torch.Tensor) and cuda.dtype == torch.uint8):
-        return "its cuda_rng is not a CUDA generator's state"
-    optim = start.get("optimizer")
-    if not (
-        isinstance(optim, dict)
-        and isinstance(optim.get("state"), dict)
-        and isinstance(optim.get("param_groups"), list)
-        and len(optim["param_groups"]) == 1
-        and isinstance(optim["param_groups"][0], dict)
-        and isinstance(optim["param_groups"][0].get("params"), list)
-    ):
-        return "its optimizer is not an AdamW state of one parameter group"
-    return None
-
-
-def optimizer_problem(model, optim):
-    """Whether trainer.pt's AdamW state fits this model: one entry per parameter, each exp_avg and
-    exp_avg_sq of its parameter's shape and finite, its step a finite count; or None."""
-    params = optim["param_groups"][0]["params"]
-    # the trained parameters alone, as prift.train gives them to AdamW (--lora: the adapters)
-    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    shapes = (
-        [named[p].shape if p in named else None for p in params]
-        if params and isinstance(params[0], str)
-        else [p.shape for p in named.values()]
-    )
-    if len(params) != len(shapes) or None in shapes:
-        return f"{len(params)} parameters, the model has {len(named)}"
-    for i, (key, shape) in enumerate(zip(params, shapes)):
-        entry = optim["state"].get(key)
-        if entry is None:  # a parameter no step has updated yet
-            continue
-        if not isinstance(entry, dict):
-            return f"parameter {key}'s state is not a dict"
-        for name in ("exp_avg", "exp_avg_sq"):
-            t = entry.get(name)
-            if not (isinstance(t, torch.Tensor) and t.shape == shape and t.is_floating_point()):
-                return f"parameter {key}'s {name} is not a tensor of shape {tuple(shape)}"
-            if not torch.isfinite(t).all() or (name == "exp_avg_sq" and (t < 0).any()):
-                return f"parameter {key}'s {name} holds NaN, infinite or negative values"
-        step = entry.get("step")
-        if not (isinstance(step, torch.Tensor) and step.numel() == 1 and 0 <= step <= MAX_STEP):
-            return f"parameter {key}'s step is not a count"
-    return None
-
-
 @contextlib.contextmanager
 def interrupts():
     """Within the block, SIGINT and SIGTERM only set flag.signum: the loop saves a checkpoint after
-    the current
-    step and exits. The handlers there were before come back when the block ends, however it
-    ends."""
+    the current step and exits. The handlers there were before come back when the block ends,
+    however it ends."""
 
     class Flag:
         signum = 0
@@ -400,9 +294,8 @@ def add_arguments(parser):
 def prepare_out(args, start):
     """Every input has been read and checked: now take --out. A new run: create it (with
     --overwrite, first remove what prift wrote there) and record the arguments. A resumed one
-    (start: its checkpoint's trainer state, or None
-    to start at step 0): drop the metrics of steps its checkpoint has not seen. Both remove what a
-    kill left."""
+    (start: its checkpoint's trainer state, or None to start at step 0): drop the metrics of steps
+    its checkpoint has not seen. Both remove what a kill left."""
     out, step = args.out, start["state"]["step"] if start else 0
     if dist_info()[0] == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -442,9 +335,8 @@ def recorded_arguments(args):
 
 def truncate_metrics(path, step):
     """Keep the rows of steps 1..step, those the checkpoint has seen; a resumed run appends the
-    rest. Rows
-    after it, and a line cut short by a kill, go. Replaced atomically, so a kill here loses
-    nothing."""
+    rest. Rows after it, and a line cut short by a kill, go. Replaced atomically, so a kill here
+    loses nothing."""
 
     def step_of(line):  # a row's step as report.py reads it (an int); anything else goes
         try:
@@ -462,9 +354,8 @@ def truncate_metrics(path, step):
 def save_model(model, out):
     """The final model in OUT, whole or not at all: written into OUT/final.tmp, then each file
     renamed into OUT, the weights last (a run whose model.safetensors is there is finished). A kill
-    or a full disk before that leaves the
-    run to --resume, which trains again from its last checkpoint (or from step 0) to the same
-    weights."""
+    or a full disk before that leaves the run to --resume, which trains again from its last
+    checkpoint (or from step 0) to the same weights."""
     full = full_state_dict(model)  # under FSDP2 gathered from every rank, written by rank 0
     if dist_info()[0] != 0:
         return

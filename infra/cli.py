@@ -60,9 +60,11 @@ def parse_args(argv=None):
     g = parser.add_argument_group("model and data")  # no --model/--data: the built-in demo
     g.add_argument("--model", type=existing("dir"), help="Hugging Face checkpoint to fine-tune")
     g.add_argument("--ref", type=existing("dir"),
-                   help="frozen reference checkpoint (default: --model, before any update)")  # fmt: skip
+                   help="frozen reference checkpoint (default: --model, before any update)",
+                   )  # fmt: skip
     g.add_argument("--data", type=existing("file"),
-                   help="training JSONL (prompt/response, problem/solution, messages...)")  # fmt: skip
+                   help="training JSONL (prompt/response, problem/solution, messages...)",
+                   )  # fmt: skip
     g.add_argument("--eval-data", type=existing("file"), nargs="+",
                    help="benchmark or held-out JSONL files")  # fmt: skip
     g.add_argument("--template", default="auto", choices=["auto", *data.TEMPLATES])
@@ -150,8 +152,9 @@ def run(args, device):
     model = GPT.from_pretrained(ckpt or args.model, dtype=dtype, device=device)
     model = lora.attach(model, args.lora, args.lora_alpha, args.lora_dropout, args.lora_targets)
     n_response = sum(map(data.n_response_tokens, seqs))
+    dropped_text = f", {dropped} dropped (prompt fills --max-len, or nothing to train)"
     log(f"data: {len(seqs)} examples, {n_response} response tokens, template {template.name}"
-        + (f", {dropped} dropped (prompt fills --max-len, or nothing to train)" if dropped else ""))  # fmt: skip
+        + (dropped_text if dropped else ""))  # fmt: skip
     cfg = train_config(args)
     per_epoch = prift.steps_per_epoch(len(seqs), cfg.batch_size, cfg.match_authors)
     rundir.check_run(args, seqs, model.config, per_epoch)

@@ -60,7 +60,7 @@ def add_arguments(parser):
     g.add_argument("--rebuild-base", action="store_true", help="pretrain the demo base model again")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The task: one-digit arithmetic word problems
 
 NAMES = ["Kim", "Ben", "Ava", "Leo", "Mia", "Sam", "Zoe", "Max", "Ivy", "Tom"]
@@ -125,7 +125,7 @@ def pretrain_corpus(n, seed):
 
 
 def task(n, seed, noise_frac=0.0, noise_kind="wrong", phrasings=TASK_PHRASINGS):
-    """Fine-tuning or evaluation rows; a fraction noise_frac (exactly, rounded) of them carry noise."""
+    """Fine-tuning or evaluation rows; a fraction noise_frac (exactly, rounded) of them is noisy."""
     rng = random.Random(seed)
     noisy = set(rng.sample(range(n), round(noise_frac * n)))
     return [
@@ -160,7 +160,7 @@ def tokenizer(texts, vocab_size=200):
     return tok
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The base model, pretrained here once, and the data
 
 
@@ -216,7 +216,7 @@ def base_model(args, device):
 
 
 def write_data(args, out):
-    """Writes the demo's JSONL files into the run directory, so they can be read like any dataset."""
+    """Writes the demo's JSONL files into the run directory, to be read like any dataset."""
     files = {
         "train": task(
             200, args.seed + 1, args.demo_noise, args.demo_noise_kind
@@ -229,14 +229,13 @@ def write_data(args, out):
     return {name: out / "demo-data" / f"{name}.jsonl" for name in files}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The report
 
 
 def metrics(args, model, template, sets):
     """The report's numbers for one model: new-task accuracy (greedy; Avg@8/Pass@8 at temperature
-    1),
-    retention of the pretraining skill, and how often a wrong answer shown in training comes
+    1), retention of the pretraining skill, and how often a wrong answer shown in training comes
     back."""
 
     def greedy(examples):  # greedy accuracy on every problem
@@ -259,8 +258,7 @@ def metrics(args, model, template, sets):
 def show_weights(tok, rows, seqs, weights, rule):
     """Print one noisy demonstration with the tokens that `rule` drops (weights: one (n_i,) tensor
     per example, from the prior before any update), and the kept fraction on tokens the clean
-    solution does not have versus
-    the others."""
+    solution does not have versus the others."""
     kept_bad, kept_ok, shown = [], [], False
     for row, (ids, n_prompt), w in zip(rows, seqs, weights):
         resp, w = ids[n_prompt:], w.tolist()
@@ -313,8 +311,7 @@ def mean_and_spread(runs, rule):
 
 def run(args, device):
     """The demo: the base model, the prior once, each rule (and seed) fine-tuned from the same base
-    on the same
-    data in the same order, the table, and one demonstration as the rule trains it."""
+    on the same data in the same order, the table, and one demonstration as the rule trains it."""
     base = base_model(args, device)
     # the demo's own model and template, in a copy of the settings (the parsed ones stay as given)
     args = argparse.Namespace(**{**vars(args), "model": str(base), "ref": str(base),
@@ -393,7 +390,7 @@ def run(args, device):
     )
     show_weights(
         template.tok,
-        [json.loads(l) for l in paths["train"].read_text().splitlines()],
+        [json.loads(line) for line in paths["train"].read_text().splitlines()],
         seqs,
         [prift.weights_from_stats(shown.rule, pu[:, 0], pu[:, 1], threshold) for pu in prior],
         shown.rule,

@@ -45,8 +45,7 @@ def autocast(device):
 def fsdp_policy(device):
     """FSDP2's precision on CUDA: blocks all-gathered in bfloat16 (half the bytes of float32, and
     what autocast would compute in anyway), gradients reduce-scattered in float32, the sharded
-    master weights and AdamW state
-    float32. On the CPU everything stays float32."""
+    master weights and AdamW state float32. On the CPU everything stays float32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if device.type == "cuda":
@@ -85,8 +84,7 @@ def wrap_distributed(model, ref=None, fsdp=False, recompute=None):
 
 def sync_grads(wrapped, last):
     """DDP all-reduces gradients on the last micro-batch of a step only. FSDP2 reduce-scatters after
-    every
-    micro-batch, and the shards add up in each rank's sharded gradient."""
+    every micro-batch, and the shards add up in each rank's sharded gradient."""
     if hasattr(wrapped, "no_sync"):
         return contextlib.nullcontext() if last else wrapped.no_sync()
     # FSDP2 is never told to skip (set_requires_gradient_sync(False)): it would keep every
@@ -122,9 +120,8 @@ def merge_from_ranks(d):
 def shutdown():
     """Leave the process group together, and only once nothing refers to it: FSDP2's modules live in
     reference cycles, and freed only when the interpreter exits, after the group, they aborted a
-    rank now and then on
-    the CPU ("terminate called without an active exception", about 1 run in 20 on a busy
-    machine)."""
+    rank now and then on the CPU ("terminate called without an active exception", about 1 run in 20
+    on a busy machine)."""
     if dist.is_initialized():
         gc.collect()
         dist.barrier()
@@ -152,8 +149,7 @@ def full_state_dict(model):
 
 def optimizer_state_dict(model, opt):
     """Under FSDP2 every rank takes part in gathering the whole optimizer state (keyed by parameter
-    name) onto
-    rank 0's CPU, as opt.state_dict() would give each rank only its own shards; otherwise
+    name) onto rank 0's CPU, as opt.state_dict() would give each rank only its own shards; otherwise
     opt.state_dict()."""
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import (
@@ -169,9 +165,8 @@ def optimizer_state_dict(model, opt):
 
 def load_optimizer_state_dict(model, opt, state):
     """The inverse of optimizer_state_dict: under FSDP2 each rank keeps its shards of the whole
-    state. A state
-    keyed by name (saved under FSDP2) also loads into an unsharded model, to resume on one
-    process."""
+    state. A state keyed by name (saved under FSDP2) also loads into an unsharded model, to resume
+    on one process."""
     if is_fsdp(model) or isinstance(state["param_groups"][0]["params"][0], str):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,

@@ -2,8 +2,8 @@
 Evaluation as the paper does it: sample k answers to every problem of one or more benchmark files,
 grade each final answer (the last \\boxed{...}) against the gold answer by mathematical equivalence,
 and report Avg@k (the mean accuracy over all samples), Pass@k (the share of problems solved at least
-once) and, when asked, greedy
-accuracy: per file, and as the unweighted mean over the files, the paper's headline.
+once) and, when asked, greedy accuracy: per file, and as the unweighted mean over the files, the
+paper's headline.
 
     python evaluate.py --model DIR --data math500.jsonl minerva.jsonl olympiadbench.jsonl
     aime24.jsonl amc23.jsonl
@@ -16,13 +16,10 @@ after fine-tuning.
 """
 
 import argparse
-import functools
 import os
-import re
 import statistics
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import torch
@@ -36,6 +33,9 @@ from infra import batching, files
 from infra.argtypes import COUNT, POSITIVE, SAMPLES, SEED, Parser, existing, number
 from infra.distributed import autocast, dist_info, init_from_env, log, progress
 from infra.generate import generate
+
+# the tests reach grading's functions as evaluate.NAME too, as before grading.py was split out
+from infra.grading import grade, load_math_verify, normalize_answer  # noqa: F401
 from model import GPT, CheckpointError
 
 # The authors' evaluation prompt (Qwen2.5-Math's "qwen-boxed"), {input} the problem as the benchmark
@@ -56,7 +56,8 @@ PAPER = dict(
 
 
 def prompt_kind(text):
-    """An argparse type: qwen-boxed, template (the training template), or a text with {input} in it."""
+    """An argparse type: qwen-boxed, template (the training template), or a text with {input} in
+    it."""
     if text not in ("qwen-boxed", "template") and "{input}" not in text:
         raise argparse.ArgumentTypeError(
             f"expected qwen-boxed, template, or a text with {{input}} where the problem "
@@ -67,8 +68,7 @@ def prompt_kind(text):
 
 def add_arguments(parser, prefix="eval-"):
     """The evaluation options of prift.py (--eval-samples, ...) and of this file's command line
-    (--samples, ...).
-    Their defaults (None here) are the paper's, PAPER, or the demo's."""
+    (--samples, ...). Their defaults (None here) are the paper's, PAPER, or the demo's."""
     g = parser.add_argument_group("evaluation")
     g.add_argument(
         f"--{prefix}samples", dest="eval_samples", type=SAMPLES, help="k of Avg@k and Pass@k (16)"
@@ -125,8 +125,7 @@ def stop_ids(args, template):
 @torch.no_grad()
 def sample(args, model, template, examples, k, temperature, max_new, rows_per_batch=64, bar=None):
     """k generated texts for each example (a list per example). Prompts of any lengths share a
-    batch; they are
-    sorted by length first, so that little of a batch is padding."""
+    batch; they are sorted by length first, so that little of a batch is padding."""
     model.eval()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     prompts = [prompt_ids(args, template, ex) for ex in examples]
@@ -187,8 +186,7 @@ def scores(
     """One model on one set of examples: held-out cross-entropy over those with a reference
     solution; Avg@k and Pass@k (k = samples, default --eval-samples) and greedy accuracy (greedy,
     default --greedy) on the first `problems` (default --eval-problems; 0: all) of those with a gold
-    answer. records: a list to append each
-    problem's samples and grades to."""
+    answer. records: a list to append each problem's samples and grades to."""
     k, greedy = (
         args.eval_samples if samples is None else samples,
         args.greedy if greedy is None else greedy,
@@ -231,9 +229,8 @@ def scores(
 
 def answer_scores(texts, golds):
     """texts: the k responses to each problem, golds: the problems' gold answers -> ({avg@k,
-    pass@k}, the grades).
-    Avg@k: the mean accuracy over all samples; Pass@k: the percentage of problems solved by at least
-    one."""
+    pass@k}, the grades). Avg@k: the mean accuracy over all samples; Pass@k: the percentage of
+    problems solved by at least one."""
     hits = [[grade(t, gold) for t in row] for row, gold in zip(texts, golds, strict=True)]
     k = len(hits[0])
     return {
@@ -281,9 +278,8 @@ def before_training(args, model, template, sets, start):
 
 def table(results, k):
     """results: {model name: evaluate_files(...)}. A row per model and file, and the unweighted mean
-    over the
-    files of each model (the paper's headline), each column over the files that have it. Prints it;
-    returns the rows."""
+    over the files of each model (the paper's headline), each column over the files that have it.
+    Prints it; returns the rows."""
     rows = []
     for name, per_file in results.items():
         for path, r in per_file.items():
@@ -333,67 +329,6 @@ def print_table(rows, columns, title=None):
     text = (f"\n{title}\n\n" if title else "\n") + "\n".join(lines) + "\n"
     log(text)
     return text
-
-
-# ----------------------------------------------------------------------------------------------------
-# Grading: is a response's final answer the gold answer?
-
-
-def grade(text, answer):
-    """True if the final answer in `text` (a model's whole response) is the gold `answer`:
-    mathematically equivalent by math-verify (1/2 = 0.5 = \\dfrac12, x=3 = 3, {1,2} = {2,1}), or
-    where it is not installed,
-    equal as normalised text."""
-    pred = extract_answer(text)
-    if not (pred and pred.strip() and answer):  # no final answer, an empty box, or no gold answer
-        return False
-    math_verify = load_math_verify()
-    if math_verify is None:
-        return normalize_answer(pred) == normalize_answer(answer)
-    # parse() finds LaTeX inside $...$ (a bare \frac12 it does not), and reads plain 1/2 and 3.50
-    # there too.
-    # Its time limits use signal.alarm, which only the main thread may set; elsewhere it runs
-    # without one.
-    limit = 5 if threading.current_thread() is threading.main_thread() else None
-    gold, pred = (math_verify.parse(f"${s}$", parsing_timeout=limit) for s in (answer, pred))
-    # gold first: verify is not symmetric (a gold 1<x<2 matches an answer (1,2); a gold (1,2) no
-    # answer 1<x<2)
-    return math_verify.verify(gold, pred, timeout_seconds=limit)
-
-
-@functools.cache
-def load_math_verify():
-    """The math_verify module, or None (said once) when it is not installed: it is a test
-    requirement, and the
-    main job runs without it."""
-    try:
-        import math_verify
-    except ImportError:
-        log(
-            "grading: math-verify is not installed, so answers are compared as normalised text "
-            "(pip install math-verify)"
-        )
-        return None
-    return math_verify
-
-
-def normalize_answer(ans):
-    """An answer as text with the differences of notation that are cheap to remove taken out:
-    spaces, $ and \\$, a trailing period, \\text{} (dropped after a number: a unit), degrees,
-    percent, thousands commas, trailing
-    decimal zeros, \\dfrac and \\frac12, a leading x=. The fallback of grade(), without
-    math-verify."""
-    ans = ans.replace("\\$", "").replace("$", "")
-    ans = re.sub(r"(\d)\s*\\(?:text|mbox)\{[^{}]*\}", r"\1", ans)  # 18\text{ dollars} -> 18
-    ans = re.sub(r"\\(?:text|mbox)\{([^{}]*)\}", r"\1", ans)  # \text{(C)} -> (C)
-    ans = re.sub(r"\^\{?\\circ\}?|\\?%", "", ans)  # 10^\circ, 10\% -> 10
-    ans = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", ans)  # 1,000 -> 1000; not 1, 000
-    ans = re.sub(r"\\[dt]frac", r"\\frac", ans)
-    ans = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", ans)  # \frac12 -> \frac{1}{2}
-    ans = ans.replace(" ", "").rstrip(".")
-    ans = re.sub(r"^[a-zA-Z]=", "", ans)  # x=3 -> 3
-    ans = re.sub(r"(\.\d*?)0+(?!\d)", r"\1", ans)  # 3.50 -> 3.5, 27.0 -> 27.
-    return re.sub(r"(\d)\.(?!\d)", r"\1", ans)  # 27. -> 27
 
 
 def main(argv=None):

@@ -2,8 +2,8 @@
 Generation with a key/value cache, for prompts of any lengths in one batch: greedy, or temperature /
 top-p sampling, num_samples rows per prompt, every row stopping at its own stop token.
 
-    from infra.generate import generate
-    rows = generate(model, [[5, 17, 42], [8, 30]], 64, temperature=0, stop_ids={im_end_id, eos_id})
+    from infra.generate import generate rows = generate(model, [[5, 17, 42], [8, 30]], 64,
+    temperature=0, stop_ids={im_end_id, eos_id})
 
 Each row is what generating its prompt alone gives: the prompts are left-padded to one length, every
 token gets its position in its own row (a prompt of 3 tokens padded to 5 still starts at position
@@ -42,8 +42,7 @@ def generate(
     A row also stops where prompt + new tokens reach model.config.max_positions: GPT-2 has no
     position embedding beyond it, and rope models were not trained beyond it, so both are capped,
     each row at its own length (as it would be alone). generator: a torch.Generator on the model's
-    device; the same seed gives
-    the same rows."""
+    device; the same seed gives the same rows."""
     cfg, dev = model.config, model.lm_head.weight.device
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: an empty prompt has nothing to continue")
@@ -139,9 +138,8 @@ def generate(
 def left_pad(prompts, device):
     """Prompts of any lengths as one batch: token ids (P, T0) left-padded with 0; each token's
     position in its own row (P, T0), pads at 0; and the mask (P, 1, T0, T0), True where a query may
-    attend to a key:
-    causal, pads left out. mask is None when no prompt is padded: attention then takes SDPA's causal
-    path."""
+    attend to a key: causal, pads left out. mask is None when no prompt is padded: attention then
+    takes SDPA's causal path."""
     T0 = max(map(len, prompts))
     pad = torch.tensor([T0 - len(p) for p in prompts], device=device)[:, None]  # (P, 1)
     idx = torch.tensor([[0] * (T0 - len(p)) + list(p) for p in prompts], device=device)
@@ -158,9 +156,8 @@ def left_pad(prompts, device):
 
 def exponential_(noise, generator=None):
     """Fill noise with independent Exp(1) draws, as -log(u) of uniform u in [0, 1): on a CPU 4x
-    faster than
-    Tensor.exponential_. u = 0 gives inf, which only rules its token out of that draw (chance
-    2**-24)."""
+    faster than Tensor.exponential_. u = 0 gives inf, which only rules its token out of that draw
+    (chance 2**-24)."""
     return noise.uniform_(generator=generator).log_().neg_()
 
 
@@ -168,9 +165,8 @@ def sample(logits, temperature, top_p, noise=None):
     """logits (A, V) -> next token ids (A,). temperature 0 is greedy (noise unused). Otherwise a
     draw from softmax(logits / temperature) cut to its top_p nucleus (the smallest set of most
     likely tokens whose probability reaches top_p), made from noise (A, V) of independent Exp(1)
-    draws: argmax_v p_v / noise_v is
-    v with probability p_v (the exponential race, which torch.multinomial also runs for one
-    sample)."""
+    draws: argmax_v p_v / noise_v is v with probability p_v (the exponential race, which
+    torch.multinomial also runs for one sample)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)

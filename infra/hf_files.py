@@ -26,15 +26,13 @@ from infra.files import (
     write_with,
 )
 
-MAX_LAYERS = (
-    1024  # the deepest released models have ~130; more is a damaged config, and each layer is built
-)
+# the deepest released models have ~130; more is a damaged config, and each layer is built
+MAX_LAYERS = 1024
 
 
 def field(d, key, kind, low=None, high=None, default=KeyError):
     """d[key] (default when it is absent or null) if it is a `kind` (bool; int, not a bool; float:
-    any finite
-    number) in [low, high]; else a CheckpointError naming it."""
+    any finite number) in [low, high]; else a CheckpointError naming it."""
     value = d.get(key)
     if value is None:
         if default is KeyError or default is None:
@@ -126,9 +124,8 @@ def config_fields(d, families):
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         raise CheckpointError(f"rope type {rope_type!r} is not supported (default and llama3 are)")
-    if (
-        rope_type == "llama3"
-    ):  # the band between low and high frequency factors is blended: they must differ
+    # the band between low and high frequency factors is blended: they must differ
+    if rope_type == "llama3":
         rope = dict(
             rope,
             factor=field(rope, "factor", float, 1e-6, 1e6),
@@ -200,8 +197,8 @@ def read_config(path):
 def weight_files(path):
     """The safetensors files of a checkpoint directory: model.safetensors, or those its index's
     weight_map names. An index entry must be a relative name without '..' of a regular file: the
-    directory's own files (in the
-    Hugging Face cache those are links into its blobs, and load as the files they point to)."""
+    directory's own files (in the Hugging Face cache those are links into its blobs, and load as the
+    files they point to)."""
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").exists() or not index.exists():
         names = ["model.safetensors"]
@@ -320,14 +317,19 @@ def read_state(path, model_type, expected, dtype, device):
     shapes = gpt2_keys(shapes, to_hf=False) if gpt2 else shapes  # names and shapes, on meta
     for k, shape in expected.items():
         if k not in shapes:
-            raise CheckpointError(f"tensor {k} of shape {tuple(shape)} is missing from the "
-                                  f"checkpoint in {path}")  # fmt: skip
+            raise CheckpointError(
+                f"tensor {k} of shape {tuple(shape)} is missing from the checkpoint in {path}"
+            )
         if shapes[k].shape != shape:
-            raise CheckpointError(f"tensor {k} has shape {tuple(shapes[k].shape)} in the checkpoint "
-                                  f"in {path}, the config implies {tuple(shape)}")  # fmt: skip
+            raise CheckpointError(
+                f"tensor {k} has shape {tuple(shapes[k].shape)} in the checkpoint in {path}, "
+                f"the config implies {tuple(shape)}"
+            )
     for k in shapes.keys() - expected.keys():
-        raise CheckpointError(f"unexpected tensor {k} of shape {tuple(shapes[k].shape)} in the "
-                              f"checkpoint in {path} (config.json does not describe it)")  # fmt: skip
+        raise CheckpointError(
+            f"unexpected tensor {k} of shape {tuple(shapes[k].shape)} in the checkpoint in {path} "
+            "(config.json does not describe it)"
+        )
     files = {k: f for k, (f, _) in stored.items()}
     state = read_tensors(files, dtype, torch.device(device), shapes)
     return gpt2_keys(state, to_hf=False) if gpt2 else state

@@ -3,19 +3,21 @@ Which tokens each rule keeps, before any training: the prior computed as trainin
 response token's weight, written for a person (weights.html, a summary) and for a program or another
 trainer (tokens.jsonl and prior.json: the prior as a dataset).
 
-    python prift.py --rule mass --model DIR --data FILE --inspect [N] --out DIR2    # the prior's view, no training
+    python prift.py --rule mass --model DIR --data FILE --inspect [N] --out DIR2
+                                        # the prior's view, no training
 
-    OUT/tokens.jsonl    one object per example, in data order, every list as long as `input_ids` (prompt + response,
-                        as trained): `row`, the example's index among the data file's examples
-                        (counting those dropped); `labels` as Hugging Face trainers take them
-                        (unshifted: labels[t] is predicted from input_ids[:t]; the response and its
-                        end token, -100 on the prompt), and aligned with `labels`, the
-                        reference's `prior_p` (its probability of the label) and `prior_u` (the
-                        label's mass score) and the label's `weight` under --rule; 0.0 where
-                        `labels` is -100
-    OUT/prior.json      what the prior was made with: the reference checkpoint, the template and its end token,
-                        --max-len, the rule and threshold of `weight`, the counts
-    OUT/weights.html    the first N examples, each response token coloured by its weight, p and u on hover
+    OUT/tokens.jsonl    one object per example, in data order, every list as long as `input_ids`
+                        (prompt + response, as trained): `row`, the example's index among the
+                        data file's examples (counting those dropped); `labels` as Hugging Face
+                        trainers take them (unshifted: labels[t] is predicted from input_ids[:t];
+                        the response and its end token, -100 on the prompt), and aligned with
+                        `labels`, the reference's `prior_p` (its probability of the label) and
+                        `prior_u` (the label's mass score) and the label's `weight` under --rule;
+                        0.0 where `labels` is -100
+    OUT/prior.json      what the prior was made with: the reference checkpoint, the template and
+                        its end token, --max-len, the rule and threshold of `weight`, the counts
+    OUT/weights.html    the first N examples, each response token coloured by its weight, p and u
+                        on hover
 """
 
 import html
@@ -97,8 +99,7 @@ def inspect(args, device, examples):
 
 def token_texts(tok, ids, n_prompt):
     """Each response token's text as it reads in context: decode growing prefixes and take the
-    difference
-    (a token alone can decode differently, e.g. without its leading space)."""
+    difference (a token alone can decode differently, e.g. without its leading space)."""
     texts = [tok.decode(ids[:n]) for n in range(max(n_prompt, 1), len(ids) + 1)]
     return [
         b[len(a) :] if b.startswith(a) else tok.decode([t])
@@ -108,8 +109,7 @@ def token_texts(tok, ids, n_prompt):
 
 def summary(tok, seqs, weights):
     """Print the kept fraction, the kept fraction by position in the response (tenths), and the
-    tokens most
-    often dropped."""
+    tokens most often dropped."""
     kept = [w > 0 for ws in weights for w in ws.tolist()]
     log(
         f"\nkept: {100 * sum(kept) / max(len(kept), 1):.1f}% of {len(kept)} response "
@@ -139,8 +139,7 @@ def summary(tok, seqs, weights):
 
 def weights_page(args, tok, seqs, prior, weights, pieces):
     """A self-contained page: prompt in grey, each response token on a background from white (weight
-    0, struck
-    out) to green (weight 1), with p, u and the weight on hover."""
+    0, struck out) to green (weight 1), with p, u and the weight on hover."""
     rows = []
     for i, ((ids, n_prompt), stats, ws, texts) in enumerate(zip(seqs, prior, weights, pieces)):
         spans = []

@@ -49,17 +49,15 @@ def add_arguments(parser):
     )
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Activations: bytes per token, from what each module saves for backward
 
 
 def norm_bytes(cfg, mode, readers):
     """A norm of width C over its input: what it saves, and the copies its `readers` linears save of
-    its output.
-    mode: 'fp32' (float32 weights, no autocast), 'autocast' (float32 weights, bfloat16 autocast:
-    each linear
-    saves its own bfloat16 cast of the input), 'bf16' (bfloat16 weights: FSDP2's bfloat16 gathers,
-    --match-authors)."""
+    its output. mode: 'fp32' (float32 weights, no autocast), 'autocast' (float32 weights, bfloat16
+    autocast: each linear saves its own bfloat16 cast of the input), 'bf16' (bfloat16 weights:
+    FSDP2's bfloat16 gathers, --match-authors)."""
     C = cfg.hidden_size
     if cfg.family["norm"] == "layernorm":  # input, mean and 1/std (float32), output
         x, stats = (2 * C, 4) if mode == "bf16" else (4 * C, 8)
@@ -75,7 +73,7 @@ def norm_bytes(cfg, mode, readers):
 
 def block_bytes(cfg, mode):
     """Bytes per token that one transformer block keeps for backward."""
-    I, H, K, d = cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    inner, H, K, d = cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     b = 4 if mode == "fp32" else 2  # the matmuls' dtype
     swiglu = cfg.family["mlp"] == "swiglu"
     total = norm_bytes(cfg, mode, 3) + norm_bytes(cfg, mode, 2 if swiglu else 1)
@@ -90,9 +88,8 @@ def block_bytes(cfg, mode):
         and not (mode == "autocast" and cfg.family["qk_norm"])
     ):
         total += 2 * 2 * d  # cos and sin cast to bfloat16 in each block
-    return total + b * I * (
-        4 if swiglu else 2
-    )  # SwiGLU: gate, silu(gate), up, their product; GELU: in, out
+    # SwiGLU: gate, silu(gate), up, their product; GELU: in, out
+    return total + b * inner * (4 if swiglu else 2)
 
 
 def model_bytes(cfg, mode):
@@ -107,7 +104,7 @@ def model_bytes(cfg, mode):
     return 8 + pos + norm_bytes(cfg, mode, 0)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The plan
 
 
@@ -152,10 +149,10 @@ def plan(
     lora=None,
 ):
     """Bytes per GPU of each part of a training step at its peak, for micro-batches of `tokens`
-    positions; fsdp:
-    sharded over `world` processes. lora: (r, target names) of a --lora run, whose frozen base
-    has no gradient and no AdamW state (and on CUDA without FSDP2 is held in bfloat16), while the
-    adapters have both, in float32. Returns {part: bytes}, and 'total': the step's peak."""
+    positions; fsdp: sharded over `world` processes. lora: (r, target names) of a --lora run, whose
+    frozen base has no gradient and no AdamW state (and on CUDA without FSDP2 is held in bfloat16),
+    while the adapters have both, in float32. Returns {part: bytes}, and 'total': the step's peak.
+    """
     P, P_root, P_block = count_params(cfg)
     wb = 2 if authors else 4  # weights, gradients and AdamW state: float32, or bf16 (authors)
     mode = "bf16" if authors or (cuda and fsdp) else "autocast" if cuda else "fp32"
@@ -275,9 +272,8 @@ def fits(parts, card):
 
 def what_fits(args, world, cuda, card):
     """The switches, added one at a time in this order, that first bring the plan within `card` GB:
-    checkpointing,
-    the prior precomputed, FSDP2 over these processes, smaller micro-batches, then more GPUs under
-    FSDP2."""
+    checkpointing, the prior precomputed, FSDP2 over these processes, smaller micro-batches, then
+    more GPUs under FSDP2."""
     tried, a, n = [], copy.copy(args), world
     steps = [
         ("grad_checkpoint", True, "--grad-checkpoint"),

@@ -91,14 +91,13 @@ def prior_problem(path, seqs):
 
 def save_prior(path, prior):
     """prior: a list of (n_i, 2) tensors, one per example (written by rank 0). Written under a name
-    of this
-    process's own (runs on the same data may compute it at once), then renamed into place."""
+    of this process's own (runs on the same data may compute it at once), then renamed into place.
+    """
     if dist_info()[0] != 0:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    for old in path.parent.glob(
-        f"{path.stem}.*.tmp"
-    ):  # left by a killed process that computed the same prior
+    # left by a killed process that computed the same prior
+    for old in path.parent.glob(f"{path.stem}.*.tmp"):
         with contextlib.suppress(ValueError, ProcessLookupError):
             os.kill(int(old.name.split(".")[1]), 0)
             continue

@@ -2,13 +2,14 @@
 How runs went, as pages a person opens from disk: self-contained HTML with inline SVG, no script, no
 network.
 
-    OUT/report.html     every training run. At the top what ran (the arguments that matter, checkpoint and data,
-                        counts of examples and response tokens, precision, ranks), how it went
+    OUT/report.html     every training run. At the top what ran (the arguments that matter,
+                        checkpoint and data, counts of examples and response tokens, precision,
+                        ranks), how it went
                         (steps, skipped steps, training time, tokens/s, kept fraction) and the
                         evaluation before and after; then the curves of metrics.jsonl with every
                         step's value on hover
-    OUT/run.json        what that page needs beyond args.json and metrics.jsonl: the counts, the ranks, the
-                        training time and the evaluation rows
+    OUT/run.json        what that page needs beyond args.json and metrics.jsonl: the counts, the
+                        ranks, the training time and the evaluation rows
 
 Several runs side by side: the same curves overlaid, one colour per run, and a table with a row per
 run.
@@ -16,57 +17,28 @@ run.
     python report.py runs/sft-1 runs/mass-1 runs/dft-1 --out compare.html
 """
 
-import html
-import json
-import math
 import os
 import sys
 from pathlib import Path
 
 from infra import files
 from infra.argtypes import Parser
+from infra.charts import COLOURS, CURVES, HOVER, chart, esc, values
+from infra.run_files import NotARun, load_run, read_metrics
 
-CURVES = {
-    "loss": "loss: the rule's weighted cross-entropy, nats per response token",
-    "ce": "cross-entropy of the response tokens, unweighted (nats)",
-    "kept": "kept fraction: response tokens with a weight above 0",
-    "lr": "learning rate",
-    "grad_norm": "gradient norm, before clipping at 1",
-}
-SMOOTHED = ("loss", "ce")  # noisy from step to step: a moving mean is drawn over the raw line
-COLOURS = [
-    "#1f77b4",
-    "#d62728",
-    "#2ca02c",
-    "#ff7f0e",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#17becf",
-    "#7f7f7f",
-    "#bcbd22",
-]
-GENERATOR = (
-    '<meta name="generator" '
-    'content="prift">'
-)  # marks a page this file wrote, which it may write again
+# marks a page this file wrote, which it may write again
+GENERATOR = '<meta name="generator" content="prift">'
 
 
-class NotARun(Exception):
-    pass
-
-
-# ----------------------------------------------------------------------------------------------------
-# What a run left on disk
+# --------------------------------------------------------------------------------------------------
+# At the end of training
 
 
 def run_report(out, eval_rows, seqs, state):
     """At the end of training (rank 0): OUT/run.json, then OUT/report.html from the files of OUT.
     eval_rows: (name, scores) as evaluate.table gives them, "base FILE" before training and "RULE
-    FILE" after (or None);
-    seqs: the (ids, n_prompt) trained on; state: train()'s, with train_s (its seconds) and from_step
-    (the step a
-    resumed run began at)."""
+    FILE" after (or None); seqs: the (ids, n_prompt) trained on; state: train()'s, with train_s (its
+    seconds) and from_step (the step a resumed run began at)."""
     # here, not above: report.py's command line reads files only, and starts without torch
     import data
     from infra.distributed import dist_info
@@ -98,145 +70,7 @@ def run_report(out, eval_rows, seqs, state):
     logs.finish(out, evaluation, state.get("step", 0))
 
 
-def read_metrics(path):
-    """The rows of DIR/metrics.jsonl; a line cut short by a kill, or that is not a step's, is left
-    out.
-    """
-    rows = []
-    text = files.read_text(path / "metrics.jsonl", path, files.RUN_LIMIT, "metrics", "replace")
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(row, dict) and fits(row.get("step"), int) and row["step"] > 0:
-            rows.append(typed(row, ROW_FIELDS))
-    return rows
-
-
-# What the pages read of each file, and as what: a value of another type (a string for a loss, a
-# NaN, a 400-digit step) is left out, as if the file did not give it.
-ROW_FIELDS = dict(
-    step=int, lr=float, loss=float, ce=float, kept=float, grad_norm=float, tokens=int, skipped=int
-)
-RUN_FIELDS = dict(
-    examples=int,
-    response_tokens=int,
-    world_size=int,
-    train_s=float,
-    timed_steps=int,
-    timed_tokens=int,
-    evaluation=dict,
-)
-ARG_FIELDS = dict(
-    rule=str,
-    signal=str,
-    threshold=float,
-    model=str,
-    ref=str,
-    data=str,
-    eval_data=list,
-    template=str,
-    micro_tokens=int,
-    micro_batch=int,
-    batch_size=int,
-    lr=float,
-    max_steps=int,
-    epochs=int,
-    seed=int,
-    precision=str,
-    lora=int,
-    lora_alpha=float,
-    lora_targets=str,
-)
-BIG = 10**15  # no count of steps, tokens or seconds is this large
-
-
-def fits(value, kind):
-    """Whether a value read from a file is a `kind`: int (not a bool, not huge), float (any finite
-    number), str, list of str, or dict."""
-    if kind is int:
-        return type(value) is int and abs(value) < BIG
-    if kind is float:
-        return type(value) in (int, float) and math.isfinite(value) and abs(value) < BIG
-    if kind is list:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    return isinstance(value, kind)
-
-
-def typed(d, fields):
-    """The entries of d that fields names, each of its type (see fits); the others are left out."""
-    return {k: d[k] for k, kind in fields.items() if k in d and fits(d[k], kind)}
-
-
-def scores(evaluation):
-    """run.json's evaluation as the pages read it: {file: {before|after: {measure: number}}}."""
-    return {
-        str(file): {
-            when: {str(m): v for m, v in ms.items() if fits(v, float)}
-            for when, ms in ba.items()
-            if when in ("before", "after") and isinstance(ms, dict)
-        }
-        for file, ba in evaluation.items()
-        if isinstance(ba, dict)
-    }
-
-
-def read_object(path):
-    """A JSON object from a file, or {} when there is none."""
-    if not os.path.lexists(path):
-        return {}
-    try:
-        value = json.loads(files.read_text(path, path.parent, files.RUN_LIMIT, "", "replace"))
-    except (ValueError, RecursionError) as e:
-        raise NotARun(f"{path} is not valid JSON ({str(e)[:200]})")
-    except files.CheckpointError as e:
-        raise NotARun(str(e).strip())
-    if not isinstance(value, dict):
-        raise NotARun(f"{path} does not hold a JSON object")
-    return value
-
-
-def load_run(path):
-    """A run directory as the pages read it: {dir, args, rows, run}. Only metrics.jsonl is required;
-    a run that was
-    stopped has no run.json yet, and the demo's runs/RULE-seedN of older versions have no
-    args.json."""
-    path = Path(path)
-    if not (path / "metrics.jsonl").is_file():
-        raise NotARun(
-            f"{path} is not a prift run (no metrics.jsonl in it); give the --out directory "
-            "of a training run"
-        )
-    try:
-        rows = read_metrics(path)
-    except files.CheckpointError as e:
-        raise NotARun(str(e))
-    if not rows:
-        raise NotARun(
-            f"{path}/metrics.jsonl holds no step; give a run that has trained at least one step"
-        )
-    args, run = read_object(path / "args.json"), read_object(path / "run.json")
-    if not isinstance(run.get("evaluation", {}), dict):
-        raise NotARun(
-            f"{path}/run.json is not one that prift wrote; move it aside, or give another run"
-        )
-    args, run = typed(args, ARG_FIELDS), typed(run, RUN_FIELDS)
-    run["evaluation"] = scores(run.get("evaluation", {}))
-    args.setdefault("rule", path.name.split("-")[0])
-    return dict(dir=path, args=args, rows=rows, run=run)
-
-
-def values(rows, key):
-    """[(step, value)] of the rows whose `key` is a finite number."""
-    return [
-        (r["step"], r[key])
-        for r in rows
-        if type(r.get(key)) in (int, float) and math.isfinite(r[key])
-    ]
-
-
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One run: report.html
 
 
@@ -358,12 +192,12 @@ def evaluation_table(evaluation):
     )
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Several runs: one page
 
 
 def compare(dirs, page):
-    """Write `page`: the runs in `dirs` side by side. A directory that is not a run raises NotARun."""
+    """Write `page`: the runs in `dirs` side by side; NotARun for a directory that is not a run."""
     runs = [load_run(d) for d in dirs]
     page = Path(page)
     page.parent.mkdir(parents=True, exist_ok=True)
@@ -372,8 +206,7 @@ def compare(dirs, page):
 
 def compare_page(runs, where):
     """Every run's curves overlaid, one colour each, and a table of a row per run. where: the page's
-    directory,
-    from which the links to each run's report.html are relative."""
+    directory, from which the links to each run's report.html are relative."""
     rules = [run["args"]["rule"] for run in runs]
     labels = [
         str(rule) if rules.count(rule) == 1 else f"{rule} ({run['dir'].name})"
@@ -381,13 +214,13 @@ def compare_page(runs, where):
     ]
     colours = [COLOURS[i % len(COLOURS)] for i in range(len(runs))]
     legend = "".join(
-        f'<span class="key"><i style="background:{c}"></i>{esc(l)}</span>'
-        for l, c in zip(labels, colours)
+        f'<span class="key"><i style="background:{c}"></i>{esc(label)}</span>'
+        for label, c in zip(labels, colours)
     )
     curves = "".join(
         chart(
             key,
-            [(l, c, values(run["rows"], key)) for l, c, run in zip(labels, colours, runs)],
+            [(label, c, values(run["rows"], key)) for label, c, run in zip(labels, colours, runs)],
             raw=False,
         )
         for key in CURVES
@@ -402,8 +235,7 @@ def compare_page(runs, where):
 
 def compare_table(runs, labels, colours, where):
     """A row per run: its key arguments, its last loss and ce, its kept fraction, and each
-    evaluation measure as
-    before → after."""
+    evaluation measure as before → after."""
     evals = {}  # (file, measure) -> None, in order of first appearance
     for run in runs:
         for file, ba in run["run"].get("evaluation", {}).items():
@@ -463,131 +295,8 @@ def compare_table(runs, labels, colours, where):
     )
 
 
-# ----------------------------------------------------------------------------------------------------
-# Charts: inline SVG
-
-HOVER = "Hover over a chart for the value at each step."
-W, H, LEFT, BOTTOM, TOP, RIGHT = 540, 230, 58, 36, 10, 14  # pixels: the plot is inside the margins
-
-
-def chart(key, lines, raw):
-    """A figure with the curve of `key` for each (label, colour, [(step, value)]): axes with round
-    ticks, a grid,
-    and on hover the value at each step. Loss and ce: the moving mean, over the raw line when
-    `raw`."""
-    lines = [(label, colour, pts) for label, colour, pts in lines if pts]
-    if not lines:
-        return ""
-    xs = [x for *_, pts in lines for x, _ in pts]
-    ys = [y for *_, pts in lines for _, y in pts]
-    xt = ticks(min(xs), max(xs), integer=True)
-    yt = (
-        [0.0, 0.25, 0.5, 0.75, 1.0]
-        if key == "kept"
-        else ticks(0 if key == "lr" else min(ys), max(ys))
-    )
-    sx = lambda x: LEFT + (W - LEFT - RIGHT) * (x - xt[0]) / (xt[-1] - xt[0])
-    sy = lambda y: H - BOTTOM - (H - BOTTOM - TOP) * (y - yt[0]) / (yt[-1] - yt[0])
-    svg = "".join(
-        f'<line class="grid" x1="{LEFT}" x2="{W - RIGHT}" y1="{sy(y):.1f}" y2="{sy(y):.1f}"/>'
-        f'<text class="tick" x="{LEFT - 5}" y="{sy(y) + 3:.1f}" text-anchor="end">{y:.4g}</text>'
-        for y in yt
-    )
-    svg += "".join(
-        f'<line class="grid" x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{TOP}" y2="{H - BOTTOM}"/>'
-        f'<text class="tick" x="{sx(x):.1f}" y="{H - BOTTOM + 14}" '
-        f'text-anchor="middle">{x:g}</text>'
-        for x in xt
-    )
-    svg += (
-        f'<text class="axis" x="{(LEFT + W - RIGHT) / 2}" y="{H - 4}" '
-        'text-anchor="middle">optimizer step</text>'
-    )
-    h, note = (
-        half_width(max(len(pts) for *_, pts in lines)),
-        "",
-    )  # one window for every run of the chart
-    for label, colour, pts in lines:
-        if key in SMOOTHED and raw:
-            svg += polyline(pts, sx, sy, colour, "raw", label)
-        svg += polyline(
-            moving_mean(pts, h) if key in SMOOTHED else pts, sx, sy, colour, "line", label
-        )
-    if key in SMOOTHED:
-        note = f" ({'bold' if raw else 'drawn'}: the mean of each step and the {h} on either side)"
-    svg += hover_bands(key, lines, sx, xt)
-    return (
-        f'<figure data-key="{key}"><figcaption>{esc(CURVES[key])}{note}</figcaption>'
-        f'<svg width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img">{svg}</svg></figure>'
-    )
-
-
-def polyline(pts, sx, sy, colour, kind, label=""):
-    points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-    return f'<polyline class="{kind}" data-run="{esc(label)}" stroke="{colour}" points="{points}"/>'
-
-
-def hover_bands(key, lines, sx, xt, most=1000):
-    """A transparent band over each step (at most `most`, every n-th step beyond) whose title names
-    its value in
-    every run."""
-    by_run = [(label, dict(pts)) for label, _, pts in lines]
-    steps = sorted({x for _, v in by_run for x in v})
-    stride = math.ceil(len(steps) / most)
-    steps = steps[::stride]
-    half = (sx(xt[0] + stride) - sx(xt[0])) / 2
-    out = ""
-    for x in steps:
-        text = f"step {x}" + "".join(
-            f"\n{label + ': ' if len(lines) > 1 else key + ' '}{v[x]:.5g}"
-            for label, v in by_run
-            if x in v
-        )
-        out += (
-            f'<rect class="hover" x="{sx(x) - half:.1f}" y="{TOP}" width="{max(2 * half, 1):.1f}" '
-            f'height="{H - BOTTOM - TOP}"><title>{esc(text)}</title></rect>'
-        )
-    return out
-
-
-def ticks(lo, hi, integer=False, n=4):
-    """About n + 1 round values (1, 2 or 5 times a power of ten apart) from at most lo to at least
-    hi.
-    """
-    if hi - lo <= 1e-9 * max(abs(lo), abs(hi)):  # one value: a small range around it
-        lo, hi = lo - (abs(lo) * 0.1 or 1), hi + (abs(hi) * 0.1 or 1)
-    raw = (hi - lo) / n
-    unit = 10 ** math.floor(math.log10(raw))
-    step = next(m * unit for m in (1, 2, 5, 10) if m * unit >= raw * (1 - 1e-9))
-    step = max(step, 1) if integer else step
-    return [
-        round(i * step, 12)
-        for i in range(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1)
-    ]
-
-
-def half_width(n):
-    """The moving mean's reach on either side, for n steps: about 2.5% of the run."""
-    return max(1, n // 40)
-
-
-def moving_mean(pts, h):
-    """Each point's value replaced by the mean of the values of the points within h of it on either
-    side.
-    """
-    ys = [y for _, y in pts]
-    return [
-        (x, sum(ys[max(0, i - h) : i + h + 1]) / len(ys[max(0, i - h) : i + h + 1]))
-        for i, (x, _) in enumerate(pts)
-    ]
-
-
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Small pieces of text
-
-
-def esc(v):
-    return html.escape("" if v is None else str(v))
 
 
 def name_of(path):

@@ -22,29 +22,13 @@ from model import TOKENIZER_FILES, CheckpointError, Config
 # a LoRA run's model is its adapter, in PEFT's format (infra/lora.py's save_adapter)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MODEL_FILES = ("config.json", "model.safetensors", *ADAPTER_FILES, *TOKENIZER_FILES)
-RUN_FILES = {
-    "args.json",
-    "metrics.jsonl",
-    "run.json",
-    "report.html",
-    "eval.json",
-    "tokens.jsonl",
-    "prior.json",
-    "weights.html",
-    "results.md",
-    "results.json",
-    "compare.html",
-    "eval_before.json",
-    "left_out.jsonl",
-    ".lock",
-    "wandb_id",  # infra/logs.py: the wandb run a resumed run continues
-    *MODEL_FILES,
-}
-TEMPORARY = {
-    "metrics.tmp",
-    "args.json.tmp",
-    "final.tmp",
-}  # what a kill can leave (final.tmp: a directory)
+# the files prift writes in a run directory (wandb_id: infra/logs.py's, the wandb run a resumed
+# run continues)
+RUN_FILES = {"args.json", "metrics.jsonl", "run.json", "report.html", "eval.json", "tokens.jsonl"}
+RUN_FILES |= {"prior.json", "weights.html", "results.md", "results.json", "compare.html"}
+RUN_FILES |= {"eval_before.json", "left_out.jsonl", ".lock", "wandb_id", *MODEL_FILES}
+# what a kill can leave (final.tmp: a directory)
+TEMPORARY = {"metrics.tmp", "args.json.tmp", "final.tmp"}
 STEP = re.compile(r"step-\d{7}")
 
 
@@ -56,7 +40,7 @@ def is_temporary(name):
     return bool(m) and m[1] in {Path(n).stem for n in (*RUN_FILES, "trainer.pt")}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Resuming: the recorded arguments, checked as the command line's are, and the same run
 
 IDENTITY = (
@@ -86,17 +70,16 @@ IDENTITY = (
 def resumed_args(parser, args):
     """--resume DIR: the arguments the run in DIR recorded in its args.json, checked again by the
     command line's own parser, writing to DIR again. --resume alone: this command line, continuing
-    --out if it holds a run (run()
-    checks that it is the same run: check_run) and starting it there if not."""
+    --out if it holds a run (run() checks that it is the same run: check_run) and starting it there
+    if not."""
     if args.resume is True:
         if not args.out or args.overwrite:
             parser.error(
                 "--resume without a directory continues --out: give --out, and not --overwrite"
             )
         if not (Path(args.out) / "args.json").exists():
-            return argparse.Namespace(
-                **{**vars(args), "resume": None}
-            )  # nothing to continue yet: start
+            # nothing to continue yet: start
+            return argparse.Namespace(**{**vars(args), "resume": None})
         return argparse.Namespace(
             **{**vars(args), "resume": args.out, "recorded": recorded_args(parser, args.out)}
         )
@@ -115,8 +98,8 @@ def resumed_args(parser, args):
 
 def recorded_args(parser, run_dir):
     """args.json of the run in run_dir, turned back into a command line and parsed, so that every
-    value goes through
-    the same types, ranges and choices as one typed by hand. Keys that are no option are dropped."""
+    value goes through the same types, ranges and choices as one typed by hand. Keys that are no
+    option are dropped."""
     path = Path(run_dir) / "args.json"
     if not os.path.lexists(path):
         parser.error(
@@ -170,8 +153,7 @@ def check_run(args, seqs, config, steps_per_epoch):
     """What needs the data and the model, checked before anything is written: an example to train
     on, a reference with the model's vocabulary, at least one step to train, every example within
     the model's context, and on --resume the run's own data (the sha256 args.json recorded) and, for
-    a command line given with --resume alone,
-    the run's own model, reference and method."""
+    a command line given with --resume alone, the run's own model, reference and method."""
     if not seqs:
         raise DataError(
             f"no usable example in {args.data}: every prompt fills --max-len "
@@ -226,12 +208,14 @@ def check_run(args, seqs, config, steps_per_epoch):
             )
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Identity by content: what determines a run's result, hashed (sha256, streamed, once per run)
 
 # A checkpoint's files that change what is trained: the tokenizer and the chat template make the
 # token ids, the weights and config.json the model. generation_config.json changes nothing trained.
-IDENTITY_FILES = ("config.json", *(n for n in TOKENIZER_FILES if n != "generation_config.json"))
+# what makes a checkpoint the same one: its config, tokenizer and template (not how it generates)
+TEMPLATE_FILES = [n for n in TOKENIZER_FILES if n != "generation_config.json"]
+IDENTITY_FILES = ("config.json", *TEMPLATE_FILES)
 
 
 def checkpoint_sha256(path):
@@ -277,7 +261,7 @@ def file_sha256(path):
     return files.sha256(path)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The run directory: what prift wrote there, one process at a time
 
 
@@ -359,8 +343,7 @@ def not_writable(path):
 
 def not_ours(out):
     """The entries of a run directory that prift did not write: any name it does not write, or of a
-    kind it does not
-    write (a directory where it writes a file; a symbolic link, marked @, but
+    kind it does not write (a directory where it writes a file; a symbolic link, marked @, but
     checkpoints/latest)."""
 
     def kind_ok(p):
@@ -418,8 +401,7 @@ _LOCKS = {}  # resolved run directory -> the open file descriptor that holds its
 
 def lock(out):
     """Hold OUT/.lock until this process ends (or unlock()): one process per run directory. Another
-    process gets
-    one line naming the pid that holds it."""
+    process gets one line naming the pid that holds it."""
     key = os.path.realpath(out)
     if key in _LOCKS:
         return

@@ -2,7 +2,8 @@
 PriFT in TRL's SFTTrainer, in one file to copy (tested with TRL 1.16 and transformers 5.24; prift is
 not needed).
 
-    python prift.py --rule mass --model BASE --data train.jsonl --inspect --out prior    # once: the prior as a dataset
+    python prift.py --rule mass --model BASE --data train.jsonl --inspect --out prior
+                                        # once: the prior as a dataset
 
 prior/tokens.jsonl has, per example, `input_ids`, `labels` (Hugging Face's convention: unshifted,
 -100 where not trained) and, aligned with `labels`, `prior_p` and `prior_u`: the frozen reference's
@@ -10,21 +11,22 @@ probability of each label and its mass score (the reference's probability of eve
 less likely than the label, plus the label's own). PriftTrainer weights each label's cross-entropy
 by the rule's detached weight:
 
-    sft 1,  dft p(y_t) of the model being trained,  prob q(y_t),  mass 1[u_t >= 0.5],  profit 1[p(y_t) >= 0.1]
+    sft 1,  dft p(y_t) of the model being trained,  prob q(y_t),  mass 1[u_t >= 0.5],
+    profit 1[p(y_t) >= 0.1]
 
 with q and u from those columns (no reference model in memory: an SFT step's cost), or from
 `ref_model`, a frozen model run on every batch on the policy's own inputs. With LoRA (TRL's
 peft_config=LoraConfig(...)), ref_model="base" makes the reference the policy itself with its
 adapter disabled, as prift's --lora does: no second model. Build prift's optimizer after the
 trainer, over the adapters PEFT has added: trainer.optimizer, trainer.lr_scheduler =
-prift_optimizer(trainer.model, lr, total_steps). The loss is sum_t w_t
-CE_t over the whole optimizer batch (all micro-batches, all ranks), divided by its trained tokens,
-also those of weight 0. Settings (prift's README, "For porters"):
-SFTConfig(remove_unused_columns=False, max_length=None, bf16=False on a CPU, use_cpu=True under
-torchrun on CPUs) and optimizers=prift_optimizer(model, lr, total_steps) for prift's optimizer and
-schedule; in_prift_order(dataset, batch_size, steps, seed) with
-SFTConfig(train_sampling_strategy="sequential") for prift's data order. Each step's log has `kept`,
-the fraction of trained tokens of weight > 0, as prift's metrics.jsonl (ports/compare.py reads it).
+prift_optimizer(trainer.model, lr, total_steps). The loss is sum_t w_t CE_t over the whole optimizer
+batch (all micro-batches, all ranks), divided by its trained tokens, also those of weight 0.
+Settings (prift's README, "For porters"): SFTConfig(remove_unused_columns=False, max_length=None,
+bf16=False on a CPU, use_cpu=True under torchrun on CPUs) and optimizers=prift_optimizer(model, lr,
+total_steps) for prift's optimizer and schedule; in_prift_order(dataset, batch_size, steps, seed)
+with SFTConfig(train_sampling_strategy="sequential") for prift's data order. Each step's log has
+`kept`, the fraction of trained tokens of weight > 0, as prift's metrics.jsonl (ports/compare.py
+reads it).
 """
 
 import contextlib
@@ -44,9 +46,8 @@ RULES = {
 
 def target_stats(logits, labels):
     """logits (B, T, V), labels (B, T) -> p (B, T), the probability of each label, and u (B, T), its
-    mass score:
-    the probability of every token strictly less likely than the label (ties not counted) plus its
-    own. float32."""
+    mass score: the probability of every token strictly less likely than the label (ties not
+    counted) plus its own. float32."""
     probs = logits.float().softmax(-1)
     p = probs.gather(-1, labels.clamp(min=0)[..., None])  # (B, T, 1)
     return p[..., 0], torch.where(probs < p, probs, 0).sum(-1) + p[..., 0]
@@ -142,12 +143,11 @@ class PriorCollator:
 
 class PriftTrainer(SFTTrainer):
     """SFTTrainer with a PriFT rule. Keep the prior's columns with
-    SFTConfig(remove_unused_columns=False,
-    max_length=None); average_tokens_across_devices (the default) must stay True."""
+    SFTConfig(remove_unused_columns=False, max_length=None); average_tokens_across_devices (the
+    default) must stay True."""
 
-    loss_is_scaled_for_ga = (
-        True  # normalised by the whole optimizer batch: Trainer must not divide by the steps
-    )
+    # normalised by the whole optimizer batch: Trainer must not divide by the steps
+    loss_is_scaled_for_ga = True
 
     def __init__(self, *args, rule="mass", signal=None, threshold=None, ref_model=None, **kwargs):
         self.rule, self.signal = rule, signal or RULES[rule][0]

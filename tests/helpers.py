@@ -286,7 +286,7 @@ def snapshot(root):
 
 def one_error_line(err, prog="prift"):
     """The single line a user error prints on stderr."""
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err, err
     assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
     assert lines[0].startswith(f"{prog}: error: "), lines[0]

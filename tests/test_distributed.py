@@ -136,7 +136,7 @@ def assert_same_run(work, model, got, want):
     # only rank 0 prints: the same lines as one process (paths aside), none twice
     assert len(out) == len(set(out)), "\n".join(out)
     first_words = lambda lines: [
-        l.split()[0] for l in lines if l.strip() and not l.startswith("prior:")
+        line.split()[0] for line in lines if line.strip() and not line.startswith("prior:")
     ]
     assert first_words(out) == first_words(out1), "\n".join(out)
 

@@ -64,7 +64,7 @@ def test_inspect_writes_what_the_prior_keeps(work, tmp_path):
         and meta["end_token"] == "<|endoftext|>"
     )
     assert meta["examples"] == len(rows) and meta["response_tokens"] == sum(
-        l != -100 for r in rows for l in r["labels"]
+        label != -100 for r in rows for label in r["labels"]
     )
 
     hf = load_hf(

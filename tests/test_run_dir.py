@@ -111,7 +111,7 @@ def rewrite_weights(w, fn):
 
 
 def write_lines(w, *lines):
-    w.data.write_text("".join(l + "\n" for l in lines))
+    w.data.write_text("".join(line + "\n" for line in lines))
     return w.data
 
 
@@ -403,7 +403,8 @@ def test_overwrite_removes_only_what_prift_wrote(w, capsys):
     outside = {k: v for k, v in snapshot(w.root).items() if not k.startswith(("out", "cache"))}
     (out / "metrics.jsonl").write_text('{"step": 7}\n' * 3)  # rows of an older run: none may stay
     assert main_rc(w.argv("--overwrite", max_steps=1)) == 0
-    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["step"] for row in rows] == [1]
     assert {
         k: v for k, v in snapshot(w.root).items() if not k.startswith(("out", "cache"))
     } == outside

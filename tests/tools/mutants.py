@@ -110,10 +110,8 @@ MUTANTS = {
     ),
     "mean-row-missing-as-0": (
         "infra/evaluate.py",
-        "statistics.mean(\n"
-        '                            r["scores"][c] for r in per_file.values() if c in r["scores"]\n'
-        "                        )",
-        'sum(r["scores"].get(c, 0) for r in per_file.values()) / len(per_file)',
+        'r["scores"][c] for r in per_file.values() if c in r["scores"]',
+        'r["scores"].get(c, 0) for r in per_file.values()',
         ["tests/test_evaluation.py", "-k", "mean_row"],
     ),
     "long-prompt-left-out": (
@@ -153,9 +151,9 @@ MUTANTS = {
         ["tests/test_trust.py", "-k", "no_file_of"],
     ),
     "side-files-copied-as-before": (
-        "model.py",
-        "files.copy_file(src, path / name, self.source_dir, files.TOKENIZER_LIMIT, name)",
-        "(path / name).write_bytes(Path(src).read_bytes())",
+        "infra/hf_files.py",
+        "copy_file(src, dst, source_dir, TOKENIZER_LIMIT, name)",
+        "dst.write_bytes(Path(src).read_bytes())",
         ["tests/test_trust.py", "-k", "side_files and (environ or outside)"],
     ),
     # the one writer, the append, the lock
@@ -213,7 +211,7 @@ MUTANTS = {
     ),
     "hash-skips-tokenizer": (
         "infra/rundir.py",
-        'IDENTITY_FILES = ("config.json", *(n for n in TOKENIZER_FILES if n != "generation_config.json"))',
+        'IDENTITY_FILES = ("config.json", *TEMPLATE_FILES)',
         'IDENTITY_FILES = ("config.json",)',
         ["tests/test_trust.py", "-k", "resume_refuses and template"],
     ),
@@ -225,14 +223,14 @@ MUTANTS = {
         ["tests/test_trust.py", "-k", "numbers_out"],
     ),
     "trainer-counters-unchecked": (
-        "infra/checkpoint.py",
+        "infra/trainer_state.py",
         "if problem := trainer_problem(start):",
         "if problem := None:",
         ["tests/test_trust.py", "-k", "crafted_trainer"],
     ),
     "optimizer-unchecked": (
         "infra/checkpoint.py",
-        'if problem := optimizer_problem(saved, start["optimizer"]):',
+        'if problem := optimizer_problem(meta_model(ckpt), start["optimizer"]):',
         "if problem := None:",
         ["tests/test_trust.py", "-k", "crafted_trainer"],
     ),
@@ -243,7 +241,7 @@ MUTANTS = {
         ["tests/test_trust.py", "-k", "token_ids"],
     ),
     "report-untyped": (
-        "infra/report.py",
+        "infra/run_files.py",
         "rows.append(typed(row, ROW_FIELDS))",
         "rows.append(row)",
         ["tests/test_trust.py", "-k", "crafted_values"],

@@ -16,11 +16,11 @@ machine:
   4. peak memory and step time with and without activation checkpointing (--grad-checkpoint), at
      sequence 2,048, beside what memory.py's plan says the run needs.
 
-    python bench.py                  # Llama-shaped, ~100M parameters, sequence 512; float32
+    python -m infra.bench                # Llama-shaped, ~100M parameters, sequence 512; float32
                                      # (minutes on a CPU)
-    python bench.py --quick          # tiny sizes, to check that it runs
-    python bench.py --device cuda    # bfloat16 autocast, and model FLOPs utilisation
-    python bench.py --only memory    # one of the parts: train, loss, lengths, memory, lora
+    python -m infra.bench --quick        # tiny sizes, to check that it runs
+    python -m infra.bench --device cuda  # bfloat16 autocast, and model FLOPs utilisation
+    python -m infra.bench --only memory  # one of the parts: train, loss, lengths, memory, lora
 
 Each configuration runs in a child process forked from this one (before any tensor work), so its
 memory is its own. Peak memory, CPU: the child's peak resident set (VmHWM) minus its resident set

@@ -14,7 +14,7 @@ network.
 Several runs side by side: the same curves overlaid, one colour per run, and a table with a row per
 run.
 
-    python report.py runs/sft-1 runs/mass-1 runs/dft-1 --out compare.html
+    python -m infra.report runs/sft-1 runs/mass-1 runs/dft-1 --out compare.html
 """
 
 import os

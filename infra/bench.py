@@ -17,7 +17,7 @@ machine:
      sequence 2,048, beside what memory.py's plan says the run needs.
 
     python -m infra.bench                # Llama-shaped, ~100M parameters, sequence 512; float32
-                                     # (minutes on a CPU)
+                                         # (minutes on a CPU)
     python -m infra.bench --quick        # tiny sizes, to check that it runs
     python -m infra.bench --device cuda  # bfloat16 autocast, and model FLOPs utilisation
     python -m infra.bench --only memory  # one of the parts: train, loss, lengths, memory, lora

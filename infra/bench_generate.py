@@ -4,7 +4,7 @@ transformers' model.generate, side by side in one run, on the same checkpoint, t
 dtype and device.
 
     python -m infra.bench_generate                # Llama-shaped, ~21M parameters, 32 prompts; CPU,
-                                             # float32 (minutes)
+                                                  # float32 (minutes)
     python -m infra.bench_generate --quick        # tiny sizes: seconds, to check that it runs
     python -m infra.bench_generate --device cuda  # bfloat16 (written for a GPU, not run on one yet)
 

@@ -60,11 +60,9 @@ def parse_args(argv=None):
     g = parser.add_argument_group("model and data")  # no --model/--data: the built-in demo
     g.add_argument("--model", type=existing("dir"), help="Hugging Face checkpoint to fine-tune")
     g.add_argument("--ref", type=existing("dir"),
-                   help="frozen reference checkpoint (default: --model, before any update)",
-                   )  # fmt: skip
+                   help="frozen reference checkpoint (default: --model, as it was)")  # fmt: skip
     g.add_argument("--data", type=existing("file"),
-                   help="training JSONL (prompt/response, problem/solution, messages...)",
-                   )  # fmt: skip
+                   help="training JSONL (prompt/response, problem/solution, messages)")  # fmt: skip
     g.add_argument("--eval-data", type=existing("file"), nargs="+",
                    help="benchmark or held-out JSONL files")  # fmt: skip
     g.add_argument("--template", default="auto", choices=["auto", *data.TEMPLATES])

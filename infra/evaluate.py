@@ -35,7 +35,7 @@ from infra.distributed import autocast, dist_info, init_from_env, log, progress
 from infra.generate import generate
 
 # the tests reach grading's functions as evaluate.NAME too, as before grading.py was split out
-from infra.grading import grade, load_math_verify, normalize_answer  # noqa: F401
+from infra.grading import grade
 from model import GPT, CheckpointError
 
 # The authors' evaluation prompt (Qwen2.5-Math's "qwen-boxed"), {input} the problem as the benchmark

@@ -19,7 +19,7 @@ import torch
 from helpers import FAMILIES, ROOT, VOCAB, load_hf, make_hf_checkpoint
 
 import data
-from infra import evaluate
+from infra import evaluate, grading
 from infra import generate as gen
 from infra.cli import main
 from infra.generate import generate, left_pad, sample
@@ -389,15 +389,15 @@ def test_extract_answer():
 
 @pytest.mark.parametrize("text, gold", EQUAL)
 def test_equivalent_answers_are_graded_right(text, gold):
-    assert evaluate.load_math_verify() is not None, (
+    assert grading.load_math_verify() is not None, (
         "math-verify is a test requirement (requirements-test.txt)"
     )
-    assert evaluate.grade(text, gold)
+    assert grading.grade(text, gold)
 
 
 @pytest.mark.parametrize("text, gold", NOT_EQUAL)
 def test_different_answers_are_graded_wrong(text, gold):
-    assert not evaluate.grade(text, gold)
+    assert not grading.grade(text, gold)
 
 
 def test_grading_outside_the_main_thread():
@@ -407,7 +407,7 @@ def test_grading_outside_the_main_thread():
     results = []
     cases = SAME_VALUE[:2] + NOT_EQUAL[:2]
     worker = threading.Thread(
-        target=lambda: results.append([evaluate.grade(text, gold) for text, gold in cases])
+        target=lambda: results.append([grading.grade(text, gold) for text, gold in cases])
     )
     worker.start()
     worker.join()
@@ -420,17 +420,17 @@ def without_math_verify(monkeypatch):
     installed.
     """
     monkeypatch.setitem(sys.modules, "math_verify", None)
-    evaluate.load_math_verify.cache_clear()
+    grading.load_math_verify.cache_clear()
     yield
-    evaluate.load_math_verify.cache_clear()  # before monkeypatch puts math_verify back
+    grading.load_math_verify.cache_clear()  # before monkeypatch puts math_verify back
 
 
 def test_fallback_without_math_verify(without_math_verify, capsys):
     """Without math-verify grade() compares normalised text, and says so once, in one line on
     stdout.
     """
-    assert all(evaluate.grade(t, g) for t, g in SAME_TEXT)
-    assert not any(evaluate.grade(t, g) for t, g in NOT_EQUAL + SAME_VALUE)  # text, not mathematics
+    assert all(grading.grade(t, g) for t, g in SAME_TEXT)
+    assert not any(grading.grade(t, g) for t, g in NOT_EQUAL + SAME_VALUE)  # text, not mathematics
     out = capsys.readouterr()
     assert (
         out.out
@@ -457,7 +457,7 @@ def test_fallback_without_math_verify(without_math_verify, capsys):
     ],
 )
 def test_normalize_answer(a, b):
-    assert evaluate.normalize_answer(a) == evaluate.normalize_answer(b) == b.replace(" ", "")
+    assert grading.normalize_answer(a) == grading.normalize_answer(b) == b.replace(" ", "")
 
 
 def test_fallback_in_a_process_without_math_verify(tmp_path):
@@ -468,9 +468,9 @@ def test_fallback_in_a_process_without_math_verify(tmp_path):
     script.write_text(
         f"import sys\nsys.path.insert(0, {str(helpers.ROOT)!r})\n"
         + r"""
-from infra import evaluate
-print(evaluate.grade(r"\boxed{18\text{ dollars}}", "18"), evaluate.grade(r"\boxed{0.5}", "1/2"))
-print(evaluate.grade(r"\boxed{3.5}", "3.50"))
+from infra import grading
+print(grading.grade(r"\boxed{18\text{ dollars}}", "18"), grading.grade(r"\boxed{0.5}", "1/2"))
+print(grading.grade(r"\boxed{3.5}", "3.50"))
 """
     )
     r = subprocess.run(

@@ -2,28 +2,18 @@
 One decoder-only transformer, written by hand, that loads and saves Hugging Face checkpoints of four
 families: gpt2, llama (SmolLM, TinyLlama, Llama 2/3, DeepSeek-Math), qwen2 (Qwen2.5, Qwen2.5-Math)
 and qwen3. Modules are named as in Hugging Face's Llama, so llama/qwen2/qwen3 state dicts load with
-no renaming at all; GPT-2 needs one short key table (infra/hf_files.py: gpt2_keys).
+no renaming at all; GPT-2 needs one short key table (gpt2_keys). Reading and writing the files is
+the shell's (infra/hf.py); it calls the two mappings here, Config.from_hf and hf_state.
 """
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
-from infra.hf_files import (
-    CheckpointError,
-    config_fields,
-    copy_side_files,
-    read_config,
-    read_state,
-    write_state,
-)
 
 # What differs between the families, in one place. Everything else is read from config.json.
 FAMILIES = {  # norm, position encoding, MLP, bias on q/k/v, per-head RMSNorm on q and k
@@ -32,15 +22,6 @@ FAMILIES = {  # norm, position encoding, MLP, bias on q/k/v, per-head RMSNorm on
     "qwen2": dict(norm="rmsnorm", pos="rope", mlp="swiglu", qkv_bias=True, qk_norm=False),
     "qwen3": dict(norm="rmsnorm", pos="rope", mlp="swiglu", qkv_bias=False, qk_norm=True),
 }
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 
 @dataclass
@@ -67,19 +48,49 @@ class Config:
     raw: dict | None = None  # config.json as read, written back by save_pretrained
 
     @classmethod
-    def from_dict(cls, d):
-        """A config.json's dict, every field this model reads checked for type and range before
-        anything is built (infra/hf_files.config_fields; a CheckpointError names the field)."""
-        return cls(**config_fields(d, FAMILIES), raw=d)
-
-    @classmethod
-    def load(cls, path):
-        """A checkpoint directory's config.json; a CheckpointError says what is wrong with it."""
-        d = read_config(path)
-        try:
-            return cls.from_dict(d)
-        except CheckpointError as e:
-            raise CheckpointError(f"{Path(path) / 'config.json'}: {e}")
+    def from_hf(cls, d):
+        """A config.json's dict (its fields checked by the shell) -> Config. GPT-2 names its fields
+        its own way; Llama, Qwen2 and Qwen3 as Llama does."""
+        if d["model_type"] == "gpt2":
+            C, H = d["n_embd"], d["n_head"]
+            names = dict(
+                num_layers=d["n_layer"],
+                num_heads=H,
+                num_kv_heads=H,
+                head_dim=C // H,
+                intermediate_size=d.get("n_inner") or 4 * C,
+                max_positions=d["n_positions"],
+                norm_eps=d["layer_norm_epsilon"],
+            )
+        else:
+            C, H = d["hidden_size"], d["num_attention_heads"]
+            # transformers 5.x writes rope_parameters; 4.x rope_theta and rope_scaling at the top
+            rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+            llama3 = rope.get("rope_type", rope.get("type")) == "llama3"
+            names = dict(
+                num_layers=d["num_hidden_layers"],
+                num_heads=H,
+                num_kv_heads=d.get("num_key_value_heads") or H,
+                head_dim=d.get("head_dim") or C // H,
+                intermediate_size=d["intermediate_size"],
+                max_positions=d.get("max_position_embeddings") or 2048,
+                norm_eps=d["rms_norm_eps"],
+                rope_theta=rope.get("rope_theta") or d.get("rope_theta") or 10000.0,
+                rope_scaling=rope if llama3 else None,
+                attention_bias=bool(d.get("attention_bias")),
+                pad_token_id=d.get("pad_token_id"),
+            )
+        tied = d.get("tie_word_embeddings", d["model_type"] == "gpt2")
+        return cls(
+            model_type=d["model_type"],
+            vocab_size=d["vocab_size"],
+            hidden_size=C,
+            tie_word_embeddings=bool(tied),
+            eos_token_id=d.get("eos_token_id"),
+            initializer_range=d.get("initializer_range") or 0.02,
+            raw=d,
+            **names,
+        )
 
     @property
     def family(self):
@@ -104,12 +115,6 @@ class RMSNorm(nn.Module):
         )
 
 
-def logits_chunk(vocab_size):
-    """Rows of logits to make at a time, from a head over vocab_size tokens: as many as fit in 128
-    MB of float32 (the loss, the prior and held-out cross-entropy never hold more)."""
-    return max(16, 2**25 // vocab_size)
-
-
 def rope_cos_sin(cfg, positions):
     """cos, sin for the given positions, in float32: (T, head_dim) for positions (T,) shared by all
     rows, or (B, 1, T, head_dim) for per-row positions (B, T) (left-padded generation), to broadcast
@@ -119,8 +124,10 @@ def rope_cos_sin(cfg, positions):
     # Llama 3.x: stretch the low frequencies by `factor`, blend the middle band
     if cfg.rope_scaling:
         s = cfg.rope_scaling
-        old_len, lo, hi = (s[k] for k in ("original_max_position_embeddings", "low_freq_factor",
-                                          "high_freq_factor"))  # fmt: skip
+        old_len, lo, hi = (
+            s[k]
+            for k in ("original_max_position_embeddings", "low_freq_factor", "high_freq_factor")
+        )
         wavelen = 2 * math.pi / inv_freq
         smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
         inv_freq = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
@@ -134,25 +141,6 @@ def rope_cos_sin(cfg, positions):
 def apply_rope(x, cos, sin):  # x: (B, H, T, d)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-class KVCache(nn.Module):
-    """Keys and values of past positions for one layer, preallocated for the whole generation."""
-
-    def __init__(self, batch, n_kv, max_len, head_dim, dtype, device):
-        super().__init__()
-        self.k = torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-
-    def update(self, pos, k, v):  # k, v: (B, n_kv, T, d), written at slots pos..pos+T
-        T = k.shape[2]
-        self.k[:, :, pos : pos + T], self.v[:, :, pos : pos + T] = k, v
-        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
-
-    def select(
-        self, rows
-    ):  # rows (B',): keep, reorder or repeat rows (drop finished, copy a prompt)
-        self.k, self.v = self.k[rows], self.v[rows]
 
 
 class Attention(nn.Module):
@@ -253,7 +241,7 @@ def add_lora(model, r, alpha, dropout=0.0, targets=LORA_TARGETS):
     as PEFT's LoRA does: A kaiming-uniform (nn.Linear's own init, PEFT's too), B zero, so that the
     model computes exactly what it did. Freezes everything else. Returns the model."""
     if model.config.model_type == "gpt2":  # its Hugging Face modules are fused c_attn, Conv1D
-        raise CheckpointError("--lora supports the llama, qwen2 and qwen3 families, not gpt2")
+        raise ValueError("LoRA supports the llama, qwen2 and qwen3 families, not gpt2")
     model.requires_grad_(False)
     model.lora = dict(r=r, alpha=alpha, dropout=dropout, targets=list(targets))
     for name, m in model.model.layers.named_modules():
@@ -332,52 +320,80 @@ class GPT(nn.Module):
         x = self.model.norm(x)
         return x if hidden_only else self.lm_head(x)
 
-    # ------------------------------------------------------------------------------------------
-    # Hugging Face checkpoints
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None):
-        """Load config.json + model.safetensors (or a sharded index) from a directory, dtype float32
-        by default. The tensors' names, shapes and dtypes are checked from the files' headers alone,
-        before any is read (infra/hf_files.py); then each is read, refused if not finite, and
-        assigned to a model built on the meta device, so the weights are held in memory once."""
-        path = Path(path)
-        if os.path.lexists(path / "adapter_config.json") and not os.path.lexists(
-            path / "config.json"
-        ):
-            from infra.lora import load_adapter  # here: infra/lora.py builds on this module
-
-            return load_adapter(path, dtype, device)
-        cfg = Config.load(path)
-        with torch.device("meta"):
-            model = cls(cfg)
-        # the tied head is the embedding: not stored, and assigned again after loading
-        tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-        expected = {k: v.shape for k, v in model.state_dict().items() if k not in tied}
-        state = read_state(path, cfg.model_type, expected, dtype or torch.float32, device or "cpu")
-        model.load_state_dict(state | {k: state["model.embed_tokens.weight"] for k in tied},
-                              strict=True, assign=True)  # fmt: skip
-        if tied:  # assign=True replaced the parameters: tie them again
-            model.lm_head.weight = model.model.embed_tokens.weight
-        model.source_dir = path
-        return model
-
-    def save_pretrained(self, path, state_dict=None):
-        """Write config.json and model.safetensors in the Hugging Face layout, plus the source
-        checkpoint's tokenizer files, so that the directory is complete. state_dict: a gathered one
-        (FSDP), else ours."""
-        if self.lora:  # the adapter alone, in PEFT's format (merge_lora first for a full one)
-            from infra.lora import save_adapter  # here: infra/lora.py builds on this module
-
-            return save_adapter(self, path, state_dict)
-        tied = {"lm_head.weight"} if self.config.tie_word_embeddings else set()  # stored once
-        state = state_dict or self.state_dict()
-        state = {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in tied}
-        write_state(
-            path, state, self.config.model_type, self.config.raw or {}, self.config.vocab_size
+    def assign(self, state):
+        """Take the tensors of a state dict in our names (from_hf_state's; the tied head left out)
+        as the model's own, without copying: for a model built on the meta device."""
+        tied = {"lm_head.weight": state["model.embed_tokens.weight"]}
+        self.load_state_dict(
+            state | (tied if self.config.tie_word_embeddings else {}), strict=True, assign=True
         )
-        self.copy_side_files(path)
+        if self.config.tie_word_embeddings:  # assign=True replaced the parameters: tie them again
+            self.lm_head.weight = self.model.embed_tokens.weight
+        return self
 
-    def copy_side_files(self, path):
-        """The source checkpoint's tokenizer and generation files, so that path is complete."""
-        copy_side_files(self.source_dir, path, TOKENIZER_FILES)
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face's tensor names: Llama's are ours; GPT-2 needs a table
+
+GPT2_NAMES = [  # ours, GPT-2's (order matters: the more specific first)
+    ("model.embed_tokens.", "wte."),
+    ("model.embed_positions.", "wpe."),
+    ("model.norm.", "ln_f."),
+    ("model.layers.", "h."),
+    (".input_layernorm.", ".ln_1."),
+    (".post_attention_layernorm.", ".ln_2."),
+    (".self_attn.o_proj.", ".attn.c_proj."),
+    (".self_attn.", ".attn."),
+    (".mlp.up_proj.", ".mlp.c_fc."),
+    (".mlp.down_proj.", ".mlp.c_proj."),
+]
+GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")  # GPT-2's causal-mask buffers: not weights
+CONV1D = ("c_attn", "c_proj", "c_fc")  # GPT-2's Conv1D layers store their weights transposed
+
+
+def from_hf_state(state, cfg):
+    """A checkpoint's tensors (a dict; meta tensors will do) in our names. A tied head is stored
+    once, as the embedding: an lm_head.weight beside it is left out. GPT-2 fuses q|k|v into c_attn,
+    stores its Linear weights transposed and adds causal-mask buffers."""
+    if cfg.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    if cfg.model_type != "gpt2":
+        return state
+    out = {}
+    for k, v in state.items():
+        k = k.removeprefix("transformer.")
+        if k.endswith(GPT2_BUFFERS):
+            continue
+        if k.endswith(".weight") and any(n in k for n in CONV1D):
+            v = v.t()
+        for ours, theirs in GPT2_NAMES:
+            k = k.replace(theirs, ours)
+        if ".c_attn." in k:  # split the fused projection: rows q | k | v
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                out[k.replace("c_attn", name)] = part.contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+def to_hf_state(state, cfg):
+    """from_hf_state's inverse: our state dict in the checkpoint's names."""
+    if cfg.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    if cfg.model_type != "gpt2":
+        return state
+    out = {}
+    for k, v in state.items():
+        if k.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):
+            continue
+        if ".q_proj." in k:  # fuse q|k|v back into c_attn
+            v = torch.cat(
+                [v, state[k.replace("q_proj", "k_proj")], state[k.replace("q_proj", "v_proj")]]
+            )
+            k = k.replace("q_proj", "c_attn")
+        for ours, theirs in GPT2_NAMES:
+            k = k.replace(ours, theirs)
+        if k.endswith(".weight") and any(n in k for n in CONV1D):
+            v = v.t()
+        out[k if k.startswith("lm_head.") else "transformer." + k] = v.contiguous()
+    return out

@@ -12,131 +12,133 @@ Supervised fine-tuning multiplies each response token's cross-entropy by a detac
     mass     1[u_t >= 0.5], u_t = sum_{v: q(v) < q(y_t)} q(v) + q(y_t)
     profit   1[p(y_t) >= 0.1]                        online
 
-The denominator counts every response token, also those weighted 0. The claim of the paper is about
-the SOURCE of the weight: `--signal prior|online` swaps it for any rule. Since q never changes, its
-signal for every response token is computed once before training (`--prior precompute`) and no
-reference model is kept in memory; `--prior inline` runs the reference beside the model on every
-batch instead. Read on: the rules, the loss (`prift_loss` to copy; `chunked_loss`, bounded memory),
-the prior, the loop. The command line is infra/cli.py's.
+The denominator counts every response token, also those weighted 0. PriFT-mass keeps a target
+token when it lies in the frozen model's top-0.5 probability mass (its nucleus), and sets it aside
+otherwise: a demonstration then teaches what the pretrained model already finds plausible, and the
+tokens it finds implausible (a wrong digit, an odd phrasing) add nothing to the gradient, so that
+the fine-tune forgets less of what it knew. The claim of the paper is about the SOURCE of the
+weight: `--signal prior|online` swaps it for any rule. Since q never changes, its signal for every
+response token is computed once before training (`compute_prior`), and no reference model is kept
+in memory; `--prior inline` runs the reference beside the model on every batch instead.
+
+Read on: the rules, the loss (`prift_loss`, the one to copy, and `chunked_loss`, the same numbers
+in bounded memory), the prior, the loop. The command line is the shell's (infra/cli.py):
 
     python prift.py --rule mass                                    # the built-in demo, on a CPU
     python prift.py --rule mass --model DIR --data train.jsonl     # a real checkpoint and dataset
 """
 
+import os
+import signal
+import sys
+
+if __name__ == "__main__":
+    # Ctrl-C in the seconds torch takes to import: one line and exit code 130, not a traceback from
+    # inside a half-loaded module. The command line takes Ctrl-C over once it runs.
+    def interrupted(*_):
+        print("prift: interrupted", file=sys.stderr)
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
+
 import math
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
-import infra.startup  # noqa: F401  first: Ctrl-C during the imports below is one line, exit 130
-
-# isort: split
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
+from tqdm import tqdm
 
 import data
-from infra import batching, checkpoint
-from infra.distributed import (
-    all_reduce,
-    autocast,
-    dist_info,
-    merge_from_ranks,
-    progress,
-    sync_grads,
-    wrap_distributed,
-)
-from model import GPT, logits_chunk
 
 
 class Rule(NamedTuple):
-    signal: str | None  # where p(y_t) comes from: "online", "prior", or None (the rule reads none)
+    signal: str | None  # where p(y_t) and u_t come from: "online", "prior", or None (not read)
     threshold: float | None  # tau of the 0/1 rules
+    weight: Callable  # (p, u, tau) -> w, each (N,)
 
 
 RULES = {
-    "sft": Rule(None, None),
-    "dft": Rule("online", None),
-    "prob": Rule("prior", None),
-    "mass": Rule("prior", 0.5),
-    "profit": Rule("online", 0.1),
-    # the demo's controls: a constant weight, and a random mask (--threshold: the weight, the rate)
-    "uniform": Rule(None, None),
-    "random": Rule(None, None),
+    "sft": Rule(None, None, lambda p, u, tau: torch.ones_like(p)),
+    "dft": Rule("online", None, lambda p, u, tau: p),
+    "prob": Rule("prior", None, lambda p, u, tau: p),
+    "mass": Rule("prior", 0.5, lambda p, u, tau: (u >= tau).float()),
+    "profit": Rule("online", 0.1, lambda p, u, tau: (p >= tau).float()),
 }
 
 
 def rule_settings(rule, signal=None, threshold=None):
     """The one place where a rule's own signal and threshold fill in those not given."""
     own = RULES[rule]
-    return Rule(signal or own.signal, own.threshold if threshold is None else threshold)
+    return own._replace(
+        signal=signal or own.signal, threshold=own.threshold if threshold is None else threshold
+    )
 
 
-def target_stats(logits, targets):
-    """logits (N, V), targets (N,) -> p (N,) the probability of each target, and u (N,) its mass
-    score: the probability of all tokens strictly less likely than the target, plus its own (ties
-    with the target not counted). float32."""
-    return probs_stats(logits.float().softmax(-1), targets)
-
-
-def probs_stats(probs, targets):
-    """target_stats from the probabilities (N, V) themselves."""
+def token_stats(probs, targets):
+    """probs (N, V) float32, targets (N,) -> p (N,) the probability of each target, and u (N,) its
+    mass score: the probability of all tokens strictly less likely than the target, plus its own
+    (ties with the target not counted)."""
     p = probs.gather(1, targets[:, None])  # (N, 1)
     u = torch.where(probs < p, probs, 0).sum(1) + p[:, 0]
     return p[:, 0], u
 
 
-def weights_from_stats(rule, p, u, threshold):
-    """The rule table above, given the signal's p(y_t) and u_t. Returns detached float32 weights."""
-    if rule == "sft":
-        return torch.ones_like(p)
-    if rule in ("dft", "prob"):
-        return p.detach().float()
-    if rule == "profit":
-        return (p >= threshold).float()
-    if rule == "mass":
-        return (u >= threshold).float()
-    if rule == "uniform":
-        return torch.full_like(p, threshold)
-    if rule == "random":
-        return (torch.rand(p.shape, device=p.device) < threshold).float()
-    raise ValueError(f"unknown rule {rule!r}")
+def target_stats(logits, targets):
+    """token_stats from logits (N, V), in float32."""
+    return token_stats(logits.float().softmax(-1), targets)
 
 
-def token_weights(rule, targets, logits, ref_logits=None, threshold=None, signal=None):
-    """Detached float32 weights (B, T) of targets (B, T), from logits (B, T, V) of the model being
-    trained or ref_logits (B, T, V) of the frozen reference; signal, threshold: the rule's own."""
-    signal, threshold = rule_settings(rule, signal, threshold)
-    if signal is None:  # sft and the controls read no signal
-        p = u = torch.zeros(targets.numel(), device=targets.device)
-    else:
-        source = logits if signal == "online" else ref_logits
-        if source is None:
-            raise ValueError(f"rule {rule!r} with the prior signal needs ref_logits")
-        # -100 (not trained) is no index into the vocabulary: read token 0 there; the mask drops it
-        p, u = target_stats(source.detach().flatten(0, -2), targets.flatten().clamp(min=0))
-    return weights_from_stats(rule, p, u, threshold).view(targets.shape)
+def token_losses(logits, targets, rule, signal=None, threshold=None, prior=None):
+    """The method for N trained positions: logits (N, V) of the model being trained, targets (N,),
+    prior (N, 2) the frozen reference's (p, u) there (rules with the prior signal). Returns the
+    detached weights w (N,) and the cross-entropies CE (N,), float32."""
+    signal, threshold, weight = rule_settings(rule, signal, threshold)
+    logp = logits.float().log_softmax(-1)  # (N, V)
+    ce = -logp.gather(1, targets[:, None])[:, 0]
+    if signal == "online":
+        p, u = token_stats(logp.detach().exp(), targets)
+    elif signal == "prior":
+        p, u = prior.unbind(1)
+    else:  # the rule reads no signal: placeholders of the right shape
+        p = u = torch.zeros_like(ce)
+    return weight(p, u, threshold).detach().float(), ce
 
 
 # ------------------------------------------------------------------------------------------------
 # The loss
 
 
-def prift_loss(logits, labels, rule="mass", ref_logits=None, n_tokens=None, threshold=None,
-               signal=None):  # fmt: skip
+def prift_loss(
+    logits, labels, rule="mass", ref_logits=None, n_tokens=None, threshold=None, signal=None
+):
     """The PriFT loss in a trainer's conventions, the function to copy: logits (B, T, V) of the
     model being trained and ref_logits (B, T, V) of the frozen reference (rules with the prior
     signal), both over the whole input, and labels (B, T) as Hugging Face gives them: unshifted
     (position t predicts labels[t + 1]), -100 where not trained. n_tokens is the number of trained
-    labels (not -100) in the whole optimizer batch, all micro-batches and all ranks, so that
-    accumulation gives the full batch's gradient (default: this call's own, a micro-batch mean).
-    Multiply the loss by the world size when n_tokens counts all ranks and DDP averages gradients
-    over them. The training loop computes the same numbers with chunked_loss (tested)."""
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    ref_logits = None if ref_logits is None else ref_logits[:, :-1]
-    mask = labels != -100  # (B, T-1)
-    w = token_weights(rule, labels, logits, ref_logits, threshold, signal)  # (B, T-1)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-    return (w * ce.view_as(w) * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
+    labels in the whole optimizer batch, all micro-batches and all ranks, so that accumulation gives
+    the full batch's gradient (default: this call's own, a micro-batch mean). Multiply the loss by
+    the world size when n_tokens counts all ranks and DDP averages gradients over them."""
+    labels = labels[:, 1:]
+    trained = labels != -100  # (B, T-1)
+    targets = labels[trained]  # (N,)
+    prior = None
+    if rule_settings(rule, signal).signal == "prior":
+        prior = torch.stack(target_stats(ref_logits[:, :-1][trained], targets), 1)  # (N, 2)
+    w, ce = token_losses(logits[:, :-1][trained], targets, rule, signal, threshold, prior)
+    return (w * ce).sum() / (len(targets) if n_tokens is None else n_tokens)
+
+
+class LossSums(NamedTuple):
+    weighted: torch.Tensor  # sum_t w_t CE_t, the loss's numerator: the one that carries a gradient
+    ce: torch.Tensor  # sum_t CE_t
+    kept: torch.Tensor  # the number of tokens with w_t > 0
+    weight: torch.Tensor  # sum_t w_t
+
+
+def logits_chunk(vocab_size):  # rows of logits in 128 MB of float32, the loss's default chunk
+    return max(16, 2**25 // vocab_size)
 
 
 def head_chunks(h, weight, chunk=None):
@@ -151,46 +153,33 @@ def head_chunks(h, weight, chunk=None):
         yield s, hc, W, (hc @ W.t()).float()
 
 
-class LossSums(NamedTuple):
-    weighted: torch.Tensor  # sum_t w_t CE_t, the loss's numerator: the one that carries a gradient
-    ce: torch.Tensor  # sum_t CE_t, for the log
-    kept: torch.Tensor  # the number of tokens with w_t > 0
-
-
 class ChunkedLoss(torch.autograd.Function):
-    """sum_t w_t CE_t (and sum_t CE_t, and the kept count) from hidden states, `chunk` positions at
-    a time. Each chunk's logits are made, used and freed; their exact gradient (w_t times softmax
-    minus one-hot; w_t is detached) goes at once into d/dh and d/dhead, so nothing of size (N, V) is
-    kept for the backward pass and no logits are made twice. Under autocast the matmuls run in its
-    dtype and the softmax in float32."""
+    """token_losses over hidden states h (N, C), `chunk` positions at a time, summed (LossSums).
+    The full logits (N, V) in float32 are the largest tensor of fine-tuning (1.2 GB per 2,048
+    tokens of a 151,936-token vocabulary); here one chunk's exist at a time. The loss is the last
+    operation of the step, so each chunk's gradient can be made at once, in forward: autograd
+    differentiates token_losses on the chunk's logits, and the two matmuls of the head carry that
+    into d/dh and d/dhead. Nothing of size (N, V) is kept for backward, and no logits are made
+    twice; backward only scales what forward made."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, prior, rule, signal, threshold, chunk, grad):
-        sums = torch.zeros(3, device=h.device)
+        sums = torch.zeros(4, device=h.device)
         dh = torch.empty_like(h) if grad and ctx.needs_input_grad[0] else None
         dW = torch.zeros_like(weight) if grad and ctx.needs_input_grad[1] else None
         for s, hc, W, logits in head_chunks(h, weight, chunk):  # logits (n, V) float32
-            yc = targets[s : s + len(hc), None]
-            top, target_logit = logits.amax(-1, keepdim=True), logits.gather(1, yc)
-            probs = logits.sub_(top).exp_()  # in place from here on
-            z = probs.sum(-1, keepdim=True)
-            probs.div_(z)  # the softmax
-            ce = (z.log() + top - target_logit)[:, 0]
-            if signal == "online" and rule == "mass":
-                p, u = probs_stats(probs, yc[:, 0])
-            elif signal == "online":  # u is the mass rule's alone
-                p, u = probs.gather(1, yc)[:, 0], None
-            elif signal == "prior":
-                p, u = prior[s : s + len(hc)].unbind(1)
-            else:  # sft and the controls read no signal: any (n,) tensor will do, and ce is at hand
-                p = u = ce
-            w = weights_from_stats(rule, p, u, threshold)
-            sums += torch.stack([(w * ce).sum(), ce.sum(), (w > 0).sum().float()])
-            if dh is not None or dW is not None:  # d(w CE)/d logits = w (softmax - one-hot)
-                dlogits = probs.scatter_add_(1, yc, probs.new_full(yc.shape, -1.0)).mul_(w[:, None])
+            rows = slice(s, s + len(hc))
+            with torch.enable_grad():
+                logits.requires_grad_(dh is not None or dW is not None)
+                part = None if prior is None else prior[rows]
+                w, ce = token_losses(logits, targets[rows], rule, signal, threshold, part)
+                weighted = (w * ce).sum()
+            sums += torch.stack([weighted.detach(), ce.sum().detach(), (w > 0).sum(), w.sum()])
+            if logits.requires_grad:
+                (dlogits,) = torch.autograd.grad(weighted, logits)
                 dlogits = dlogits.to(W.dtype)  # (n, V)
                 if dh is not None:
-                    dh[s : s + len(hc)] = dlogits @ W
+                    dh[rows] = dlogits @ W
                 if dW is not None and dW.dtype == W.dtype:  # in place: no (V, C) temporary
                     dW.addmm_(dlogits.t(), hc)
                 elif dW is not None:
@@ -208,12 +197,9 @@ class ChunkedLoss(torch.autograd.Function):
 
 
 def chunked_loss(h, head, targets, rule, signal=None, threshold=None, prior=None, chunk=None):
-    """prift_loss's numerator (and two sums for the log) from final hidden states rather than
-    logits: h (N, C) at the N response positions of a micro-batch, head the output layer (V, C),
-    targets (N,), prior (N, 2) the reference's (p, u) there; signal and threshold default to the
-    rule's own. The same numbers as prift_loss, but no more than `chunk` rows of logits exist at a
-    time, so no (tokens x vocabulary) float32 tensor is ever made."""
-    signal, threshold = rule_settings(rule, signal, threshold)
+    """prift_loss's sums from the final hidden states at the N trained positions, h (N, C), and the
+    output layer `head` (V, C): targets (N,), prior (N, 2). The same numbers as prift_loss (its
+    numerator), with no more than `chunk` rows of logits at a time."""
     sums = ChunkedLoss.apply(
         h, head.weight, targets, prior, rule, signal, threshold, chunk, torch.is_grad_enabled()
     )
@@ -224,39 +210,44 @@ def chunked_loss(h, head, targets, rule, signal=None, threshold=None, prior=None
 # The prior, computed once: one no-grad pass of the frozen reference over the data
 
 
-@torch.no_grad()
-def head_stats(h, head, targets, chunk=None):
-    """(p, u) of targets (N,) from final hidden states h (N, C) and a head: (N, 2)."""
-    out = [torch.stack(probs_stats(logits.softmax(-1), targets[s : s + len(hc)]), 1)
-           for s, hc, _, logits in head_chunks(h, head.weight, chunk)]  # fmt: skip
-    return torch.cat(out) if out else torch.zeros(0, 2, device=h.device)
+def dist_info():  # (rank, world size); (0, 1) outside torchrun
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def autocast(device):  # bfloat16 autocast on CUDA; float32 on the CPU
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @torch.no_grad()
-def reference_stats(ref, x, y, m, chunk=None):
-    """The frozen reference's (p, u) for every response token of a batch, in mask order: (N, 2)."""
-    return head_stats(ref(x, hidden_only=True)[m], ref.lm_head, y[m], chunk)
+def reference_stats(ref, ids, labels, chunk=None):
+    """The frozen reference's (p, u) at the trained positions of a batch, row by row: (N, 2)."""
+    targets = labels[:, 1:]
+    trained = targets != -100
+    h = ref(ids, hidden_only=True)[:, :-1][trained]  # (N, C)
+    out = [
+        torch.stack(token_stats(logits.softmax(-1), targets[trained][s : s + len(hc)]), 1)
+        for s, hc, _, logits in head_chunks(h, ref.lm_head.weight, chunk)
+    ]
+    return torch.cat(out) if out else torch.zeros(0, 2, device=ids.device)
 
 
-def load_reference(path, device, dtype=None):
-    """The frozen reference: never trained, never saved."""
-    return GPT.from_pretrained(path, dtype=dtype, device=device).eval().requires_grad_(False)
-
-
-def compute_prior(seqs, load_ref, device, micro_batch, micro_tokens=None, loss_chunk=None):
-    """(p, u) of the reference for every response token of every example: a list of (n_i, 2)
-    float32 tensors, from one no-grad pass (examples batched by length). load_ref() gives the
-    reference; the caller keeps the result (infra/checkpoint.py's cache)."""
+def compute_prior(seqs, load_ref, device, micro_batch, micro_tokens=None, chunk=None):
+    """The reference's (p, u) for every response token of every example: a list of (n_i, 2)
+    float32 tensors, from one no-grad pass (examples batched by length, every world-th per rank).
+    load_ref() gives the reference; the caller keeps the result (infra/reference.py's cache)."""
     ref, (rank, world) = load_ref(), dist_info()
-    mine = sorted(range(rank, len(seqs), world), key=lambda i: len(seqs[i][0]))  # every world-th
+    mine = sorted(range(rank, len(seqs), world), key=lambda i: len(seqs[i][0]))
     stats = {}
-    batches = batching.length_batches(seqs, mine, micro_batch, micro_tokens)
-    for idxs in progress(batches, desc="prior"):
-        x, y, m = (t.to(device) for t in data.collate([seqs[i] for i in idxs]))
+    batches = data.length_batches(seqs, mine, micro_batch, micro_tokens)
+    for idxs in tqdm(batches, desc="prior", disable=rank > 0 or None):
+        ids, labels = (t.to(device) for t in data.collate([seqs[i] for i in idxs]))
         with autocast(device):
-            prior_stats = reference_stats(ref, x, y, m, loss_chunk).float().cpu()  # (N, 2)
-        stats.update(zip(idxs, prior_stats.split(m.sum(1).tolist())))
-    stats = merge_from_ranks(stats)
+            part = reference_stats(ref, ids, labels, chunk).float().cpu()  # (N, 2)
+        stats.update(zip(idxs, part.split((labels[:, 1:] != -100).sum(1).tolist())))
+    if world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, stats)
+        stats = {i: s for rank_stats in every for i, s in rank_stats.items()}
     return [stats[i] for i in range(len(seqs))]
 
 
@@ -280,14 +271,12 @@ class TrainConfig:
     seed: int = 0
     loss_chunk: int | None = None  # positions per loss chunk; None: 128 MB of float32 logits
     match_authors: bool = False  # the authors' trainer (docs/authors-trainer.md)
-    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
-    recompute: bool | None = None  # activation checkpointing; None: on with CUDA
 
     def __post_init__(self):
-        self.signal, self.threshold = rule_settings(self.rule, self.signal, self.threshold)
+        self.signal, self.threshold, _ = rule_settings(self.rule, self.signal, self.threshold)
 
     def total_steps(self, n_examples):
-        per_epoch = steps_per_epoch(n_examples, self.batch_size, drop_last=self.match_authors)
+        per_epoch = data.steps_per_epoch(n_examples, self.batch_size, drop_last=self.match_authors)
         return self.max_steps or self.epochs * per_epoch
 
 
@@ -298,20 +287,6 @@ def get_lr(step, total, lr, warmup=0.1, from_zero=False):
     if step < n_warm:
         return lr * (step + (not from_zero)) / n_warm
     return lr * 0.5 * (1 + math.cos(math.pi * (step - n_warm) / max(1, total - n_warm)))
-
-
-def steps_per_epoch(n, batch_size, drop_last=False):
-    return n // batch_size if drop_last else math.ceil(n / batch_size)
-
-
-def batch_order(n, batch_size, step, seed, drop_last=False):
-    """The example indices of optimizer step `step`: epochs are fresh permutations, fixed by the
-    seed, so that every rule sees the same data in the same order and a resumed run takes up where
-    it was. Each epoch has its own seed (seed * 1000 + epoch), so that no two runs of nearby seeds
-    share an epoch's order."""
-    epoch, i = divmod(step, steps_per_epoch(n, batch_size, drop_last))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return perm[i * batch_size : (i + 1) * batch_size]
 
 
 def optimizer_step(model, opt, state, loss_is_finite):
@@ -330,71 +305,93 @@ def optimizer_step(model, opt, state, loss_is_finite):
 
 
 def train(cfg, model, seqs, prior=None, ref=None, run=None):
-    """Fine-tune `model` on `seqs` with cfg.rule, the prior's (p, u) of each example given (`prior`)
-    or made by a reference model on every batch (`ref`). Each step's loss is normalised by the
-    response tokens of the whole global batch, so accumulation and data parallelism give the
-    gradient of the full batch. `run` keeps the run on disk (infra/checkpoint.Run; by default
-    nothing). Returns the loop's state, with the mean kept fraction and its seconds."""
-    run, total = run or checkpoint.Run(), cfg.total_steps(len(seqs))
-    if cfg.match_authors:  # bf16 weights, so bf16 AdamW state too
-        model.to(torch.bfloat16)
-    # first: fully_shard replaces the parameters with sharded ones
-    wrapped = wrap_distributed(model, ref, cfg.fsdp, cfg.recompute)
+    """Fine-tune `model` (as it is, or wrapped in DDP or FSDP2 by the caller) on `seqs` with
+    cfg.rule, the prior's (p, u) of each example given (`prior`) or made by a reference model on
+    every batch (`ref`). Each step's loss is normalised by the response tokens of the whole global
+    batch, so accumulation and data parallelism give the gradient of the full batch. `run` keeps
+    the run (infra/rundir.Run: metrics, checkpoints, resume); None keeps nothing."""
+    total = cfg.total_steps(len(seqs))
     trained = [p for p in model.parameters() if p.requires_grad]  # --lora: the adapters alone
     opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    state = run.restore(model, opt)
+    state = run.start(model, opt) if run else dict(step=0, skipped=0, bad_in_row=0, kept_sum=0.0)
     t0, from_step = time.time(), state["step"]  # the report's time covers this call's steps
-    with (
-        progress(total=total, initial=from_step, desc=f"train {cfg.rule}") as bar,
-        run.interrupts(),
-    ):
-        while state["step"] < total:
-            step = state["step"]
-            idx = batch_order(len(seqs), cfg.batch_size, step, cfg.seed, cfg.match_authors)
-            # the loss's denominator: the whole global batch's response tokens, known to every rank
-            n_tokens = sum(data.n_response_tokens(seqs[i]) for i in idx)
-            lr = get_lr(step, total, cfg.lr, from_zero=cfg.match_authors)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            sums = backward_step(cfg, model, wrapped, seqs, idx, n_tokens, prior, ref)
-            loss_sum, ce_sum, kept = all_reduce(sums).tolist()
-            grad_norm = optimizer_step(model, opt, state, math.isfinite(loss_sum))
-            n = max(n_tokens, 1)
-            row = dict(step=step + 1, lr=lr, loss=loss_sum / n, ce=ce_sum / n, kept=kept / n,
-                       grad_norm=grad_norm, tokens=n_tokens, skipped=state["skipped"])  # fmt: skip
-            state["kept_sum"] += row["kept"]
-            run.record(row, state, bar)  # metrics.jsonl and the bar; a diverged run stops here
-            run.checkpoint(model, opt, state, total)  # every --save-every steps, and on a signal
+    quiet = dist_info()[0] > 0 or None  # a bar on rank 0, and only on a terminal (None)
+    bar = tqdm(total=total, initial=from_step, desc=f"train {cfg.rule}", disable=quiet)
+    while state["step"] < total:
+        step = state["step"]
+        idx = data.batch_order(len(seqs), cfg.batch_size, step, cfg.seed, cfg.match_authors)
+        # the loss's denominator: the whole global batch's response tokens, known to every rank
+        n_tokens = sum(data.n_response_tokens(seqs[i]) for i in idx)
+        lr = get_lr(step, total, cfg.lr, from_zero=cfg.match_authors)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        sums = forward_backward(cfg, model, seqs, idx, n_tokens, prior, ref)
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        grad_norm = optimizer_step(model, opt, state, math.isfinite(sums[0]))
+        row = step_row(step + 1, lr, sums.tolist(), n_tokens, grad_norm, state["skipped"])
+        state["kept_sum"] += row["kept"]
+        bar.update()
+        bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kept=f"{row['kept']:.2f}")
+        if run:  # metrics.jsonl and logs; a checkpoint when due or on a signal; stops divergence
+            run.step(model, opt, state, row, total)
+    bar.close()
     state.update(kept=state.pop("kept_sum") / max(1, total), train_s=time.time() - t0)
     return dict(state, from_step=from_step)
 
 
-def backward_step(cfg, model, wrapped, seqs, idx, n_tokens, prior, ref):
-    """This rank's backward passes of one optimizer step, over its micro-batches of the examples
-    `idx`. Returns the sums (weighted CE, CE, kept tokens) of its share, for the log."""
+def step_row(step, lr, sums, n_tokens, grad_norm, skipped):
+    """A step's metrics. loss is the method's, over every response token; ce, the mean
+    cross-entropy of them all; ce_learned weighs each token's by w_t, what the rule trains on, and
+    ce_set_aside by 1 - w_t, what it does not (absent where nothing is)."""
+    weighted, ce, kept, weight = sums
+    n = max(n_tokens, 1)
+    row = dict(step=step, lr=lr, loss=weighted / n, ce=ce / n, kept=kept / n)
+    row.update(grad_norm=grad_norm, tokens=n_tokens, skipped=skipped)
+    if weight > 0:
+        row["ce_learned"] = weighted / weight
+    if n - weight > 1e-6 * n:
+        row["ce_set_aside"] = (ce - weighted) / (n - weight)
+    return row
+
+
+def forward_backward(cfg, model, seqs, idx, n_tokens, prior, ref):
+    """This rank's forward and backward passes of one optimizer step, over its micro-batches of the
+    examples `idx`. Returns the LossSums of its share, stacked (4,), for the log."""
     device, (rank, world) = next(model.parameters()).device, dist_info()
-    sums = torch.zeros(3, device=device)
-    micro = batching.micro_batches(seqs, idx, rank, world, cfg.micro_batch, cfg.micro_tokens,
-                               by_length=not cfg.match_authors)  # fmt: skip
+    head = getattr(model, "module", model).lm_head  # DDP wraps the model in .module
+    sums = torch.zeros(4, device=device)
+    micro = data.micro_batches(
+        seqs, idx, rank, world, cfg.micro_batch, cfg.micro_tokens, by_length=not cfg.match_authors
+    )
     for j, (mb, is_real) in enumerate(micro):  # is_real 0: a filler, so that ranks stay in step
-        x, y, m = (t.to(device) for t in data.collate([seqs[i] for i in mb]))
-        prior_stats = torch.cat([prior[i] for i in mb]).to(device) if prior is not None else None
+        ids, labels = (t.to(device) for t in data.collate([seqs[i] for i in mb]))
+        targets = labels[:, 1:]
+        trained = targets != -100  # (B, T-1)
+        stats = torch.cat([prior[i] for i in mb]).to(device) if prior is not None else None
         if ref is not None:  # --prior inline: the reference's signal, made on every batch
             with autocast(device):
-                prior_stats = reference_stats(ref, x, y, m, cfg.loss_chunk).float()  # (N, 2)
-        with sync_grads(wrapped, last=j == len(micro) - 1), autocast(device):
-            h = wrapped(x, hidden_only=True)[m]  # (N, C): final hidden states at response positions
-            part = chunked_loss(h, model.lm_head, y[m], cfg.rule, cfg.signal, cfg.threshold,
-                                prior_stats, cfg.loss_chunk)  # fmt: skip
+                stats = reference_stats(ref, ids, labels, cfg.loss_chunk).float()  # (N, 2)
+        # DDP all-reduces the gradients on the step's last micro-batch only (FSDP2 on every one)
+        model.require_backward_grad_sync = j == len(micro) - 1
+        with autocast(device):
+            h = model(ids, hidden_only=True)[:, :-1][trained]  # (N, C): the trained positions
+            y = targets[trained]
+            part = chunked_loss(
+                h, head, y, cfg.rule, cfg.signal, cfg.threshold, stats, cfg.loss_chunk
+            )
             # The loss is a sum over the global batch, and DDP averages gradients over ranks: scale
             # by world. The authors' trainer: each micro-batch's own mean, so a step sums the means
-            scale = 1 / max(int(m.sum()), 1) if cfg.match_authors else world / max(n_tokens, 1)
+            n = max(int(trained.sum()), 1)
+            scale = 1 / n if cfg.match_authors else world / max(n_tokens, 1)
             (part.weighted * is_real * scale).backward()
         sums += is_real * torch.stack(part).detach()
     return sums
 
 
-if __name__ == "__main__":  # the command line: infra/cli.py
-    from infra.cli import main
+if __name__ == "__main__":
+    # `python prift.py` is the command line's, run as `python -m infra.cli` would run it: the shell
+    # imports the method, never the reverse.
+    import runpy
 
-    raise SystemExit(main())
+    runpy.run_module("infra.cli", run_name="__main__", alter_sys=True)

@@ -8,6 +8,10 @@ import math
 from pathlib import Path
 
 
+class UsageError(Exception):
+    """A mistake on a command line found outside the parser: one line and exit code 2 there too."""
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         """A mistake on the command line: one line and exit code 2, as every other user error."""
@@ -74,16 +78,3 @@ def existing(kind):
         return text
 
     return parse
-
-
-def train_config(args, **changes):
-    """The TrainConfig of these settings, some changed (a new rule takes its own signal and
-    threshold unless they are changed too)."""
-    from prift import TrainConfig  # here, not above: prift.py imports this package
-
-    if "rule" in changes:
-        changes = dict(signal=None, threshold=None) | changes
-    fields = ("rule signal threshold lr batch_size micro_batch micro_tokens epochs max_steps seed "
-              "loss_chunk match_authors fsdp").split()  # fmt: skip
-    return TrainConfig(**{k: getattr(args, k) for k in fields} | changes,
-                       recompute=args.grad_checkpoint)  # fmt: skip

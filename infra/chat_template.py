@@ -99,6 +99,10 @@ class ChatTemplate:
         }
         return cls(text, source, special) if text else None
 
+    def render_many(self, conversations):
+        """Every conversation's prompt text, with the generation prompt."""
+        return [self(messages) for messages in conversations]
+
     def __call__(self, messages):
         """The prompt's text: the turns, then the generation prompt (where the assistant's answer
         begins).

@@ -9,10 +9,13 @@ report compares the base model and each rule on the new task (greedy, Avg@8, Pas
 phrasings (retention) and on how often a wrong answer shown in training comes back; then one
 demonstration with the tokens the rule drops.
 
-It trains through prift.train, the very loop of a real run.
+Every rule trains beside plain SFT, from the same base on the same data in the same order, so that
+the table answers the first question a reader of the paper brings: better than SFT, and where? It
+trains through prift.train, the very loop of a real run. The two controls of the study live here,
+not in the method's table: `uniform` (a constant weight, the prior's mean probability) and `random`
+(a random mask at PriFT-mass's keep rate) separate "which tokens" from "how large a step".
 """
 
-import argparse
 import dataclasses
 import difflib
 import json
@@ -26,11 +29,18 @@ import torch
 
 import data
 import prift
-from infra import checkpoint, evaluate, files, inspection, report
-from infra.argtypes import FRACTION, POSITIVE, train_config
+from infra import evaluate, files, hf, reference, report, rundir
+from infra.argtypes import FRACTION, POSITIVE
 from infra.distributed import log
-from infra.prior import prior_of
 from model import GPT, Config
+
+# The controls train through the method's own loop: two more entries of its rule table, their
+# --threshold the weight (uniform) or the keep rate (random)
+CONTROLS = {
+    "uniform": prift.Rule(None, None, lambda p, u, tau: torch.full_like(p, tau)),
+    "random": prift.Rule(None, None, lambda p, u, tau: (torch.rand_like(p) < tau).float()),
+}
+prift.RULES.update(CONTROLS)
 
 DEFAULTS = dict(
     lr=3e-4,
@@ -45,6 +55,38 @@ DEFAULTS = dict(
     top_p=1.0,
 )
 COLUMNS = ["task greedy", "avg@8", "pass@8", "retention", "wrong copied", "kept", "ce"]
+KEY = (
+    "task greedy, avg@8, pass@8: % of new-task problems solved (greedy; 8 samples: mean, any); "
+    "retention: % of old-phrasing problems solved greedily; wrong copied: % of the noisy "
+    "demonstrations whose wrong answer the model gives back (lower is better); kept: % of "
+    "response tokens with weight > 0; ce: held-out cross-entropy of the new task's reference "
+    "solutions; the last row: the rule minus sft."
+)
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """What the demo reads (the command line's settings of these names)."""
+
+    rule: str
+    threshold: float | None
+    seed: int
+    seeds: int
+    out: Path
+    overwrite: bool
+    cache: str
+    inspect: int | None
+    demo_noise: float
+    demo_noise_kind: str
+    demo_pretrain_steps: int
+    rebuild_base: bool
+    save_every: int
+    max_len: int
+    eval_problems: int
+    precision: str
+    micro_batch: int
+    micro_tokens: int | None
+    loss_chunk: int | None
 
 
 def add_arguments(parser):
@@ -164,13 +206,13 @@ def tokenizer(texts, vocab_size=200):
 # The base model, pretrained here once, and the data
 
 
-def base_model(args, device):
+def base_model(cache, pretrain_steps, rebuild, device):
     """The demo's pretrained model: made once (about two minutes), then reused from the cache."""
-    base = Path(args.cache) / "demo-base"
-    if (base / "model.safetensors").exists() and not args.rebuild_base:
+    base = Path(cache) / "demo-base"
+    if (base / "model.safetensors").exists() and not rebuild:
         return base
     log(f"demo: pretraining the base model into {base} (once; --rebuild-base makes it again)")
-    rows = pretrain_corpus(args.demo_pretrain_steps * 32, seed=1234)
+    rows = pretrain_corpus(pretrain_steps * 32, seed=1234)
     tok = tokenizer([r["response"] for r in rows])
     cfg = dict(
         model_type="llama",
@@ -189,16 +231,17 @@ def base_model(args, device):
         eos_token_id=tok.token_to_id("<|endoftext|>"),
     )
     torch.manual_seed(1234)
-    model = GPT(Config.from_dict(cfg)).to(device)
+    model = GPT(Config.from_hf(cfg)).to(device)
     seqs, _ = data.Template(tok, "plain", "<|endoftext|>").encode(
         [data.parse_example(r, "corpus") for r in rows], 256
     )
-    pretraining = prift.TrainConfig(rule="sft", lr=3e-3, batch_size=32, micro_batch=32, seed=1234,
-                                     max_steps=args.demo_pretrain_steps)  # fmt: skip
+    pretraining = prift.TrainConfig(
+        rule="sft", lr=3e-3, batch_size=32, micro_batch=32, seed=1234, max_steps=pretrain_steps
+    )
     prift.train(pretraining, model, seqs)
     tmp = base.with_name("demo-base.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    hf.save_model(model, tmp)
     tok.save(str(tmp / "tokenizer.json"))
     files.write_text(
         tmp / "tokenizer_config.json",
@@ -215,40 +258,39 @@ def base_model(args, device):
     return base
 
 
-def write_data(args, out):
+def write_data(cfg):
     """Writes the demo's JSONL files into the run directory, to be read like any dataset."""
-    files = {
-        "train": task(
-            200, args.seed + 1, args.demo_noise, args.demo_noise_kind
-        ),  # (the same rows as --inspect's)
+    sets = {
+        "train": task(200, cfg.seed + 1, cfg.demo_noise, cfg.demo_noise_kind),  # as --inspect's
         "task": task(300, 99),
         "retention": task(200, 98, phrasings=PRETRAIN_PHRASINGS),
     }
-    for name, rows in files.items():
-        data.write_jsonl(rows, out / "demo-data" / f"{name}.jsonl")
-    return {name: out / "demo-data" / f"{name}.jsonl" for name in files}
+    (cfg.out / "demo-data").mkdir(parents=True, exist_ok=True)
+    for name, rows in sets.items():
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        files.write_text(cfg.out / "demo-data" / f"{name}.jsonl", text, "data")
+    return {name: cfg.out / "demo-data" / f"{name}.jsonl" for name in sets}
 
 
 # --------------------------------------------------------------------------------------------------
 # The report
 
 
-def metrics(args, model, template, sets):
+def metrics(eval_cfg, model, template, sets):
     """The report's numbers for one model: new-task accuracy (greedy; Avg@8/Pass@8 at temperature
     1), retention of the pretraining skill, and how often a wrong answer shown in training comes
     back."""
 
     def greedy(examples):  # greedy accuracy on every problem
         return evaluate.scores(
-            args, model, template, examples, 0, greedy=True, problems=0, ce=False
+            eval_cfg, model, template, examples, 0, greedy=True, problems=0, ce=False
         )["greedy"]
 
-    res = evaluate.scores(
-        args, model, template, sets["task"], samples=8, greedy=False
-    )  # ce, avg@8, pass@8
+    # ce, avg@8, pass@8
+    res = evaluate.scores(eval_cfg, model, template, sets["task"], samples=8, greedy=False)
     res["task greedy"], res["retention"] = greedy(sets["task"]), greedy(sets["retention"])
     # the noisy demonstrations' prompts, graded against the wrong answer they showed
-    shown = [{**ex, "answer": data.extract_answer(ex["response"])} for ex in sets["train"]]
+    shown = [{**ex, "answer": evaluate.extract_answer(ex["response"])} for ex in sets["train"]]
     wrong = [ex for ex, orig in zip(shown, sets["train"]) if ex["answer"] != orig["answer"]]
     if wrong:
         res["wrong copied"] = greedy(wrong)
@@ -271,12 +313,12 @@ def show_weights(tok, rows, seqs, weights, rule):
         for j, wj in enumerate(w):
             (kept_ok if j in same else kept_bad).append(wj > 0)
         if len(same) < len(resp) and not shown:
-            shown, pieces = True, inspection.token_texts(tok, ids, n_prompt)
+            shown, pieces = True, reference.token_texts(tok, ids, n_prompt)
             log(
                 f"\nOne demonstration under --rule {rule} "
                 f"({'struck out in red' if sys.stdout.isatty() else 'underscores'}: "
                 f"weight 0)\n  prompt:    {row['prompt']!r}\n  shown:     {row['response']!r}\n"
-                f"  trained:   {inspection.terminal_view(pieces, w)!r}"
+                f"  trained:   {reference.terminal_view(pieces, w)!r}"
             )
             if any(0 < wj < 1 for wj in w):
                 log(
@@ -309,90 +351,122 @@ def mean_and_spread(runs, rule):
     return mean
 
 
-def run(args, device):
-    """The demo: the base model, the prior once, each rule (and seed) fine-tuned from the same base
-    on the same data in the same order, the table, and one demonstration as the rule trains it."""
-    base = base_model(args, device)
-    # the demo's own model and template, in a copy of the settings (the parsed ones stay as given)
-    args = argparse.Namespace(**{**vars(args), "model": str(base), "ref": str(base),
-                                 "template": "plain"})  # fmt: skip
-    out = args.out
-    if args.inspect:  # the prior's view of the demonstrations, no training
-        rows = task(200, args.seed + 1, args.demo_noise, args.demo_noise_kind)
-        return inspection.inspect(args, device, [data.parse_example(r, "demo") for r in rows])
-    checkpoint.prepare_out(args, None)
-    paths = write_data(args, out)
+def run(cfg, device, train_cfg, eval_cfg, arguments):
+    """The demo: the base model, the prior once, plain SFT and the rule (--rule all: every rule;
+    --seeds: each several times) fine-tuned from the same base on the same data in the same order,
+    the table with the rule's difference to SFT, and one demonstration as the rule trains it.
+    train_cfg: the asked rule's settings; arguments: what the run's args.json records."""
+    base = base_model(cfg.cache, cfg.demo_pretrain_steps, cfg.rebuild_base, device)
+    source = reference.PriorSource(
+        str(base), cfg.precision, cfg.cache, cfg.micro_batch, cfg.micro_tokens, cfg.loss_chunk
+    )
+    arguments = {**arguments, "model": str(base), "ref": str(base), "template": "plain"}
+    out = cfg.out
+    if cfg.inspect:  # the prior's view of the demonstrations, no training
+        rows = task(200, cfg.seed + 1, cfg.demo_noise, cfg.demo_noise_kind)
+        job = reference.Inspection(
+            str(base),
+            "plain",
+            "demo",
+            cfg.max_len,
+            cfg.rule,
+            cfg.threshold,
+            out,
+            cfg.inspect,
+            cfg.overwrite,
+        )
+        examples = [data.training_example(r, "demo") for r in rows]
+        return reference.inspect(examples, device, job, source, arguments)
+    rundir.prepare_out(out, arguments, cfg.overwrite)
+    paths = write_data(cfg)
     sets = {
-        name: data.read_jsonl(p, need="response" if name == "train" else "answer")
+        name: files.read_jsonl(p, data.training_example if name == "train" else evaluate.problem)
         for name, p in paths.items()
     }
-    template = data.Template.load(base, "plain")
-    seqs, _ = template.encode(sets["train"], args.max_len)
-    rules = list(prift.RULES) if args.rule == "all" else [args.rule]
-    prior = prior_of(args, seqs, device)
+    template = hf.load_template(base, "plain")
+    seqs, _ = template.encode(sets["train"], cfg.max_len)
+    rules = list(prift.RULES) if cfg.rule == "all" else list(dict.fromkeys(["sft", cfg.rule]))
+    prior = reference.prior_of(seqs, device, source)
     flat = torch.cat(prior)
+    # the controls' weight and keep rate: the prior's mean p, and PriFT-mass's kept fraction
     control = {
         "uniform": flat[:, 0].mean().item(),
         "random": (flat[:, 1] >= 0.5).float().mean().item(),
     }
-    results = [("base", metrics(args, GPT.from_pretrained(base, device=device), template, sets))]
+    results = [("base", metrics(eval_cfg, hf.load_model(base, device=device), template, sets))]
     runs, dirs = [], []
-    for seed in range(args.seed, args.seed + args.seeds):
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         for rule in rules:
-            # one rule: as the command line gave it; --rule all: each rule with its own signal and
-            # threshold. The controls' weight and keep rate: the prior's mean p and kept fraction
-            cfg = train_config(
-                args, **(dict(seed=seed) if rule == args.rule else dict(rule=rule, seed=seed))
+            # the asked rule as the command line gave it; the others with their own settings
+            changes = (
+                dict(seed=seed)
+                if rule == cfg.rule
+                else dict(rule=rule, signal=None, threshold=None, seed=seed)
             )
-            if rule in control and cfg.threshold is None:
-                cfg = dataclasses.replace(cfg, threshold=control[rule])
-            model = GPT.from_pretrained(base, device=device)
-            run_dir = (
-                out / "runs" / f"{rule}-seed{seed}" if args.seeds > 1 or len(rules) > 1 else out
-            )
+            rule_cfg = dataclasses.replace(train_cfg, **changes)
+            if rule in control and rule_cfg.threshold is None:
+                rule_cfg = dataclasses.replace(rule_cfg, threshold=control[rule])
+            model = hf.load_model(base, device=device)
+            run_dir = out / "runs" / f"{rule}-seed{seed}" if len(rules) * cfg.seeds > 1 else out
             dirs.append(run_dir)
             if run_dir != out:  # its own arguments, for its report and the comparison page
                 run_dir.mkdir(parents=True, exist_ok=True)
-                files.write_json(
-                    run_dir / "args.json",
-                    {**vars(args), **vars(cfg), "data": str(paths["train"])},
-                    "arguments",
+                recorded = {
+                    **arguments,
+                    **dataclasses.asdict(rule_cfg),
+                    "data": str(paths["train"]),
+                }
+                files.write_json(run_dir / "args.json", recorded, "arguments")
+            run = rundir.Run(run_dir, cfg.save_every)
+            with run.interrupts():
+                state = prift.train(
+                    rule_cfg,
+                    model,
+                    seqs,
+                    prior=prior if rule_cfg.signal == "prior" else None,
+                    run=run,
                 )
-            run = checkpoint.Run(run_dir, args.save_every)
-            state = prift.train(
-                cfg, model, seqs, prior=prior if cfg.signal == "prior" else None, run=run
-            )
-            res = metrics(args, model, template, sets)
+            res = metrics(eval_cfg, model, template, sets)
             report.run_report(
                 run_dir, [("base demo", results[0][1]), (f"{rule} demo", res)], seqs, state
             )
             res.update(kept=100 * state["kept"], train_s=state["train_s"], rule=rule, seed=seed)
             runs.append(res)
-            if len(rules) == 1 and args.seeds == 1:
-                model.save_pretrained(out)
+            if rule == cfg.rule and seed == cfg.seed and run_dir != out:
+                hf.save_model(model, out)  # the asked rule's model, as a run's OUT holds it
+            elif run_dir == out:
+                hf.save_model(model, out)
     results += [(rule, mean_and_spread(runs, rule)) for rule in rules]
+    if cfg.rule not in ("sft", "all"):  # the rule's difference to SFT, column by column
+        mine, sft = dict(results)[cfg.rule], dict(results)["sft"]
+        results.append((f"{cfg.rule} - sft", difference(mine, sft)))
     title = (
-        f"Demo: {len(seqs)} demonstrations, {round(100 * args.demo_noise)}% "
-        f"{args.demo_noise_kind}, "
-        f"{args.seeds} seed(s), new-task greedy on 300, Avg@8/Pass@8 on "
-        f"{args.eval_problems}, retention on 200"
+        f"Demo: {len(seqs)} demonstrations, {round(100 * cfg.demo_noise)}% "
+        f"{cfg.demo_noise_kind}, {cfg.seeds} seed(s), new-task greedy on 300, Avg@8/Pass@8 on "
+        f"{cfg.eval_problems}, retention on 200"
     )
     table = evaluate.print_table(results, COLUMNS, title)
+    log(f"key: {KEY}")
     if len(dirs) > 1:  # the rules (and seeds) side by side: curves overlaid, a row per run
         report.compare(dirs, out / "compare.html")
-    files.write_text(out / "results.md", table, "results")
+    files.write_text(out / "results.md", table + f"\nkey: {KEY}\n", "results")
     files.write_json(out / "results.json", runs, "results")
-    shown = train_config(args, rule="mass") if args.rule == "all" else train_config(args)
-    threshold = (
-        control[shown.rule]
-        if shown.rule in control and shown.threshold is None
-        else shown.threshold
-    )
+    shown = "mass" if cfg.rule == "all" else cfg.rule
+    threshold = cfg.threshold if shown == cfg.rule else None
+    threshold = control.get(shown) if shown in control and threshold is None else threshold
+    weight = prift.rule_settings(shown, threshold=threshold)
     show_weights(
         template.tok,
         [json.loads(line) for line in paths["train"].read_text().splitlines()],
         seqs,
-        [prift.weights_from_stats(shown.rule, pu[:, 0], pu[:, 1], threshold) for pu in prior],
-        shown.rule,
+        [weight.weight(pu[:, 0], pu[:, 1], weight.threshold) for pu in prior],
+        shown,
     )
-    log(f"\nwritten to {out}")
+    page = out / ("compare.html" if len(dirs) > 1 else "report.html")
+    log(f"\nwritten to {out}; the report: {page}")
+
+
+def difference(mine, sft):
+    """mine - sft in each numeric column (a mean with its spread: the means)."""
+    mean = lambda v: float(v.split(" ")[0]) if isinstance(v, str) else v
+    return {c: mean(mine[c]) - mean(sft[c]) for c in COLUMNS if c in mine and c in sft}

@@ -2,11 +2,10 @@
 What running on real hardware needs and the method does not: torchrun process groups, DDP or FSDP2
 around the model (FSDP2 gathering bfloat16 on CUDA), activation checkpointing, full state dicts
 gathered from shards, bfloat16 autocast on CUDA, and output from rank 0 only. What a run needs in
-memory is memory.py's. On one process every function here is a no-op or the obvious single-process
+memory is plan.py's. On one process every function here is a no-op or the obvious single-process
 answer.
 """
 
-import contextlib
 import gc
 import os
 
@@ -14,10 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-
-def dist_info():
-    """(rank, world size); (0, 1) outside torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+from prift import autocast, dist_info  # noqa: F401  the method's own, used by the shell too
 
 
 def init_from_env():
@@ -30,15 +26,6 @@ def init_from_env():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return torch.device(
         f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    )
-
-
-def autocast(device):
-    """bfloat16 autocast on CUDA; plain float32 on the CPU."""
-    return (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
     )
 
 
@@ -82,20 +69,6 @@ def wrap_distributed(model, ref=None, fsdp=False, recompute=None):
     return DistributedDataParallel(model)
 
 
-def sync_grads(wrapped, last):
-    """DDP all-reduces gradients on the last micro-batch of a step only. FSDP2 reduce-scatters after
-    every micro-batch, and the shards add up in each rank's sharded gradient."""
-    if hasattr(wrapped, "no_sync"):
-        return contextlib.nullcontext() if last else wrapped.no_sync()
-    # FSDP2 is never told to skip (set_requires_gradient_sync(False)): it would keep every
-    # parameter's gradient
-    # whole, in float32, on every GPU until the last micro-batch (4 bytes per parameter, 28 GiB for
-    # a 7B model),
-    # and --fsdp is there to save memory. The price: as many reduce-scatters per step as
-    # micro-batches, not one.
-    return contextlib.nullcontext()
-
-
 def all_reduce(tensor, op="sum"):
     """Sum (or max) a tensor over ranks in place; returns it."""
     if dist.is_initialized():
@@ -106,15 +79,6 @@ def all_reduce(tensor, op="sum"):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
-
-
-def merge_from_ranks(d):
-    """The union of every rank's dict."""
-    if not dist.is_initialized():
-        return d
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, d)
-    return {k: v for g in gathered for k, v in g.items()}
 
 
 def shutdown():

@@ -29,6 +29,8 @@ import re
 import stat
 from pathlib import Path
 
+import data
+
 MIB = 2**20
 # The most a file of each kind can hold: far above any real one, far below a memory or a disk
 JSON_LIMIT = 64 * MIB  # config.json, tokenizer_config.json (with its chat template), args.json, ...
@@ -42,8 +44,7 @@ class CheckpointError(Exception):
     fix."""
 
 
-class DataError(Exception):
-    """Data that cannot be used as it is; the message names the file, the line and what to fix."""
+DataError = data.DataError  # data that cannot be used as it is: the core's own error
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,6 +143,34 @@ def jsonl_rows(path, limit, what="file", too_long=""):
                 )
             if text.strip():
                 yield where, parse_json(text, where)
+
+
+def read_jsonl(path, parse, max_len=None):
+    """A JSONL data file's examples, each line parsed by parse(value, where) into its shape (a
+    DataError names the line). A line longer than line_limit(max_len) bytes is refused before it is
+    read whole: at most max_len tokens of it are used, and tokenising all of it would take memory in
+    proportion to its length, not to max_len."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    too_long = (
+        f", of which --max-len {max_len} tokens at most would be used; shorten or remove "
+        "it (or raise --max-len)"
+    )
+    rows = [
+        parse(value, where)
+        for where, value in jsonl_rows(path, line_limit(max_len), "data file", too_long)
+    ]
+    if not rows:
+        raise DataError(f"data file {path} holds no examples")
+    return rows
+
+
+def line_limit(max_len):
+    """The longest line read, in bytes: 256 per token of max_len, at least 1 MiB (64 MiB when
+    max_len is not known). A real example this long would be cut to under 1/64 of itself, even at 4
+    bytes a token."""
+    return max(2**20, 256 * max_len) if max_len else 2**26
 
 
 def parse_json(text, where):

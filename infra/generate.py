@@ -12,14 +12,31 @@ changes the shapes of the matrix products (the tests check that the greedy token
 """
 
 import torch
-
-from model import KVCache
+import torch.nn as nn
 
 # When more than this fraction of the rows still in the batch have finished, they are dropped from
 # the batch
 # and from the cache, so that the steps left cost what the running rows need. The tokens do not
 # change.
 DROP_FINISHED = 0.5
+
+
+class KVCache(nn.Module):
+    """Keys and values of past positions for one layer, preallocated for the whole generation."""
+
+    def __init__(self, batch, n_kv, max_len, head_dim, dtype, device):
+        super().__init__()
+        self.k = torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, pos, k, v):  # k, v: (B, n_kv, T, d), written at slots pos..pos+T
+        T = k.shape[2]
+        self.k[:, :, pos : pos + T], self.v[:, :, pos : pos + T] = k, v
+        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
+
+    def select(self, rows):
+        """Keep, reorder or repeat rows (B',) of the cache: drop finished ones, copy a prompt."""
+        self.k, self.v = self.k[rows], self.v[rows]
 
 
 @torch.no_grad()

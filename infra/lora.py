@@ -2,7 +2,7 @@
 LoRA runs (--lora R): the model's linear layers get low-rank updates (model.py's add_lora), only
 those are trained, and the frozen base is its own reference: --prior inline runs the same module
 with its adapters off, so no second model is loaded. The run's model is a PEFT adapter (save_adapter
-below), which peft.PeftModel.from_pretrained loads on transformers' model; --merge, or
+in infra/hf.py), which peft.PeftModel.from_pretrained loads on transformers' model; --merge, or
 
     python -m infra.merge_lora RUN DEST
 
@@ -10,17 +10,14 @@ writes it merged into a full Hugging Face checkpoint. docs/lora-and-logging.md h
 """
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from infra import files
-from infra.argtypes import POSITIVE, number
+from infra import hf
+from infra.argtypes import POSITIVE, UsageError, number
 from infra.files import CheckpointError
-from infra.hf_files import read_headers, read_tensors
-from model import GPT, LORA_TARGETS, Config, LoRALinear, adapters_off, add_lora
+from model import LORA_TARGETS, LoRALinear, adapters_off, add_lora
 
 
 def targets(text):
@@ -69,13 +66,15 @@ def add_arguments(parser):
     )
 
 
-def check(parser, lora, merge, is_demo):
+def check(lora, merge, is_demo):
     """What the types cannot see: --merge without --lora, and LoRA on the built-in demo (which
-    compares full fine-tuning runs)."""
+    compares full fine-tuning runs). A UsageError says which."""
     if merge and not lora:
-        parser.error("--merge merges a LoRA adapter: give --lora R too")
+        raise UsageError("--merge merges a LoRA adapter: give --lora R too")
     if lora and is_demo:
-        parser.error("--lora fine-tunes --model on --data; the built-in demo trains every weight")
+        raise UsageError(
+            "--lora fine-tunes --model on --data; the built-in demo trains every weight"
+        )
 
 
 def alpha(r, lora_alpha):
@@ -94,6 +93,8 @@ def attach(model, r, lora_alpha, dropout, target_names):
     when it has them already (a resumed run's checkpoint) or no LoRA is asked for."""
     if not r or model.lora:
         return model
+    if model.config.model_type == "gpt2":  # its Hugging Face modules are fused c_attn, Conv1D
+        raise CheckpointError("--lora supports the llama, qwen2 and qwen3 families, not gpt2")
     return add_lora(model, r, alpha(r, lora_alpha), dropout, target_names.split(","))
 
 
@@ -120,13 +121,9 @@ def reference(model, ref_dir, model_dir, load):
 def merge(run, dest, dtype=None):
     """The adapter in `run` (a LoRA run's OUT, or one of its checkpoints) merged into its base,
     saved in dest as a full Hugging Face checkpoint. Returns the merged model."""
-    model = merge_lora(GPT.from_pretrained(run, dtype=dtype))
-    model.save_pretrained(dest)
+    model = merge_lora(hf.load_model(run, dtype=dtype))
+    hf.save_model(model, dest)
     return model
-
-
-# ----------------------------------------------------------------------------------------------
-# PEFT's format: the adapter alone, loaded on its base, or merged into it
 
 
 def merge_lora(model):
@@ -142,95 +139,3 @@ def merge_lora(model):
             m.__class__ = torch.nn.Linear
     model.lora = None
     return model
-
-
-def lora_state(model, state_dict=None):
-    """The adapters' tensors under PEFT's names (base_model.model. + ours), from a full state dict
-    (FSDP's, gathered) or the model's own."""
-    state = state_dict or model.state_dict()
-    return {"base_model.model." + k: v for k, v in state.items() if ".lora_" in k}
-
-
-def adapter_config(path):
-    """A PEFT LoRA adapter's adapter_config.json, checked: (base, r, alpha, dropout, targets)."""
-    try:
-        conf = files.read_json(
-            path / "adapter_config.json", path, files.JSON_LIMIT, "adapter config"
-        )
-        base, r, alpha = conf["base_model_name_or_path"], conf["r"], conf["lora_alpha"]
-        targets, dropout = conf["target_modules"], conf.get("lora_dropout", 0.0)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / 'adapter_config.json'} is not a LoRA adapter's ({e})")
-    plain = isinstance(targets, list) and not conf.get("use_dora") and not conf.get("rank_pattern")
-    if conf.get("peft_type") != "LORA" or not plain:
-        raise CheckpointError(f"{path}: only plain LoRA adapters load here (peft_type LORA, a list "
-                              "of target_modules, one rank)")  # fmt: skip
-    return base, r, alpha, dropout, targets
-
-
-def meta_model(path):
-    """The model a checkpoint directory holds, on the meta device (shapes only, nothing read): a
-    full checkpoint's, or a LoRA adapter's base with the adapter."""
-    path = Path(path)
-    adapter = os.path.lexists(path / "adapter_config.json")
-    base, r, alpha, dropout, targets = adapter_config(path) if adapter else (path,) + (None,) * 4
-    with torch.device("meta"):
-        model = GPT(Config.load(base))
-        return add_lora(model, r, alpha, dropout, targets) if adapter else model
-
-
-def load_adapter(path, dtype=None, device=None):
-    """A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors): its base
-    model (base_model_name_or_path) with the adapter's update on it, the adapter float32."""
-    path = Path(path)
-    base, r, alpha, dropout, targets = adapter_config(path)
-    model = add_lora(GPT.from_pretrained(base, dtype, device), r, alpha, dropout, targets)
-    state = {
-        k.removeprefix("base_model.model."): v
-        for k, v in read_tensors(
-            {k: f for k, (f, _) in read_headers([path / "adapter_model.safetensors"]).items()},
-            torch.float32,
-            torch.device(device or "cpu"),
-        ).items()
-    }
-    ours = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
-    if state.keys() != ours.keys() or any(v.shape != ours[k].shape for k, v in state.items()):
-        raise CheckpointError(
-            f"{path / 'adapter_model.safetensors'} does not fit {base} with r={r} on "
-            f"{', '.join(targets)}"
-        )
-    model.load_state_dict(state, strict=False)
-    return model
-
-
-def save_adapter(model, path, state_dict=None):
-    """Write the LoRA adapter as PEFT does: adapter_config.json and adapter_model.safetensors
-    (float32, PEFT's names), beside the base's tokenizer files; no base weights."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: v.detach().cpu().float().contiguous() for k, v in lora_state(model, state_dict).items()
-    }
-    conf = dict(
-        peft_type="LORA",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=str(Path(model.source_dir).resolve()),
-        r=model.lora["r"],
-        lora_alpha=model.lora["alpha"],
-        lora_dropout=model.lora["dropout"],
-        target_modules=model.lora["targets"],
-        bias="none",
-        fan_in_fan_out=False,
-        inference_mode=True,
-        init_lora_weights=True,
-        modules_to_save=None,
-        use_rslora=False,
-        use_dora=False,
-    )
-    files.write_with(
-        path / "adapter_model.safetensors",
-        lambda f, tmp: save_file(state, tmp, metadata={"format": "pt"}),
-        "adapter weights",
-    )
-    files.write_json(path / "adapter_config.json", conf, "adapter config", indent=2)
-    model.copy_side_files(path)

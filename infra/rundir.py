@@ -1,23 +1,374 @@
 """
+What prift keeps on disk, and how a run survives being stopped: a run's directory (one process at a
+time), atomic checkpoints, resume (also of a preempted job's command line run again), Ctrl-C and
+SIGTERM, the final model published atomically; and the cache of computed priors.
+
+    OUT/args.json                     the run's arguments (absolute paths) and its inputs' sha256;
+                                      `--resume OUT` continues with these
+    OUT/eval_before.json              the evaluation before training, written as soon as it is made
+    OUT/metrics.jsonl                 one line per optimizer step
+    OUT/checkpoints/step-NNNNNNN/     the model (a Hugging Face checkpoint) and trainer.pt
+                                      (optimizer, step, rng; checked by trainer_state.py)
+    OUT/checkpoints/latest            a link to the newest complete one
+    OUT/.lock                         locked (flock) by the process running in OUT, with its pid
+    OUT/model.safetensors, ...        the final model (a Hugging Face checkpoint); the run is
+                                      finished when it is there
+
+Each checkpoint is written under a temporary name and then published by atomically replacing the
+`latest` link, so a kill at any moment, even during a save, leaves the previous one whole.
+trainer.pt is read with torch.load(weights_only=True), which builds tensors and plain containers and
+never calls code a file names. The final model is written into OUT/final.tmp and its files are then
+renamed into OUT, the weights last: a kill or a full disk before that leaves a run that --resume
+trains again from its last checkpoint (from step 0 if it has none: training is deterministic) to the
+same weights. What a kill leaves half-written is removed on the next start. Nothing in OUT that
+prift did not write is deleted, and nothing is written through a link. The prior's cache is
+infra/reference.py's.
+
 What a run directory holds and who may write there: which entries are prift's own (so that
 --overwrite removes only those, and a run writes through no symbolic link), one process at a time (a
 lock), and what a resumed run takes: the arguments args.json recorded, checked as the command line's
 are, and the same data, model and method. Checks that need the data and the model, before anything
 is written, are here too.
+
+What a run left on disk, as the pages read it: metrics.jsonl's rows, args.json and run.json, each
+value checked for its type (fits) so that a crafted or damaged file cannot break a page. Reading
+only, without torch: report.py's command line starts without it.
+
+The checks of a checkpoint's trainer.pt before a resumed run uses it: read without running code,
+the loop's counters, the random-number states and the optimizer's layout as save() writes them
+(trainer_problem), and its AdamW state against the model it is restored into (optimizer_problem).
 """
 
-import argparse
+import contextlib
 import fcntl
 import hashlib
+import json
+import math
 import os
+import pickle
 import re
+import shutil
+import signal
 import stat
+import sys
 from pathlib import Path
 
-from data import DataError
-from infra import files
-from infra.hf_files import weight_files
-from model import TOKENIZER_FILES, CheckpointError, Config
+import torch
+from safetensors import SafetensorError
+
+from infra import files, hf, logs
+from infra.distributed import (
+    all_reduce,
+    dist_info,
+    full_state_dict,
+    load_optimizer_state_dict,
+    log,
+    optimizer_state_dict,
+)
+from infra.files import CheckpointError
+from infra.hf import TOKENIZER_FILES, meta_model, weight_files
+
+
+class Run:
+    """What train() keeps of a run on disk, as two calls: start (the loop's state: new, or restored
+    from a checkpoint) and step (a step's metrics, a checkpoint every save_every steps and on a
+    signal, and a stop when the run diverged). Signals reach it while interrupts() holds: Ctrl-C and
+    SIGTERM finish the current step, save a checkpoint and stop; a second Ctrl-C stops at once."""
+
+    def __init__(self, out=None, save_every=0, resume_state=None):
+        self.out, self.save_every, self.resume_state = out, save_every, resume_state
+        self.signal = None  # while interrupts() holds: its flag, whose signum a handler sets
+
+    def start(self, model, opt):
+        return restore(model, opt, self.resume_state)
+
+    @contextlib.contextmanager
+    def interrupts(self):
+        with interrupts() as self.signal:
+            yield self
+
+    def step(self, model, opt, state, row, total):
+        if self.out and dist_info()[0] == 0:
+            files.append_line(self.out / "metrics.jsonl", json.dumps(row) + "\n", "metrics")
+            logs.step(self.out, row)  # --log tensorboard/wandb
+        stop_if_diverged(state, self.out)
+        device = next(model.parameters()).device
+        flag = torch.tensor([self.signal.signum if self.signal else 0], device=device)
+        signum = int(all_reduce(flag, op="max").item())  # a signal to one rank stops them all
+        due = self.save_every and state["step"] % self.save_every == 0 and state["step"] < total
+        if self.out and (signum or due):
+            save(model, opt, state, self.out)
+        if signum:
+            log(
+                f"stopped by signal {signum} at step {state['step']}; resume with: python prift.py "
+                f"--resume {self.out}"
+            )
+            raise SystemExit(128 + signum)
+
+
+def save(model, opt, state, out):
+    """Write a checkpoint of the model, the optimizer and the loop's state (a dict with 'step') into
+    out.
+    """
+    full, optim = (
+        full_state_dict(model),
+        optimizer_state_dict(model, opt),
+    )  # collectives under FSDP2: every rank
+    if dist_info()[0] != 0:
+        return
+    ckpt = out / "checkpoints" / f"step-{state['step']:07d}"
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    # left by a run killed before `latest` pointed to it: a resumed run made this step again
+    if ckpt.exists():
+        if latest(out) and latest(out).resolve() == ckpt.resolve():
+            return  # this step is already the latest checkpoint
+        remove(ckpt)
+    remove(tmp)
+    try:
+        hf.save_model(getattr(model, "module", model), tmp, full)  # DDP wraps it in .module
+        cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+        trainer = {
+            "optimizer": optim,
+            "state": dict(state),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": cuda_rng,
+        }
+        files.write_with(tmp / "trainer.pt", lambda f, _: torch.save(trainer, f), "trainer state")
+    except (OSError, SafetensorError, RuntimeError, CheckpointError) as e:  # a full disk, mostly
+        remove(tmp)
+        raise CheckpointError(
+            f"writing the checkpoint {ckpt} failed ({e}); make room and continue with: "
+            "python prift.py "
+            f"--resume {out} (from {latest(out) or 'step 0'}, to the same weights)"
+        )
+    os.replace(tmp, ckpt)
+    link = out / "checkpoints" / "latest.tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(ckpt.name)
+    os.replace(link, out / "checkpoints" / "latest")
+    for old in (out / "checkpoints").glob("step-*"):
+        if old.name != ckpt.name:
+            remove(old)
+
+
+def remove(path):
+    """Delete a file, a link (never what it points to) or a directory prift wrote; nothing if it is
+    not there.
+    """
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+class TrainingError(Exception):
+    pass
+
+
+def stop_if_diverged(state, out):
+    """Five steps in a row with a non-finite loss or gradient stop the run, naming the last good
+    checkpoint.
+    """
+    if state["bad_in_row"] >= 5:
+        last = out and latest(out)
+        raise TrainingError(
+            "5 steps in a row had a non-finite loss or gradient (the last at step "
+            f"{state['step']}), so "
+            f"training stopped; lower --lr or check the data, and start again"
+            + (f"; the last good checkpoint is {last}" if last else "")
+        )
+
+
+def latest(out):
+    """The newest complete checkpoint of a run, or None. `latest` must name a step directory beside
+    it.
+    """
+    path = Path(out) / "checkpoints" / "latest"
+    return (
+        path if path.is_symlink() and STEP.fullmatch(os.readlink(path)) and path.is_dir() else None
+    )
+
+
+def restore(model, opt, resume_state):
+    """The training loop's state: new, or with resume_state (what save() wrote) the optimizer, the
+    loop's counters and the random-number states as they were."""
+    state = {"step": 0, "skipped": 0, "bad_in_row": 0, "kept_sum": 0.0}
+    if resume_state and resume_state.get("finished"):  # trained: nothing to restore but the counts
+        state.update(resume_state["state"])
+    elif resume_state:
+        load_optimizer_state_dict(model, opt, resume_state["optimizer"])
+        state.update(resume_state["state"])
+        torch.set_rng_state(resume_state["rng"])
+        if resume_state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(resume_state["cuda_rng"])
+    return state
+
+
+def resume_point(out):
+    """(the newest checkpoint's directory, what save() wrote beside its model), or (None, None) for
+    a run stopped before its first checkpoint, which starts again at step 0."""
+    ckpt = latest(out)
+    link = Path(out) / "checkpoints" / "latest"
+    if not ckpt and link.is_symlink():
+        raise CheckpointError(
+            f"{link} does not name a checkpoint beside it ({os.readlink(link)}); it was "
+            "not written "
+            f"by prift: start again with --overwrite"
+        )
+    start = read_trainer_state(ckpt / "trainer.pt") if ckpt else None  # checked in any case
+    if start:  # against the model it was saved with, before anything is written
+        if problem := optimizer_problem(meta_model(ckpt), start["optimizer"]):
+            raise CheckpointError(
+                f"{ckpt / 'trainer.pt'} does not fit the model beside it ({problem}); it was not "
+                "written by this run: start again with --overwrite"
+            )
+    # renamed last: the final model (a LoRA run's: its adapter) is whole
+    if weights := next((n for n in WEIGHTS if os.path.lexists(Path(out) / n)), None):
+        config = "config.json" if weights == "model.safetensors" else "adapter_config.json"
+        if not os.path.lexists(Path(out) / config):  # renamed before it by save_model
+            raise CheckpointError(
+                f"{out} holds a {weights} without its {config}, and no checkpoint to resume from "
+                "(checkpoints/latest is missing): it was not left so by prift"
+            )
+        return Path(out), finished_state(out)
+    return (ckpt, start) if ckpt else (None, None)
+
+
+def finished_state(out):
+    """The loop's state of a run whose final model is saved (the run finished, or was stopped in
+    the evaluation after training): every step done, so that --resume trains nothing and completes
+    what is missing (the evaluation, the report) with that model. From metrics.jsonl, whose rows
+    must be the steps 1..N."""
+    rows = read_metrics(Path(out))
+    if not rows or [r["step"] for r in rows] != list(range(1, len(rows) + 1)):
+        raise CheckpointError(
+            f"{out} holds a final model, and its metrics.jsonl does not hold its steps 1..N; it "
+            "was not left so by prift: start again with --overwrite"
+        )
+    state = dict(
+        step=len(rows),
+        skipped=rows[-1].get("skipped", 0) if rows else 0,
+        bad_in_row=0,
+        kept_sum=sum(r.get("kept", 0.0) for r in rows),
+    )
+    return {"state": state, "finished": True}
+
+
+# the final model's weights (a LoRA run's: its adapter), renamed into OUT last
+WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
+
+
+@contextlib.contextmanager
+def interrupts():
+    """Within the block, SIGINT and SIGTERM only set flag.signum, and say so at once: the loop saves
+    a checkpoint after the current step and exits. A second Ctrl-C stops at once
+    (KeyboardInterrupt). The handlers there were before come back when the block ends, however it
+    ends."""
+
+    class Flag:
+        signum = 0
+
+    flag = Flag()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if flag.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.signum = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        again = "; press Ctrl-C again to stop now" if signum == signal.SIGINT else ""
+        if dist_info()[0] == 0:
+            print(
+                f"\n{name}: finishing this step and saving a checkpoint{again}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    for s in saved:
+        signal.signal(s, handler)
+    try:
+        yield flag
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def prepare_out(out, arguments, overwrite=False, start=None):
+    """Every input has been read and checked: now take OUT. A new run (arguments: what args.json
+    records): create it (with overwrite, first remove what prift wrote there) and record the
+    arguments. A resumed one (arguments None; start: its checkpoint's trainer state, or None to
+    start at step 0): drop the metrics of steps its checkpoint has not seen. Both remove what a kill
+    left."""
+    step = start["state"]["step"] if start else 0
+    if dist_info()[0] == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        lock(out)
+        if overwrite and arguments is not None:
+            if foreign := not_ours(out):  # checked again now that this process holds the directory
+                raise CheckpointError(
+                    f"--out {out} holds what prift did not write "
+                    f"({', '.join(foreign)}); nothing removed"
+                )
+            for p in out.iterdir():
+                if p.name != ".lock":
+                    remove(p)
+        left = [p for p in out.iterdir() if is_temporary(p.name) and p.is_file()]
+        for p in [*(out / n for n in TEMPORARY), *(out / "checkpoints").glob("*.tmp"), *left]:
+            remove(p)
+    if arguments is None:
+        truncate_metrics(out / "metrics.jsonl", step)
+        return log(
+            f"resuming {out} at step {step}" + ("" if start else " (it had no checkpoint yet)")
+        )
+    if dist_info()[0] == 0:
+        files.write_json(out / "args.json", arguments, "arguments")
+
+
+def truncate_metrics(path, step):
+    """Keep the rows of steps 1..step, those the checkpoint has seen; a resumed run appends the
+    rest. Rows after it, and a line cut short by a kill, go. Replaced atomically, so a kill here
+    loses nothing."""
+
+    def step_of(line):  # a row's step as report.py reads it (an int); anything else goes
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return math.inf
+        return step if type(step) is int else math.inf
+
+    if dist_info()[0] == 0 and os.path.lexists(path):
+        text = files.read_text(path, path.parent, files.RUN_LIMIT, "metrics", errors="replace")
+        rows = [line for line in text.splitlines() if step_of(line) <= step]
+        files.write_text(path, "".join(line + "\n" for line in rows), "metrics")
+
+
+def save_model(model, out):
+    """The final model in OUT, whole or not at all: written into OUT/final.tmp, then each file
+    renamed into OUT, the weights last (a run whose model.safetensors is there is finished). A kill
+    or a full disk before that leaves the run to --resume, which trains again from its last
+    checkpoint (or from step 0) to the same weights."""
+    full = full_state_dict(model)  # under FSDP2 gathered from every rank, written by rank 0
+    if dist_info()[0] != 0:
+        return
+    tmp = out / "final.tmp"
+    remove(tmp)
+    try:
+        hf.save_model(getattr(model, "module", model), tmp, full)  # DDP wraps it in .module
+    except (OSError, SafetensorError, RuntimeError, CheckpointError) as e:  # a full disk, mostly
+        remove(tmp)
+        last = latest(out)
+        raise CheckpointError(
+            f"writing the final model into {out} failed ({e}); make room and run python prift.py "
+            f"--resume {out}: it trains again from {last or 'step 0'} to the same weights"
+        )
+    for name in sorted(os.listdir(tmp), key=lambda n: n in WEIGHTS):
+        os.replace(tmp / name, out / name)
+    tmp.rmdir()
+
+
+# --------------------------------------------------------------------------------------------------
+# rundir.py
+
 
 # a LoRA run's model is its adapter, in PEFT's format (infra/lora.py's save_adapter)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -67,147 +418,6 @@ IDENTITY = (
 )  # what makes the weights
 
 
-def resumed_args(parser, args):
-    """--resume DIR: the arguments the run in DIR recorded in its args.json, checked again by the
-    command line's own parser, writing to DIR again. --resume alone: this command line, continuing
-    --out if it holds a run (run() checks that it is the same run: check_run) and starting it there
-    if not."""
-    if args.resume is True:
-        if not args.out or args.overwrite:
-            parser.error(
-                "--resume without a directory continues --out: give --out, and not --overwrite"
-            )
-        if not (Path(args.out) / "args.json").exists():
-            # nothing to continue yet: start
-            return argparse.Namespace(**{**vars(args), "resume": None})
-        return argparse.Namespace(
-            **{**vars(args), "resume": args.out, "recorded": recorded_args(parser, args.out)}
-        )
-    recorded = recorded_args(parser, args.resume)
-    return argparse.Namespace(
-        **{
-            **vars(args),
-            **recorded,
-            "resume": args.resume,
-            "out": args.resume,
-            "overwrite": False,
-            "recorded": recorded,
-        }
-    )
-
-
-def recorded_args(parser, run_dir):
-    """args.json of the run in run_dir, turned back into a command line and parsed, so that every
-    value goes through the same types, ranges and choices as one typed by hand. Keys that are no
-    option are dropped."""
-    path = Path(run_dir) / "args.json"
-    if not os.path.lexists(path):
-        parser.error(
-            f"--resume {run_dir}: no args.json there; give the --out directory of an earlier run"
-        )
-    try:
-        saved = files.read_json(path, run_dir, files.JSON_LIMIT, "arguments")
-    except CheckpointError as e:
-        parser.error(f"--resume {run_dir}: {e}; the run cannot be continued")
-    if not isinstance(saved, dict):
-        parser.error(f"--resume {run_dir}: args.json does not hold the arguments of a prift run")
-    argv = []
-    for action in parser._actions:
-        value, flag = saved.get(action.dest), (action.option_strings or [None])[0]
-        if flag is None or value is None or action.dest in ("help", "out", "resume", "overwrite"):
-            continue
-        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
-            if not isinstance(value, bool):
-                parser.error(
-                    f"--resume {run_dir}: args.json gives {action.dest} {value!r}, not "
-                    "true or false"
-                )
-            switched = isinstance(
-                action, argparse.BooleanOptionalAction
-            )  # --grad-checkpoint / --no-grad-checkpoint
-            argv += [flag] if value else [flag.replace("--", "--no-", 1)] if switched else []
-        elif action.nargs == "+":  # --eval-data: a list (a single file before it took several)
-            argv += [flag, *map(str, value if isinstance(value, list) else [value])]
-        else:
-            argv.append(f"{flag}={value}")
-    error = parser.error
-    parser.error = lambda message: error(
-        f"--resume {run_dir}: args.json holds a value the command line refuses: {message}"
-    )
-    try:
-        parsed = vars(parser.parse_args(argv))
-    finally:
-        parser.error = error
-    parsed = {k: v for k, v in parsed.items() if k not in ("out", "resume", "overwrite")}
-    hashes = saved.get("sha256")
-    return {
-        **parsed,
-        "data_sha256": saved.get("data_sha256")
-        if isinstance(saved.get("data_sha256"), str)
-        else None,
-        "sha256": hashes if isinstance(hashes, dict) else {},
-    }
-
-
-def check_run(args, seqs, config, steps_per_epoch):
-    """What needs the data and the model, checked before anything is written: an example to train
-    on, a reference with the model's vocabulary, at least one step to train, every example within
-    the model's context, and on --resume the run's own data (the sha256 args.json recorded) and, for
-    a command line given with --resume alone, the run's own model, reference and method."""
-    if not seqs:
-        raise DataError(
-            f"no usable example in {args.data}: every prompt fills --max-len "
-            f"{args.max_len} (raise it), "
-            f"or prompt and response are both empty"
-        )
-    if (
-        args.signal == "prior"
-        and (ref_vocab := Config.load(args.ref).vocab_size) != config.vocab_size
-    ):
-        raise CheckpointError(
-            f"the reference's vocabulary ({ref_vocab} tokens) differs from the model's "
-            f"({config.vocab_size}); --ref must share the model's tokenizer"
-        )
-    if steps_per_epoch == 0:
-        raise CheckpointError(
-            f"{len(seqs)} usable examples make no batch of --batch-size {args.batch_size} "
-            "(--match-authors "
-            f"drops the last short batch), so nothing would be trained; lower --batch-size"
-        )
-    if (longest := max(len(ids) for ids, _ in seqs)) > config.max_positions:
-        raise CheckpointError(
-            f"an example of {longest} tokens is longer than the model's context "
-            f"({config.max_positions} "
-            f"positions); give --max-len {config.max_positions} or less"
-        )
-    if (top := max(max(ids) for ids, _ in seqs)) >= config.vocab_size:
-        raise DataError(
-            f"the tokenizer of {args.model} gives token id {top}, outside the model's vocabulary "
-            f"({config.vocab_size} tokens); the tokenizer does not belong to this checkpoint"
-        )
-    recorded = getattr(args, "recorded", None)
-    if not recorded:
-        return
-    if changed := changed_inputs(args, recorded):
-        raise CheckpointError(
-            f"--resume {args.out}: {changed} changed since the run started (its sha256 differs "
-            "from args.json's); restore it, or start a new run in another --out"
-        )
-    same = lambda k, a, b: (
-        Path(a).resolve() == Path(b).resolve()
-        if k in ("model", "ref", "data") and a and b
-        else a == b
-    )
-    for key in IDENTITY + ("data",):
-        mine, theirs = getattr(args, key, None), recorded.get(key)
-        if not same(key, mine, theirs):
-            raise CheckpointError(
-                f"--out {args.out} holds a run with --{key.replace('_', '-')} {theirs}, and this "
-                f"command line gives {mine}; run the same command to continue it, or give "
-                "another --out"
-            )
-
-
 # --------------------------------------------------------------------------------------------------
 # Identity by content: what determines a run's result, hashed (sha256, streamed, once per run)
 
@@ -230,100 +440,19 @@ def checkpoint_sha256(path):
     return h.hexdigest()
 
 
-def content_hashes(args):
-    """The sha256 of each input that makes the result: model, reference, data, evaluation files."""
-    signal = getattr(args, "signal", None)
+def content_hashes(model, ref, data, eval_data):
+    """The sha256 of each input that makes the result: the checkpoint, the reference (None when no
+    rule reads it), the data, the evaluation files."""
     return {
-        "model": checkpoint_sha256(args.model) if args.model else None,
-        "ref": checkpoint_sha256(args.ref) if args.ref and signal == "prior" else None,
-        "data": files.sha256(args.data) if args.data else None,
-        "eval_data": [files.sha256(p) for p in args.eval_data or []],
+        "model": checkpoint_sha256(model) if model else None,
+        "ref": checkpoint_sha256(ref) if ref else None,
+        "data": files.sha256(data) if data else None,
+        "eval_data": [files.sha256(p) for p in eval_data or []],
     }
-
-
-def changed_inputs(args, recorded):
-    """The first input whose content differs from what args.json recorded, named; or None."""
-    old = recorded.get("sha256") or {"data": recorded.get("data_sha256")}
-    new = content_hashes(args)
-    names = {
-        "data": f"--data {args.data}",
-        "model": f"the checkpoint --model {args.model} (weights, tokenizer or chat template)",
-        "ref": f"the reference --ref {args.ref} (weights, tokenizer or chat template)",
-        "eval_data": f"--eval-data {' '.join(map(str, args.eval_data or []))}",
-    }
-    for key, name in names.items():
-        if old.get(key) and new[key] and old[key] != new[key]:
-            return name
-    return None
-
-
-def file_sha256(path):
-    return files.sha256(path)
 
 
 # --------------------------------------------------------------------------------------------------
 # The run directory: what prift wrote there, one process at a time
-
-
-def check_out(parser, args, is_demo):
-    """Refuse an --out that this run would write over by mistake, in one line: one that is, holds
-    or lies inside an input, one that cannot be written, one that holds what prift did not write."""
-    out = args.out
-    files.forget_hashes()  # a new run: its inputs' content is hashed again
-    if is_demo and args.resume:
-        parser.error(
-            "--resume continues --model/--data runs; the demo is short enough to run again"
-        )
-    if not is_demo and (found := files.overlap(out, run_inputs(args))):
-        parser.error(files.overlap_message("--out", out, found))
-    if found := files.overlap(args.cache, run_inputs(args)[:-1], contains=False):
-        parser.error(files.overlap_message("--cache", args.cache, found))
-    for flag, path in (("--out", out), ("--cache", Path(args.cache))):
-        if problem := not_writable(path):
-            parser.error(f"{flag} {path} cannot be written ({problem}); give another {flag}")
-    if out.is_symlink():
-        parser.error(
-            f"--out {out} is a symbolic link (to {os.readlink(out)}); give the directory "
-            "itself, or another --out"
-        )
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} is a file; give a directory")
-    if (out / "args.json").exists() and not args.overwrite and not args.resume:
-        parser.error(
-            f"--out {out} already holds a run; use --resume {out} to continue it, "
-            "--overwrite to replace it, "
-            f"or another --out"
-        )
-    entries = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    if not args.resume and entries - TEMPORARY - {".lock"} and "args.json" not in entries:
-        parser.error(
-            f"--out {out} holds other files and is not a prift run; give a new or empty directory"
-        )
-    foreign = not_ours(out) if entries else []
-    if args.overwrite and foreign:
-        parser.error(
-            f"--out {out} holds what prift did not write ({', '.join(foreign[:3])}"
-            f"{f' and {len(foreign) - 3} more' if len(foreign) > 3 else ''}); --overwrite "
-            "replaces only a "
-            f"run's own files: move them away, or give another --out"
-        )
-    if args.resume and (linked := [n for n in foreign if n.endswith("@")]):
-        parser.error(
-            f"--out {out} holds symbolic links where prift writes ({', '.join(linked)}); a "
-            "run writes only "
-            f"inside its directory: remove them"
-        )
-
-
-def run_inputs(args):
-    """(name, path) of everything a run reads, the cache last (it is also written)."""
-    return [
-        ("checkpoint --model", args.model),
-        ("reference --ref", args.ref),
-        ("data --data", args.data),
-        *(("evaluation file", p) for p in args.eval_data or []),
-        ("cache --cache", args.cache),
-    ]
 
 
 def not_writable(path):
@@ -437,3 +566,246 @@ def unlock():
     """Let go of every run directory this process holds (infra.cli.main, when it ends)."""
     while _LOCKS:
         os.close(_LOCKS.popitem()[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# run_files.py
+
+
+class NotARun(Exception):
+    pass
+
+
+def read_metrics(path):
+    """The rows of DIR/metrics.jsonl; a line cut short by a kill, or that is not a step's, is left
+    out.
+    """
+    rows = []
+    text = files.read_text(path / "metrics.jsonl", path, files.RUN_LIMIT, "metrics", "replace")
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(row, dict) and fits(row.get("step"), int) and row["step"] > 0:
+            rows.append(typed(row, ROW_FIELDS))
+    return rows
+
+
+# What the pages read of each file, and as what: a value of another type (a string for a loss, a
+# NaN, a 400-digit step) is left out, as if the file did not give it.
+ROW_FIELDS = dict(
+    step=int, lr=float, loss=float, ce=float, kept=float, grad_norm=float, tokens=int, skipped=int
+)
+RUN_FIELDS = dict(
+    examples=int,
+    response_tokens=int,
+    world_size=int,
+    train_s=float,
+    timed_steps=int,
+    timed_tokens=int,
+    evaluation=dict,
+)
+ARG_FIELDS = dict(
+    rule=str,
+    signal=str,
+    threshold=float,
+    model=str,
+    ref=str,
+    data=str,
+    eval_data=list,
+    template=str,
+    micro_tokens=int,
+    micro_batch=int,
+    batch_size=int,
+    lr=float,
+    max_steps=int,
+    epochs=int,
+    seed=int,
+    precision=str,
+    lora=int,
+    lora_alpha=float,
+    lora_targets=str,
+)
+BIG = 10**15  # no count of steps, tokens or seconds is this large
+
+
+def fits(value, kind):
+    """Whether a value read from a file is a `kind`: int (not a bool, not huge), float (any finite
+    number), str, list of str, or dict."""
+    if kind is int:
+        return type(value) is int and abs(value) < BIG
+    if kind is float:
+        return type(value) in (int, float) and math.isfinite(value) and abs(value) < BIG
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, kind)
+
+
+def typed(d, fields):
+    """The entries of d that fields names, each of its type (see fits); the others are left out."""
+    return {k: d[k] for k, kind in fields.items() if k in d and fits(d[k], kind)}
+
+
+def scores(evaluation):
+    """run.json's evaluation as the pages read it: {file: {before|after: {measure: number}}}."""
+    return {
+        str(file): {
+            when: {str(m): v for m, v in ms.items() if fits(v, float)}
+            for when, ms in ba.items()
+            if when in ("before", "after") and isinstance(ms, dict)
+        }
+        for file, ba in evaluation.items()
+        if isinstance(ba, dict)
+    }
+
+
+def read_object(path):
+    """A JSON object from a file, or {} when there is none."""
+    if not os.path.lexists(path):
+        return {}
+    try:
+        value = json.loads(files.read_text(path, path.parent, files.RUN_LIMIT, "", "replace"))
+    except (ValueError, RecursionError) as e:
+        raise NotARun(f"{path} is not valid JSON ({str(e)[:200]})")
+    except files.CheckpointError as e:
+        raise NotARun(str(e).strip())
+    if not isinstance(value, dict):
+        raise NotARun(f"{path} does not hold a JSON object")
+    return value
+
+
+def load_run(path):
+    """A run directory as the pages read it: {dir, args, rows, run}. Only metrics.jsonl is required;
+    a run that was stopped has no run.json yet, and the demo's runs/RULE-seedN of older versions
+    have no args.json."""
+    path = Path(path)
+    if not (path / "metrics.jsonl").is_file():
+        raise NotARun(
+            f"{path} is not a prift run (no metrics.jsonl in it); give the --out directory "
+            "of a training run"
+        )
+    try:
+        rows = read_metrics(path)
+    except files.CheckpointError as e:
+        raise NotARun(str(e))
+    if not rows:
+        raise NotARun(
+            f"{path}/metrics.jsonl holds no step; give a run that has trained at least one step"
+        )
+    args, run = read_object(path / "args.json"), read_object(path / "run.json")
+    if not isinstance(run.get("evaluation", {}), dict):
+        raise NotARun(
+            f"{path}/run.json is not one that prift wrote; move it aside, or give another run"
+        )
+    args, run = typed(args, ARG_FIELDS), typed(run, RUN_FIELDS)
+    run["evaluation"] = scores(run.get("evaluation", {}))
+    args.setdefault("rule", path.name.split("-")[0])
+    return dict(dir=path, args=args, rows=rows, run=run)
+
+
+# --------------------------------------------------------------------------------------------------
+# trainer_state.py
+
+
+def read_trainer_state(path):
+    """trainer.pt, loaded without running code: torch.load(weights_only=True) builds tensors and
+    plain containers only, and refuses a file that names anything else (as a crafted pickle does, to
+    run it)."""
+    try:
+        with files.open_input(path, path.parent, None, "trainer state") as f:
+            start = torch.load(f, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:
+        what = re.search(r"GLOBAL \S+", str(e))
+        raise CheckpointError(
+            f"{path} names code to run ({what.group() if what else 'not tensors'}), so it was not "
+            f"written by prift; prift does not load it: start the run again with --overwrite"
+        )
+    except Exception as e:  # torch.load raises many kinds for a damaged file
+        raise CheckpointError(
+            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"start the run again with --overwrite"
+        )
+    if problem := trainer_problem(start):
+        raise CheckpointError(
+            f"{path} is not a prift trainer state ({problem}); start again with --overwrite"
+        )
+    return start
+
+
+MAX_STEP = 10**9  # more optimizer steps than any run takes: a larger step is a crafted file
+COUNTERS = {"step": int, "skipped": int, "bad_in_row": int, "kept_sum": float}
+
+
+def trainer_problem(start):
+    """What in trainer.pt is not as save() writes it (the loop's counters, the random-number
+    states, the optimizer's layout), or None. The optimizer's tensors are compared with the model's
+    when they are loaded (restore)."""
+    if not isinstance(start, dict):
+        return "not a dict"
+    state = start.get("state")
+    if not isinstance(state, dict) or "step" not in state:
+        return "its state has no step"
+    if set(state) - set(COUNTERS):
+        return f"its state holds {', '.join(map(repr, set(state) - set(COUNTERS)))}"
+    for key, kind in COUNTERS.items():
+        value = state.get(key, 0)
+        ok = type(value) is int if kind is int else type(value) in (int, float)
+        if not ok or not math.isfinite(value) or not 0 <= value <= MAX_STEP:
+            return f"state {key} is {value!r}"
+    if max(state.get("skipped", 0), state.get("kept_sum", 0)) > state["step"]:
+        return "more skipped or kept steps than steps"
+    rng = start.get("rng")
+    if not (
+        isinstance(rng, torch.Tensor)
+        and rng.dtype == torch.uint8
+        and rng.shape == torch.get_rng_state().shape
+    ):
+        return "its rng is not a CPU generator's state"
+    cuda = start.get("cuda_rng")
+    if cuda is not None and not (isinstance(cuda, torch.Tensor) and cuda.dtype == torch.uint8):
+        return "its cuda_rng is not a CUDA generator's state"
+    optim = start.get("optimizer")
+    if not (
+        isinstance(optim, dict)
+        and isinstance(optim.get("state"), dict)
+        and isinstance(optim.get("param_groups"), list)
+        and len(optim["param_groups"]) == 1
+        and isinstance(optim["param_groups"][0], dict)
+        and isinstance(optim["param_groups"][0].get("params"), list)
+    ):
+        return "its optimizer is not an AdamW state of one parameter group"
+    return None
+
+
+def optimizer_problem(model, optim):
+    """Whether trainer.pt's AdamW state fits this model: one entry per parameter, each exp_avg and
+    exp_avg_sq of its parameter's shape and finite, its step a finite count; or None."""
+    params = optim["param_groups"][0]["params"]
+    # the trained parameters alone, as prift.train gives them to AdamW (--lora: the adapters)
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    shapes = (
+        [named[p].shape if p in named else None for p in params]
+        if params and isinstance(params[0], str)
+        else [p.shape for p in named.values()]
+    )
+    if len(params) != len(shapes) or None in shapes:
+        return f"{len(params)} parameters, the model has {len(named)}"
+    for i, (key, shape) in enumerate(zip(params, shapes)):
+        entry = optim["state"].get(key)
+        if entry is None:  # a parameter no step has updated yet
+            continue
+        if not isinstance(entry, dict):
+            return f"parameter {key}'s state is not a dict"
+        for name in ("exp_avg", "exp_avg_sq"):
+            t = entry.get(name)
+            if not (isinstance(t, torch.Tensor) and t.shape == shape and t.is_floating_point()):
+                return f"parameter {key}'s {name} is not a tensor of shape {tuple(shape)}"
+            if not torch.isfinite(t).all() or (name == "exp_avg_sq" and (t < 0).any()):
+                return f"parameter {key}'s {name} holds NaN, infinite or negative values"
+        step = entry.get("step")
+        if not (isinstance(step, torch.Tensor) and step.numel() == 1 and 0 <= step <= MAX_STEP):
+            return f"parameter {key}'s step is not a count"
+    return None

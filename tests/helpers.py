@@ -18,8 +18,50 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-from infra import demo  # noqa: E402
+import prift  # noqa: E402
+from infra import demo, evaluate, files, hf, reference  # noqa: E402
 from model import GPT, Config  # noqa: E402
+
+# --------------------------------------------------------------------------------------------------
+# The core's calls in the conventions the tests were written in
+
+
+def read_jsonl(path, need="response", max_len=None):
+    """A JSONL file's examples as a run reads them: training data (need "response"), or an
+    evaluation file's problems with their gold answers (need "answer")."""
+    if need == "answer":
+        return evaluate.read_problems(path, max_len)
+    return files.read_jsonl(path, data.training_example, max_len)
+
+
+def write_jsonl(rows, path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def config_of(d):
+    """model.Config of a config.json's dict, checked as a checkpoint's is."""
+    return Config.from_hf(hf.check_config(d))
+
+
+def rule_weights(rule, p, u, threshold=None):
+    """The weights of `rule` from a signal's p and u (the rule's own threshold unless given)."""
+    return prift.rule_settings(rule, threshold=threshold).weight(
+        p, u, prift.rule_settings(rule, threshold=threshold).threshold
+    )
+
+
+def token_weights(rule, targets, logits, ref_logits=None, threshold=None, signal=None):
+    """The weights (B, T) of targets (B, T) (-100: not trained, weight of token 0) from the logits
+    (B, T, V) of the model being trained, or ref_logits of the frozen reference: token_losses'."""
+    flat = targets.flatten().clamp(min=0)
+    prior = None
+    if prift.rule_settings(rule, signal).signal == "prior":
+        if ref_logits is None:
+            raise ValueError(f"rule {rule!r} with the prior signal needs ref_logits")
+        prior = torch.stack(prift.target_stats(ref_logits.flatten(0, -2), flat), 1)
+    w, _ = prift.token_losses(logits.flatten(0, -2), flat, rule, signal, threshold, prior)
+    return w.view(targets.shape)
 
 
 def make_checkpoint(path, seed=0, hidden=32, layers=2, vocab_size=120, tie=True, pretrain_steps=0):
@@ -50,14 +92,14 @@ def make_checkpoint(path, seed=0, hidden=32, layers=2, vocab_size=120, tie=True,
         eos_token_id=tok.token_to_id("<|endoftext|>"),
     )
     torch.manual_seed(seed)
-    model = GPT(Config.from_dict(cfg))
+    model = GPT(config_of(cfg))
     if pretrain_steps:
         pretrain(
             model,
             [i for r in rows for i in tok.encode(r["response"]).ids + [cfg["eos_token_id"]]],
             pretrain_steps,
         )
-    model.save_pretrained(path)
+    hf.save_model(model, path)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     return path
@@ -101,7 +143,7 @@ def metrics_steps(out):
 
 def make_data(path, n=24, seed=1, noise=0.3):
     """n demo word problems as prompt/response JSONL, with noise in a fraction of them."""
-    data.write_jsonl(demo.task(n, seed, noise), path)
+    write_jsonl(demo.task(n, seed, noise), path)
     return Path(path)
 
 
@@ -350,16 +392,15 @@ def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
 
 def compute_prior(args, seqs, device):
     """The prior of seqs as a run gets it: from the cache, or computed and kept there."""
-    from infra.prior import prior_of
+    from infra.reference import prior_of
 
     return prior_of(args, seqs, device)
 
 
 def load_reference(args, device):
-    import prift
-    from infra.prior import reference_dtype
+    from infra.reference import reference_dtype
 
-    return prift.load_reference(args.ref, device, reference_dtype(args))
+    return reference.load_reference(args.ref, device, reference_dtype(args))
 
 
 # --------------------------------------------------------------------------------------------------

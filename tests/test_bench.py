@@ -8,7 +8,7 @@ import sys
 
 def test_bench_quick_runs_every_part():
     r = subprocess.run(
-        [sys.executable, "-m", "infra.bench", "--quick"],
+        [sys.executable, "-m", "bench.train", "--quick"],
         capture_output=True,
         text=True,
         timeout=600,

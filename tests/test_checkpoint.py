@@ -43,8 +43,7 @@ from safetensors.torch import load_file
 
 import data
 import prift
-from infra import checkpoint, cli
-from model import GPT
+from infra import cli, hf, rundir
 
 TRAIN = dict(batch_size=4, micro_batch=2, max_len=64)  # 24 examples: 6 steps an epoch
 SHORT = dict(batch_size=4, micro_batch=2, max_len=64, max_steps=2, rule="sft")
@@ -81,7 +80,7 @@ def w_short(tmp_path, assets_short):
 def load_latest(out):
     """The checkpoint `latest` points to, loaded as a resume would: (model state, trainer state)."""
     ckpt = Path(out) / "checkpoints" / "latest"
-    model = GPT.from_pretrained(ckpt)
+    model = hf.load_model(ckpt)
     trainer = torch.load(ckpt / "trainer.pt", weights_only=True)
     return model.state_dict(), trainer
 
@@ -111,7 +110,7 @@ def train_args(**over):
 
 
 def tiny_seqs(w):
-    seqs, _ = data.Template.load(w.ck, "plain").encode(data.read_jsonl(w.data), 64)
+    seqs, _ = hf.load_template(w.ck, "plain").encode(helpers.read_jsonl(w.data), 64)
     return seqs
 
 
@@ -146,7 +145,7 @@ def test_micro_batch_without_response_tokens(rule, w, tmp_path):
     assert [data.n_response_tokens(s) for s in empty] == [0, 0]
     prior = [torch.rand(data.n_response_tokens(s), 2) for s in seqs + empty]
     for i, (batch, steps) in enumerate([(seqs + empty, 8), (empty, 2)]):
-        model = GPT.from_pretrained(w.ck)
+        model = hf.load_model(w.ck)
         a = train_args(rule=rule, batch_size=2, micro_batch=1, max_steps=steps)
         pr = prior[: len(batch)] if i == 0 else prior[2:]
         (tmp_path / str(i)).mkdir()
@@ -166,7 +165,7 @@ def test_micro_batch_without_response_tokens(rule, w, tmp_path):
 
 @pytest.mark.parametrize("poison", ["nan-gradient", "inf-loss-finite-gradient"])
 def test_non_finite_step_is_skipped(poison, w, tmp_path, monkeypatch):
-    model = GPT.from_pretrained(w.ck)
+    model = hf.load_model(w.ck)
     rec = watch_steps(monkeypatch, model)
     bad = 2  # the third step (0-based 2)
     loss = prift.chunked_loss
@@ -238,10 +237,10 @@ def test_non_finite_steps_in_a_row_stop_with_checkpoint(w, monkeypatch, capsys):
 
 
 def test_save_killed_at_every_line_leaves_previous_checkpoint(w, tmp_path):
-    """A kill before any line of checkpoint.save (and what it calls in checkpoint.py) leaves
+    """A kill before any line of rundir.save (and what it calls in checkpoint.py) leaves
     `latest` whole: the previous checkpoint or the new one, never a mix; and the next save
     succeeds."""
-    model = GPT.from_pretrained(w.ck)
+    model = hf.load_model(w.ck)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.tensor([[1, 2, 3]])).sum().backward()
     opt.step()
@@ -251,7 +250,7 @@ def test_save_killed_at_every_line_leaves_previous_checkpoint(w, tmp_path):
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(step)
-        checkpoint.save(
+        rundir.save(
             model, opt, {"step": step, "skipped": 0, "bad_in_row": 0, "kept_sum": 0.0}, out
         )
 
@@ -469,11 +468,11 @@ def test_trainer_state_keeps_every_random_state(w_short):
 # The final save, killed
 
 
-SAVE_MODEL = checkpoint.save_model
+SAVE_MODEL = rundir.save_model
 
 
 def kill_in_final_save(n):
-    """checkpoint.save_model, killed before the n-th line it executes in checkpoint.py; counts lines
+    """rundir.save_model, killed before the n-th line it executes in checkpoint.py; counts lines
     when n=None.
     """
     count = [0]
@@ -491,14 +490,14 @@ def test_a_kill_during_the_final_save_loses_nothing(w_short, monkeypatch, capsys
     temporary file."""
     whole = w_short.finished(out=w_short.root / "whole")
     counting, count = kill_in_final_save(None)
-    monkeypatch.setattr(checkpoint, "save_model", counting)
+    monkeypatch.setattr(rundir, "save_model", counting)
     assert main_rc(w_short.argv(out=w_short.root / "counted")) == 0
     lines = count[0]
     assert lines > 10
     ends = {False: 0, True: 0}
     for n in sorted({1, 2, lines // 4, lines // 2, 3 * lines // 4, lines - 2, lines - 1, lines}):
         out = w_short.root / f"killed-{n}"
-        monkeypatch.setattr(checkpoint, "save_model", kill_in_final_save(n)[0])
+        monkeypatch.setattr(rundir, "save_model", kill_in_final_save(n)[0])
         with pytest.raises(Killed):
             main_rc(w_short.argv(out=out))
         monkeypatch.undo()

@@ -31,8 +31,8 @@ from helpers import assert_some_kept, make_checkpoint, make_data, read_metrics, 
 
 import data
 import prift
-from infra import cli, demo
-from model import GPT, Config
+from infra import cli, demo, hf
+from model import GPT
 
 # --------------------------------------------------------------------------------------------------
 # The command line end to end
@@ -180,7 +180,7 @@ def test_rule_runs_end_to_end(runs, env, name):
     cache = out.parent / f"{out.name}-cache" / "prior"
     assert cache.exists() == (args["signal"] == "prior" and name != "prob-inline")
     # the model trained, and the starting checkpoint (also the reference) is untouched
-    before, after = GPT.from_pretrained(env["ckpt"]), GPT.from_pretrained(out)
+    before, after = hf.load_model(env["ckpt"]), hf.load_model(out)
     assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters()))
     assert (out / "tokenizer.json").read_bytes() == (env["ckpt"] / "tokenizer.json").read_bytes()
 
@@ -233,8 +233,8 @@ FORMATS = [
 
 def test_every_data_format_reads(tmp_path):
     path = tmp_path / "formats.jsonl"
-    data.write_jsonl(FORMATS, path)
-    ex = data.read_jsonl(path)
+    helpers.write_jsonl(FORMATS, path)
+    ex = helpers.read_jsonl(path)
     assert [e["answer"] for e in ex] == ["7", "7", "6", "4", "5"]
     assert [e["response"] for e in ex] == [
         " 3+4=7. The answer is \\boxed{7}.",
@@ -250,7 +250,7 @@ def test_every_data_format_reads(tmp_path):
 
 def test_every_data_format_trains(env, tmp_path, capsys):
     path = tmp_path / "formats.jsonl"
-    data.write_jsonl(FORMATS, path)
+    helpers.write_jsonl(FORMATS, path)
     out = tmp_path / "out"
     argv = common(env, out, steps=2)
     argv[argv.index("--data") + 1] = path
@@ -290,10 +290,10 @@ def test_template_mask_boundary(template, tmp_path):
     for t in CHAT_TOKENS:
         assert len(tok.encode(t).ids) == 1
     path = tmp_path / "chat.jsonl"
-    data.write_jsonl(CHAT, path)
-    examples = data.read_jsonl(path)
+    helpers.write_jsonl(CHAT, path)
+    examples = helpers.read_jsonl(path)
     tok.save(str(tmp_path / "tokenizer.json"))
-    tpl = data.Template.load(tmp_path, template)
+    tpl = hf.load_template(tmp_path, template)
     end_id = tpl.end_id
     assert end_id == tok.token_to_id(
         {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "plain": "<|endoftext|>"}[template]
@@ -351,10 +351,10 @@ def test_chat_template_trains_through_the_cli(tmp_path, capsys):
         hidden_act="silu",
     )
     torch.manual_seed(0)
-    GPT(Config.from_dict(cfg)).save_pretrained(ckpt)
+    GPT(helpers.config_of(cfg)).save_pretrained(ckpt)
     tok.save(str(ckpt / "tokenizer.json"))
     path = tmp_path / "chat.jsonl"
-    data.write_jsonl(CHAT, path)
+    helpers.write_jsonl(CHAT, path)
     out = tmp_path / "out"
     rc = main(
         [
@@ -451,14 +451,14 @@ def test_cli_with_eval_data_and_transformers_loads_the_result(env, processes):
     ]  # the reference, on disk
     idx = torch.randint(0, 120, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = GPT.from_pretrained(out)(idx)
-        hf = (
+        ours = hf.load_model(out)(idx)
+        hf_model = (
             transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
             .eval()(idx)
             .logits
         )
-        base = GPT.from_pretrained(env["ckpt"])(idx)
-    torch.testing.assert_close(hf, ours, rtol=0, atol=1e-4)
+        base = hf.load_model(env["ckpt"])(idx)
+    torch.testing.assert_close(hf_model, ours, rtol=0, atol=1e-4)
     assert (ours - base).abs().max() > 1e-3  # it is the trained model
 
 

@@ -21,7 +21,6 @@ from test_port import BATCH, LR, MICRO, SEED, STEPS
 sys.path.insert(0, str(ROOT / "ports"))
 import compare  # noqa: E402
 
-import prift  # noqa: E402
 from infra import cli  # noqa: E402
 
 
@@ -123,7 +122,7 @@ def test_in_prift_order_is_batch_order():
     data = datasets.Dataset.from_list(rows)
     for drop_last, n in ((False, 24), (True, 21)):
         got = in_prift_order(data.select(range(n)), 8, 7, seed=3, drop_last=drop_last)["row"]
-        want = [i for s in range(7) for i in prift.batch_order(n, 8, s, 3, drop_last=drop_last)]
+        want = [i for s in range(7) for i in data.batch_order(n, 8, s, 3, drop_last=drop_last)]
         assert got == want
     with pytest.raises(ValueError, match="step 2 has 5 examples"):  # 21 = 8 + 8 + 5
         in_prift_order(data.select(range(21)), 8, 3)

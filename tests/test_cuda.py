@@ -31,8 +31,8 @@ from helpers import (
 import data
 import prift
 from infra import cli as prift_cli
+from infra import hf
 from infra.generate import generate
-from model import GPT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = torch.device("cuda")
@@ -53,9 +53,9 @@ def test_bf16_logits_match_transformers(tmp_path, family, idx):
     with torch.no_grad():
         exact = load_hf(path).to(CUDA)(idx).logits
         theirs = max_error(load_hf(path, torch.bfloat16).to(CUDA)(idx).logits, exact)
-        ours = max_error(GPT.from_pretrained(path, dtype=torch.bfloat16, device=CUDA)(idx), exact)
+        ours = max_error(hf.load_model(path, dtype=torch.bfloat16, device=CUDA)(idx), exact)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            autocast = max_error(GPT.from_pretrained(path, device=CUDA)(idx), exact)
+            autocast = max_error(hf.load_model(path, device=CUDA)(idx), exact)
     assert 0 < theirs < 0.5, theirs  # logits of magnitude ~5
     assert ours <= 2 * theirs + 1e-2 and autocast <= 2 * theirs + 1e-2, (ours, autocast, theirs)
 
@@ -116,13 +116,13 @@ def test_precomputed_and_inline_prior(work):
     args.__dict__.update(
         ref=str(work / "model"), cache=str(work / "cache"), precision="bf16", micro_batch=4
     )
-    seqs, _ = data.Template.load(work / "model", "auto").encode(
-        data.read_jsonl(work / "train.jsonl"), 128
+    seqs, _ = hf.load_template(work / "model", "auto").encode(
+        helpers.read_jsonl(work / "train.jsonl"), 128
     )
     prior, ref = helpers.compute_prior(args, seqs, CUDA), helpers.load_reference(args, CUDA)
     flips = border = total = 0
     for step in range(5):
-        idx = prift.batch_order(len(seqs), 8, step, 0)
+        idx = data.batch_order(len(seqs), 8, step, 0)
         for mb in (idx[:4], idx[4:]):
             x, y, m = (t.to(CUDA) for t in data.collate([seqs[i] for i in mb]))
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -146,13 +146,13 @@ def test_grad_checkpoint_under_autocast(work):
     """One step's loss and gradient with each block recomputed in backward, against keeping its
     activations: the forward is the same computation (the loss equal to float32 rounding), the
     gradient equal to bfloat16's."""
-    seqs, _ = data.Template.load(work / "model", "auto").encode(
-        data.read_jsonl(work / "train.jsonl"), 128
+    seqs, _ = hf.load_template(work / "model", "auto").encode(
+        helpers.read_jsonl(work / "train.jsonl"), 128
     )
     x, y, m = (t.to(CUDA) for t in data.collate(seqs[:8]))
     res = {}
     for on in (False, True):
-        model = GPT.from_pretrained(work / "model", device=CUDA)
+        model = hf.load_model(work / "model", device=CUDA)
         for block in model.model.layers:
             block.recompute = on
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -184,14 +184,14 @@ def test_generation_matches_transformers(tmp_path, family):
     """Greedy tokens of prompts of mixed lengths in one left-padded batch, float32 on the GPU,
     against transformers' generate of each prompt alone."""
     path = make_hf_checkpoint(tmp_path, family)
-    ours, hf = GPT.from_pretrained(path, device=CUDA).eval(), load_hf(path).to(CUDA)
+    ours, hf_model = hf.load_model(path, device=CUDA).eval(), load_hf(path).to(CUDA)
     eos = ours.config.eos_token_id
     prompts = [
         torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist()
         for n in (5, 13, 20, 1)
     ]
     theirs = [
-        hf.generate(
+        hf_model.generate(
             torch.tensor([p], device=CUDA),
             max_new_tokens=16,
             do_sample=False,
@@ -219,7 +219,7 @@ def bench(*args):
 def test_memory_plan_against_measured_peak():
     """bench.py --only memory on the GPU: the plan within 20% of torch.cuda.max_memory_allocated,
     with and without checkpointing (the table is printed, for the README)."""
-    out = bench("-m", "infra.bench", "--only", "memory")
+    out = bench("-m", "bench.train", "--only", "memory")
     ratios = [
         float(x)
         for x in re.findall(r"^\| (?:on|off) \|[^|]+\|[^|]+\|[^|]+\| ([\d.]+) \|", out, re.M)
@@ -231,14 +231,14 @@ def test_bench_quick():
     """All four parts at tiny sizes; MFU where the GPU's peak is known by name."""
     from infra import bench as bench_py
 
-    out = bench("-m", "infra.bench", "--quick")
+    out = bench("-m", "bench.train", "--quick")
     assert "MFU" in out or not any(
         k in torch.cuda.get_device_name() for k in bench_py.PEAK_TFLOPS
     ), out
 
 
 def test_bench_generate():
-    out = bench("-m", "infra.bench_generate")
+    out = bench("-m", "bench.generate")
     assert "| greedy |" in out
 
 

@@ -17,13 +17,14 @@ import os
 import subprocess
 import sys
 
+import helpers
 import pytest
 import torch
 from helpers import ROOT, assert_some_kept, make_checkpoint, make_data, read_metrics, run_cli
 from tokenizers import processors
 
 import data
-from infra import batching, cli
+from infra import cli, hf
 
 # --------------------------------------------------------------------------------------------------
 # Templates and masks: the text prift trains on (was test_templates.py)
@@ -40,6 +41,7 @@ QWEN25 = (
     # no whitespace control from here: trim_blocks and lstrip_blocks decide what this renders
     "{%- endfor %}\n  {% if add_generation_prompt %}\n{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
 
 LLAMA3 = """{{- bos_token }}
 {%- if messages[0]['role'] == 'system' %}
@@ -177,14 +179,14 @@ def authors_ids(path, examples):
     eos_token likewise."""
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(path)
+    hf_model = AutoTokenizer.from_pretrained(path)
     out = []
     for ex in examples:
-        text = hf.apply_chat_template(ex["messages"], add_generation_prompt=True, tokenize=False)
-        prompt = hf(text, add_special_tokens=False).input_ids
+        text = hf_model.apply_chat_template(ex["messages"], add_generation_prompt=True, tokenize=False)
+        prompt = hf_model(text, add_special_tokens=False).input_ids
         out.append(
             (
-                prompt + hf(ex["response"] + hf.eos_token, add_special_tokens=False).input_ids,
+                prompt + hf_model(ex["response"] + hf_model.eos_token, add_special_tokens=False).input_ids,
                 len(prompt),
             )
         )
@@ -196,9 +198,9 @@ def authors_ids(path, examples):
 def test_auto_is_the_checkpoints_chat_template(tmp_path, kind, in_file):
     ckpt = write_checkpoint(tmp_path / kind, kind, chat_template_file=in_file)
     path = tmp_path / "train.jsonl"
-    data.write_jsonl(EXAMPLES, path)
-    examples = data.read_jsonl(path)
-    template = data.Template.load(ckpt, "auto")
+    helpers.write_jsonl(EXAMPLES, path)
+    examples = helpers.read_jsonl(path)
+    template = hf.load_template(ckpt, "auto")
     seqs, dropped = template.encode(examples, 4096)
     assert template.name == "auto" and dropped == 0
     assert seqs == authors_ids(ckpt, examples)
@@ -217,7 +219,7 @@ def test_auto_is_the_checkpoints_chat_template(tmp_path, kind, in_file):
 
 def test_without_a_chat_template_auto_is_plain(tmp_path):
     ckpt = make_checkpoint(tmp_path / "base")
-    template = data.Template.load(ckpt, "auto")
+    template = hf.load_template(ckpt, "auto")
     assert template.name == "plain" and template.end_id == template.tok.token_to_id("<|endoftext|>")
 
 
@@ -226,13 +228,13 @@ def test_named_llama3_template_has_one_bos(tmp_path):
     a second.
     """
     ckpt = write_checkpoint(tmp_path / "llama", "llama3")
-    template = data.Template.load(ckpt, "llama3")
+    template = hf.load_template(ckpt, "llama3")
     ids = template.prompt_ids([{"role": "user", "content": "Kim had 2 cards"}])
     bos = template.tok.token_to_id("<|begin_of_text|>")
     assert ids[0] == bos and ids.count(bos) == 1
     assert template.tok.encode("Kim").ids[0] == bos  # the tokenizer does add one, when asked to
     assert (
-        data.Template.load(ckpt, "plain")
+        hf.load_template(ckpt, "plain")
         .prompt_ids([{"role": "user", "content": "Kim"}])
         .count(bos)
         == 1
@@ -242,7 +244,7 @@ def test_named_llama3_template_has_one_bos(tmp_path):
 def test_a_template_that_fails_is_one_line_naming_the_file(tmp_path):
     ckpt = write_checkpoint(tmp_path / "llama", "llama3")
     path = tmp_path / "train.jsonl"
-    data.write_jsonl(
+    helpers.write_jsonl(
         [
             {
                 "messages": [
@@ -303,9 +305,9 @@ def test_named_template_is_its_chat_template_in_transformers(tmp_path, name):
         json.dumps({**config, "chat_template": jinja, "eos_token": end})
     )
     path = tmp_path / "train.jsonl"
-    data.write_jsonl(EXAMPLES, path)
-    examples = data.read_jsonl(path)
-    template = data.Template.load(ckpt, name)
+    helpers.write_jsonl(EXAMPLES, path)
+    examples = helpers.read_jsonl(path)
+    template = hf.load_template(ckpt, name)
     assert (
         template.name == name and template.render is None
     )  # the named template, not the checkpoint's
@@ -334,7 +336,7 @@ def test_every_example_once_and_ranks_in_step(world, tokens):
     idx = torch.randperm(40, generator=g)[
         :29
     ].tolist()  # a short last batch: 29 is no multiple of anything here
-    per_rank = [batching.micro_batches(seqs, idx, r, world, 4, tokens) for r in range(world)]
+    per_rank = [data.micro_batches(seqs, idx, r, world, 4, tokens) for r in range(world)]
     assert len({len(m) for m in per_rank}) == 1, (
         "every rank runs as many micro-batches (the collectives need it)"
     )
@@ -362,8 +364,8 @@ def test_grouping_removes_the_padding_and_order_is_kept_without_it():
     seqs = lengths_seqs((torch.rand(256, generator=g) ** 3 * 1000 + 20).int().tolist())
     idx = torch.randperm(256, generator=g).tolist()
     before, after = (
-        batching.micro_batches(seqs, idx, 0, 1, 4, by_length=False),
-        batching.micro_batches(seqs, idx, 0, 1, 4),
+        data.micro_batches(seqs, idx, 0, 1, 4, by_length=False),
+        data.micro_batches(seqs, idx, 0, 1, 4),
     )
     assert [mb for mb, _ in before] == [idx[s : s + 4] for s in range(0, 256, 4)], (
         "random order: cut as it comes"
@@ -383,7 +385,7 @@ def uneven(tmp_path_factory):
     ]
     for i, row in enumerate(rows):
         row["response"] = row["response"] * (1 + i % 5)  # 1 to 5 copies of a solution
-    data.write_jsonl(rows, root / "train.jsonl")
+    helpers.write_jsonl(rows, root / "train.jsonl")
     return root, make_checkpoint(root / "model", seed=2)
 
 
@@ -393,9 +395,9 @@ ARGS = ["--batch-size", 8, "--micro-batch", 2, "--epochs", 2, "--lr", 1e-3, "--s
 def run_in_process(root, ckpt, name, monkeypatch, *extra, by_length=True):
     """infra.cli.main in this process; by_length=False cuts micro-batches in the batch's random
     order, as before."""
-    cut = batching.micro_batches
+    cut = data.micro_batches
     monkeypatch.setattr(
-        batching, "micro_batches", lambda *a, **k: cut(*a, **{**k, "by_length": by_length})
+        data, "micro_batches", lambda *a, **k: cut(*a, **{**k, "by_length": by_length})
     )
     argv = [
         "--rule",
@@ -412,7 +414,7 @@ def run_in_process(root, ckpt, name, monkeypatch, *extra, by_length=True):
         *extra,
     ]
     assert cli.main([str(x) for x in argv]) == 0
-    monkeypatch.setattr(batching, "micro_batches", cut)
+    monkeypatch.setattr(data, "micro_batches", cut)
     return read_run(root / name)
 
 
@@ -513,7 +515,7 @@ def test_an_empty_prompt_trains_every_token_after_the_first(tmp_path):
     count that
     normalises the loss is the mask's."""
     ckpt = make_checkpoint(tmp_path / "ck")
-    tpl = data.Template.load(ckpt, "plain")
+    tpl = hf.load_template(ckpt, "plain")
     ((ids, n_prompt),) = tpl.encode(
         [{"messages": [{"role": "user", "content": ""}], "response": "Kim had 3 cards."}], 64
     )[0]
@@ -530,7 +532,7 @@ def test_long_examples_are_cut_on_the_right(tmp_path):
     end token is
     lost), not the example dropped; an example whose prompt alone fills max_len is dropped."""
     ckpt = make_checkpoint(tmp_path / "ck")
-    tpl = data.Template.load(ckpt, "plain")
+    tpl = hf.load_template(ckpt, "plain")
     tok = tpl.tok
     ex = {
         "messages": [{"role": "user", "content": "Q: Kim had 3 cards.\nA:"}],

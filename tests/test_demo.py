@@ -11,8 +11,7 @@ import helpers
 import torch
 
 import data
-import prift
-from infra import demo
+from infra import demo, hf
 
 EQUATION = re.compile(r" (\d+)([+-])(\d+)=(\d+)\. The answer is \\boxed\{(\d+)\}\.$")
 
@@ -47,7 +46,7 @@ def test_answers_are_right_and_noise_is_exactly_where_it_says():
 
 def test_weight_display_marks_exactly_the_zero_weight_tokens(tmp_path):
     ckpt = helpers.make_checkpoint(tmp_path / "ckpt")
-    template = data.Template.load(ckpt, "plain")
+    template = hf.load_template(ckpt, "plain")
     tok = template.tok
     row = demo.task(10, 3, noise_frac=1.0)[0]
     seqs, _ = template.encode([data.parse_example(row, "x")], 256)
@@ -58,7 +57,7 @@ def test_weight_display_marks_exactly_the_zero_weight_tokens(tmp_path):
     )  # a made-up prior: mass keeps u >= 0.5
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        demo.show_weights(tok, [row], seqs, [prift.weights_from_stats("mass", u, u, 0.5)], "mass")
+        demo.show_weights(tok, [row], seqs, [helpers.rule_weights("mass", u, u, 0.5)], "mass")
     trained = ast.literal_eval(re.search(r"trained:\s+(.*)", out.getvalue()).group(1))
     # independent of the display code: each token's character span in the response, from the
     # tokenizer

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from helpers import ROOT, read_metrics
 from safetensors.torch import load_file
 
-from infra import cli
+from infra import cli, hf
 
 TRAIN = [
     "--batch-size",
@@ -221,7 +221,6 @@ def group_of_one(tmp_path, monkeypatch):
 def in_process(work, tmp_path, *argv):
     """(args, seqs) as prift.py's main() makes them for the tied checkpoint and the training
     data."""
-    import data
 
     ckpt = work / "tied"
     p, args = cli.parse_args(
@@ -240,7 +239,7 @@ def in_process(work, tmp_path, *argv):
         ]
     )
     args, _ = cli.check_args(p, args, torch.device("cpu"))
-    seqs, _ = data.Template.load(ckpt, "auto").encode(data.read_jsonl(args.data), 128)
+    seqs, _ = hf.load_template(ckpt, "auto").encode(helpers.read_jsonl(args.data), 128)
     return args, seqs
 
 
@@ -248,7 +247,6 @@ def test_ddp_all_reduces_once_per_step(work, tmp_path, monkeypatch, group_of_one
     """DDP all-reduces its gradient buckets (counted with a communication hook) as often with 4
     micro-batches per step as with 1: only on the last micro-batch."""
     import prift
-    from model import GPT
 
     wrap = prift.wrap_distributed
 
@@ -268,7 +266,7 @@ def test_ddp_all_reduces_once_per_step(work, tmp_path, monkeypatch, group_of_one
 
         monkeypatch.setattr(prift, "wrap_distributed", spy)
         args, seqs = in_process(work, tmp_path, "--rule", "sft", "--micro-batch", micro_batch)
-        helpers.train(args, GPT.from_pretrained(work / "tied"), seqs)
+        helpers.train(args, hf.load_model(work / "tied"), seqs)
         return calls
 
     once = all_reduces(8)
@@ -285,7 +283,6 @@ def test_fsdp_in_one_process(work, tmp_path, monkeypatch, group_of_one):
 
     import prift
     from infra import distributed
-    from model import GPT
 
     wrap, calls = prift.wrap_distributed, []
 
@@ -315,7 +312,7 @@ def test_fsdp_in_one_process(work, tmp_path, monkeypatch, group_of_one):
     )
     out = tmp_path / "out"
     out.mkdir()
-    model, ref = GPT.from_pretrained(work / "tied"), helpers.load_reference(args, "cpu")
+    model, ref = hf.load_model(work / "tied"), helpers.load_reference(args, "cpu")
     helpers.train(args, model, seqs, ref=ref, out=out)
     assert False not in calls, calls
     blocks = [p for layer in ref.model.layers for p in layer.parameters()]
@@ -326,7 +323,7 @@ def test_fsdp_in_one_process(work, tmp_path, monkeypatch, group_of_one):
 
     ckpt = out / "checkpoints" / "latest"
     assert ckpt.resolve().name == "step-0000001"
-    again = GPT.from_pretrained(ckpt)
+    again = hf.load_model(ckpt)
     helpers.train(
         args,
         again,

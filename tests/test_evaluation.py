@@ -19,11 +19,10 @@ import torch
 from helpers import FAMILIES, ROOT, VOCAB, load_hf, make_hf_checkpoint
 
 import data
-from infra import evaluate, grading
+from infra import evaluate, hf
 from infra import generate as gen
 from infra.cli import main
 from infra.generate import generate, left_pad, sample
-from model import GPT
 
 # --------------------------------------------------------------------------------------------------
 # Evaluation
@@ -210,8 +209,8 @@ LAYOUTS = {  # name: (rows, gold answers, prompt field, has a response to train 
 def test_every_evaluation_layout_reads_with_its_gold_answer(name, tmp_path):
     rows, golds, prompt_field, trainable = LAYOUTS[name]
     path = tmp_path / f"{name}.jsonl"
-    data.write_jsonl(rows, path)
-    examples = data.read_jsonl(path, need="answer")
+    helpers.write_jsonl(rows, path)
+    examples = helpers.read_jsonl(path, need="answer")
     assert [ex["answer"] for ex in examples] == golds
     assert [ex["messages"] for ex in examples] == [
         [{"role": "user", "content": r[prompt_field]}] for r in rows
@@ -220,12 +219,12 @@ def test_every_evaluation_layout_reads_with_its_gold_answer(name, tmp_path):
         response_field = "answer" if name == "gsm8k" else "solution"
         first = lambda v: v[0] if isinstance(v, list) else v
         assert [ex["response"] for ex in examples] == [first(r[response_field]) for r in rows]
-        assert data.read_jsonl(path, need="response") == examples
+        assert helpers.read_jsonl(path, need="response") == examples
     # a bare final answer is not a response to train on: one line naming file:line and what to do
     else:
         assert all(ex["response"] is None for ex in examples)
         with pytest.raises(data.DataError) as e:
-            data.read_jsonl(path, need="response")
+            helpers.read_jsonl(path, need="response")
         msg = str(e.value)
         assert "\n" not in msg and f"{path}:1:" in msg and golds[0] in msg and "'response'" in msg
 
@@ -239,19 +238,19 @@ def test_an_evaluation_file_needs_a_gold_answer_somewhere(tmp_path):
         {"prompt": "Count to 3.", "response": "1, 2, 3"},
     ]
     path = tmp_path / "no-gold.jsonl"
-    data.write_jsonl(none, path)
-    assert [ex["answer"] for ex in data.read_jsonl(path, need="response")] == [
+    helpers.write_jsonl(none, path)
+    assert [ex["answer"] for ex in helpers.read_jsonl(path, need="response")] == [
         None,
         None,
     ]  # fine for training
     with pytest.raises(data.DataError) as e:
-        data.read_jsonl(path, need="answer")
+        helpers.read_jsonl(path, need="answer")
     assert str(e.value).startswith(f"{path}: no problem has a gold answer") and "\n" not in str(
         e.value
     )
     some = tmp_path / "some-gold.jsonl"
-    data.write_jsonl(none + AIME25[:1], some)
-    assert [ex["answer"] for ex in data.read_jsonl(some, need="answer")] == [None, None, "70"]
+    helpers.write_jsonl(none + AIME25[:1], some)
+    assert [ex["answer"] for ex in helpers.read_jsonl(some, need="answer")] == [None, None, "70"]
 
 
 @pytest.mark.parametrize(
@@ -282,7 +281,7 @@ def test_eval_data_without_solutions_runs_through_the_cli(tmp_path, capsys):
         helpers.make_data(tmp_path / "train.jsonl", n=8),
     )
     evals = tmp_path / "amc23.jsonl"
-    data.write_jsonl(AMC23, evals)
+    helpers.write_jsonl(AMC23, evals)
     out = tmp_path / "out"
     argv = [
         "--model",
@@ -371,33 +370,33 @@ NOT_EQUAL = [
 
 
 def test_extract_answer():
-    assert data.extract_answer("We get \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
+    assert evaluate.extract_answer("We get \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
     assert (
-        data.extract_answer("\\boxed{a{b}c} and \\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}")
+        evaluate.extract_answer("\\boxed{a{b}c} and \\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}")
         == "\\left( 3, \\frac{\\pi}{2} \\right)"
     )
     assert (
-        data.extract_answer("so $\\boxed 5$.") == "5"
-        and data.extract_answer("\\boxed 12 apples") == "12"
+        evaluate.extract_answer("so $\\boxed 5$.") == "5"
+        and evaluate.extract_answer("\\boxed 12 apples") == "12"
     )
-    assert data.extract_answer("\\fbox{2}") == "2" and data.extract_answer("\\boxed{}") == ""
-    assert data.extract_answer("no answer") is None and data.extract_answer("\\boxed{12") is None
+    assert evaluate.extract_answer("\\fbox{2}") == "2" and evaluate.extract_answer("\\boxed{}") == ""
+    assert evaluate.extract_answer("no answer") is None and evaluate.extract_answer("\\boxed{12") is None
     assert (
-        evaluate.extract_answer is data.extract_answer
+        evaluate.extract_answer is evaluate.extract_answer
     )  # one function finds gold and generated answers
 
 
 @pytest.mark.parametrize("text, gold", EQUAL)
 def test_equivalent_answers_are_graded_right(text, gold):
-    assert grading.load_math_verify() is not None, (
+    assert evaluate.load_math_verify() is not None, (
         "math-verify is a test requirement (requirements-test.txt)"
     )
-    assert grading.grade(text, gold)
+    assert evaluate.grade(text, gold)
 
 
 @pytest.mark.parametrize("text, gold", NOT_EQUAL)
 def test_different_answers_are_graded_wrong(text, gold):
-    assert not grading.grade(text, gold)
+    assert not evaluate.grade(text, gold)
 
 
 def test_grading_outside_the_main_thread():
@@ -407,7 +406,7 @@ def test_grading_outside_the_main_thread():
     results = []
     cases = SAME_VALUE[:2] + NOT_EQUAL[:2]
     worker = threading.Thread(
-        target=lambda: results.append([grading.grade(text, gold) for text, gold in cases])
+        target=lambda: results.append([evaluate.grade(text, gold) for text, gold in cases])
     )
     worker.start()
     worker.join()
@@ -420,17 +419,17 @@ def without_math_verify(monkeypatch):
     installed.
     """
     monkeypatch.setitem(sys.modules, "math_verify", None)
-    grading.load_math_verify.cache_clear()
+    evaluate.load_math_verify.cache_clear()
     yield
-    grading.load_math_verify.cache_clear()  # before monkeypatch puts math_verify back
+    evaluate.load_math_verify.cache_clear()  # before monkeypatch puts math_verify back
 
 
 def test_fallback_without_math_verify(without_math_verify, capsys):
     """Without math-verify grade() compares normalised text, and says so once, in one line on
     stdout.
     """
-    assert all(grading.grade(t, g) for t, g in SAME_TEXT)
-    assert not any(grading.grade(t, g) for t, g in NOT_EQUAL + SAME_VALUE)  # text, not mathematics
+    assert all(evaluate.grade(t, g) for t, g in SAME_TEXT)
+    assert not any(evaluate.grade(t, g) for t, g in NOT_EQUAL + SAME_VALUE)  # text, not mathematics
     out = capsys.readouterr()
     assert (
         out.out
@@ -457,7 +456,7 @@ def test_fallback_without_math_verify(without_math_verify, capsys):
     ],
 )
 def test_normalize_answer(a, b):
-    assert grading.normalize_answer(a) == grading.normalize_answer(b) == b.replace(" ", "")
+    assert evaluate.normalize_answer(a) == evaluate.normalize_answer(b) == b.replace(" ", "")
 
 
 def test_fallback_in_a_process_without_math_verify(tmp_path):
@@ -468,9 +467,9 @@ def test_fallback_in_a_process_without_math_verify(tmp_path):
     script.write_text(
         f"import sys\nsys.path.insert(0, {str(helpers.ROOT)!r})\n"
         + r"""
-from infra import grading
-print(grading.grade(r"\boxed{18\text{ dollars}}", "18"), grading.grade(r"\boxed{0.5}", "1/2"))
-print(grading.grade(r"\boxed{3.5}", "3.50"))
+from infra import evaluate
+print(evaluate.grade(r"\boxed{18\text{ dollars}}", "18"), evaluate.grade(r"\boxed{0.5}", "1/2"))
+print(evaluate.grade(r"\boxed{3.5}", "3.50"))
 """
     )
     r = subprocess.run(
@@ -506,7 +505,7 @@ def test_evaluate_scores_a_checkpoint_on_two_files(tmp_path):
     ckpt = helpers.make_checkpoint(tmp_path / "ckpt")
     files = [tmp_path / "task.jsonl", tmp_path / "amc23.jsonl"]
     helpers.make_data(files[0], n=5, seed=4, noise=0.0)
-    data.write_jsonl(AMC23, files[1])
+    helpers.write_jsonl(AMC23, files[1])
     out = tmp_path / "eval.json"
     r = run_evaluate(
         [
@@ -550,15 +549,15 @@ def test_evaluate_scores_a_checkpoint_on_two_files(tmp_path):
     assert "ce" not in results[str(files[1])]["scores"]
     import torch
 
-    tok, hf = data.load_tokenizer(ckpt), load_hf(ckpt)
+    tok, hf_model = data.load_tokenizer(ckpt), load_hf(ckpt)
     total = count = 0
-    for ex in data.read_jsonl(files[0]):
+    for ex in helpers.read_jsonl(files[0]):
         prompt = tok.encode(
             ex["messages"][0]["content"]
         ).ids  # the checkpoint has no chat template: plain
         ids = prompt + tok.encode(ex["response"]).ids + [tok.token_to_id("<|endoftext|>")]
         with torch.no_grad():
-            logits = hf(torch.tensor([ids])).logits[0]
+            logits = hf_model(torch.tensor([ids])).logits[0]
         total += torch.nn.functional.cross_entropy(
             logits[len(prompt) - 1 : -1], torch.tensor(ids[len(prompt) :]), reduction="sum"
         ).item()
@@ -573,7 +572,7 @@ def test_evaluate_bad_input(tmp_path, case):
     ckpt = helpers.make_checkpoint(tmp_path / "ckpt")
     task = helpers.make_data(tmp_path / "task.jsonl", n=3)
     (tmp_path / "eval.json").write_text("{}")
-    data.write_jsonl([{"prompt": "Q", "response": "no boxed answer"}], tmp_path / "plain.jsonl")
+    helpers.write_jsonl([{"prompt": "Q", "response": "no boxed answer"}], tmp_path / "plain.jsonl")
     args = {
         "unknown-prompt": ["--model", ckpt, "--data", task, "--prompt", "qwen"],
         "samples-0": ["--model", ckpt, "--data", task, "--samples", 0],
@@ -604,7 +603,7 @@ def test_qwen_boxed_is_the_authors_prompt(tmp_path):
     tok = data.load_tokenizer(ckpt)
     tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     tok.save(str(ckpt / "tokenizer.json"))
-    template = data.Template.load(ckpt, "auto")
+    template = hf.load_template(ckpt, "auto")
     args = evaluate.argparse.Namespace(eval_prompt="qwen-boxed")
     example = data.parse_example(
         {"problem": "Kim had 2 cards and got 3 more. How many now?", "answer": "5"}, "x"
@@ -684,7 +683,6 @@ def test_heldout_ce_is_cross_entropy_over_all_response_tokens(tmp_path):
     import torch
     import torch.nn.functional as F
 
-    from model import GPT
 
     ckpt = helpers.make_checkpoint(tmp_path / "ckpt", pretrain_steps=20)
     tok, eos = data.load_tokenizer(ckpt), 0
@@ -697,13 +695,13 @@ def test_heldout_ce_is_cross_entropy_over_all_response_tokens(tmp_path):
     seqs = [
         (tok.encode(p).ids + tok.encode(r).ids + [eos], len(tok.encode(p).ids)) for p, r in texts
     ]
-    hf, total, count, per_example = load_hf(ckpt), 0.0, 0, []
+    hf_model, total, count, per_example = load_hf(ckpt), 0.0, 0, []
     for ids, n_prompt in seqs:
         first = max(
             n_prompt, 1
         )  # the first token predicted: the first response token (the very first has no context)
         with torch.no_grad():
-            logits = hf(torch.tensor([ids])).logits[0].double()  # (T, V)
+            logits = hf_model(torch.tensor([ids])).logits[0].double()  # (T, V)
         ce = F.cross_entropy(
             logits[first - 1 : -1], torch.tensor(ids[first:]), reduction="sum"
         ).item()
@@ -712,7 +710,7 @@ def test_heldout_ce_is_cross_entropy_over_all_response_tokens(tmp_path):
     assert (
         seqs[1][1] == 0 and len({len(ids) - max(n, 1) for ids, n in seqs}) == 3
     )  # an empty prompt; 3 lengths
-    got = evaluate.heldout_ce(GPT.from_pretrained(ckpt), seqs, micro_batch=2)
+    got = evaluate.heldout_ce(hf.load_model(ckpt), seqs, micro_batch=2)
     assert got == pytest.approx(total / count, rel=1e-5)
     assert abs(total / count - sum(per_example) / 3) > 1e-3  # the test can tell the two means apart
 
@@ -720,10 +718,9 @@ def test_heldout_ce_is_cross_entropy_over_all_response_tokens(tmp_path):
 def test_a_prompt_longer_than_the_context_counts_as_wrong(tmp_path):
     """A problem the model cannot read gets k empty samples (wrong), in its place among the
     others."""
-    from model import GPT
 
     ckpt = helpers.make_checkpoint(tmp_path / "ckpt")
-    model, template = GPT.from_pretrained(ckpt), data.Template.load(ckpt, "plain")
+    model, template = hf.load_model(ckpt), hf.load_template(ckpt, "plain")
     long = {
         "messages": [{"role": "user", "content": "Kim had 3 cards. " * 60}],
         "response": None,
@@ -759,7 +756,7 @@ PROMPTS = [PROMPT] + [
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request, tmp_path_factory):
     path = make_hf_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
-    return GPT.from_pretrained(path).eval()  # tiny.source_dir is the checkpoint, for transformers
+    return hf.load_model(path).eval()  # tiny.source_dir is the checkpoint, for transformers
 
 
 def seeded(seed=0):
@@ -831,10 +828,10 @@ def test_mixed_lengths_equal_one_prompt_at_a_time(tiny):
 
 
 def test_greedy_equals_transformers(tiny):
-    hf, eos = load_hf(tiny.source_dir), tiny.config.eos_token_id
+    hf_model, eos = load_hf(tiny.source_dir), tiny.config.eos_token_id
     prompts = [PROMPTS[2], PROMPT]
     theirs = [
-        hf.generate(
+        hf_model.generate(
             torch.tensor([p]),
             max_new_tokens=20,
             do_sample=False,
@@ -964,7 +961,7 @@ def test_sample_frequencies():
 
 def test_bench_generate_quick():
     r = subprocess.run(
-        [sys.executable, "-m", "infra.bench_generate", "--quick"],
+        [sys.executable, "-m", "bench.generate", "--quick"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -988,11 +985,11 @@ def test_greedy_in_bfloat16(tmp_path, mode):
     pass (no cache) of the same
     bfloat16-rounded weights over the prompt and the tokens before it."""
     path = make_hf_checkpoint(tmp_path, "llama")
-    model = GPT.from_pretrained(path).eval()
+    model = hf.load_model(path).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.bfloat16())  # the float32 model below has exactly these weights
-    oracle = GPT.from_pretrained(path).eval()
+    oracle = hf.load_model(path).eval()
     oracle.load_state_dict(model.state_dict())
     if mode == "autocast":
         with torch.autocast("cpu", dtype=torch.bfloat16):

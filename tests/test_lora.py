@@ -25,9 +25,9 @@ from safetensors.torch import load_file
 
 import data
 import prift
-from infra import cli, lora
+from infra import cli, hf, lora
 from infra.lora import merge_lora
-from model import GPT, CheckpointError, adapters_off, add_lora
+from model import CheckpointError, adapters_off, add_lora
 
 TRAIN = dict(batch_size=4, micro_batch=2, max_len=64, lr=1e-2)
 LORA = ["--lora", "4"]
@@ -68,7 +68,7 @@ def test_peft_loads_our_adapter_with_our_logits(family, tmp_path):
 
     ck = make_hf_checkpoint(tmp_path / "base", family)
     write_tokenizer(ck)
-    model = GPT.from_pretrained(ck).eval()
+    model = hf.load_model(ck).eval()
     x = tokens(model.config.vocab_size)
     with torch.no_grad():
         base = model(x)
@@ -81,19 +81,19 @@ def test_peft_loads_our_adapter_with_our_logits(family, tmp_path):
             assert torch.equal(model(x), base), "adapters off must be the base model exactly"
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(".lora_" in n for n in trained), "only the adapters are trained"
-    model.save_pretrained(tmp_path / "adapter")
+    hf.save_model(model, tmp_path / "adapter")
     names = set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in names
     assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in names
     assert not (tmp_path / "adapter" / "config.json").exists()  # no base weights there
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
-    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(hf_model, tmp_path / "adapter").eval()
     with torch.no_grad():
         theirs = peft_model(x).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
-    again = GPT.from_pretrained(tmp_path / "adapter").eval()  # from_pretrained reads an adapter too
+    again = hf.load_model(tmp_path / "adapter").eval()  # from_pretrained reads an adapter too
     with torch.no_grad():
         assert torch.equal(again(x), ours)
     lora.merge(tmp_path / "adapter", tmp_path / "merged")
@@ -105,7 +105,7 @@ def test_peft_loads_our_adapter_with_our_logits(family, tmp_path):
 
 
 def test_merge_drops_the_adapters(tmp_path, assets):
-    model = randomize_adapters_(add_lora(GPT.from_pretrained(assets[0]), 2, 4.0))
+    model = randomize_adapters_(add_lora(hf.load_model(assets[0]), 2, 4.0))
     x = tokens(model.config.vocab_size)
     with torch.no_grad():
         before = model(x)
@@ -117,7 +117,7 @@ def test_merge_drops_the_adapters(tmp_path, assets):
 def test_gpt2_is_refused(tmp_path):
     ck = make_hf_checkpoint(tmp_path / "gpt2", "gpt2")
     with pytest.raises(CheckpointError, match="llama, qwen2 and qwen3"):
-        add_lora(GPT.from_pretrained(ck), 4, 8.0)
+        add_lora(hf.load_model(ck), 4, 8.0)
 
 
 def test_bad_flags_are_one_line(w, capsys):
@@ -155,10 +155,10 @@ def test_every_rule_trains_the_adapters_alone(rule, w):
     if rule in ("mass", "profit"):
         assert_some_kept(rows)
     # the finished adapter evaluates as the model it is: ours from OUT, transformers' from merged
-    x = tokens(GPT.from_pretrained(w.ck).config.vocab_size)
+    x = tokens(hf.load_model(w.ck).config.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(
-            GPT.from_pretrained(out / "merged")(x), GPT.from_pretrained(out)(x), rtol=0, atol=1e-5
+            hf.load_model(out / "merged")(x), hf.load_model(out)(x), rtol=0, atol=1e-5
         )
 
 
@@ -173,9 +173,9 @@ def test_inline_reference_is_the_base_and_equals_the_prior(rule, w, tmp_path):
     the precomputed prior of the separately loaded base, on a model whose adapters are not 0; and
     the two runs train alike, step by step."""
     args = targs(w, rule, max_steps=3)
-    seqs = data.Template.load(args.model, "auto").encode(data.read_jsonl(w.data, "response"), 64)[0]
+    seqs = hf.load_template(args.model, "auto").encode(helpers.read_jsonl(w.data, "response"), 64)[0]
     prior = helpers.compute_prior(args, seqs, torch.device("cpu"))
-    model = randomize_adapters_(lora.attach(GPT.from_pretrained(w.ck), 4, None, 0.0, "q_proj"))
+    model = randomize_adapters_(lora.attach(hf.load_model(w.ck), 4, None, 0.0, "q_proj"))
     ref = lora.reference(model, args.ref, args.model, lambda: pytest.fail("loaded a second model"))
     assert isinstance(ref, lora.BaseOf)
     for mb in ([0, 1, 2], [5, 9]):
@@ -188,7 +188,7 @@ def test_inline_reference_is_the_base_and_equals_the_prior(rule, w, tmp_path):
     runs = {}
     for mode in ("precompute", "inline"):
         torch.manual_seed(0)  # the same A (kaiming-uniform from the global generator)
-        model = lora.attach(GPT.from_pretrained(w.ck), 4, None, 0.0, ",".join(lora.LORA_TARGETS))
+        model = lora.attach(hf.load_model(w.ck), 4, None, 0.0, ",".join(lora.LORA_TARGETS))
         out = tmp_path / mode
         out.mkdir()
         source = dict(prior=prior) if mode == "precompute" else dict(ref=lora.BaseOf(model))
@@ -307,9 +307,9 @@ def test_plan_counts_what_lora_saves():
     PEFT's count for this model) fits 24 GB: a bfloat16 base, float32 adapters with gradients and
     AdamW state, and no second model for the inline reference."""
     from infra import memory
-    from model import LORA_TARGETS, Config
+    from model import LORA_TARGETS
 
-    cfg = Config.from_dict(
+    cfg = helpers.config_of(
         dict(
             model_type="qwen2",
             vocab_size=152064,
@@ -382,13 +382,13 @@ def test_trl_port_with_peft_equals_prift_lora(tmp_path):
     assert main_rc(argv) == 0
 
     torch.manual_seed(seed)  # prift's initial adapters: its seed, then attach
-    start = lora.attach(GPT.from_pretrained(ck), 4, None, 0.0, ",".join(lora.LORA_TARGETS))
+    start = lora.attach(hf.load_model(ck), 4, None, 0.0, ",".join(lora.LORA_TARGETS))
     start = {k: v for k, v in start.state_dict().items() if ".lora_" in k}
 
     train = datasets.load_dataset(
         "json", data_files=str(tmp_path / "prior" / "tokens.jsonl"), split="train"
     )
-    train = train.select([i for s in range(steps) for i in prift.batch_order(24, batch, s, seed)])
+    train = train.select([i for s in range(steps) for i in data.batch_order(24, batch, s, seed)])
     config = SFTConfig(
         output_dir=str(tmp_path / "trl"),
         per_device_train_batch_size=micro,
@@ -466,7 +466,7 @@ def test_cuda_bf16_base_float32_adapters(w):
     assert main_rc(w.argv("--rule", "mass", *LORA, "--prior", "inline", max_steps=3)) == 0
     adapter = load_file(w.out / "adapter_model.safetensors")
     assert all(v.dtype == torch.float32 for v in adapter.values())
-    model = GPT.from_pretrained(w.out, dtype=torch.bfloat16, device="cuda")
+    model = hf.load_model(w.out, dtype=torch.bfloat16, device="cuda")
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert {d for n, d in dtypes.items() if ".lora_" in n} == {torch.float32}
     assert {d for n, d in dtypes.items() if ".lora_" not in n} == {torch.bfloat16}
@@ -474,7 +474,7 @@ def test_cuda_bf16_base_float32_adapters(w):
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         with adapters_off(model):
             off = model(x)
-        base = GPT.from_pretrained(w.ck, dtype=torch.bfloat16, device="cuda")(x)
+        base = hf.load_model(w.ck, dtype=torch.bfloat16, device="cuda")(x)
     assert torch.equal(off, base)
 
 
@@ -484,14 +484,14 @@ def test_merge_command(w, tmp_path, capsys):
     from infra import merge_lora
 
     assert main_rc(w.argv(lora=4, save_every=1, max_steps=3)) == 0
-    x = tokens(GPT.from_pretrained(w.ck).config.vocab_size)
+    x = tokens(hf.load_model(w.ck).config.vocab_size)
     for run in (w.out, w.out / "checkpoints" / "latest"):
         dest = tmp_path / f"merged-{run.name}"
         assert merge_lora.main([str(run), str(dest)]) == 0
         assert (dest / "config.json").exists() and not (dest / "adapter_config.json").exists()
         with torch.no_grad():
             torch.testing.assert_close(
-                GPT.from_pretrained(dest)(x), GPT.from_pretrained(run)(x), rtol=0, atol=1e-5
+                hf.load_model(dest)(x), hf.load_model(run)(x), rtol=0, atol=1e-5
             )
     capsys.readouterr()
     assert merge_lora.main([str(tmp_path), str(tmp_path / "nothing")]) == 2

@@ -20,11 +20,8 @@ import torch
 import torch.distributed as dist
 
 import model as M  # noqa: E402
-from infra import (
-    cli,
-    memory,  # noqa: E402  (tiny put the repository on the path)
-)
-from model import GPT, Config  # noqa: E402
+from infra import cli, hf, plan  # noqa: E402
+from model import GPT  # noqa: E402
 
 FAMILIES = ("gpt2", "llama", "qwen2", "qwen3")
 TRAIN = [
@@ -66,7 +63,7 @@ def tiny_config(family, layers=3):
             rms_norm_eps=1e-5,
             head_dim=24 if family == "qwen3" else 16,
         )
-    return Config.from_dict(d)
+    return helpers.config_of(d)
 
 
 def saved_bytes(model, T, mode):
@@ -100,7 +97,7 @@ def test_activations_are_what_autograd_saves(family, mode):
     if mode == "bf16":
         model.to(torch.bfloat16)
     per_token = (saved_bytes(model, 256, mode) - saved_bytes(model, 128, mode)) / 128
-    assert per_token == 3 * memory.block_bytes(cfg, mode) + memory.model_bytes(cfg, mode)
+    assert per_token == 3 * plan.block_bytes(cfg, mode) + plan.model_bytes(cfg, mode)
 
 
 def test_parameter_count_matches_transformers():
@@ -115,8 +112,8 @@ def test_parameter_count_matches_transformers():
             hf = transformers.AutoModelForCausalLM.from_config(
                 hf_config(family, tie_word_embeddings=tied)
             )
-            cfg = Config.from_dict(hf.config.to_dict())
-            assert memory.count_params(cfg)[0] == hf.num_parameters()
+            cfg = helpers.config_of(hf.config.to_dict())
+            assert plan.count_params(cfg)[0] == hf.num_parameters()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,7 +121,6 @@ def test_parameter_count_matches_transformers():
 
 
 def in_process_args(work, *extra):
-    import data
 
     p, args = cli.parse_args(
         [
@@ -139,7 +135,7 @@ def in_process_args(work, *extra):
         ]
     )
     args, _ = cli.check_args(p, args, torch.device("cpu"))
-    seqs, _ = data.Template.load(args.model, "auto").encode(data.read_jsonl(args.data), 128)
+    seqs, _ = hf.load_template(args.model, "auto").encode(helpers.read_jsonl(args.data), 128)
     return args, seqs
 
 
@@ -153,7 +149,7 @@ def train_rows(work, *extra):
     checkpoint.record_step = lambda out, row, bar: (rows.append(row), record(out, row, bar))
     M.Block.body = lambda self, *a: (calls.append(1), body(self, *a))[1]
     try:
-        model = GPT.from_pretrained(args.model)
+        model = hf.load_model(args.model)
         helpers.train(args, model, seqs)
         weights = (
             distributed.full_state_dict(model) if distributed.is_fsdp(model) else model.state_dict()
@@ -185,7 +181,7 @@ def test_grad_checkpoint_equal_in_one_process(work):
         for r, rc in zip(rows, rows_c):
             assert all(abs(r[k] - rc[k]) <= 1e-6 for k in ("loss", "ce", "grad_norm")), (r, rc)
         assert max_difference(weights, weights_c) <= 1e-6
-        start = GPT.from_pretrained(work / "tied").state_dict()
+        start = hf.load_model(work / "tied").state_dict()
         assert max_difference(weights, start) > 1e-4, "the weights moved"
 
 
@@ -263,7 +259,7 @@ def worker(work, out):
         rows, weights, calls = train_rows(work, "--rule", "dft", *extra)
         prift.sync_grads = sync
         rows_c, weights_c, calls_c = train_rows(work, "--rule", "dft", "--grad-checkpoint", *extra)
-        start = GPT.from_pretrained(work / "tied").state_dict()
+        start = hf.load_model(work / "tied").state_dict()
         res[mode] = dict(
             calls=calls,
             calls_checkpointed=calls_c,
@@ -275,11 +271,11 @@ def worker(work, out):
         )
     every_rank = [None] * world
     dist.all_gather_object(every_rank, held)
-    cfg = Config.load(work / "tied")
+    cfg = hf.load_config(work / "tied")
     res["fsdp gradients"] = dict(
         held=every_rank,
         parameters=sum(p.numel() for p in GPT(cfg).parameters()),
-        planned=memory.plan(
+        planned=plan.plan(
             cfg, tokens=256, world=world, fsdp=True, cuda=False, authors=False, checkpointing=False
         )["gradients"],
     )
@@ -311,7 +307,7 @@ def worker(work, out):
             model.zero_grad(set_to_none=True)
         return total, sorted(dtypes)
 
-    model, gathered = GPT.from_pretrained(args.model), set()
+    model, gathered = hf.load_model(args.model), set()
     model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
         lambda mod, _: gathered.add(str(mod.weight.dtype))
     )
@@ -320,11 +316,11 @@ def worker(work, out):
         distributed.wrap_distributed(model, fsdp=args.fsdp, recompute=args.grad_checkpoint),
         [rank],
     )  # reduce-scattered: the mean over ranks
-    copies = GPT.from_pretrained(args.model).to(
+    copies = hf.load_model(args.model).to(
         torch.bfloat16
     )  # what every rank computes with: its weights rounded
     g_copies = {k: v / world for k, v in grads(copies, copies, range(world))[0].items()}
-    plain = GPT.from_pretrained(args.model)
+    plain = hf.load_model(args.model)
     g_plain = {k: v / world for k, v in grads(plain, plain, range(world))[0].items()}
     res["bf16 gathers"] = dict(
         gathered_dtypes=sorted(gathered),
@@ -385,7 +381,7 @@ def test_plan_says_which_switch_fits():
     """Qwen2.5-Math-7B's shape (config.json only) at the paper's 4 x 2,048 tokens on one GPU: too
     big for 80 GB; checkpointing does not fix weights and AdamW's 16 bytes per parameter, FSDP2 over
     enough GPUs does; and the activations without checkpointing outweigh those with it."""
-    cfg = Config.from_dict(
+    cfg = helpers.config_of(
         dict(
             model_type="qwen2",
             vocab_size=152064,
@@ -400,16 +396,16 @@ def test_plan_says_which_switch_fits():
     )
     kw = dict(tokens=4 * 2048, world=1, fsdp=False, cuda=True, authors=False)
     off, on = (
-        memory.plan(cfg, checkpointing=False, **kw),
-        memory.plan(cfg, checkpointing=True, **kw),
+        plan.plan(cfg, checkpointing=False, **kw),
+        plan.plan(cfg, checkpointing=True, **kw),
     )
     assert off["activations"] > 5 * on["activations"]
-    assert on["weights"] == 4 * memory.count_params(cfg)[0] and on["optimizer"] == 2 * on["weights"]
-    assert not memory.fits(on, 80)
-    sharded = memory.plan(
+    assert on["weights"] == 4 * plan.count_params(cfg)[0] and on["optimizer"] == 2 * on["weights"]
+    assert not plan.fits(on, 80)
+    sharded = plan.plan(
         cfg, checkpointing=True, **{**kw, "world": 8, "fsdp": True}
     )  # 8 micro-batches a step
-    assert memory.fits(sharded, 80) and sharded["weights"] == on["weights"] / 8
+    assert plan.fits(sharded, 80) and sharded["weights"] == on["weights"] / 8
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ from helpers import assert_some_kept, make_checkpoint, make_data, read_metrics
 
 import data
 import prift
-from infra import cli, demo
-from model import GPT
+from infra import cli, demo, hf
 
 RULES = ["sft", "dft", "prob", "mass", "profit"]
 
@@ -41,7 +40,7 @@ def weights(rule, probs_rows, targets, threshold=None, signal=None):
     prior.
     """
     lg, y = logits_of(*probs_rows)[None], torch.tensor(targets)[None]
-    return prift.token_weights(rule, y, lg, lg, threshold=threshold, signal=signal)[0]
+    return helpers.token_weights(rule, y, lg, lg, threshold=threshold, signal=signal)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,14 +56,14 @@ def test_uniform_logits_give_one_over_v(V):
         ("dft", "prior"),
         ("prob", "online"),
     ):
-        w = prift.token_weights(rule, y, logits, torch.zeros(2, 3, V), signal=signal)
+        w = helpers.token_weights(rule, y, logits, torch.zeros(2, 3, V), signal=signal)
         torch.testing.assert_close(w, torch.full((2, 3), 1 / V), rtol=1e-6, atol=0)
     p, u = prift.target_stats(logits.view(-1, V), y.view(-1))
     torch.testing.assert_close(p, torch.full((6,), 1 / V), rtol=1e-6, atol=0)
     # every token ties with the target: none is strictly less likely, so u = p = 1/V (kept only when
     # V <= 2)
     torch.testing.assert_close(u, torch.full((6,), 1 / V), rtol=1e-6, atol=0)
-    assert prift.token_weights("mass", y, logits, logits).eq(1.0 if V <= 2 else 0.0).all()
+    assert helpers.token_weights("mass", y, logits, logits).eq(1.0 if V <= 2 else 0.0).all()
 
 
 # (probabilities, target) with u worked out by hand (the comments), and by the definition in stats()
@@ -118,9 +117,9 @@ def test_unique_argmax_and_q_over_half_always_kept():
         top = logits.argmax(1)
         p, u = prift.target_stats(logits, top)
         torch.testing.assert_close(u, torch.ones(200), atol=1e-5, rtol=0)
-        assert prift.token_weights("mass", top[None], logits[None], logits[None]).eq(1).all()
+        assert helpers.token_weights("mass", top[None], logits[None], logits[None]).eq(1).all()
         assert (
-            prift.token_weights("mass", top[None], logits[None], logits[None], threshold=0.99)
+            helpers.token_weights("mass", top[None], logits[None], logits[None], threshold=0.99)
             .eq(1)
             .all()
         )
@@ -156,7 +155,7 @@ def test_signal_swaps():
     g = torch.Generator().manual_seed(1)
     logits, ref = torch.randn(3, 6, 9, generator=g) * 2, torch.randn(3, 6, 9, generator=g) * 2
     y = torch.randint(0, 9, (3, 6), generator=g)
-    tw = prift.token_weights
+    tw = helpers.token_weights
     # each rule's own signal: dft and profit online, prob and mass prior
     torch.testing.assert_close(tw("dft", y, logits, ref), tw("dft", y, logits, None))
     torch.testing.assert_close(tw("prob", y, logits, ref), tw("dft", y, ref, None))
@@ -183,7 +182,7 @@ def test_signal_swaps():
     with pytest.raises(ValueError):
         tw("mass", y, logits, None)
     with pytest.raises(ValueError):
-        prift.weights_from_stats("nope", torch.ones(2), torch.ones(2), None)
+        helpers.rule_weights("nope", torch.ones(2), torch.ones(2), None)
 
 
 def test_weights_from_stats_table():
@@ -219,10 +218,10 @@ def test_weights_are_detached(signal):
     ref = torch.randn(2, 4, 10, requires_grad=True)
     y = torch.randint(0, 10, (2, 4))
     for rule in RULES:
-        w = prift.token_weights(rule, y, logits, ref, signal=signal)
+        w = helpers.token_weights(rule, y, logits, ref, signal=signal)
         assert not w.requires_grad and w.grad_fn is None, rule
         p, u = prift.target_stats(logits.view(-1, 10), y.view(-1))
-        assert not prift.weights_from_stats(rule, p, u, 0.5).requires_grad, rule
+        assert not helpers.rule_weights(rule, p, u, 0.5).requires_grad, rule
 
 
 def test_token_weights_gradient_is_weighted_ce():
@@ -232,7 +231,7 @@ def test_token_weights_gradient_is_weighted_ce():
     g = torch.Generator().manual_seed(3)
     logits = (2 * torch.randn(4, 6, 11, generator=g)).requires_grad_()
     y = torch.randint(0, 11, (4, 6), generator=g)
-    w = prift.token_weights("dft", y, logits)
+    w = helpers.token_weights("dft", y, logits)
     ce = torch.nn.functional.cross_entropy(logits.view(-1, 11), y.view(-1), reduction="none").view(
         4, 6
     )
@@ -260,7 +259,7 @@ def test_chunked_loss_gradient_is_weighted_ce(rule):
     prift.chunked_loss(h, head, y, rule, "online", threshold, chunk=5)[0].backward()
     logits = h.detach() @ head.weight.detach().T
     probs = logits.softmax(-1)
-    w = prift.token_weights(
+    w = helpers.token_weights(
         rule, y, logits, signal="online"
     )  # the weights' values are the hand cases'; here: d/dh
     assert 0 < (w > 0).sum() < N or rule == "dft"
@@ -322,7 +321,7 @@ def test_chunked_loss_equals_plain(rule, chunk):
     logits = hp @ Wp.T  # (N, V)
     # the weights from token_weights (checked by hand above): what is tested here is the chunked CE
     # and gradient
-    w = prift.token_weights(rule, y[None], logits[None], ref_logits[None])[0]
+    w = helpers.token_weights(rule, y[None], logits[None], ref_logits[None])[0]
     ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
     plain = (w * ce).sum()
     plain.backward()
@@ -422,7 +421,7 @@ def full_batch_loss(model, seqs, rule, ref=None, denominator="tokens"):
     x, y, m = data.collate(seqs)
     logits = model(x)
     ref_logits = ref(x).detach() if ref is not None else None
-    w = prift.token_weights(
+    w = helpers.token_weights(
         rule, y, logits, ref_logits
     )  # checked by hand above; here the sum and its denominator
     ce = torch.nn.functional.cross_entropy(
@@ -434,7 +433,7 @@ def full_batch_loss(model, seqs, rule, ref=None, denominator="tokens"):
 
 @pytest.mark.parametrize("rule", ["mass", "dft"])
 def test_loss_is_normalised_by_all_response_tokens(ckpt, tmp_path, monkeypatch, rule):
-    model, ref = GPT.from_pretrained(ckpt), GPT.from_pretrained(ckpt).requires_grad_(False)
+    model, ref = hf.load_model(ckpt), hf.load_model(ckpt).requires_grad_(False)
     seqs = uneven_seqs()
     expected, w, m = full_batch_loss(model, seqs, rule, ref)
     wrong = full_batch_loss(model, seqs, rule, ref, denominator="weights")[0]
@@ -461,7 +460,7 @@ def test_prift_loss_is_what_the_training_loop_computes(ckpt, tmp_path, monkeypat
     """prift_loss, the function a porter copies, called on each of two micro-batches with the whole
     batch's response-token count: the same loss and the same gradient as the training loop's chunked
     loss."""
-    model, ref = GPT.from_pretrained(ckpt), GPT.from_pretrained(ckpt).requires_grad_(False)
+    model, ref = hf.load_model(ckpt), hf.load_model(ckpt).requires_grad_(False)
     seqs = uneven_seqs(seed=3)
     n_tokens = sum(map(data.n_response_tokens, seqs))
     loss = 0.0
@@ -493,13 +492,13 @@ def test_prift_loss_is_what_the_training_loop_computes(ckpt, tmp_path, monkeypat
 
 @pytest.mark.parametrize("rule", ["sft", "mass", "profit"])
 def test_gradient_accumulation_matches_full_batch(ckpt, monkeypatch, rule):
-    base = GPT.from_pretrained(ckpt)
-    ref = GPT.from_pretrained(ckpt).requires_grad_(False)
+    base = hf.load_model(ckpt)
+    ref = hf.load_model(ckpt).requires_grad_(False)
     seqs = uneven_seqs(seed=1)
     prior = prior_of(ref, seqs) if prift.RULES[rule][0] == "prior" else None
     runs = {}
     for mb in (1, 4):
-        model = GPT.from_pretrained(ckpt)
+        model = hf.load_model(ckpt)
         _, grads = train_capturing(
             targs(rule, micro_batch=mb), model, seqs, monkeypatch, prior=prior
         )
@@ -532,18 +531,18 @@ def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch)
     """With the reference the starting checkpoint, online p and prior q are the same numbers at step
     0.
     """
-    rows = data.read_jsonl(make_data(tmp_path / "d.jsonl", n=4))
-    seqs, _ = data.Template.load(ckpt, "plain").encode(rows, 128)
+    rows = helpers.read_jsonl(make_data(tmp_path / "d.jsonl", n=4))
+    seqs, _ = hf.load_template(ckpt, "plain").encode(rows, 128)
     model, ref = (
-        GPT.from_pretrained(ckpt),
+        hf.load_model(ckpt),
         helpers.load_reference(targs("prob", ref=str(ckpt)), torch.device("cpu")),
     )
     x, y, m = data.collate(seqs)
     with torch.no_grad():
         logits, ref_logits = model(x), ref(x)
     torch.testing.assert_close(
-        prift.token_weights("dft", y, logits),
-        prift.token_weights("prob", y, logits, ref_logits),
+        helpers.token_weights("dft", y, logits),
+        helpers.token_weights("prob", y, logits, ref_logits),
         rtol=0,
         atol=0,
     )
@@ -556,11 +555,11 @@ def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch)
     again = helpers.compute_prior(args, seqs, torch.device("cpu"))  # from the cache this time
     torch.testing.assert_close(torch.cat(again), torch.cat(prior), rtol=0, atol=0)
     torch.testing.assert_close(
-        torch.cat(prior)[:, 0], prift.token_weights("dft", y, logits)[m], rtol=1e-6, atol=0
+        torch.cat(prior)[:, 0], helpers.token_weights("dft", y, logits)[m], rtol=1e-6, atol=0
     )
     after = {}
     for rule, kw in (("dft", {}), ("prob", dict(prior=prior))):
-        model = GPT.from_pretrained(ckpt)
+        model = hf.load_model(ckpt)
         out = tmp_path / rule
         out.mkdir()
         helpers.train(targs(rule), model, seqs, out=out, **kw)
@@ -572,7 +571,7 @@ def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch)
     # difference of float rounding between the two signal paths into a visible one.)
     grads = {}
     for rule, signal, stats in (("dft", "online", None), ("prob", "prior", torch.cat(prior))):
-        model = GPT.from_pretrained(ckpt)
+        model = hf.load_model(ckpt)
         h = model(x, hidden_only=True)[m]
         prift.chunked_loss(h, model.lm_head, y[m], rule, signal, prior=stats).weighted.backward()
         grads[rule] = [p.grad for p in model.parameters()]
@@ -584,7 +583,7 @@ def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch)
 def test_inline_reference_stays_frozen(ckpt, tmp_path, rule):
     args = targs(rule, ref=str(ckpt), max_steps=2, batch_size=2, micro_batch=1)
     ref = helpers.load_reference(args, torch.device("cpu"))
-    model = GPT.from_pretrained(ckpt)
+    model = hf.load_model(ckpt)
     before_ref = {k: v.clone() for k, v in ref.state_dict().items()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seqs = uneven_seqs(seed=2)
@@ -620,7 +619,7 @@ def test_reference_vectors_match_the_implementation(vectors):
     )
     torch.testing.assert_close(ce, torch.tensor(vectors["ce"]), rtol=0, atol=1e-6)
     for case in vectors["cases"]:
-        w = prift.token_weights(
+        w = helpers.token_weights(
             case["rule"], y, logits, ref, threshold=case["threshold"], signal=case["signal"]
         )
         torch.testing.assert_close(
@@ -712,9 +711,9 @@ def test_match_authors_sums_micro_batch_means_in_bfloat16(ckpt, tmp_path, monkey
     allows (a relative 6e-2 of each parameter's gradient, 1e-2 of the whole), and is far from the
     gradient of the mean over the whole batch (more than 0.3)."""
     seqs = uneven_seqs(seed=4)
-    prior = prior_of(GPT.from_pretrained(ckpt).requires_grad_(False), seqs)
+    prior = prior_of(hf.load_model(ckpt).requires_grad_(False), seqs)
     args = targs("mass", micro_batch=2, match_authors=True, save_every=1, max_steps=2)
-    model = GPT.from_pretrained(ckpt)
+    model = hf.load_model(ckpt)
     _, grads = train_capturing(args, model, seqs, monkeypatch, prior=prior, out=tmp_path)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     trainer = torch.load(tmp_path / "checkpoints" / "latest" / "trainer.pt", weights_only=True)
@@ -727,19 +726,19 @@ def test_match_authors_sums_micro_batch_means_in_bfloat16(ckpt, tmp_path, monkey
 
     from helpers import load_hf
 
-    idx = prift.batch_order(len(seqs), 4, 0, 0, drop_last=True)
+    idx = data.batch_order(len(seqs), 4, 0, 0, drop_last=True)
     oracle = {}
     for name, parts in (
         ("sum", (idx[:2], idx[2:])),
         ("mean", (idx,)),
     ):  # the loop's micro-batches; the whole batch
-        hf = load_hf(ckpt, torch.float64)
+        hf_model = load_hf(ckpt, torch.float64)
         # the weights prift trains: rounded to bfloat16 (the arithmetic stays float64)
         with torch.no_grad():
-            for p in hf.parameters():
+            for p in hf_model.parameters():
                 p.copy_(p.bfloat16())
-        sum(mean_weighted_ce(hf, [seqs[i] for i in mb]) for mb in parts).backward()
-        oracle[name] = {n: p.grad for n, p in hf.named_parameters()}
+        sum(mean_weighted_ce(hf_model, [seqs[i] for i in mb]) for mb in parts).backward()
+        oracle[name] = {n: p.grad for n, p in hf_model.named_parameters()}
     rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
     for (name, _), g in zip(model.named_parameters(), grads[0]):
         assert rel(g, oracle["sum"][name]) < 6e-2 < 0.3 < rel(g, oracle["mean"][name]), name
@@ -759,19 +758,19 @@ def test_match_authors_warms_up_from_zero_and_drops_the_short_batch(ckpt, tmp_pa
     args = targs(
         "sft", batch_size=4, micro_batch=4, max_steps=None, epochs=3, lr=1e-3, match_authors=True
     )
-    helpers.train(args, GPT.from_pretrained(ckpt), seqs, out=tmp_path)
+    helpers.train(args, hf.load_model(ckpt), seqs, out=tmp_path)
     rows = read_metrics(tmp_path)
     assert len(rows) == 12 and all(
         r["tokens"]
         == sum(
             map(
                 data.n_response_tokens,
-                [seqs[i] for i in prift.batch_order(17, 4, r["step"] - 1, 0, drop_last=True)],
+                [seqs[i] for i in data.batch_order(17, 4, r["step"] - 1, 0, drop_last=True)],
             )
         )
         for r in rows
     )
-    assert all(len(prift.batch_order(17, 4, s, 0, drop_last=True)) == 4 for s in range(12))
+    assert all(len(data.batch_order(17, 4, s, 0, drop_last=True)) == 4 for s in range(12))
     n_warm = 1  # int(0.1 * 12)
     assert rows[0]["lr"] == 0.0
     for r in rows[n_warm:]:
@@ -800,7 +799,7 @@ def test_two_steps_are_clipped_adamw_by_hand(ckpt, tmp_path, monkeypatch):
     args = targs(
         "uniform", threshold=3.0, lr=lr, batch_size=2, micro_batch=2, max_steps=2
     )  # every CE x 3: norm > 1
-    model = GPT.from_pretrained(ckpt)
+    model = hf.load_model(ckpt)
     start = [p.detach().double().clone() for p in model.parameters()]
     _, grads = train_capturing(args, model, seqs, monkeypatch, out=tmp_path)
     rows = read_metrics(tmp_path)

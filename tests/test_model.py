@@ -12,7 +12,8 @@ from helpers import FAMILIES, hf_logits, make_hf_checkpoint, write_tokenizer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from model import GPT, CheckpointError
+from infra import hf
+from model import CheckpointError
 
 ATOL = 1e-4  # float32 logits of magnitude ~5
 LLAMA3_ROPE = dict(
@@ -27,7 +28,7 @@ LLAMA3_ROPE = dict(
 
 def ours(path, idx, **kw):
     with torch.no_grad():
-        return GPT.from_pretrained(path, **kw)(idx)
+        return hf.load_model(path, **kw)(idx)
 
 
 def assert_close(a, b, atol=ATOL):
@@ -52,7 +53,7 @@ def tensor_names(path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers(tmp_path, family, tied, idx):
     path = make_hf_checkpoint(tmp_path, family, tie_word_embeddings=tied)
-    model = GPT.from_pretrained(path)
+    model = hf.load_model(path)
     if family != "gpt2":
         assert model.config.num_kv_heads < model.config.num_heads  # GQA is exercised
     if family == "qwen3":
@@ -65,7 +66,7 @@ def test_logits_match_transformers(tmp_path, family, tied, idx):
 def test_llama3_rope_scaling(tmp_path, idx):
     assert idx.shape[1] > LLAMA3_ROPE["original_max_position_embeddings"]
     path = make_hf_checkpoint(tmp_path, "llama", rope_parameters=dict(LLAMA3_ROPE))
-    model = GPT.from_pretrained(path)
+    model = hf.load_model(path)
     assert (model.config.rope_scaling or {}).get("rope_type") == "llama3"
     ref = hf_logits(path, idx)
     with torch.no_grad():
@@ -87,7 +88,7 @@ def test_bfloat16_checkpoint_loads_as_float32(tmp_path, family, idx):
     path = make_hf_checkpoint(tmp_path, family, save_dtype=torch.bfloat16)
     with safe_open(path / "model.safetensors", framework="pt") as sf:
         assert sf.get_tensor(next(iter(sf.keys()))).dtype == torch.bfloat16
-    model = GPT.from_pretrained(path)  # default dtype: float32
+    model = hf.load_model(path)  # default dtype: float32
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     with torch.no_grad():
         assert_close(model(idx), hf_logits(path, idx, dtype=torch.float32))
@@ -108,7 +109,7 @@ def test_transformers4_config_layout(tmp_path, family, rope, idx):
     cfg["rope_theta"] = params.pop("rope_theta")
     cfg["rope_scaling"] = params if params["rope_type"] != "default" else None
     (path / "config.json").write_text(json.dumps(cfg))
-    model = GPT.from_pretrained(path)
+    model = hf.load_model(path)
     assert model.config.rope_theta == rope["rope_theta"]
     assert (model.config.rope_scaling is not None) == (rope["rope_type"] == "llama3")
     with torch.no_grad():
@@ -124,19 +125,19 @@ def test_transformers4_config_layout(tmp_path, family, rope, idx):
 def test_save_pretrained_round_trip(tmp_path, family, tied, idx):
     src = make_hf_checkpoint(tmp_path / "src", family, tie_word_embeddings=tied)
     tok = write_tokenizer(src)
-    model = GPT.from_pretrained(src)
+    model = hf.load_model(src)
     out = tmp_path / "out"
-    model.save_pretrained(out)
+    hf.save_model(model, out)
     assert (out / "tokenizer.json").read_bytes() == tok.read_bytes()
     assert tensor_names(out) == tensor_names(src)  # the layout transformers itself writes
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+    hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
         out, dtype=torch.float32, output_loading_info=True
     )
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     with torch.no_grad():
         logits = model(idx)
-        assert_close(hf.eval()(idx).logits, logits)
-        assert_close(GPT.from_pretrained(out)(idx), logits)
+        assert_close(hf_model.eval()(idx).logits, logits)
+        assert_close(hf.load_model(out)(idx), logits)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def edit_weights(path, fn):
 
 def load_error(path):
     with pytest.raises(CheckpointError) as e:
-        GPT.from_pretrained(path)
+        hf.load_model(path)
     return str(e.value)
 
 
@@ -233,7 +234,7 @@ def test_loading_assigns_checkpoint_tensors(tmp_path, family, monkeypatch):
             return _init(tensor, *a, **k)
 
         monkeypatch.setattr(torch.nn.init, name, guarded)
-    model = GPT.from_pretrained(path)
+    model = hf.load_model(path)
     params = dict(model.named_parameters(remove_duplicate=False))
     assert not any(p.is_meta for p in params.values())
     assert all(

@@ -5,15 +5,15 @@ never holds, or none. transformers gives llama/qwen2/qwen3's embedding padding_i
 gradient into that row from the input side), gpt2's none; a port that differs there differs in the
 pad row's gradient alone, which the negative check below shows this test detects."""
 
+import helpers
 import pytest
 import torch
 import transformers
 from helpers import FAMILIES, make_chat_checkpoint
 
-import data
 import prift
-from infra.hf_files import gpt2_keys
-from model import GPT
+from infra import hf
+from infra.hf import gpt2_keys
 
 RTOL = 1e-5  # of each tensor's largest gradient: float32, two implementations' orders of summation
 EXAMPLES = [
@@ -25,7 +25,7 @@ EXAMPLES = [
 def batch(path):
     """The examples as prift's template makes them: input_ids, HF labels (-100 on the prompt and
     the padding) and the attention mask, padded on the right."""
-    seqs, _ = data.Template.load(path).encode(EXAMPLES, 256)
+    seqs, _ = hf.load_template(path).encode(EXAMPLES, 256)
     T = max(len(ids) for ids, _ in seqs)
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
     labels = torch.full_like(ids, -100)
@@ -45,19 +45,19 @@ def gradients(path, family, clear_hf_padding_idx=False):
     tokens: transformers' own, detached and softened (a random model's are peaked enough that mass
     would keep no response token of some checkpoints)."""
     ids, labels, mask = batch(path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     if clear_hf_padding_idx:  # a port whose model trains the pad row from the input side too
-        hf.get_input_embeddings().padding_idx = None
-    ours = GPT.from_pretrained(path)
-    hf_logits = hf(input_ids=ids, attention_mask=mask).logits
+        hf_model.get_input_embeddings().padding_idx = None
+    ours = hf.load_model(path)
+    hf_logits = hf_model(input_ids=ids, attention_mask=mask).logits
     ref = hf_logits.detach() / 4
     for logits in (hf_logits, ours(ids)):
         prift.prift_loss(logits, labels, "mass", ref).backward()
-    theirs = {k: p.grad for k, p in hf.named_parameters(remove_duplicate=False)}
+    theirs = {k: p.grad for k, p in hf_model.named_parameters(remove_duplicate=False)}
     mine = {k: p.grad for k, p in ours.named_parameters(remove_duplicate=False)}
     if family == "gpt2":
         mine = gpt2_keys(mine, to_hf=True)
-    w = prift.token_weights("mass", labels[:, 1:], hf_logits[:, :-1], ref[:, :-1])
+    w = helpers.token_weights("mass", labels[:, 1:], hf_logits[:, :-1], ref[:, :-1])
     assert 0 < w[labels[:, 1:] != -100].mean() < 1  # mass kept some tokens and dropped others
     return mine, theirs
 
@@ -82,7 +82,7 @@ def test_gradients_match_transformers(tmp_path, family, tied, pad):
     assert err <= RTOL, f"{name}: gradient differs by {err:.3g} of its largest entry"
     # and where the gradient cannot tell (a pad id the text never holds), the embedding itself
     hf_embed = transformers.AutoModelForCausalLM.from_pretrained(path).get_input_embeddings()
-    assert GPT.from_pretrained(path).model.embed_tokens.padding_idx == hf_embed.padding_idx
+    assert hf.load_model(path).model.embed_tokens.padding_idx == hf_embed.padding_idx
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
@@ -94,7 +94,7 @@ def test_a_padding_idx_mismatch_is_detected_on_the_pad_row(tmp_path, family):
     err, name = worst(mine, theirs)
     assert err > 100 * RTOL and name == "model.embed_tokens.weight", (err, name)
     rows = ((mine[name] - theirs[name]).abs().amax(-1) > RTOL * theirs[name].abs().max()).nonzero()
-    assert rows.flatten().tolist() == [GPT.from_pretrained(path).config.pad_token_id]
+    assert rows.flatten().tolist() == [hf.load_model(path).config.pad_token_id]
 
 
 def test_pad_token_id_is_read_as_transformers_reads_it(tmp_path):
@@ -110,10 +110,10 @@ def test_pad_token_id_is_read_as_transformers_reads_it(tmp_path):
     for bad in (vocab, -vocab - 1, True, "2"):
         (path / "config.json").write_text(json.dumps({**config, "pad_token_id": bad}))
         with pytest.raises(CheckpointError, match="pad_token_id"):
-            GPT.from_pretrained(path)
+            hf.load_model(path)
     (path / "config.json").write_text(json.dumps({**config, "pad_token_id": -1}))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path)
-    assert GPT.from_pretrained(path).model.embed_tokens.padding_idx == vocab - 1
-    assert hf.get_input_embeddings().padding_idx == vocab - 1
-    GPT.from_pretrained(path).save_pretrained(tmp_path / "saved")  # config.json is written back
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    assert hf.load_model(path).model.embed_tokens.padding_idx == vocab - 1
+    assert hf_model.get_input_embeddings().padding_idx == vocab - 1
+    hf.save_model(hf.load_model(path), tmp_path / "saved")  # config.json is written back
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["pad_token_id"] == -1

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import ROOT, make_checkpoint, make_data  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "ports"))
+import data
 import prift  # noqa: E402
 from infra import cli
 
@@ -60,7 +61,7 @@ def run_trl(model_dir, export, out, rule, inline):
     world = int(os.environ.get("WORLD_SIZE", 1))
     train = datasets.load_dataset("json", data_files=str(export / "tokens.jsonl"), split="train")
     train = train.select(
-        [i for s in range(STEPS) for i in prift.batch_order(len(train), BATCH, s, SEED)]
+        [i for s in range(STEPS) for i in data.batch_order(len(train), BATCH, s, SEED)]
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32) if inline else None

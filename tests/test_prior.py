@@ -21,9 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import prift
-from infra import cli
-from infra.prior import prior_path
-from model import GPT
+from infra import cli, hf
+from infra.reference import prior_path
 
 CPU = torch.device("cpu")
 TAU = prift.RULES["mass"][1]
@@ -34,8 +33,8 @@ BORDER = 1e-5  # |u - TAU| under this: rounding may put u on either side of the 
 def w(tmp_path_factory):
     root = tmp_path_factory.mktemp("prior")
     ckpt = make_checkpoint(root / "model", seed=0)
-    seqs, _ = data.Template.load(ckpt, "plain").encode(
-        data.read_jsonl(make_data(root / "train.jsonl", n=24, seed=1)), 96
+    seqs, _ = hf.load_template(ckpt, "plain").encode(
+        helpers.read_jsonl(make_data(root / "train.jsonl", n=24, seed=1)), 96
     )
     return argparse.Namespace(root=root, ckpt=ckpt, seqs=seqs)
 
@@ -74,13 +73,13 @@ def test_precomputed_and_inline_prior_give_the_same_weights(w):
     ref = helpers.load_reference(args, CPU)
     kept = near = total = 0
     for step in range(args.max_steps):  # the micro-batches that training sees
-        idx = prift.batch_order(len(w.seqs), args.batch_size, step, args.seed)
+        idx = data.batch_order(len(w.seqs), args.batch_size, step, args.seed)
         for mb in (idx[:4], idx[4:]):
             x, y, m = data.collate([w.seqs[i] for i in mb])
             inline, pre = prift.reference_stats(ref, x, y, m), torch.cat([prior[i] for i in mb])
             torch.testing.assert_close(pre, inline, rtol=1e-5, atol=1e-7)  # p (prob's weight) and u
             w_in, w_pre = (
-                prift.weights_from_stats("mass", s[:, 0], s[:, 1], TAU) for s in (inline, pre)
+                helpers.rule_weights("mass", s[:, 0], s[:, 1], TAU) for s in (inline, pre)
             )
             border = (pre[:, 1] - TAU).abs() < BORDER
             assert torch.equal(w_in[~border], w_pre[~border]), (
@@ -101,7 +100,7 @@ def test_precomputed_and_inline_prior_give_the_same_trajectory(w, tmp_path, rule
     prior = helpers.compute_prior(args, w.seqs, CPU)
     runs = {}
     for mode in ("precompute", "inline"):
-        model, out = GPT.from_pretrained(w.ckpt), tmp_path / mode
+        model, out = hf.load_model(w.ckpt), tmp_path / mode
         out.mkdir()
         source = (
             dict(prior=prior)
@@ -114,7 +113,7 @@ def test_precomputed_and_inline_prior_give_the_same_trajectory(w, tmp_path, rule
     (rows_p, sd_p), (rows_i, sd_i) = runs["precompute"], runs["inline"]
     assert len(rows_p) == len(rows_i) == args.max_steps
     assert any(
-        not torch.equal(v, GPT.from_pretrained(w.ckpt).state_dict()[k]) for k, v in sd_p.items()
+        not torch.equal(v, hf.load_model(w.ckpt).state_dict()[k]) for k, v in sd_p.items()
     )
     border = ((torch.cat(prior)[:, 1] - TAU).abs() < BORDER).any().item()
     if rule == "mass" and not border:  # the same 0/1 weights: the very same run, bit for bit
@@ -196,7 +195,7 @@ def test_chunked_loss_through_the_model_equals_plain(w, rule):
     prior = prift.reference_stats(helpers.load_reference(targs(w, rule), CPU), x, y, m)
     grads, losses = [], []
     for chunked in (True, False):
-        model = GPT.from_pretrained(w.ckpt)
+        model = hf.load_model(w.ckpt)
         assert model.lm_head.weight is model.model.embed_tokens.weight
         if chunked:
             out = prift.chunked_loss(
@@ -216,9 +215,9 @@ def test_chunked_loss_through_the_model_equals_plain(w, rule):
             # through the model
             if signal == "prior":
                 wt = torch.zeros(y.shape)
-                wt[m] = prift.weights_from_stats(rule, prior[:, 0], prior[:, 1], threshold)
+                wt[m] = helpers.rule_weights(rule, prior[:, 0], prior[:, 1], threshold)
             else:
-                wt = prift.token_weights(rule, y, logits)
+                wt = helpers.token_weights(rule, y, logits)
             ce = torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1), y.flatten(), reduction="none"
             ).view(y.shape)
@@ -264,7 +263,7 @@ def test_no_tokens_by_vocabulary_tensor(signal):
         prift.chunked_loss(h, head, y, "mass", signal, TAU, prior, chunk)[0].backward()
     assert chunked.most <= max(chunk * V, V * C) < N * V
     with LargestTensor() as plain:
-        w8 = prift.token_weights("mass", y, head(h), ref_head(h_ref), signal=signal)
+        w8 = helpers.token_weights("mass", y, head(h), ref_head(h_ref), signal=signal)
         (w8 * torch.nn.functional.cross_entropy(head(h), y, reduction="none")).sum().backward()
     assert plain.most >= N * V  # the check can fail
 

@@ -9,13 +9,13 @@ import subprocess
 import sys
 
 import browser_check
+import helpers
 import pytest
 import torch
 from helpers import load_hf, make_checkpoint, make_data, read_metrics, run_cli
 
-import data
 import prift
-from infra import report
+from infra import hf, report
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_inspect_writes_what_the_prior_keeps(work, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
-    seqs, _ = data.Template.load(ckpt, "auto").encode(data.read_jsonl(train), 2048)
+    seqs, _ = hf.load_template(ckpt, "auto").encode(helpers.read_jsonl(train), 2048)
     assert [row["input_ids"] for row in rows] == [
         ids for ids, _ in seqs
     ]  # in data order, exactly as trained
@@ -67,14 +67,14 @@ def test_inspect_writes_what_the_prior_keeps(work, tmp_path):
         label != -100 for r in rows for label in r["labels"]
     )
 
-    hf = load_hf(
+    hf_model = load_hf(
         ckpt
     )  # an independent computation of p and u: transformers' model, the definition by hand
     kept = total = 0
     for row in rows:
         ids = row["input_ids"]
         with torch.no_grad():
-            probs = hf(torch.tensor([ids])).logits[0].float().softmax(-1)  # (T, V)
+            probs = hf_model(torch.tensor([ids])).logits[0].float().softmax(-1)  # (T, V)
         for t in range(1, len(ids)):
             if row["labels"][t] == -100:
                 assert row["prior_p"][t] == row["prior_u"][t] == row["weight"][t] == 0.0
@@ -238,7 +238,7 @@ def test_every_run_writes_a_report(work, two_runs):
     assert (
         browser_check.check_page(page) == []
     )  # the summary, one line per chart, ticks, nothing loaded, no script
-    seqs, _ = data.Template.load(ckpt, "auto").encode(data.read_jsonl(train), 2048)
+    seqs, _ = hf.load_template(ckpt, "auto").encode(helpers.read_jsonl(train), 2048)
     s = summary(page)
     assert (s["rule"], s["signal"], s["threshold"], s["template"], s["precision"], s["ranks"]) == (
         "mass",

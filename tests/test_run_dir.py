@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from helpers import (
@@ -40,9 +41,7 @@ from helpers import (
 )
 from safetensors.torch import load_file, save_file
 
-import data
-from infra import cli, evaluate, rundir
-from model import GPT
+from infra import cli, evaluate, hf, rundir
 
 TRAIN = dict(batch_size=4, micro_batch=2, max_len=64)  # 24 examples: 6 steps an epoch
 SHORT = dict(batch_size=4, micro_batch=2, max_len=64, max_steps=2, rule="sft")
@@ -384,7 +383,7 @@ def test_data_lines_split_on_newline_only(w_trained):
         + "\n",
         encoding="utf-8",
     )
-    rows = data.read_jsonl(w_trained.data)
+    rows = helpers.read_jsonl(w_trained.data)
     assert [r["response"] for r in rows] == ["c\u0085d", " 2."]
 
 
@@ -644,8 +643,8 @@ def test_the_hugging_face_cache_layout_loads(w):
         shutil.copy(src, repo / "blobs" / blob)
         (snap / name).symlink_to(Path("..") / ".." / "blobs" / blob)
     loaded, original = (
-        GPT.from_pretrained(snap).state_dict(),
-        GPT.from_pretrained(w.ck).state_dict(),
+        hf.load_model(snap).state_dict(),
+        hf.load_model(w.ck).state_dict(),
     )
     assert loaded.keys() == original.keys() and all(
         torch.equal(loaded[k], original[k]) for k in loaded

@@ -34,8 +34,8 @@ from helpers import (
 
 import prift
 from infra import cli, evaluate, files, report
-from infra.prior import prior_path
-from model import GPT, Config
+from infra.reference import prior_path
+from model import GPT
 
 SHORT = dict(batch_size=4, micro_batch=2, max_len=64, max_steps=2, rule="sft")
 SECRET = "PRIFT_TEST_SECRET_d41d8cd98f"
@@ -261,7 +261,7 @@ def test_sizes_past_a_kind_are_refused_before_reading(w, capsys):
     cfg["vocab_size"] = ram // (4 * 1024) + 1  # the embedding alone: more than the memory
     (big / "config.json").write_text(json.dumps(cfg))
     with torch.device("meta"):
-        model = GPT(Config.from_dict(cfg))
+        model = GPT(helpers.config_of(cfg))
     header, offset = {}, 0
     for k, v in model.state_dict().items():
         if k == "lm_head.weight":

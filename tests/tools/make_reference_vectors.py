@@ -21,6 +21,7 @@ import struct
 import sys
 from pathlib import Path
 
+import helpers
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -126,7 +127,7 @@ def compute(logits, ref, targets, mask):
     prior = torch.stack(prift.target_stats(ref[m], targets[m]), 1)  # (N, 2)
     cases = []
     for name, rule, signal, threshold in CASES:
-        w = prift.token_weights(
+        w = helpers.token_weights(
             rule, targets, logits, ref, threshold=threshold, signal=signal
         )  # (B, T)
         total = prift.chunked_loss(
@@ -196,7 +197,7 @@ def bf16_case():
             "ref_logits": logits.float().tolist(),
             "p": p.tolist(),
             "u": u.tolist(),
-            "mass": prift.weights_from_stats("mass", p, u, 0.5).tolist(),
+            "mass": helpers.rule_weights("mass", p, u, 0.5).tolist(),
         }
     return out
 

@@ -151,7 +151,7 @@ MUTANTS = {
         ["tests/test_trust.py", "-k", "no_file_of"],
     ),
     "side-files-copied-as-before": (
-        "infra/hf_files.py",
+        "infra/hf.py",
         "copy_file(src, dst, source_dir, TOKENIZER_LIMIT, name)",
         "dst.write_bytes(Path(src).read_bytes())",
         ["tests/test_trust.py", "-k", "side_files and (environ or outside)"],
@@ -198,7 +198,7 @@ MUTANTS = {
     ),
     # identity by content
     "prior-key-by-name": (
-        "infra/prior.py",
+        "infra/reference.py",
         'key.update(f"prior-v3:{checkpoint_sha256(ref)}:{precision};".encode())',
         'key.update(f"prior-v3:{ref}:{precision};".encode())',
         ["tests/test_trust.py", "-k", "keyed_by_content"],
@@ -223,13 +223,13 @@ MUTANTS = {
         ["tests/test_trust.py", "-k", "numbers_out"],
     ),
     "trainer-counters-unchecked": (
-        "infra/trainer_state.py",
+        "infra/rundir.py",
         "if problem := trainer_problem(start):",
         "if problem := None:",
         ["tests/test_trust.py", "-k", "crafted_trainer"],
     ),
     "optimizer-unchecked": (
-        "infra/checkpoint.py",
+        "infra/rundir.py",
         'if problem := optimizer_problem(meta_model(ckpt), start["optimizer"]):',
         "if problem := None:",
         ["tests/test_trust.py", "-k", "crafted_trainer"],
@@ -241,7 +241,7 @@ MUTANTS = {
         ["tests/test_trust.py", "-k", "token_ids"],
     ),
     "report-untyped": (
-        "infra/run_files.py",
+        "infra/rundir.py",
         "rows.append(typed(row, ROW_FIELDS))",
         "rows.append(row)",
         ["tests/test_trust.py", "-k", "crafted_values"],
@@ -254,7 +254,7 @@ MUTANTS = {
         ["tests/test_trust.py", "-k", "no_evaluation"],
     ),
     "finished-run-trains-again": (
-        "infra/checkpoint.py",
+        "infra/rundir.py",
         "        return Path(out), finished_state(out)",
         "        pass",
         ["tests/test_trust.py", "-k", "no_evaluation"],
@@ -278,13 +278,13 @@ MUTANTS = {
         ["tests/test_trust.py", "-k", "without_a_user_turn"],
     ),
     "metrics-step-untyped": (
-        "infra/checkpoint.py",
+        "infra/rundir.py",
         "return step if type(step) is int else math.inf",
         "return step",
         ["tests/test_trust.py", "-k", "crafted_steps"],
     ),
     "inspect-without-rows": (
-        "infra/inspection.py",
+        "infra/reference.py",
         '"row": row,  # the example',
         "# the example",
         ["tests/test_trust.py", "-k", "inspect_says"],

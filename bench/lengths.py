@@ -4,7 +4,7 @@ Math), the padded share of the positions the loop computes and its response toke
 micro-batches cut from each step's examples in random order, grouped by length (the default), and by
 a token budget (--micro-tokens).
 
-    python -m infra.bench --only lengths
+    python -m bench.train --only lengths
 """
 
 import sys
@@ -13,8 +13,8 @@ import torch
 
 import data
 import prift
-from infra import batching
-from infra.bench import Meter, in_child, llama_config, make_checkpoint, table, train_config
+import data
+from bench.train import Meter, in_child, llama_config, make_checkpoint, table, train_config
 from model import GPT
 
 # Examples per bin of 16 tokens (0-15, 16-31, ...) of problem + "\n" + solution of MATH500 (500)
@@ -51,7 +51,7 @@ LENGTH_MODES = {
 }
 
 
-def micro_batches(a, mode, seqs, idx, cut=batching.micro_batches):
+def micro_batches(a, mode, seqs, idx, cut=data.micro_batches):
     kw = LENGTH_MODES[mode]
     return cut(
         seqs, idx, 0, 1, a.len_micro, a.len_tokens if kw.get("tokens") else None, kw["by_length"]
@@ -75,7 +75,7 @@ def run_lengths(a, mode, ckpt):
     seqs = real_length_seqs(a.len_batch * (a.warmup + a.steps), a.len_vocab)
     cfg = train_config(a, "sft", batch_size=a.len_batch)
     # in this child process only
-    batching.micro_batches = lambda seqs, idx, *_, **__: micro_batches(a, mode, seqs, idx)
+    data.micro_batches = lambda seqs, idx, *_, **__: micro_batches(a, mode, seqs, idx)
     meter = Meter(device)
     prift.train(cfg, GPT.from_pretrained(ckpt, device=device), seqs)
     # the timed steps' examples

@@ -16,11 +16,11 @@ machine:
   4. peak memory and step time with and without activation checkpointing (--grad-checkpoint), at
      sequence 2,048, beside what memory.py's plan says the run needs.
 
-    python -m infra.bench                # Llama-shaped, ~100M parameters, sequence 512; float32
+    python -m bench.train                # Llama-shaped, ~100M parameters, sequence 512; float32
                                          # (minutes on a CPU)
-    python -m infra.bench --quick        # tiny sizes, to check that it runs
-    python -m infra.bench --device cuda  # bfloat16 autocast, and model FLOPs utilisation
-    python -m infra.bench --only memory  # one of the parts: train, loss, lengths, memory, lora
+    python -m bench.train --quick        # tiny sizes, to check that it runs
+    python -m bench.train --device cuda  # bfloat16 autocast, and model FLOPs utilisation
+    python -m bench.train --only memory  # one of the parts: train, loss, lengths, memory, lora
 
 Each configuration runs in a child process forked from this one (before any tensor work), so its
 memory is its own. Peak memory, CPU: the child's peak resident set (VmHWM) minus its resident set
@@ -49,7 +49,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import data
 import prift
 from infra.distributed import autocast
-from infra.prior import cached_prior
+from infra.reference import cached_prior
 from model import GPT, Config
 
 try:  # imported before forking, so that no child pays for it
@@ -319,8 +319,8 @@ def main():
     a.len_batch = a.len_batch or (16 if a.quick else 64)
     a.threads = a.threads or (1 if a.quick else None)
     # the parts import this file's harness: imported here, once this file is loaded
-    from infra.bench_lengths import report_lengths
-    from infra.bench_memory import report_lora, report_memory
+    from bench.lengths import report_lengths
+    from bench.memory import report_lora, report_memory
 
     tmp = Path(tempfile.mkdtemp(prefix="prift-bench-"))
     try:

@@ -3,10 +3,10 @@ Benchmark of generation throughput: new tokens per second of our generate.genera
 transformers' model.generate, side by side in one run, on the same checkpoint, the same prompts,
 dtype and device.
 
-    python -m infra.bench_generate                # Llama-shaped, ~21M parameters, 32 prompts; CPU,
+    python -m bench.generate                # Llama-shaped, ~21M parameters, 32 prompts; CPU,
                                                   # float32 (minutes)
-    python -m infra.bench_generate --quick        # tiny sizes: seconds, to check that it runs
-    python -m infra.bench_generate --device cuda  # bfloat16 (written for a GPU, not run on one yet)
+    python -m bench.generate --quick        # tiny sizes: seconds, to check that it runs
+    python -m bench.generate --device cuda  # bfloat16 (written for a GPU, not run on one yet)
 
 The model is random (the weights do not change the work), built with model.py, saved as a Hugging
 Face checkpoint into a temporary directory and loaded from there by both. The prompts are random
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from infra import bench
+from bench import train
 from infra.generate import generate
 from model import GPT
 

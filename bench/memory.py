@@ -1,10 +1,10 @@
 """
 bench.py's fourth and fifth parts: peak memory and step time with and without activation
-checkpointing (--grad-checkpoint) beside memory.py's plan, and mass with --lora against full
+checkpointing (--grad-checkpoint) beside plan.py's plan, and mass with --lora against full
 fine-tuning, the prior precomputed and inline.
 
-    python -m infra.bench --only memory
-    python -m infra.bench --only lora
+    python -m bench.train --only memory
+    python -m bench.train --only lora
 """
 
 import argparse
@@ -16,8 +16,8 @@ import sys
 import torch
 
 import prift
-from infra import lora, memory
-from infra.bench import (
+from infra import lora, plan
+from bench.train import (
     Meter,
     in_child,
     llama_config,
@@ -61,7 +61,7 @@ def report_memory(a, tmp):
                 flush=True,
             )
     cfg = Config.from_dict(llama_config(m))
-    n_params, cuda = memory.count_params(cfg)[0], a.device == "cuda"
+    n_params, cuda = plan.count_params(cfg)[0], a.device == "cuda"
     name = (
         torch.cuda.get_device_name()
         if cuda
@@ -73,7 +73,7 @@ def report_memory(a, tmp):
     mem = {on: max(x["mem"] for x in v) for on, v in res.items()}
     for on in res:
         planned = (
-            memory.plan(
+            plan.plan(
                 cfg,
                 tokens=m.batch * m.seq_len,
                 world=1,
@@ -103,7 +103,7 @@ def report_memory(a, tmp):
         "step of one micro-batch of "
         f"{m.batch} x {m.seq_len:,} tokens, sft, "
         f"{'bfloat16 autocast' if cuda else 'float32'}, {name}; "
-        f"median of {a.rounds} x {a.steps} steps. plan: memory.py's total for this run.\n"
+        f"median of {a.rounds} x {a.steps} steps. plan: plan.py's total for this run.\n"
     )
     print(
         table(
@@ -165,7 +165,7 @@ def report_lora(a, tmp):
     with torch.device("meta"):
         cfg = Config.from_dict(llama_config(a))
         n_params = sum(v.numel() for v in GPT(cfg).parameters())
-    trained = memory.lora_params(cfg, a.lora_rank, lora.LORA_TARGETS)
+    trained = plan.lora_params(cfg, a.lora_rank, lora.LORA_TARGETS)
     full = (0, "precompute")
     rows = [
         [

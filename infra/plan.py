@@ -7,7 +7,7 @@ and exits.
 
 The activations are counted from what model.py keeps for backward, tensor by tensor
 (tests/test_memory.py checks the count against what autograd saves, for every family and precision);
-the total against measured peaks is `python bench.py --only memory`.
+the total against measured peaks is `python -m bench.train --only memory`.
 """
 
 import argparse
@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from infra.distributed import dist_info, log
-from model import GPT, Config, logits_chunk
+from infra.hf import load_config
+from model import GPT
+from prift import logits_chunk
 
 GiB = 2**30
 CARDS = (
@@ -232,37 +234,56 @@ def plan(
     return parts
 
 
+@dataclasses.dataclass
+class Job:
+    """What the plan reads of a run (the command line's settings of these names)."""
+
+    model: str | None
+    ref: str | None
+    signal: str | None
+    prior: str  # "precompute" or "inline"
+    lora: int | None
+    lora_targets: str
+    micro_batch: int
+    micro_tokens: int | None
+    max_len: int
+    batch_size: int
+    grad_checkpoint: bool | None
+    fsdp: bool
+    match_authors: bool
+    loss_chunk: int | None
+    inspect: int | None
+
+
 def recompute(grad_checkpoint, cuda):
     """--grad-checkpoint / --no-grad-checkpoint; by default on with CUDA, off on the CPU."""
     return cuda if grad_checkpoint is None else grad_checkpoint
 
 
-def run_plan(args, world, cuda):
+def run_plan(job, world, cuda):
     """The plan of this run's arguments."""
-    cfg = Config.load(args.model)
-    ref = Config.load(args.ref) if args.signal == "prior" and args.prior == "inline" else None
-    own_base = Path(args.ref).resolve() == Path(args.model).resolve()
-    if args.lora and own_base:  # the inline reference is the model itself, its adapters off
+    cfg = load_config(job.model)
+    ref = load_config(job.ref) if job.signal == "prior" and job.prior == "inline" else None
+    own_base = Path(job.ref).resolve() == Path(job.model).resolve()
+    if job.lora and own_base:  # the inline reference is the model itself, its adapters off
         ref = None
     tokens = (
-        max(args.micro_tokens, args.max_len)
-        if args.micro_tokens
-        else args.micro_batch * args.max_len
+        max(job.micro_tokens, job.max_len) if job.micro_tokens else job.micro_batch * job.max_len
     )
-    checkpointing = recompute(args.grad_checkpoint, cuda)
-    accumulate = args.batch_size > args.micro_batch * world or bool(args.micro_tokens)
+    checkpointing = recompute(job.grad_checkpoint, cuda)
+    accumulate = job.batch_size > job.micro_batch * world or bool(job.micro_tokens)
     return cfg, plan(
         cfg,
         tokens=tokens,
         world=world,
-        fsdp=args.fsdp and world > 1,
+        fsdp=job.fsdp and world > 1,
         cuda=cuda,
-        authors=args.match_authors,
+        authors=job.match_authors,
         checkpointing=checkpointing,
         ref_cfg=ref,
-        loss_chunk=args.loss_chunk,
+        loss_chunk=job.loss_chunk,
         accumulate=accumulate,
-        lora=(args.lora, args.lora_targets.split(",")) if args.lora else None,
+        lora=(job.lora, job.lora_targets.split(",")) if job.lora else None,
     )
 
 
@@ -270,11 +291,11 @@ def fits(parts, card):
     return parts["total"] <= HEADROOM * card * GiB
 
 
-def what_fits(args, world, cuda, card):
+def what_fits(job, world, cuda, card):
     """The switches, added one at a time in this order, that first bring the plan within `card` GB:
     checkpointing, the prior precomputed, FSDP2 over these processes, smaller micro-batches, then
     more GPUs under FSDP2."""
-    tried, a, n = [], copy.copy(args), world
+    tried, a, n = [], copy.copy(job), world
     steps = [
         ("grad_checkpoint", True, "--grad-checkpoint"),
         ("prior", "precompute", "--prior precompute"),
@@ -302,7 +323,7 @@ def what_fits(args, world, cuda, card):
                     else f"--micro-batch {a.micro_batch}"
                 ]
             )
-    a.micro_batch, a.micro_tokens, a.fsdp = args.micro_batch, args.micro_tokens, True
+    a.micro_batch, a.micro_tokens, a.fsdp = job.micro_batch, job.micro_tokens, True
     while n < 64:
         n *= 2
         if fits(run_plan(a, n, cuda)[1], card):
@@ -310,27 +331,27 @@ def what_fits(args, world, cuda, card):
     return None
 
 
-def describe(args, world, cuda):
-    cfg, parts = run_plan(args, world, cuda)
+def describe(job, world, cuda):
+    cfg, parts = run_plan(job, world, cuda)
     P = count_params(cfg)[0]
     tokens = (
-        f"{args.micro_tokens:,} positions"
-        if args.micro_tokens
-        else f"{args.micro_batch} x {args.max_len:,} tokens"
+        f"{job.micro_tokens:,} positions"
+        if job.micro_tokens
+        else f"{job.micro_batch} x {job.max_len:,} tokens"
     )
-    how = (f"{world} processes, " + ("FSDP2" if args.fsdp else "DDP")) if world > 1 else "1 process"
+    how = (f"{world} processes, " + ("FSDP2" if job.fsdp else "DDP")) if world > 1 else "1 process"
     precision = (
         "bf16 weights (--match-authors)"
-        if args.match_authors
-        else ("bf16 autocast" + (", bf16 gathers" if args.fsdp and world > 1 else ""))
+        if job.match_authors
+        else ("bf16 autocast" + (", bf16 gathers" if job.fsdp and world > 1 else ""))
         if cuda
         else "float32"
     )
-    ckpt = "on" if recompute(args.grad_checkpoint, cuda) else "off"
-    if args.lora:
-        A = lora_params(cfg, args.lora, args.lora_targets.split(","))
-        base = "bf16" if cuda and not (args.fsdp and world > 1) else "float32"
-        precision += f"; LoRA rank {args.lora} ({A / 1e6:.1f}M trained), {base} base"
+    ckpt = "on" if recompute(job.grad_checkpoint, cuda) else "off"
+    if job.lora:
+        A = lora_params(cfg, job.lora, job.lora_targets.split(","))
+        base = "bf16" if cuda and not (job.fsdp and world > 1) else "float32"
+        precision += f"; LoRA rank {job.lora} ({A / 1e6:.1f}M trained), {base} base"
     lines = [
         f"memory plan per {'GPU' if cuda else 'process'}: {cfg.model_type}, "
         f"{f'{P / 1e9:.2f}B' if P >= 1e9 else f'{P / 1e6:.1f}M' if P >= 1e6 else f'{P:,}'} "
@@ -344,7 +365,7 @@ def describe(args, world, cuda):
         if fits(parts, card):
             lines.append(f"  a {card} GB card: fits")
         else:
-            fix = what_fits(args, world, cuda, card)
+            fix = what_fits(job, world, cuda, card)
             lines.append(
                 f"  a {card} GB card: does not fit; "
                 + (f"fits with {fix}" if fix else "not even on 64 GPUs")
@@ -352,7 +373,7 @@ def describe(args, world, cuda):
     return "\n".join(lines)
 
 
-def print_plan(args, device, is_demo, plan_only):
+def print_plan(job, device, is_demo, plan_only):
     """Every --model/--data run prints its plan first; --plan prints it alone and exits. The demo
     has no plan, and --inspect, which does not train, prints one only when asked."""
     if is_demo and plan_only:
@@ -362,8 +383,8 @@ def print_plan(args, device, is_demo, plan_only):
             file=sys.stderr,
         )
         raise SystemExit(2)
-    if is_demo or (args.inspect and not plan_only):
+    if is_demo or (job.inspect and not plan_only):
         return
-    log(describe(args, dist_info()[1], device.type == "cuda"))
+    log(describe(job, dist_info()[1], device.type == "cuda"))
     if plan_only:
         raise SystemExit(0)

@@ -3,11 +3,11 @@ The step cost of ports/trl_prift.py in TRL's SFTTrainer: PriFT-mass with the exp
 (tokens.jsonl's prior_p/prior_u columns) and with an inline reference, against TRL's own SFT step,
 side by side in one process.
 
-    python -m infra.bench_port --threads 1             # a ~30M Llama-shaped model, 32,000 tokens,
+    python -m bench.port --threads 1             # a ~30M Llama-shaped model, 32,000 tokens,
                                                        # 4 x 256 tokens
-    python -m infra.bench_port --threads 1 --defaults  # what each Trainer default that differs
+    python -m bench.port --threads 1 --defaults  # what each Trainer default that differs
                                                        # from prift's changes
-    python -m infra.bench_port --parity                # PriftTrainer vs prift.py, 1 and 2 processes
+    python -m bench.port --parity                # PriftTrainer vs prift.py, 1 and 2 processes
 
 Each configuration is a real SFTTrainer on the same random checkpoint and the same batch; a step is
 TRL's own training_step (forward, the loss, backward) and the optimizer's step. The steps are

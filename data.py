@@ -67,9 +67,18 @@ def training_example(row, where):
     """parse_example's, with a response to train on."""
     ex = parse_example(row, where)
     if ex["response"] is None:
+        found = ", ".join(f"{k} ({type(v).__name__})" for k, v in row.items())
+        answer = row.get("answer", first_text(row, ["final_answer"]))
+        only = (
+            f", only the final answer {answer!r} (a file of problems and final answers is "
+            "--eval-data)"
+            if answer is not None
+            else ""
+        )
         raise DataError(
-            f"{where}: nothing to train on; give a worked solution as 'response' or "
-            "'solution' (a file of problems and final answers is --eval-data)"
+            f"{where}: nothing to train on{only}; expected a prompt with its 'response': "
+            "prompt/response, problem/solution, question/answer (a worked solution), "
+            f"or 'messages' that end in an assistant turn (found: {found})"
         )
     return ex
 

@@ -110,9 +110,8 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # normalise in float32 and cast back before the gain, as the Hugging Face models do
         xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(
-            x.dtype
-        )
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_cos_sin(cfg, positions):
@@ -276,21 +275,19 @@ class GPT(nn.Module):
         self.model = nn.Module()
         # padding_idx as transformers builds it: the pad row's input-side gradient is zero, which
         # matters when the pad id is a trained token (often the template's end token)
-        self.model.embed_tokens = nn.Embedding(
-            cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id
-        )
+        C, V = cfg.hidden_size, cfg.vocab_size
+        self.model.embed_tokens = nn.Embedding(V, C, padding_idx=cfg.pad_token_id)
         if cfg.family["pos"] == "learned":
-            self.model.embed_positions = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+            self.model.embed_positions = nn.Embedding(cfg.max_positions, C)
         self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        layernorm = cfg.family["norm"] == "layernorm"
         self.model.norm = (
-            nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-            if cfg.family["norm"] == "layernorm"
-            else RMSNorm(cfg.hidden_size, cfg.norm_eps)
+            nn.LayerNorm(C, eps=cfg.norm_eps) if layernorm else RMSNorm(C, cfg.norm_eps)
         )
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(C, V, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.apply(self._init_weights)  # a no-op on the meta device, where from_pretrained builds
+        self.apply(self._init_weights)  # a no-op on the meta device, where infra/hf.py builds
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -306,9 +303,8 @@ class GPT(nn.Module):
         rows each token's position in its own row, positions (B, T), and mask (B, 1, T, pos+T), True
         where a query may attend to a key (causal, padding left out)."""
         if positions is None:
-            positions = torch.arange(
-                pos, pos + idx.shape[1], device=idx.device
-            )  # (T,), the same in every row
+            # (T,): the same in every row
+            positions = torch.arange(pos, pos + idx.shape[1], device=idx.device)
         x = self.model.embed_tokens(idx)
         rope = None
         if self.config.family["pos"] == "learned":

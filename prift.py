@@ -97,8 +97,8 @@ def token_losses(logits, targets, rule, signal=None, threshold=None, prior=None)
     signal, threshold, weight = rule_settings(rule, signal, threshold)
     logp = logits.float().log_softmax(-1)  # (N, V)
     ce = -logp.gather(1, targets[:, None])[:, 0]
-    if signal == "online":
-        p, u = token_stats(logp.detach().exp(), targets)
+    if signal == "online":  # softmax as the prior's: the same logits give the same p, u
+        p, u = target_stats(logits.detach(), targets)
     elif signal == "prior":
         p, u = prior.unbind(1)
     else:  # the rule reads no signal: placeholders of the right shape

@@ -4,7 +4,7 @@ transformers' model.generate, side by side in one run, on the same checkpoint, t
 dtype and device.
 
     python -m bench.generate                # Llama-shaped, ~21M parameters, 32 prompts; CPU,
-                                                  # float32 (minutes)
+                                            # float32 (minutes)
     python -m bench.generate --quick        # tiny sizes: seconds, to check that it runs
     python -m bench.generate --device cuda  # bfloat16 (written for a GPU, not run on one yet)
 
@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from bench import train
+from bench.common import make_checkpoint, table
+from infra import hf
 from infra.generate import generate
-from model import GPT
 
 
 def prompts_of(a, seed=0):
@@ -55,25 +55,25 @@ def run_ours(model, prompts, a, new, samples):
     )
 
 
-def run_hf(hf, prompts, a, new, samples):
+def run_hf(theirs, prompts, a, new, samples):
     T0 = max(map(len, prompts))
-    ids = torch.tensor(
-        [[0] * (T0 - len(p)) + p for p in prompts], device=a.device
-    )  # (P, T0), left-padded
+    # (P, T0), left-padded
+    ids = torch.tensor([[0] * (T0 - len(p)) + p for p in prompts], device=a.device)
     torch.manual_seed(0)
     how = (
         dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
         if samples > 1
         else dict(do_sample=False)
     )
-    out = hf.generate(
+    # prompt ids are drawn from 1..vocab-1: 0 marks the padding
+    out = theirs.generate(
         ids,
         attention_mask=(ids != 0).long(),
         max_new_tokens=new,
         num_return_sequences=samples,
         pad_token_id=0,
         **how,
-    )  # prompt ids are drawn from 1..vocab-1: 0 marks the padding
+    )
     return out[:, T0:].tolist()
 
 
@@ -113,9 +113,8 @@ def main():
         else dict(prompts=32, min_len=32, max_len=256, new_tokens=32, samples=16)
     )
     a.__dict__.update(size, **{k: getattr(a, k) or v for k, v in work.items()})
-    a.seq_len = (
-        a.max_len + a.new_tokens
-    )  # bench.llama_config: max_position_embeddings = seq_len + 1
+    # bench.common.llama_config: max_position_embeddings = seq_len + 1
+    a.seq_len = a.max_len + a.new_tokens
     if a.device == "cpu":
         torch.set_num_threads(a.threads)
     transformers.utils.logging.set_verbosity_error()  # no loading bars or advice in the report
@@ -126,19 +125,20 @@ def main():
 
 def report(a, tmp):
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
-    bench.make_checkpoint(a, tmp)
-    ours = GPT.from_pretrained(tmp, dtype=dtype, device=a.device).eval()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(a.device).eval()
-    hf.generation_config.eos_token_id = None  # no stop token: every row runs to --new-tokens
+    make_checkpoint(a, tmp)
+    ours = hf.load_model(tmp, dtype=dtype, device=a.device).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(a.device)
+    theirs.eval().generation_config.eos_token_id = None  # every row runs to --new-tokens
     prompts = prompts_of(a)
-    for run, model in ((run_ours, ours), (run_hf, hf)):  # warm-up: kernels, allocator, lazy imports
+    # warm-up: kernels, allocator, lazy imports
+    for run, model in ((run_ours, ours), (run_hf, theirs)):
         run(model, prompts[:2], a, 2, 2)
 
     rows = []
     for name, samples in (("greedy", 1), (f"sampled x{a.samples}", a.samples)):
         best, out = {}, {}
         for _ in range(a.repeats):
-            for who, run, model in (("ours", run_ours, ours), ("transformers", run_hf, hf)):
+            for who, run, model in (("ours", run_ours, ours), ("transformers", run_hf, theirs)):
                 seconds, cpu, out[who] = timed(run, model, prompts, a, a.new_tokens, samples)
                 assert len(out[who]) == len(prompts) * samples and {len(r) for r in out[who]} == {
                     a.new_tokens
@@ -178,7 +178,7 @@ def report(a, tmp):
         f"{transformers.__version__}.\n"
     )
     print(
-        bench.table(
+        table(
             [
                 "workload",
                 "rows x new tokens",

@@ -1,8 +1,8 @@
 """
-bench.py's third part: training on real lengths (REAL_LENGTHS, a histogram of MATH500 and Minerva
-Math), the padded share of the positions the loop computes and its response tokens per second, with
-micro-batches cut from each step's examples in random order, grouped by length (the default), and by
-a token budget (--micro-tokens).
+bench/train.py's third part: training on real lengths (REAL_LENGTHS, a histogram of MATH500 and
+Minerva Math), the padded share of the positions the loop computes and its response tokens per
+second, with micro-batches cut from each step's examples in random order, grouped by length (the
+default), and by a token budget (--micro-tokens).
 
     python -m bench.train --only lengths
 """
@@ -12,10 +12,16 @@ import sys
 import torch
 
 import data
-import prift
-import data
-from bench.train import Meter, in_child, llama_config, make_checkpoint, table, train_config
-from model import GPT
+from bench.common import (
+    Meter,
+    in_child,
+    llama_config,
+    make_checkpoint,
+    table,
+    train,
+    train_config,
+)
+from infra import hf
 
 # Examples per bin of 16 tokens (0-15, 16-31, ...) of problem + "\n" + solution of MATH500 (500)
 # and Minerva Math (272), as their public test.jsonl files hold them, tokenised by Llama 2's
@@ -63,7 +69,7 @@ def padded_share(a, mode, batch):
     last token) over every step of 4 epochs of 1,024 examples in optimizer batches of `batch`."""
     seqs, computed, real = real_length_seqs(1024, 2), 0, 0
     for step in range(4 * 1024 // batch):
-        for mb, _ in micro_batches(a, mode, seqs, prift.batch_order(len(seqs), batch, step, 0)):
+        for mb, _ in micro_batches(a, mode, seqs, data.batch_order(len(seqs), batch, step, 0)):
             computed += len(mb) * max(len(seqs[i][0]) - 1 for i in mb)
             real += sum(len(seqs[i][0]) - 1 for i in mb)
     return 100 * (1 - real / computed)
@@ -77,7 +83,7 @@ def run_lengths(a, mode, ckpt):
     # in this child process only
     data.micro_batches = lambda seqs, idx, *_, **__: micro_batches(a, mode, seqs, idx)
     meter = Meter(device)
-    prift.train(cfg, GPT.from_pretrained(ckpt, device=device), seqs)
+    train(cfg, hf.load_model(ckpt, device=device), seqs)
     # the timed steps' examples
     tokens = sum(data.n_response_tokens(s) for s in seqs[a.len_batch * a.warmup :])
     return dict(meter.steps(a.warmup), tokens=tokens)

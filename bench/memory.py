@@ -1,6 +1,6 @@
 """
-bench.py's fourth and fifth parts: peak memory and step time with and without activation
-checkpointing (--grad-checkpoint) beside plan.py's plan, and mass with --lora against full
+bench/train.py's fourth and fifth parts: peak memory and step time with and without activation
+checkpointing (--grad-checkpoint) beside infra/plan.py's plan, and mass with --lora against full
 fine-tuning, the prior precomputed and inline.
 
     python -m bench.train --only memory
@@ -15,22 +15,25 @@ import sys
 
 import torch
 
-import prift
-from infra import lora, plan
-from bench.train import (
+from bench.common import (
     Meter,
+    device_name,
     in_child,
     llama_config,
+    load_reference,
     make_checkpoint,
     mfu,
+    model_config,
     peak_tflops,
     prior_in_cache,
     run_prior,
     synthetic_data,
     table,
+    train,
     train_config,
 )
-from model import GPT, Config
+from infra import hf, lora, plan
+from model import GPT
 
 
 def run_memory(a, checkpointing, ckpt):
@@ -42,9 +45,9 @@ def run_memory(a, checkpointing, ckpt):
     if a.device == "cpu":
         ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 2**20)
     device, seqs = torch.device(a.device), synthetic_data(a)
-    cfg = train_config(a, "sft", recompute=checkpointing)
+    cfg = train_config(a, "sft")
     meter = Meter(device)
-    prift.train(cfg, GPT.from_pretrained(ckpt, device=device), seqs)
+    train(cfg, hf.load_model(ckpt, device=device), seqs, recompute=checkpointing)
     return meter.steps(a.warmup)
 
 
@@ -60,13 +63,8 @@ def report_memory(a, tmp):
                 file=sys.stderr,
                 flush=True,
             )
-    cfg = Config.from_dict(llama_config(m))
-    n_params, cuda = plan.count_params(cfg)[0], a.device == "cuda"
-    name = (
-        torch.cuda.get_device_name()
-        if cuda
-        else f"CPU, {a.threads or torch.get_num_threads()} thread(s)"
-    )
+    cfg = model_config(llama_config(m))
+    n_params, cuda, name = plan.count_params(cfg)[0], a.device == "cuda", device_name(a)
     peak, rows = peak_tflops(a, name), []
     med = {on: statistics.median(t for x in v for t in x["times"]) for on, v in res.items()}
     cpu = {on: statistics.median(t for x in v for t in x["cpu"]) for on, v in res.items()}
@@ -103,7 +101,7 @@ def report_memory(a, tmp):
         "step of one micro-batch of "
         f"{m.batch} x {m.seq_len:,} tokens, sft, "
         f"{'bfloat16 autocast' if cuda else 'float32'}, {name}; "
-        f"median of {a.rounds} x {a.steps} steps. plan: plan.py's total for this run.\n"
+        f"median of {a.rounds} x {a.steps} steps. plan: infra/plan.py's total for this run.\n"
     )
     print(
         table(
@@ -134,15 +132,14 @@ def run_lora(a, rank, prior_mode, ckpt, cache):
     device, seqs = torch.device(a.device), synthetic_data(a)
     cfg = train_config(a, "mass")
     meter = Meter(device)
-    model = GPT.from_pretrained(ckpt, device=device)
+    model = hf.load_model(ckpt, device=device)
     model = lora.attach(model, rank, None, 0.0, ",".join(lora.LORA_TARGETS))
     prior = ref = None
     if prior_mode == "precompute":  # made by run_prior; read back here
         prior = prior_in_cache(a, seqs, ckpt, cache, device)
     else:
-        dtype = torch.bfloat16 if a.device == "cuda" else None
-        ref = lora.reference(model, ckpt, ckpt, lambda: prift.load_reference(ckpt, device, dtype))
-    prift.train(cfg, model, seqs, prior=prior, ref=ref)
+        ref = lora.reference(model, ckpt, ckpt, lambda: load_reference(a, ckpt, device))
+    train(cfg, model, seqs, prior=prior, ref=ref)
     return meter.steps(a.warmup)
 
 
@@ -163,7 +160,7 @@ def report_lora(a, tmp):
     cpu = {c: statistics.median(t for x in v for t in x["cpu"]) for c, v in res.items()}
     mem = {c: max(x["mem"] for x in v) for c, v in res.items()}
     with torch.device("meta"):
-        cfg = Config.from_dict(llama_config(a))
+        cfg = model_config(llama_config(a))
         n_params = sum(v.numel() for v in GPT(cfg).parameters())
     trained = plan.lora_params(cfg, a.lora_rank, lora.LORA_TARGETS)
     full = (0, "precompute")
@@ -181,8 +178,7 @@ def report_lora(a, tmp):
         ]
         for c in configs
     ]
-    threads = a.threads or torch.get_num_threads()
-    name = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {threads} thread(s)"
+    name = device_name(a)
     print(
         f"\nLoRA: mass, Llama-shaped, {n_params / 1e6:.0f}M parameters ({trained / 1e6:.1f}M "
         f"trained with LoRA {a.lora_rank} on all seven linears), {a.batch} x {a.seq_len} "

@@ -4,9 +4,9 @@ The step cost of ports/trl_prift.py in TRL's SFTTrainer: PriFT-mass with the exp
 side by side in one process.
 
     python -m bench.port --threads 1             # a ~30M Llama-shaped model, 32,000 tokens,
-                                                       # 4 x 256 tokens
+                                                 # 4 x 256 tokens
     python -m bench.port --threads 1 --defaults  # what each Trainer default that differs
-                                                       # from prift's changes
+                                                 # from prift's changes
     python -m bench.port --parity                # PriftTrainer vs prift.py, 1 and 2 processes
 
 Each configuration is a real SFTTrainer on the same random checkpoint and the same batch; a step is
@@ -49,9 +49,8 @@ def main():
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings(
-        "ignore", category=FutureWarning
-    )  # transformers' renaming of gradient_checkpointing
+    # transformers' renaming of gradient_checkpointing
+    warnings.filterwarnings("ignore", category=FutureWarning)
     if args.defaults:
         return defaults()
     if args.parity:
@@ -190,7 +189,7 @@ def defaults(steps=25, batch=8, micro=2, lr=1e-3):
     from trl import SFTConfig
     from trl_prift import PriftTrainer, prift_optimizer
 
-    import prift
+    from data import batch_order
     from infra import cli
 
     d = Path(tempfile.mkdtemp())
@@ -238,9 +237,7 @@ def defaults(steps=25, batch=8, micro=2, lr=1e-3):
     data = datasets.load_dataset(
         "json", data_files=str(d / "prior" / "tokens.jsonl"), split="train"
     )
-    ordered = data.select(
-        [i for s in range(steps) for i in prift.batch_order(len(data), batch, s, 0)]
-    )
+    ordered = data.select([i for s in range(steps) for i in batch_order(len(data), batch, s, 0)])
 
     def run(order="prift", bf16=False, schedule="prift", decay="all", beta2=0.95):
         model = AutoModelForCausalLM.from_pretrained(d / "model", dtype=torch.float32)

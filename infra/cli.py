@@ -222,7 +222,11 @@ def run(args, device):
         lora.merge(args.out, args.out / "merged")
     log(f"trained {state['step']} steps ({state['skipped']} skipped); model saved to {args.out}")
     after = evaluate.evaluate_files(eval_cfg, model, template, eval_sets) if eval_sets else None
-    rows = evaluate.report(args.out, before, after, eval_cfg.eval_samples) if after else None
+    rows = (
+        evaluate.report(args.out, args.rule, before, after, eval_cfg.eval_samples)
+        if after
+        else None
+    )
     report.run_report(args.out, rows, seqs, state)
 
 
@@ -255,7 +259,10 @@ def main(argv=None):
             demo.run(
                 pick(demo.DemoConfig, settings),
                 device,
-                train_config(settings),
+                # --rule all: each rule takes its own settings; "sft" only stands in for "all"
+                train_config(settings, rule="sft")
+                if settings.rule == "all"
+                else train_config(settings),
                 pick(evaluate.EvalConfig, settings),
                 recorded_arguments(settings),
             )
@@ -381,9 +388,8 @@ def recorded_args(parser, run_dir):
                     f"--resume {run_dir}: args.json gives {action.dest} {value!r}, not "
                     "true or false"
                 )
-            switched = isinstance(
-                action, argparse.BooleanOptionalAction
-            )  # --grad-checkpoint / --no-grad-checkpoint
+            # --grad-checkpoint / --no-grad-checkpoint
+            switched = isinstance(action, argparse.BooleanOptionalAction)
             argv += [flag] if value else [flag.replace("--", "--no-", 1)] if switched else []
         elif action.nargs == "+":  # --eval-data: a list (a single file before it took several)
             argv += [flag, *map(str, value if isinstance(value, list) else [value])]

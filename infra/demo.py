@@ -135,9 +135,8 @@ FILLER = ["so yeah, ", "hmm ok, ", "right, well, "]
 def arithmetic_problem(rng, phrasings, noise=None):
     """One problem as a JSONL row: prompt, response, the right answer, and the clean response."""
     op, x, b = rng.choice("+-"), rng.randint(1, 9), rng.randint(1, 9)
-    a, c = (
-        (x, x + b) if op == "+" else (x + b, x)
-    )  # a + b = c, or a - b = c; b and one of a, c one-digit
+    # a + b = c, or a - b = c; b and one of a, c one-digit
+    a, c = (x, x + b) if op == "+" else (x + b, x)
     q = rng.choice(phrasings[op]).format(n=rng.choice(NAMES), a=a, b=b, i=rng.choice(ITEMS))
     clean = f" {a}{op}{b}={c}. The answer is \\boxed{{{c}}}."
     response = clean
@@ -379,10 +378,8 @@ def run(cfg, device, train_cfg, eval_cfg, arguments):
         return reference.inspect(examples, device, job, source, arguments)
     rundir.prepare_out(out, arguments, cfg.overwrite)
     paths = write_data(cfg)
-    sets = {
-        name: files.read_jsonl(p, data.training_example if name == "train" else evaluate.problem)
-        for name, p in paths.items()
-    }
+    # every set with its gold answers: the training set's show which wrong answers come back
+    sets = {name: files.read_jsonl(p, evaluate.problem) for name, p in paths.items()}
     template = hf.load_template(base, "plain")
     seqs, _ = template.encode(sets["train"], cfg.max_len)
     rules = list(prift.RULES) if cfg.rule == "all" else list(dict.fromkeys(["sft", cfg.rule]))

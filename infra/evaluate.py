@@ -495,10 +495,6 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # --------------------------------------------------------------------------------------------------
 # grading.py
 
@@ -554,3 +550,7 @@ def normalize_answer(ans):
     ans = re.sub(r"^[a-zA-Z]=", "", ans)  # x=3 -> 3
     ans = re.sub(r"(\.\d*?)0+(?!\d)", r"\1", ans)  # 3.50 -> 3.5, 27.0 -> 27.
     return re.sub(r"(\d)\.(?!\d)", r"\1", ans)  # 27. -> 27
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -70,9 +70,8 @@ def generate(
         )
     P, k = len(prompts), num_samples
     lens = torch.tensor([len(p) for p in prompts], device=dev)  # (P,)
-    limit = (cfg.max_positions - lens).clamp(
-        max=max_new_tokens
-    )  # (P,) new tokens each prompt may have
+    # (P,) new tokens each prompt may have
+    limit = (cfg.max_positions - lens).clamp(max=max_new_tokens)
     steps = int(limit.max()) if P else 0
     if steps <= 0:
         return [[] for _ in range(P * k)]

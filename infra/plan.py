@@ -24,11 +24,8 @@ from model import GPT
 from prift import logits_chunk
 
 GiB = 2**30
-CARDS = (
-    24,
-    40,
-    80,
-)  # GB as sold, which for these cards means GiB of device memory (RTX 4090, A100 40 and 80 GB)
+# GB as sold, which for these cards means GiB of device memory (RTX 4090, A100 40 and 80 GB)
+CARDS = (24, 40, 80)
 # what a plan may fill: the CUDA context, NCCL's buffers and the allocator's fragmentation take the
 # rest
 HEADROOM = 0.9
@@ -79,9 +76,8 @@ def block_bytes(cfg, mode):
     b = 4 if mode == "fp32" else 2  # the matmuls' dtype
     swiglu = cfg.family["mlp"] == "swiglu"
     total = norm_bytes(cfg, mode, 3) + norm_bytes(cfg, mode, 2 if swiglu else 1)
-    total += (
-        b * (H * d + 2 * K * d) + b * H * d + 4 * H
-    )  # SDPA: q, k, v, its output (o_proj's input), logsumexp
+    # SDPA: q, k, v, its output (o_proj's input), logsumexp
+    total += b * (H * d + 2 * K * d) + b * H * d + 4 * H
     if cfg.family["qk_norm"]:  # per-head RMSNorm of q and k: input as float32, 1/rms, normalised
         total += (4 + b) * (H + K) * d + 4 * (H + K)
     if (
@@ -99,9 +95,8 @@ def model_bytes(cfg, mode):
     norm.
     """
     rope = cfg.family["pos"] == "rope"
-    shared = rope and (
-        mode == "fp32" or (mode == "autocast" and cfg.family["qk_norm"])
-    )  # float32 cos, sin kept
+    # float32 cos, sin kept
+    shared = rope and (mode == "fp32" or (mode == "autocast" and cfg.family["qk_norm"]))
     pos = 8 * cfg.head_dim if shared else 8 if cfg.family["pos"] == "learned" else 0
     return 8 + pos + norm_bytes(cfg, mode, 0)
 

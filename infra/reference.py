@@ -200,9 +200,8 @@ def inspect(examples, device, job, source, arguments):
     rundir.prepare_out(job.out, arguments, job.overwrite)  # every input is read and checked
     lines = []
     for row, (ids, n_prompt), stats, w in zip(rows, seqs, prior, weights):
-        n = max(
-            n_prompt, 1
-        )  # with an empty prompt the first token is not predicted, so not trained
+        # with an empty prompt the first token is not predicted, so not trained
+        n = max(n_prompt, 1)
         none = [0.0] * n
         line = {
             "row": row,  # the example's index among the data file's examples

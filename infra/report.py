@@ -113,9 +113,8 @@ def what_ran(a, r):
         f"at most {a['max_steps']}" if a.get("max_steps") else f"{a.get('epochs', '?')} epoch(s)"
     )
     evals = a.get("eval_data") or []
-    evals = ", ".join(
-        map(str, evals if isinstance(evals, list) else [evals])
-    )  # one file, in runs from before lists
+    # one file, in runs from before lists
+    evals = ", ".join(map(str, evals if isinstance(evals, list) else [evals]))
     micro = f"{a['micro_tokens']} positions" if a.get("micro_tokens") else a.get("micro_batch")
     return [
         ("rule", a.get("rule")),
@@ -168,10 +167,11 @@ def how_it_went(rows, r):
     ]
 
 
+# held-out cross-entropy; the demo's share of wrong answers given back
 LOWER_IS_BETTER = (
     "ce",
     "wrong copied",
-)  # held-out cross-entropy; the demo's share of wrong answers given back
+)
 
 
 def evaluation_table(evaluation):
@@ -412,10 +412,6 @@ def is_our_page(path):
         return False
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # --------------------------------------------------------------------------------------------------
 # charts.py
 
@@ -487,10 +483,11 @@ def chart(key, lines, raw):
         f'<text class="axis" x="{(LEFT + W - RIGHT) / 2}" y="{H - 4}" '
         'text-anchor="middle">optimizer step</text>'
     )
+    # one window for every run of the chart
     h, note = (
         half_width(max(len(pts) for *_, pts in lines)),
         "",
-    )  # one window for every run of the chart
+    )
     for label, colour, pts in lines:
         if key in SMOOTHED and raw:
             svg += polyline(pts, sx, sy, colour, "raw", label)
@@ -567,3 +564,7 @@ def moving_mean(pts, h):
 
 def esc(v):
     return html.escape("" if v is None else str(v))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -110,10 +110,11 @@ def save(model, opt, state, out):
     """Write a checkpoint of the model, the optimizer and the loop's state (a dict with 'step') into
     out.
     """
+    # collectives under FSDP2: every rank
     full, optim = (
         full_state_dict(model),
         optimizer_state_dict(model, opt),
-    )  # collectives under FSDP2: every rank
+    )
     if dist_info()[0] != 0:
         return
     ckpt = out / "checkpoints" / f"step-{state['step']:07d}"
@@ -394,6 +395,7 @@ def is_temporary(name):
 # --------------------------------------------------------------------------------------------------
 # Resuming: the recorded arguments, checked as the command line's are, and the same run
 
+# what makes the weights
 IDENTITY = (
     "model",
     "ref",
@@ -415,7 +417,7 @@ IDENTITY = (
     "lora_alpha",
     "lora_dropout",
     "lora_targets",
-)  # what makes the weights
+)
 
 
 # --------------------------------------------------------------------------------------------------

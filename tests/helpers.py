@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import prift  # noqa: E402
-from infra import demo, evaluate, files, hf, reference  # noqa: E402
+from infra import demo, evaluate, files, hf  # noqa: E402
 from model import GPT, Config  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
@@ -342,10 +342,10 @@ class Killed(BaseException):
 
 
 def kill_at_line(n, fn, *args, count=None):
-    """Run fn(*args), raising Killed before the n-th line executed in checkpoint.py (n None: never);
-    returns True if fn finished first. count: a list whose [0] counts the lines executed. (Lines of
-    model.py's save_pretrained only write into a temporary directory.)"""
-    from infra import checkpoint
+    """Run fn(*args), raising Killed before the n-th line executed in infra/rundir.py (n None:
+    never); returns True if fn finished first. count: a list whose [0] counts the lines executed.
+    (Lines of infra/hf.py's save_model only write into a temporary directory.)"""
+    from infra import rundir
 
     count = [0] if count is None else count
 
@@ -357,7 +357,7 @@ def kill_at_line(n, fn, *args, count=None):
         return local
 
     sys.settrace(
-        lambda frame, event, arg: local if frame.f_code.co_filename == checkpoint.__file__ else None
+        lambda frame, event, arg: local if frame.f_code.co_filename == rundir.__file__ else None
     )
     try:
         fn(*args)
@@ -374,33 +374,46 @@ def kill_at_line(n, fn, *args, count=None):
 
 def settings(args):
     """The namespace with the rule's own signal and threshold filled in, as check_args does."""
-    import prift
-
-    signal, threshold = prift.rule_settings(args.rule, args.signal, args.threshold)
+    signal, threshold, _ = prift.rule_settings(args.rule, args.signal, args.threshold)
     return argparse.Namespace(**{**vars(args), "signal": signal, "threshold": threshold})
 
 
 def train(args, model, seqs, prior=None, ref=None, out=None, start=None):
-    """prift.train with a TrainConfig of these settings, and the run kept in `out` (or nowhere)."""
-    import prift
-    from infra import checkpoint
-    from infra.argtypes import train_config
+    """prift.train as infra/cli.py calls it: a TrainConfig of these settings, the model cast and
+    wrapped as a run does, and the run kept in `out` (or nowhere)."""
+    from infra import rundir
+    from infra.cli import train_config
+    from infra.distributed import wrap_distributed
 
-    run = checkpoint.Run(out, getattr(args, "save_every", 0), start)
-    return prift.train(train_config(args), model, seqs, prior=prior, ref=ref, run=run)
+    cfg = train_config(args)
+    if cfg.match_authors:  # bf16 weights and AdamW state, before DDP or FSDP2 see them
+        model.to(torch.bfloat16)
+    fsdp, recompute = getattr(args, "fsdp", False), getattr(args, "grad_checkpoint", None)
+    wrapped = wrap_distributed(model, ref, fsdp, recompute)
+    run = rundir.Run(out, getattr(args, "save_every", 0), start)
+    with run.interrupts():
+        return prift.train(cfg, wrapped, seqs, prior=prior, ref=ref, run=run)
+
+
+def prior_source(args):
+    """The reference.PriorSource of a test's namespace, as the command line picks it."""
+    from infra.cli import pick
+    from infra.reference import PriorSource
+
+    return pick(PriorSource, args)
 
 
 def compute_prior(args, seqs, device):
     """The prior of seqs as a run gets it: from the cache, or computed and kept there."""
     from infra.reference import prior_of
 
-    return prior_of(args, seqs, device)
+    return prior_of(seqs, device, prior_source(args))
 
 
 def load_reference(args, device):
-    from infra.reference import reference_dtype
+    from infra.reference import load_reference
 
-    return reference.load_reference(args.ref, device, reference_dtype(args))
+    return load_reference(args.ref, device, prior_source(args).dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def test_non_finite_steps_in_a_row_stop_with_checkpoint(w, monkeypatch, capsys):
 
 
 def test_save_killed_at_every_line_leaves_previous_checkpoint(w, tmp_path):
-    """A kill before any line of rundir.save (and what it calls in checkpoint.py) leaves
+    """A kill before any line of rundir.save (and what it calls in rundir.py) leaves
     `latest` whole: the previous checkpoint or the new one, never a mix; and the next save
     succeeds."""
     model = hf.load_model(w.ck)
@@ -250,9 +250,7 @@ def test_save_killed_at_every_line_leaves_previous_checkpoint(w, tmp_path):
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(step)
-        rundir.save(
-            model, opt, {"step": step, "skipped": 0, "bad_in_row": 0, "kept_sum": 0.0}, out
-        )
+        rundir.save(model, opt, {"step": step, "skipped": 0, "bad_in_row": 0, "kept_sum": 0.0}, out)
 
     def latest_step():
         state, trainer = load_latest(out)
@@ -472,7 +470,7 @@ SAVE_MODEL = rundir.save_model
 
 
 def kill_in_final_save(n):
-    """rundir.save_model, killed before the n-th line it executes in checkpoint.py; counts lines
+    """rundir.save_model, killed before the n-th line it executes in rundir.py; counts lines
     when n=None.
     """
     count = [0]

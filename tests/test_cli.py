@@ -234,8 +234,8 @@ FORMATS = [
 def test_every_data_format_reads(tmp_path):
     path = tmp_path / "formats.jsonl"
     helpers.write_jsonl(FORMATS, path)
-    ex = helpers.read_jsonl(path)
-    assert [e["answer"] for e in ex] == ["7", "7", "6", "4", "5"]
+    ex = helpers.read_jsonl(path)  # as training reads it; the gold answers are evaluation's
+    assert [e["answer"] for e in helpers.read_jsonl(path, "answer")] == ["7", "7", "6", "4", "5"]
     assert [e["response"] for e in ex] == [
         " 3+4=7. The answer is \\boxed{7}.",
         " 9-2=7. The answer is \\boxed{7}.",
@@ -300,13 +300,16 @@ def test_template_mask_boundary(template, tmp_path):
     )
     seqs, dropped = tpl.encode(examples, 512)
     assert dropped == 0
-    x, y, m = data.collate(seqs)
+    ids_, labels = data.collate(seqs)
+    x, y = ids_[:, :-1], ids_[:, 1:]  # position t predicts y[t]
+    m = labels[:, 1:] != -100  # trained: labels are the ids there, -100 elsewhere
+    assert torch.equal(labels[:, 1:][m], y[m])
     for b, (ex, (ids, n_prompt)) in enumerate(zip(examples, seqs)):
         # the prompt's ids are the code's own here (this test is about where the mask starts and
         # ends); that they
         # are the template's text is test_data.py's (transformers' apply_chat_template on the jinja
         # equivalent)
-        prompt = tpl.prompt_ids(ex["messages"])
+        prompt = tpl.prompt_ids([ex["messages"]])[0]
         response = tok.encode(ex["response"], add_special_tokens=False).ids
         assert ids == prompt + response + [end_id] and n_prompt == len(prompt)
         # trained: exactly the response tokens and the end token, in order; nothing of the prompt
@@ -351,7 +354,7 @@ def test_chat_template_trains_through_the_cli(tmp_path, capsys):
         hidden_act="silu",
     )
     torch.manual_seed(0)
-    GPT(helpers.config_of(cfg)).save_pretrained(ckpt)
+    hf.save_model(GPT(helpers.config_of(cfg)), ckpt)
     tok.save(str(ckpt / "tokenizer.json"))
     path = tmp_path / "chat.jsonl"
     helpers.write_jsonl(CHAT, path)

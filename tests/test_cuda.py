@@ -6,8 +6,8 @@
 families in bfloat16 against transformers' in bfloat16; the precomputed and the inline prior over 5
 steps of training; activation checkpointing against none under bfloat16 autocast; FSDP2 with
 bfloat16 gathers under torchrun (NCCL); batched generation against transformers' generate; the
-memory plan against torch.cuda.max_memory_allocated; and bench.py and bench_generate.py on the GPU.
-Written without a GPU to run them on: the tolerances are bfloat16's."""
+memory plan against torch.cuda.max_memory_allocated; and bench/train.py and bench/generate.py on the
+GPU. Written without a GPU to run them on: the tolerances are bfloat16's."""
 
 import re
 import subprocess
@@ -30,8 +30,7 @@ from helpers import (
 
 import data
 import prift
-from infra import cli as prift_cli
-from infra import hf
+from infra import hf, reference
 from infra.generate import generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -112,21 +111,22 @@ def test_precomputed_and_inline_prior(work):
     """5 steps of mass with each prior, bfloat16 autocast: the reference's p and u per token agree
     to bfloat16's precision; the 0/1 weights agree wherever u is not within that of tau; the runs'
     losses agree."""
-    args = helpers.settings(prift_cli.parse_args(["--rule", "mass"])[1])
-    args.__dict__.update(
-        ref=str(work / "model"), cache=str(work / "cache"), precision="bf16", micro_batch=4
+    # what a run on the GPU computes its prior with: the reference in bfloat16, micro-batches of 4
+    source = reference.PriorSource(
+        ref=str(work / "model"), precision="bf16", cache=str(work / "cache"), micro_batch=4
     )
     seqs, _ = hf.load_template(work / "model", "auto").encode(
         helpers.read_jsonl(work / "train.jsonl"), 128
     )
-    prior, ref = helpers.compute_prior(args, seqs, CUDA), helpers.load_reference(args, CUDA)
+    prior = reference.prior_of(seqs, CUDA, source)
+    ref = reference.load_reference(source.ref, CUDA, source.dtype)
     flips = border = total = 0
     for step in range(5):
         idx = data.batch_order(len(seqs), 8, step, 0)
         for mb in (idx[:4], idx[4:]):
-            x, y, m = (t.to(CUDA) for t in data.collate([seqs[i] for i in mb]))
+            ids, labels = (t.to(CUDA) for t in data.collate([seqs[i] for i in mb]))
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                inline = prift.reference_stats(ref, x, y, m).float().cpu()
+                inline = prift.reference_stats(ref, ids, labels).float().cpu()
             pre = torch.cat([prior[i] for i in mb])
             assert max_error(pre, inline) < 0.05
             near = (pre[:, 1] - TAU).abs() < 0.05
@@ -149,16 +149,17 @@ def test_grad_checkpoint_under_autocast(work):
     seqs, _ = hf.load_template(work / "model", "auto").encode(
         helpers.read_jsonl(work / "train.jsonl"), 128
     )
-    x, y, m = (t.to(CUDA) for t in data.collate(seqs[:8]))
+    ids, labels = (t.to(CUDA) for t in data.collate(seqs[:8]))
+    targets = labels[:, 1:]
+    m = targets != -100  # the trained positions
     res = {}
     for on in (False, True):
         model = hf.load_model(work / "model", device=CUDA)
         for block in model.model.layers:
             block.recompute = on
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            part = prift.chunked_loss(
-                model(x, hidden_only=True)[m], model.lm_head, y[m], "dft", "online"
-            )
+            h = model(ids, hidden_only=True)[:, :-1][m]
+            part = prift.chunked_loss(h, model.lm_head, targets[m], "dft", "online")
             part.weighted.backward()
         res[on] = part.weighted.item(), {k: p.grad.float() for k, p in model.named_parameters()}
     (loss, g), (loss_c, g_c) = res[False], res[True]
@@ -217,8 +218,9 @@ def bench(*args):
 
 
 def test_memory_plan_against_measured_peak():
-    """bench.py --only memory on the GPU: the plan within 20% of torch.cuda.max_memory_allocated,
-    with and without checkpointing (the table is printed, for the README)."""
+    """bench/train.py --only memory on the GPU: the plan within 20% of
+    torch.cuda.max_memory_allocated, with and without checkpointing (the table is printed, for the
+    README)."""
     out = bench("-m", "bench.train", "--only", "memory")
     ratios = [
         float(x)
@@ -229,12 +231,12 @@ def test_memory_plan_against_measured_peak():
 
 def test_bench_quick():
     """All four parts at tiny sizes; MFU where the GPU's peak is known by name."""
-    from infra import bench as bench_py
+    from bench import common
 
     out = bench("-m", "bench.train", "--quick")
-    assert "MFU" in out or not any(
-        k in torch.cuda.get_device_name() for k in bench_py.PEAK_TFLOPS
-    ), out
+    assert "MFU" in out or not any(k in torch.cuda.get_device_name() for k in common.PEAK_TFLOPS), (
+        out
+    )
 
 
 def test_bench_generate():

@@ -151,7 +151,7 @@ def write_checkpoint(path, kind, chat_template_file=False):
     chat_template.jinja as newer transformers writes it)."""
     template, bos, eos, adds_bos = KINDS[kind]
     make_checkpoint(path)
-    tok = data.load_tokenizer(path)
+    tok = hf.load_tokenizer(path)
     tok.add_special_tokens(SPECIAL)
     if adds_bos:  # as Llama-3's tokenizer does: BOS before every encoded text, unless told not to
         tok.post_processor = processors.TemplateProcessing(
@@ -182,11 +182,14 @@ def authors_ids(path, examples):
     hf_model = AutoTokenizer.from_pretrained(path)
     out = []
     for ex in examples:
-        text = hf_model.apply_chat_template(ex["messages"], add_generation_prompt=True, tokenize=False)
+        text = hf_model.apply_chat_template(
+            ex["messages"], add_generation_prompt=True, tokenize=False
+        )
         prompt = hf_model(text, add_special_tokens=False).input_ids
         out.append(
             (
-                prompt + hf_model(ex["response"] + hf_model.eos_token, add_special_tokens=False).input_ids,
+                prompt
+                + hf_model(ex["response"] + hf_model.eos_token, add_special_tokens=False).input_ids,
                 len(prompt),
             )
         )
@@ -229,13 +232,13 @@ def test_named_llama3_template_has_one_bos(tmp_path):
     """
     ckpt = write_checkpoint(tmp_path / "llama", "llama3")
     template = hf.load_template(ckpt, "llama3")
-    ids = template.prompt_ids([{"role": "user", "content": "Kim had 2 cards"}])
+    (ids,) = template.prompt_ids([[{"role": "user", "content": "Kim had 2 cards"}]])
     bos = template.tok.token_to_id("<|begin_of_text|>")
     assert ids[0] == bos and ids.count(bos) == 1
     assert template.tok.encode("Kim").ids[0] == bos  # the tokenizer does add one, when asked to
     assert (
         hf.load_template(ckpt, "plain")
-        .prompt_ids([{"role": "user", "content": "Kim"}])
+        .prompt_ids([[{"role": "user", "content": "Kim"}]])[0]
         .count(bos)
         == 1
     )
@@ -497,7 +500,9 @@ def test_mask_and_response_count_agree(n_prompt):
     prompt (a pretraining row without BOS) the first token has nothing before it, so 5 tokens are
     trained, not 6."""
     ids = [5, 6, 7, 8, 9, 10]
-    x, y, m = data.collate([(ids, n_prompt), ([1, 2], 1)])
+    ids_, labels = data.collate([(ids, n_prompt), ([1, 2], 1)])
+    x, y = ids_[:, :-1], labels[:, 1:]
+    m = y != -100
     trained = ids[
         max(n_prompt, 1) :
     ]  # by hand: every token after the prompt that has a token before it
@@ -522,7 +527,7 @@ def test_an_empty_prompt_trains_every_token_after_the_first(tmp_path):
     assert n_prompt == 0 and ids == tpl.tok.encode("Kim had 3 cards.").ids + [tpl.end_id]
     assert (
         data.n_response_tokens((ids, n_prompt))
-        == data.collate([(ids, n_prompt)])[2].sum().item()
+        == (data.collate([(ids, n_prompt)])[1][:, 1:] != -100).sum().item()
         == len(ids) - 1
     )
 

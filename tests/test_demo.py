@@ -70,7 +70,18 @@ def test_weight_display_marks_exactly_the_zero_weight_tokens(tmp_path):
     assert "_" in trained and trained != "_" * len(trained)
 
 
+def table_rows(stdout):
+    """The demo's printed table: its columns and {model: [cells]}."""
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert cells and cells[0][0] == "model", stdout
+    return cells[0][1:], {row[0]: row[1:] for row in cells[1:]}
+
+
 def test_shortened_demo_runs_end_to_end(tmp_path):
+    """The asked rule and plain SFT beside it (issue 34), from one base model: the table's rows
+    base, sft, the rule and the rule's difference to SFT, then the key; the last line names the
+    report page."""
     out = tmp_path / "out"
     r = helpers.run_cli(
         [
@@ -96,12 +107,37 @@ def test_shortened_demo_runs_end_to_end(tmp_path):
         "| model | task greedy | avg@8 | pass@8 | retention | wrong copied | kept | ce |"
         in r.stdout
     )
+    columns, table = table_rows(r.stdout)
+    assert columns == demo.COLUMNS
+    assert list(table) == ["base", "sft", "mass", "mass - sft"]
     assert re.search(r"^\| base \|", r.stdout, re.M) and re.search(r"^\| mass \|", r.stdout, re.M)
     assert "trained:" in r.stdout and "kept:" in r.stdout
     assert (tmp_path / "cache" / "demo-base" / "model.safetensors").exists()
     assert (out / "results.md").read_text().strip() in r.stdout
+    # the key, on its line after the table, in results.md too
+    key = f"key: {demo.KEY}"
+    assert key in r.stdout.splitlines() and "the rule minus sft" in key
+    assert r.stdout.index(key) > r.stdout.index("| mass - sft |")
+    assert (out / "results.md").read_text().strip().endswith(key)
     runs = json.loads((out / "results.json").read_text())
-    assert [x["rule"] for x in runs] == ["mass"] and 0 <= runs[0]["task greedy"] <= 100
-    assert len(helpers.read_metrics(out)) == 13  # 200 demonstrations / 16, one epoch
-    helpers.assert_some_kept(helpers.read_metrics(out))  # mass: some tokens kept, some not
+    assert [x["rule"] for x in runs] == ["sft", "mass"] and 0 <= runs[1]["task greedy"] <= 100
+    sft, mass = runs
+    assert sft["kept"] == 100  # plain SFT trains every response token
+    # the rows of the two runs, and the difference row: mass minus sft in every column
+    fmt = lambda v, c: f"{v:.3f}" if c == "ce" else f"{v:.1f}"
+    for name, res in (("sft", sft), ("mass", mass)):
+        assert table[name] == [fmt(res[c], c) for c in columns], name
+    assert table["mass - sft"] == [fmt(mass[c] - sft[c], c) for c in columns]
+    for rule in ("sft", "mass"):  # each run's own directory, metrics and report
+        rows = helpers.read_metrics(out / "runs" / f"{rule}-seed0")
+        assert len(rows) == 13  # 200 demonstrations / 16, one epoch
+        assert (out / "runs" / f"{rule}-seed0" / "report.html").exists()
+    assert all(row["kept"] == 1 for row in helpers.read_metrics(out / "runs" / "sft-seed0"))
+    # mass: some tokens kept, some not
+    helpers.assert_some_kept(helpers.read_metrics(out / "runs" / "mass-seed0"))
+    # the asked rule's model in OUT, as a run's OUT holds it
     assert (out / "config.json").exists() and (out / "demo-data" / "train.jsonl").exists()
+    # the last line names the report page: the two runs side by side
+    last = r.stdout.strip().splitlines()[-1]
+    assert last == f"written to {out}; the report: {out / 'compare.html'}", last
+    assert (out / "compare.html").exists()

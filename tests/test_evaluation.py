@@ -19,7 +19,7 @@ import torch
 from helpers import FAMILIES, ROOT, VOCAB, load_hf, make_hf_checkpoint
 
 import data
-from infra import evaluate, hf
+from infra import evaluate, files, hf
 from infra import generate as gen
 from infra.cli import main
 from infra.generate import generate, left_pad, sample
@@ -219,7 +219,10 @@ def test_every_evaluation_layout_reads_with_its_gold_answer(name, tmp_path):
         response_field = "answer" if name == "gsm8k" else "solution"
         first = lambda v: v[0] if isinstance(v, list) else v
         assert [ex["response"] for ex in examples] == [first(r[response_field]) for r in rows]
-        assert helpers.read_jsonl(path, need="response") == examples
+        # the same examples, less the gold answer (evaluation's, not training's)
+        assert helpers.read_jsonl(path, need="response") == [
+            {k: v for k, v in ex.items() if k != "answer"} for ex in examples
+        ]
     # a bare final answer is not a response to train on: one line naming file:line and what to do
     else:
         assert all(ex["response"] is None for ex in examples)
@@ -239,10 +242,12 @@ def test_an_evaluation_file_needs_a_gold_answer_somewhere(tmp_path):
     ]
     path = tmp_path / "no-gold.jsonl"
     helpers.write_jsonl(none, path)
-    assert [ex["answer"] for ex in helpers.read_jsonl(path, need="response")] == [
-        None,
-        None,
+    assert [ex["response"] for ex in helpers.read_jsonl(path, need="response")] == [
+        "Hello!",
+        "1, 2, 3",
     ]  # fine for training
+    # read as problems, one by one: neither has a gold answer
+    assert [ex["answer"] for ex in files.read_jsonl(path, evaluate.problem)] == [None, None]
     with pytest.raises(data.DataError) as e:
         helpers.read_jsonl(path, need="answer")
     assert str(e.value).startswith(f"{path}: no problem has a gold answer") and "\n" not in str(
@@ -269,7 +274,7 @@ def test_an_evaluation_file_needs_a_gold_answer_somewhere(tmp_path):
     ],
 )
 def test_gold_answer_rules(row, gold):
-    assert data.parse_example(row, "x")["answer"] == gold
+    assert evaluate.problem(row, "x")["answer"] == gold
 
 
 def test_eval_data_without_solutions_runs_through_the_cli(tmp_path, capsys):
@@ -369,7 +374,7 @@ NOT_EQUAL = [
 ]
 
 
-def test_extract_answer():
+def test_extract_answer(monkeypatch):
     assert evaluate.extract_answer("We get \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
     assert (
         evaluate.extract_answer("\\boxed{a{b}c} and \\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}")
@@ -379,11 +384,21 @@ def test_extract_answer():
         evaluate.extract_answer("so $\\boxed 5$.") == "5"
         and evaluate.extract_answer("\\boxed 12 apples") == "12"
     )
-    assert evaluate.extract_answer("\\fbox{2}") == "2" and evaluate.extract_answer("\\boxed{}") == ""
-    assert evaluate.extract_answer("no answer") is None and evaluate.extract_answer("\\boxed{12") is None
     assert (
-        evaluate.extract_answer is evaluate.extract_answer
-    )  # one function finds gold and generated answers
+        evaluate.extract_answer("\\fbox{2}") == "2" and evaluate.extract_answer("\\boxed{}") == ""
+    )
+    assert (
+        evaluate.extract_answer("no answer") is None
+        and evaluate.extract_answer("\\boxed{12") is None
+    )
+    # one function finds gold and generated answers: a problem's gold and a response's answer
+    found, extract = [], evaluate.extract_answer
+    monkeypatch.setattr(
+        evaluate, "extract_answer", lambda text: found.append(text) or extract(text)
+    )
+    assert evaluate.problem({"prompt": "Q", "response": "so \\boxed{5}"}, "x")["answer"] == "5"
+    assert evaluate.grade("it is \\boxed{5}", "5")
+    assert found == ["so \\boxed{5}", "it is \\boxed{5}"]
 
 
 @pytest.mark.parametrize("text, gold", EQUAL)
@@ -549,7 +564,7 @@ def test_evaluate_scores_a_checkpoint_on_two_files(tmp_path):
     assert "ce" not in results[str(files[1])]["scores"]
     import torch
 
-    tok, hf_model = data.load_tokenizer(ckpt), load_hf(ckpt)
+    tok, hf_model = hf.load_tokenizer(ckpt), load_hf(ckpt)
     total = count = 0
     for ex in helpers.read_jsonl(files[0]):
         prompt = tok.encode(
@@ -600,12 +615,12 @@ def test_qwen_boxed_is_the_authors_prompt(tmp_path):
     <|im_end|> or
     <|endoftext|>."""
     ckpt = helpers.make_checkpoint(tmp_path / "ckpt")
-    tok = data.load_tokenizer(ckpt)
+    tok = hf.load_tokenizer(ckpt)
     tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     tok.save(str(ckpt / "tokenizer.json"))
     template = hf.load_template(ckpt, "auto")
-    args = evaluate.argparse.Namespace(eval_prompt="qwen-boxed")
-    example = data.parse_example(
+    args = evaluate.EvalConfig(eval_prompt="qwen-boxed")
+    example = evaluate.problem(
         {"problem": "Kim had 2 cards and got 3 more. How many now?", "answer": "5"}, "x"
     )
     ids = evaluate.prompt_ids(args, template, example)
@@ -683,9 +698,8 @@ def test_heldout_ce_is_cross_entropy_over_all_response_tokens(tmp_path):
     import torch
     import torch.nn.functional as F
 
-
     ckpt = helpers.make_checkpoint(tmp_path / "ckpt", pretrain_steps=20)
-    tok, eos = data.load_tokenizer(ckpt), 0
+    tok, eos = hf.load_tokenizer(ckpt), 0
     assert tok.id_to_token(eos) == "<|endoftext|>"
     texts = [
         ("Q: Kim had 3 cards.\nA:", " 3+4"),
@@ -731,8 +745,8 @@ def test_a_prompt_longer_than_the_context_counts_as_wrong(tmp_path):
         "response": None,
         "answer": "3",
     }
-    assert len(template.prompt_ids(long["messages"])) > model.config.max_positions == 256
-    args = evaluate.argparse.Namespace(eval_prompt="template", seed=0, top_p=1.0)
+    assert len(template.prompt_ids([long["messages"]])[0]) > model.config.max_positions == 256
+    args = evaluate.EvalConfig(eval_prompt="template", seed=0, top_p=1.0)
     texts = evaluate.sample(args, model, template, [short, long, short], 2, 1.0, 3)
     assert texts[1] == ["", ""] and all(t and len(t) == 2 for t in (texts[0], texts[2]))
     assert evaluate.answer_scores([["\\boxed{3}"] * 2, texts[1]], ["3", "3"])[0] == {

@@ -26,8 +26,9 @@ from safetensors.torch import load_file
 import data
 import prift
 from infra import cli, hf, lora
+from infra.files import CheckpointError
 from infra.lora import merge_lora
-from model import CheckpointError, adapters_off, add_lora
+from model import adapters_off, add_lora
 
 TRAIN = dict(batch_size=4, micro_batch=2, max_len=64, lr=1e-2)
 LORA = ["--lora", "4"]
@@ -115,9 +116,13 @@ def test_merge_drops_the_adapters(tmp_path, assets):
 
 
 def test_gpt2_is_refused(tmp_path):
+    """The core refuses LoRA on gpt2 (a ValueError); a run refuses it first, as a CheckpointError
+    (one line, exit 2)."""
     ck = make_hf_checkpoint(tmp_path / "gpt2", "gpt2")
-    with pytest.raises(CheckpointError, match="llama, qwen2 and qwen3"):
+    with pytest.raises(ValueError, match="llama, qwen2 and qwen3"):
         add_lora(hf.load_model(ck), 4, 8.0)
+    with pytest.raises(CheckpointError, match="llama, qwen2 and qwen3"):
+        lora.attach(hf.load_model(ck), 4, None, 0.0, "q_proj")
 
 
 def test_bad_flags_are_one_line(w, capsys):
@@ -173,16 +178,21 @@ def test_inline_reference_is_the_base_and_equals_the_prior(rule, w, tmp_path):
     the precomputed prior of the separately loaded base, on a model whose adapters are not 0; and
     the two runs train alike, step by step."""
     args = targs(w, rule, max_steps=3)
-    seqs = hf.load_template(args.model, "auto").encode(helpers.read_jsonl(w.data, "response"), 64)[0]
+    seqs = hf.load_template(args.model, "auto").encode(helpers.read_jsonl(w.data, "response"), 64)[
+        0
+    ]
     prior = helpers.compute_prior(args, seqs, torch.device("cpu"))
     model = randomize_adapters_(lora.attach(hf.load_model(w.ck), 4, None, 0.0, "q_proj"))
     ref = lora.reference(model, args.ref, args.model, lambda: pytest.fail("loaded a second model"))
     assert isinstance(ref, lora.BaseOf)
     for mb in ([0, 1, 2], [5, 9]):
-        x, y, m = data.collate([seqs[i] for i in mb])
-        inline = prift.reference_stats(ref, x, y, m)
+        ids, labels = data.collate([seqs[i] for i in mb])
+        targets = labels[:, 1:]
+        m = targets != -100
+        inline = prift.reference_stats(ref, ids, labels)
         torch.testing.assert_close(inline, torch.cat([prior[i] for i in mb]), rtol=1e-5, atol=1e-7)
-        adapted = prift.head_stats(model(x, hidden_only=True)[m], model.lm_head, y[m])
+        h = model(ids, hidden_only=True)[:, :-1][m]  # the adapted model's (p, u), adapters on
+        adapted = torch.stack(prift.target_stats(model.lm_head(h), targets[m]), 1)
         assert (adapted - inline).abs().max() > 1e-3, "the test needs adapters that matter"
 
     runs = {}
@@ -306,7 +316,7 @@ def test_plan_counts_what_lora_saves():
     full fine-tuning does not fit 80 GB; --lora 16 on all seven linears (40.4M adapter parameters,
     PEFT's count for this model) fits 24 GB: a bfloat16 base, float32 adapters with gradients and
     AdamW state, and no second model for the inline reference."""
-    from infra import memory
+    from infra import plan as memory
     from model import LORA_TARGETS
 
     cfg = helpers.config_of(

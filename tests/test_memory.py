@@ -7,7 +7,6 @@ with float32 master weights; --plan.
 The two-process checks run in one torchrun launch of this file as a script (worker() below), to
 start the interpreters once."""
 
-import contextlib
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import model as M  # noqa: E402
-from infra import cli, hf, plan  # noqa: E402
+from infra import cli, distributed, hf, plan, rundir  # noqa: E402
 from model import GPT  # noqa: E402
 
 FAMILIES = ("gpt2", "llama", "qwen2", "qwen3")
@@ -139,23 +138,62 @@ def in_process_args(work, *extra):
     return args, seqs
 
 
-def train_rows(work, *extra):
+class Recorded(rundir.Run):
+    """A run kept nowhere that keeps each step's metrics row in `rows`."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.rows = rows
+
+    def step(self, model, opt, state, row, total):
+        self.rows.append(row)
+        return super().step(model, opt, state, row, total)
+
+
+def train(args, model, seqs, run):
+    """prift.train as infra/cli.py calls it: the model wrapped (DDP or FSDP2 under torchrun, and
+    activation checkpointing as --grad-checkpoint says), the signals caught while it runs."""
+    import prift
+
+    cfg = cli.train_config(args)
+    if cfg.match_authors:
+        model.to(torch.bfloat16)
+    wrapped = distributed.wrap_distributed(model, None, args.fsdp, args.grad_checkpoint)
+    with run.interrupts():
+        return prift.train(cfg, wrapped, seqs, run=run)
+
+
+def train_rows(work, *extra, held=None):
     """(metrics rows, final weights, block forwards run) of 2 steps of prift.train in this process.
-    Under FSDP2 the weights are gathered on rank 0; other ranks get none."""
-    from infra import checkpoint, distributed
+    Under FSDP2 the weights are gathered on rank 0; other ranks get none. held: a list to which,
+    after each micro-batch's backward, the elements of gradient this rank holds are added."""
+    import data
 
     args, seqs = in_process_args(work, *extra)
-    rows, calls, record, body = [], [], checkpoint.record_step, M.Block.body
-    checkpoint.record_step = lambda out, row, bar: (rows.append(row), record(out, row, bar))
+    rows, calls, body, cut = [], [], M.Block.body, data.micro_batches
     M.Block.body = lambda self, *a: (calls.append(1), body(self, *a))[1]
+    model = hf.load_model(args.model)
+
+    class Measured(list):
+        """A step's micro-batches; the loop comes back for the next one once the last one's
+        backward has run."""
+
+        def __iter__(self):
+            for micro_batch in super().__iter__():
+                yield micro_batch
+                held.append(
+                    sum(p.grad.to_local().numel() for p in model.parameters() if p.grad is not None)
+                )
+
+    if held is not None:
+        data.micro_batches = lambda *a, **kw: Measured(cut(*a, **kw))
     try:
-        model = hf.load_model(args.model)
-        helpers.train(args, model, seqs)
+        train(args, model, seqs, Recorded(rows))
         weights = (
             distributed.full_state_dict(model) if distributed.is_fsdp(model) else model.state_dict()
         )
     finally:
-        checkpoint.record_step, M.Block.body = record, body
+        M.Block.body, data.micro_batches = body, cut
     return rows, {k: v.detach().clone() for k, v in weights.items()}, len(calls)
 
 
@@ -237,27 +275,15 @@ def worker(work, out):
     """Under torchrun: the checks of test_two_processes; rank 0 writes what it measured to `out`."""
     import data
     import prift
-    from infra import distributed
 
     distributed.init_from_env()
     rank, world = distributed.dist_info()
-    res, sync, held = {}, prift.sync_grads, []
-
-    @contextlib.contextmanager
-    def measured(wrapped, last):
-        """After each micro-batch's backward: the elements of gradient this rank holds in its
-        sharded parameters.
-        """
-        with sync(wrapped, last):
-            yield
-        held.append(
-            sum(p.grad.to_local().numel() for p in wrapped.parameters() if p.grad is not None)
-        )
-
+    res, held = {}, []
     for mode, extra in (("ddp", ()), ("fsdp", ("--fsdp",))):
-        prift.sync_grads = measured if mode == "fsdp" else sync
-        rows, weights, calls = train_rows(work, "--rule", "dft", *extra)
-        prift.sync_grads = sync
+        # after each micro-batch's backward under FSDP2: the elements of gradient this rank holds in
+        # its sharded parameters
+        measure = held if mode == "fsdp" else None
+        rows, weights, calls = train_rows(work, "--rule", "dft", *extra, held=measure)
         rows_c, weights_c, calls_c = train_rows(work, "--rule", "dft", "--grad-checkpoint", *extra)
         start = hf.load_model(work / "tied").state_dict()
         res[mode] = dict(
@@ -293,10 +319,11 @@ def worker(work, out):
         bfloat16)."""
         total, dtypes = {}, set()
         for r in ranks:
-            x, y, m = data.collate(batch[4 * r : 4 * r + 4])
-            part = prift.chunked_loss(
-                wrapped(x, hidden_only=True)[m], model.lm_head, y[m], "dft", "online"
-            )
+            ids, labels = data.collate(batch[4 * r : 4 * r + 4])
+            targets = labels[:, 1:]
+            m = targets != -100
+            h = wrapped(ids, hidden_only=True)[:, :-1][m]
+            part = prift.chunked_loss(h, model.lm_head, targets[m], "dft", "online")
             (part.weighted * world / n_tokens).backward()
             for k, p in model.named_parameters():
                 dtypes.add(str(p.grad.dtype))

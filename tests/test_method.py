@@ -177,17 +177,32 @@ def test_signal_swaps():
     assert not torch.equal(
         tw("profit", y, logits, ref, signal="prior"), tw("profit", y, logits, ref)
     )
-    # sft ignores both; a prior rule without a reference is an error, not a silent fallback
+    # sft ignores both; a prior rule without a reference is an error, not a silent fallback, in
+    # the test's helper and in each of prift's entry points
     assert tw("sft", y, logits, ref).eq(1).all() and tw("sft", y, logits, None).eq(1).all()
     with pytest.raises(ValueError):
         tw("mass", y, logits, None)
-    with pytest.raises(ValueError):
+    flat, targets = logits.flatten(0, 1), y.flatten()
+    no_prior = (ValueError, TypeError, AttributeError)  # None read as the prior, whichever
+    with pytest.raises(no_prior):
+        prift.token_losses(flat, targets, "mass", prior=None)
+    with pytest.raises(no_prior):
+        prift.chunked_loss(flat, torch.nn.Linear(9, 9, bias=False), targets, "mass")
+    with pytest.raises(no_prior):
+        prift.prift_loss(logits, torch.nn.functional.pad(y, (1, 0), value=-100), "mass", None)
+    # a rule not in the table is refused, wherever its name is given
+    with pytest.raises(KeyError):
         helpers.rule_weights("nope", torch.ones(2), torch.ones(2), None)
+    with pytest.raises(KeyError):
+        prift.token_losses(flat, targets, "nope")
+    with pytest.raises(KeyError):
+        prift.TrainConfig(rule="nope")
 
 
-def test_weights_from_stats_table():
+def test_rule_table_weights():
+    """Each rule's weight function in prift.RULES, given a signal's p and u."""
     p, u = torch.tensor([0.05, 0.1, 0.3, 0.9]), torch.tensor([0.2, 0.5, 0.49, 1.0])
-    wfs = prift.weights_from_stats
+    wfs = lambda rule, p, u, tau: prift.RULES[rule].weight(p, u, tau)
     assert wfs("sft", p, u, None).tolist() == [1.0] * 4
     torch.testing.assert_close(wfs("dft", p, u, None), p)
     torch.testing.assert_close(wfs("prob", p, u, None), p)
@@ -220,8 +235,12 @@ def test_weights_are_detached(signal):
     for rule in RULES:
         w = helpers.token_weights(rule, y, logits, ref, signal=signal)
         assert not w.requires_grad and w.grad_fn is None, rule
+        # the weights of a signal's p and u that carry a gradient: token_losses detaches them
         p, u = prift.target_stats(logits.view(-1, 10), y.view(-1))
-        assert not helpers.rule_weights(rule, p, u, 0.5).requires_grad, rule
+        assert p.requires_grad and u.requires_grad
+        prior = torch.stack([p, u], 1)
+        w, _ = prift.token_losses(logits.view(-1, 10), y.view(-1), rule, "prior", 0.5, prior)
+        assert not w.requires_grad and w.grad_fn is None, rule
 
 
 def test_token_weights_gradient_is_weighted_ce():
@@ -309,7 +328,7 @@ def test_chunked_loss_equals_plain(rule, chunk):
     prior = torch.stack(
         prift.target_stats(ref_logits, y), 1
     )  # (N, 2): what --prior precompute stores
-    signal, threshold = prift.RULES[rule]
+    signal, threshold, _ = prift.RULES[rule]
 
     h, head = h0.clone().requires_grad_(), torch.nn.Linear(C, V, bias=False)
     with torch.no_grad():
@@ -336,6 +355,69 @@ def test_chunked_loss_equals_plain(rule, chunk):
     scale_h, scale_w = hp.grad.abs().max(), Wp.grad.abs().max()
     torch.testing.assert_close(h.grad, hp.grad, rtol=1e-6, atol=1e-6 * scale_h)
     torch.testing.assert_close(head.weight.grad, Wp.grad, rtol=1e-6, atol=1e-6 * scale_w)
+
+
+# A rule the paper does not have, each as one entry of prift.RULES: (signal, threshold, weight)
+NEW_RULES = {
+    "square": prift.Rule("online", None, lambda p, u, tau: p**2),  # DFT's weight squared
+    "nucleus90": prift.Rule("prior", 0.9, lambda p, u, tau: (u >= tau).float()),  # mass at 0.9
+}
+
+
+@pytest.mark.parametrize("rule", NEW_RULES)
+def test_a_new_rule_is_one_entry_of_the_rule_table(monkeypatch, rule):
+    """Issue 31's one rule dispatch: a new rule is one entry of prift.RULES, and both losses read
+    it from there, its signal and threshold included (none given here): chunked_loss (the training
+    loop's, gradients included) and prift_loss (the one to copy) agree with each other and with a
+    float64 computation of the new weight written here, not with prift."""
+    monkeypatch.setitem(prift.RULES, rule, NEW_RULES[rule])
+    g = torch.Generator().manual_seed(7)
+    N, C, V = 29, 8, 17
+    h0, W0 = torch.randn(N, C, generator=g), torch.randn(V, C, generator=g)
+    y = torch.randint(0, V, (N,), generator=g)
+    ref_logits = 2 * torch.randn(N, V, generator=g)
+    y[:8] = ref_logits[:8].argmax(1)  # targets in the reference's 0.9-nucleus, so some are kept
+
+    # the oracle, in float64 from the definitions
+    rows = torch.arange(N)
+    logits64 = h0.double() @ W0.double().T
+    probs = logits64.softmax(-1)
+    s = probs if rule == "square" else ref_logits.double().softmax(-1)  # the rule's signal
+    p = s[rows, y]
+    u = (s * (s < p[:, None])).sum(1) + p
+    w = p**2 if rule == "square" else (u >= 0.9).double()
+    if rule == "nucleus90":
+        assert 0 < (w > 0).sum() < N and (u - 0.9).abs().min() > 1e-4
+    ce = -logits64.log_softmax(-1)[rows, y]
+    dlogits = w[:, None] * (probs - torch.nn.functional.one_hot(y, V))  # d sum(w CE) / d logits
+
+    # the training loop's loss: chunked, from hidden states and the head, the prior as (p, u)
+    h, head = h0.clone().requires_grad_(), torch.nn.Linear(C, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(W0)
+    prior = torch.stack(prift.target_stats(ref_logits, y), 1)
+    sums = prift.chunked_loss(h, head, y, rule, prior=prior, chunk=4)
+    sums.weighted.backward()
+    assert sums.weighted.item() == pytest.approx((w * ce).sum().item(), rel=1e-5)
+    assert sums.ce.item() == pytest.approx(ce.sum().item(), rel=1e-5)
+    assert sums.weight.item() == pytest.approx(w.sum().item(), rel=1e-5)
+    assert sums.kept.item() == (w > 0).sum().item()
+    torch.testing.assert_close(h.grad.double(), dlogits @ W0.double(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        head.weight.grad.double(), dlogits.T @ h0.double(), rtol=1e-4, atol=1e-6
+    )
+
+    # the plain loss, on full logits and Hugging Face labels
+    hp, Wp = h0.clone().requires_grad_(), W0.clone().requires_grad_()
+    full, labels, full_ref = refvec.as_trainers_give(
+        (hp @ Wp.T)[None], y[None], torch.ones(1, N), ref_logits[None]
+    )
+    loss = prift.prift_loss(full, labels, rule, full_ref)  # sum(w CE) / N
+    loss.backward()
+    assert loss.item() == pytest.approx((w * ce).sum().item() / N, rel=1e-5)
+    torch.testing.assert_close(loss * N, sums.weighted, rtol=1e-6, atol=0, check_dtype=False)
+    torch.testing.assert_close(h.grad, hp.grad * N, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head.weight.grad, Wp.grad * N, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,6 +449,13 @@ def targs(rule, **kw):
     )
     a = helpers.settings(a)
     return a
+
+
+def collated(seqs):
+    """data.collate's batch, position-aligned as the tests compute with it: the inputs x (B, T-1),
+    the next tokens y (B, T-1), and m (B, T-1), True where y is a trained label (not -100)."""
+    ids, labels = data.collate(seqs)
+    return ids[:, :-1], ids[:, 1:], labels[:, 1:] != -100
 
 
 @functools.cache
@@ -409,8 +498,7 @@ def prior_of(ref, seqs):
     example."""
     out = []
     for s in seqs:
-        x, y, m = data.collate([s])
-        out.append(prift.reference_stats(ref, x, y, m))
+        out.append(prift.reference_stats(ref, *data.collate([s])))
     return out
 
 
@@ -418,7 +506,7 @@ def full_batch_loss(model, seqs, rule, ref=None, denominator="tokens"):
     """The loss over the whole batch, computed plainly: sum(w * CE * m) / sum(m), where m marks
     every response token (also those weighted 0), CE is the model's cross-entropy and w the rule's
     detached weight."""
-    x, y, m = data.collate(seqs)
+    x, y, m = collated(seqs)
     logits = model(x)
     ref_logits = ref(x).detach() if ref is not None else None
     w = helpers.token_weights(
@@ -468,7 +556,7 @@ def test_prift_loss_is_what_the_training_loop_computes(ckpt, tmp_path, monkeypat
         seqs[:2],
         seqs[2:],
     ):  # micro-batches of the optimizer batch, as a trainer accumulates them
-        x, y, m = data.collate(half)
+        x, y, m = collated(half)
         logits, labels, ref_logits = refvec.as_trainers_give(model(x), y, m, ref(x).detach())
         part = prift.prift_loss(logits, labels, rule, ref_logits, n_tokens=n_tokens)
         part.backward()
@@ -488,6 +576,76 @@ def test_prift_loss_is_what_the_training_loop_computes(ckpt, tmp_path, monkeypat
         assert_some_kept(rows)
     for g, e in zip(grads[0], want):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+class Rows:
+    """A run for prift.train that keeps nothing on disk: each step's metrics row, in `rows`."""
+
+    def __init__(self):
+        self.rows = []
+
+    def start(self, model, opt):
+        return dict(step=0, skipped=0, bad_in_row=0, kept_sum=0.0)
+
+    def step(self, model, opt, state, row, total):
+        self.rows.append(row)
+
+
+@pytest.mark.parametrize(
+    "rule,threshold",
+    [("sft", None), ("dft", None), ("prob", None), ("mass", None), ("profit", None)]
+    + [("uniform", 0.25), ("uniform", 1.0)],
+)
+def test_cross_entropy_learned_and_set_aside(ckpt, rule, threshold):
+    """A step's ce_learned = sum w CE / sum w (the cross-entropy the rule trains on) and
+    ce_set_aside = sum (1 - w) CE / sum (1 - w) (what it sets aside; absent where it sets aside
+    nothing), over the step's response tokens, against float64 values from the model's logits,
+    the weights written out here: p, u by the definition, the prior the same model's (the reference
+    before any update), given as float32 as --prior precompute gives it."""
+    seqs = uneven_seqs(seed=6)
+    model = hf.load_model(ckpt)
+    x, y, m = collated(seqs)
+    with torch.no_grad():
+        logits = model(x).double()[m]  # (N, V): the first step's, before the update
+    t = y[m]
+    rows = torch.arange(len(t))
+    probs = logits.softmax(-1)
+    p = probs[rows, t]
+    u = (probs * (probs < p[:, None])).sum(1) + p
+    prior = torch.stack([p, u], 1).float()  # the reference's (p, u), as the prior holds them
+    q, uq = prior.double().unbind(1)
+    w = {
+        "sft": torch.ones_like(p),
+        "dft": p,
+        "prob": q,
+        "mass": (uq >= 0.5).double(),
+        "profit": (p >= 0.1).double(),
+        "uniform": torch.full_like(p, threshold or 0.0),
+    }[rule]
+    ce = -logits.log_softmax(-1)[rows, t]
+    if rule in ("mass", "profit"):
+        assert 0 < (w > 0).sum() < len(t), "the rule should keep some tokens and drop others"
+        margin = uq - 0.5 if rule == "mass" else p - 0.1
+        assert margin.abs().min() > 1e-5, "float32 rounding could flip a weight"
+
+    cfg = prift.TrainConfig(
+        rule=rule, threshold=threshold, lr=1e-3, batch_size=4, micro_batch=2, max_steps=1
+    )
+    run = Rows()
+    prift.train(cfg, model, seqs, prior=list(prior.split(m.sum(1).tolist())), run=run)
+    (row,) = run.rows
+    assert row["tokens"] == len(t)
+    assert row["ce"] == pytest.approx(ce.mean().item(), rel=1e-5)
+    assert row["ce_learned"] == pytest.approx(((w * ce).sum() / w.sum()).item(), rel=1e-5)
+    if (1 - w).sum() > 0:
+        set_aside = ((1 - w) * ce).sum() / (1 - w).sum()
+        assert row["ce_set_aside"] == pytest.approx(set_aside.item(), rel=1e-5)
+    else:
+        assert rule == "sft" or threshold == 1.0
+        assert "ce_set_aside" not in row
+    # the two means part the whole: ce is their mix, weighted by sum w and sum (1 - w)
+    mix = row["ce_learned"] * w.sum() + row.get("ce_set_aside", 0.0) * (1 - w).sum()
+    assert mix.item() == pytest.approx(row["ce"] * len(t), rel=1e-5)
 
 
 @pytest.mark.parametrize("rule", ["sft", "mass", "profit"])
@@ -516,9 +674,9 @@ def test_gradient_accumulation_matches_full_batch(ckpt, monkeypatch, rule):
     # the test can fail: averaging the four micro-batch means (each over its own response tokens)
     # would
     # weigh a token of the 2-token response 11.5 x more than one of the 23-token response
-    signal, threshold = prift.RULES[rule]
+    signal, threshold, _ = prift.RULES[rule]
     for s, pr in zip(seqs, prior or [None] * 4):
-        x, y, m = data.collate([s])
+        x, y, m = collated([s])
         part = prift.chunked_loss(
             base(x, hidden_only=True)[m], base.lm_head, y[m], rule, signal, threshold, pr
         )
@@ -537,7 +695,7 @@ def test_dft_and_prob_agree_before_the_first_update(ckpt, tmp_path, monkeypatch)
         hf.load_model(ckpt),
         helpers.load_reference(targs("prob", ref=str(ckpt)), torch.device("cpu")),
     )
-    x, y, m = data.collate(seqs)
+    x, y, m = collated(seqs)
     with torch.no_grad():
         logits, ref_logits = model(x), ref(x)
     torch.testing.assert_close(

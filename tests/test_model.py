@@ -1,6 +1,6 @@
 """model.py against transformers as an oracle: logits parity for each family on tiny random
-checkpoints, left-padded rows, the round trip through our save_pretrained, loader errors, and how
-loading allocates. Generation is tested in test_evaluation.py."""
+checkpoints, left-padded rows, the round trip through our save_model (infra.hf), loader errors, and
+how loading allocates. Generation is tested in test_evaluation.py."""
 
 import json
 import shutil
@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from infra import hf
-from model import CheckpointError
+from infra.files import CheckpointError
 
 ATOL = 1e-4  # float32 logits of magnitude ~5
 LLAMA3_ROPE = dict(
@@ -117,12 +117,12 @@ def test_transformers4_config_layout(tmp_path, family, rope, idx):
 
 
 # --------------------------------------------------------------------------------------------------
-# Our save_pretrained, read back by transformers
+# Our save_model (infra.hf), read back by transformers
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_save_pretrained_round_trip(tmp_path, family, tied, idx):
+def test_save_model_round_trip(tmp_path, family, tied, idx):
     src = make_hf_checkpoint(tmp_path / "src", family, tie_word_embeddings=tied)
     tok = write_tokenizer(src)
     model = hf.load_model(src)
@@ -229,7 +229,7 @@ def test_loading_assigns_checkpoint_tensors(tmp_path, family, monkeypatch):
             # an init of real (not meta) memory would be a wasted copy, overwritten by the
             # checkpoint
             assert tensor.is_meta, (
-                "from_pretrained initialised real weights before loading the checkpoint"
+                "load_model initialised real weights before loading the checkpoint"
             )
             return _init(tensor, *a, **k)
 

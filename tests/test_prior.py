@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import prift
-from infra import cli, hf
+from infra import cli, hf, reference
 from infra.reference import prior_path
 
 CPU = torch.device("cpu")
@@ -59,6 +59,38 @@ def targs(w, rule, **kw):
     return a
 
 
+def collated(seqs):
+    """data.collate's batch, position-aligned as the tests compute with it: the inputs x (B, T-1),
+    the next tokens y (B, T-1), and m (B, T-1), True where y is a trained label (not -100); and the
+    batch as collate gives it, (ids, labels)."""
+    ids, labels = data.collate(seqs)
+    return ids[:, :-1], ids[:, 1:], labels[:, 1:] != -100, (ids, labels)
+
+
+class HiddenStates(torch.nn.Module):
+    """A reference whose final hidden states are given, h (N, C), and its output layer `head`: the
+    one example of N + 1 positions that makes reference_stats read the head's (p, u) of h and the
+    targets y (N,) in chunks, as it does a model's."""
+
+    def __init__(self, h, head):
+        super().__init__()
+        self.h, self.lm_head = h, head
+
+    def forward(self, ids, hidden_only):
+        assert hidden_only
+        return torch.nn.functional.pad(self.h, (0, 0, 0, 1))[None]  # (1, N + 1, C)
+
+    def batch(self, y):  # (ids, labels): labels[t + 1] = y[t], every one of them trained
+        labels = torch.nn.functional.pad(y, (1, 0), value=-100)[None]
+        return labels.clamp(min=0), labels
+
+
+def head_stats(h, head, y, chunk):
+    """The (p, u) (N, 2) of head's logits of h for targets y, made by prift.reference_stats."""
+    ref = HiddenStates(h, head)
+    return prift.reference_stats(ref, *ref.batch(y), chunk=chunk)
+
+
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -75,8 +107,8 @@ def test_precomputed_and_inline_prior_give_the_same_weights(w):
     for step in range(args.max_steps):  # the micro-batches that training sees
         idx = data.batch_order(len(w.seqs), args.batch_size, step, args.seed)
         for mb in (idx[:4], idx[4:]):
-            x, y, m = data.collate([w.seqs[i] for i in mb])
-            inline, pre = prift.reference_stats(ref, x, y, m), torch.cat([prior[i] for i in mb])
+            batch = data.collate([w.seqs[i] for i in mb])
+            inline, pre = prift.reference_stats(ref, *batch), torch.cat([prior[i] for i in mb])
             torch.testing.assert_close(pre, inline, rtol=1e-5, atol=1e-7)  # p (prob's weight) and u
             w_in, w_pre = (
                 helpers.rule_weights("mass", s[:, 0], s[:, 1], TAU) for s in (inline, pre)
@@ -112,9 +144,7 @@ def test_precomputed_and_inline_prior_give_the_same_trajectory(w, tmp_path, rule
         runs[mode] = rows, model.state_dict()
     (rows_p, sd_p), (rows_i, sd_i) = runs["precompute"], runs["inline"]
     assert len(rows_p) == len(rows_i) == args.max_steps
-    assert any(
-        not torch.equal(v, hf.load_model(w.ckpt).state_dict()[k]) for k, v in sd_p.items()
-    )
+    assert any(not torch.equal(v, hf.load_model(w.ckpt).state_dict()[k]) for k, v in sd_p.items())
     border = ((torch.cat(prior)[:, 1] - TAU).abs() < BORDER).any().item()
     if rule == "mass" and not border:  # the same 0/1 weights: the very same run, bit for bit
         assert rows_p == rows_i
@@ -135,8 +165,8 @@ def test_precomputed_and_inline_prior_give_the_same_trajectory(w, tmp_path, rule
 def test_prior_cache_is_reused_and_rebuilt(w, tmp_path, monkeypatch):
     ref = make_checkpoint(tmp_path / "ref", seed=0)
     args = targs(w, "mass", ref=str(ref), cache=str(tmp_path / "cache"))
-    loads, load = [], prift.load_reference
-    monkeypatch.setattr(prift, "load_reference", lambda *a: loads.append(a) or load(*a))
+    loads, load = [], reference.load_reference
+    monkeypatch.setattr(reference, "load_reference", lambda *a: loads.append(a) or load(*a))
     files = lambda: sorted((tmp_path / "cache" / "prior").iterdir())
 
     first = helpers.compute_prior(args, w.seqs, CPU)
@@ -190,9 +220,9 @@ def test_chunked_loss_through_the_model_equals_plain(w, rule):
     a plain cross-entropy, on a model whose head is tied to the embedding: loss and every
     parameter's gradient within 1e-6 relative (float32). The prior rules use the same prior in both.
     """
-    x, y, m = data.collate(w.seqs[:6])
-    signal, threshold = prift.RULES[rule]
-    prior = prift.reference_stats(helpers.load_reference(targs(w, rule), CPU), x, y, m)
+    x, y, m, batch = collated(w.seqs[:6])
+    signal, threshold, _ = prift.RULES[rule]
+    prior = prift.reference_stats(helpers.load_reference(targs(w, rule), CPU), *batch)
     grads, losses = [], []
     for chunked in (True, False):
         model = hf.load_model(w.ckpt)
@@ -259,7 +289,7 @@ def test_no_tokens_by_vocabulary_tensor(signal):
     )
     y = torch.randint(V, (N,), generator=g)
     with LargestTensor() as chunked:
-        prior = prift.head_stats(h_ref, ref_head, y, chunk) if signal == "prior" else None
+        prior = head_stats(h_ref, ref_head, y, chunk) if signal == "prior" else None
         prift.chunked_loss(h, head, y, "mass", signal, TAU, prior, chunk)[0].backward()
     assert chunked.most <= max(chunk * V, V * C) < N * V
     with LargestTensor() as plain:
@@ -286,12 +316,12 @@ def test_prior_under_bfloat16_autocast(w):
     the softmax in float32. Oracle: float32 arithmetic on bfloat16-rounded hidden states and head,
     the logits rounded to bfloat16 as the product returns them; through the whole model, a float32
     model with bfloat16-rounded weights, to the precision bfloat16 activations allow."""
-    x, y, m = data.collate(w.seqs[:6])
+    x, y, m, batch = collated(w.seqs[:6])
     ref = helpers.load_reference(targs(w, "mass"), CPU)
     h = ref(x, hidden_only=True)[m]  # (N, C) float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        pu = prift.head_stats(h, ref.lm_head, y[m], chunk=16)
-        whole = prift.reference_stats(ref, x, y, m, chunk=16)
+        pu = head_stats(h, ref.lm_head, y[m], chunk=16)
+        whole = prift.reference_stats(ref, *batch, chunk=16)
     bf = lambda t: t.bfloat16().float()
     p, u = stats_from_logits(bf(bf(h) @ bf(ref.lm_head.weight).T), y[m])
     assert pu.dtype == torch.float32

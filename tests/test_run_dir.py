@@ -523,7 +523,7 @@ def test_args_json_gives_back_every_kind_of_switch(w):
     ]:
         out = w.root / f"run-{len(extra)}"
         assert main_rc(w.argv(*extra, out=out, save_every=1, max_steps=2)) == 0
-        recorded = rundir.recorded_args(parser, out)
+        recorded = cli.recorded_args(parser, out)
         assert (recorded["grad_checkpoint"], recorded["match_authors"]) == want
         (
             out / "model.safetensors"

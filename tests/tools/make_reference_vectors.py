@@ -21,10 +21,12 @@ import struct
 import sys
 from pathlib import Path
 
-import helpers
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# run as a script too: the repository (prift) and tests/ (helpers) on the path
+sys.path[:0] = [str(Path(__file__).resolve().parents[i]) for i in (2, 1)]
+import helpers  # noqa: E402
+
 import prift  # noqa: E402
 
 PATH = Path(__file__).resolve().parents[1] / "reference_vectors.json"
@@ -46,7 +48,7 @@ CASES = [
 DESCRIPTION = (
     "Reference vectors for PriFT (arXiv 2606.09396), written by "
     "tests/tools/make_reference_vectors.py with prift.py's own "
-    "functions (token_weights, target_stats, prift_loss, chunked_loss). Inputs: logits "
+    "functions (token_losses, target_stats, prift_loss, chunked_loss). Inputs: logits "
     "(B,T,V) of the model being fine-tuned "
     "('online', p), ref_logits (B,T,V) of the frozen reference ('prior', q), targets (B,T) "
     "= the token y_t that "

@@ -332,7 +332,7 @@ def train(cfg, model, seqs, prior=None, ref=None, run=None):
         row = step_row(step + 1, lr, sums.tolist(), n_tokens, grad_norm, state["skipped"])
         state["kept_sum"] += row["kept"]
         bar.update()
-        bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kept=f"{row['kept']:.2f}")
+        bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kept=f"{row['kept']:.0%}")
         if run:  # metrics.jsonl and logs; a checkpoint when due or on a signal; stops divergence
             run.step(model, opt, state, row, total)
     bar.close()

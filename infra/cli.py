@@ -202,6 +202,8 @@ def run(args, device):
     source = pick(reference.PriorSource, args)
     from_prior, inline = cfg.signal == "prior", args.prior == "inline"
     stats = reference.prior_of(seqs, device, source) if from_prior and not inline else None
+    for line in reference.surprises(cfg, template.tok, seqs, stats):
+        log(f"warning: {line}")
     load_ref = lambda: reference.load_reference(args.ref, device, source.dtype)
     # with --lora and the reference its base: the model itself, its adapters off
     ref = lora.reference(model, args.ref, args.model, load_ref) if from_prior and inline else None

@@ -384,6 +384,8 @@ def run(cfg, device, train_cfg, eval_cfg, arguments):
     seqs, _ = template.encode(sets["train"], cfg.max_len)
     rules = list(prift.RULES) if cfg.rule == "all" else list(dict.fromkeys(["sft", cfg.rule]))
     prior = reference.prior_of(seqs, device, source)
+    for line in reference.surprises(train_cfg, template.tok, seqs, prior):
+        log(f"warning: {line}")
     flat = torch.cat(prior)
     # the controls' weight and keep rate: the prior's mean p, and PriFT-mass's kept fraction
     control = {

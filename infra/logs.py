@@ -22,6 +22,7 @@ import atexit
 import importlib.util
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class Logs:
             self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=first_step)
             if first_step == 1:
                 self.tb.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", 0)
+            print(f"logs: tensorboard --logdir {out / 'tensorboard'}", file=sys.stderr)
         if "wandb" in names:
             import wandb
 
@@ -81,6 +83,10 @@ class Logs:
                 resume="allow",
                 dir=str(out),
                 config=config,
+            )
+            print(
+                f"logs: wandb run {run_id} in project {self.wandb.project} ({out / 'wandb'})",
+                file=sys.stderr,
             )
 
     def scalars(self, values, step):

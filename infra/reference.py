@@ -234,6 +234,8 @@ def inspect(examples, device, job, source, arguments):
     )
     for row, why in left_out:  # tokens.jsonl has no line for these: say which, and why
         log(f"left out of tokens.jsonl: example {row} of {job.data} ({why})")
+    for line in warnings(template.tok, seqs, weights):
+        log(f"warning: {line}")
     summary(template.tok, seqs, weights)
     log(
         f"\nwritten to {job.out}: tokens.jsonl, prior.json, weights.html (the first "
@@ -249,6 +251,60 @@ def token_texts(tok, ids, n_prompt):
         b[len(a) :] if b.startswith(a) else tok.decode([t])
         for a, b, t in zip(texts, texts[1:], ids[max(n_prompt, 1) :])
     ]
+
+
+# Below this mean weight (mass: the share of response tokens kept) the prior does not support the
+# data: PriFT then masks the very tokens a new task must teach, and plain SFT learns it better
+# (docs/own-data.md, "Where PriFT helps", measures it on the demo).
+LOW_SUPPORT = 0.5
+COMMON = 0.5  # a token in this share of the examples or more is part of the data's format
+
+
+def surprises(cfg, tok, seqs, prior):
+    """What would surprise a user after training, said before it: a run of a handful of steps
+    (cfg: its TrainConfig), and what the prior's weights show (warnings)."""
+    found = []
+    if (steps := cfg.total_steps(len(seqs))) < 5:
+        found.append(
+            f"this run trains {steps} optimizer step(s): {len(seqs)} examples at "
+            f"--batch-size {cfg.batch_size}; lower --batch-size or raise --epochs"
+        )
+    if prior is not None:
+        rule = prift.RULES[cfg.rule]
+        weights = [rule.weight(pu[:, 0], pu[:, 1], cfg.threshold) for pu in prior]
+        found += warnings(tok, seqs, weights)
+    return found
+
+
+def warnings(tok, seqs, weights):
+    """What the prior's weights say before training that a user would otherwise learn after it:
+    lines for the log. Too little of the data kept; a token found in most examples and set aside
+    (weight below 0.5) in most of them, a format the rule will not teach. weights: one (n_i,)
+    tensor per example, in the order of the response tokens."""
+    found = []
+    flat = torch.cat(weights) if weights else torch.zeros(0)
+    support = float(flat.mean()) if len(flat) else 1.0  # for a 0/1 rule: the kept share
+    if support < LOW_SUPPORT:
+        found.append(
+            f"the mean weight of the response tokens is {support:.2f} (mass: the share kept): the "
+            "prior supports little of this data, and the rule will learn little of it; plain SFT "
+            "(--rule sft) may suit it better (docs/own-data.md)"
+        )
+    have, set_aside = Counter(), Counter()
+    for (ids, n_prompt), ws in zip(seqs, weights):
+        response = ids[max(n_prompt, 1) :]
+        low = {t for t, w in zip(response, ws.tolist()) if w < 0.5}
+        have.update(set(response))
+        set_aside.update(low)
+    common = [t for t, n in have.items() if n >= COMMON * len(seqs)]
+    dropped = sorted((t for t in common if set_aside[t] > have[t] / 2), key=lambda t: -set_aside[t])
+    for t in dropped[:3]:
+        found.append(
+            f"the prior sets aside {tok.decode([t])!r} in {set_aside[t]} of the {have[t]} "
+            f"examples that have it ({have[t]} of {len(seqs)}): a format the rule will not teach "
+            "(--inspect shows where; --rule sft teaches it)"
+        )
+    return found
 
 
 def summary(tok, seqs, weights):

@@ -103,14 +103,16 @@ def run_page(run):
     return PAGE.format(
         title=esc(title),
         body=f'<p class="n">{esc(run["dir"])}</p><div class="top">{top}</div>{link}'
-        f'<h2>Curves</h2><p class="n">{HOVER}</p>{curves}',
+        f'<h2>Curves</h2><p class="n">{HOVER}</p>{curves}<p class="n">{esc(READING)}</p>',
     )
 
 
 def what_ran(a, r):
     """(label, value) of the arguments that decide what a run is, with the counts of its data."""
     steps = (
-        f"at most {a['max_steps']}" if a.get("max_steps") else f"{a.get('epochs', '?')} epoch(s)"
+        f"at most {a['max_steps']} steps"
+        if a.get("max_steps")
+        else f"{a.get('epochs', '?')} epoch(s)"
     )
     evals = a.get("eval_data") or []
     # one file, in runs from before lists
@@ -130,7 +132,7 @@ def what_ran(a, r):
         ("response tokens", r.get("response_tokens")),
         ("batch", a.get("batch_size") and f"{a['batch_size']} sequences, micro-batch {micro}"),
         ("learning rate", short(a.get("lr"))),
-        ("length", steps),
+        ("training length", steps),
         ("seed", a.get("seed")),
         ("precision", a.get("precision")),
         ("ranks", r.get("world_size")),
@@ -161,9 +163,11 @@ def how_it_went(rows, r):
             train_s and duration(train_s) + (" (since the resume)" if resumed else ""),
         ),
         ("response tokens / s", train_s and f"{r['timed_tokens'] / train_s:,.0f}"),
-        ("mean kept fraction", kept and f"{sum(kept) / len(kept):.3f}"),
+        ("mean kept", kept and f"{sum(kept) / len(kept):.1f}%"),
         ("final loss", number(rows[-1].get("loss"))),
-        ("final ce", number(rows[-1].get("ce"))),
+        ("final training ce", number(rows[-1].get("ce"))),
+        ("of what it learns", number(rows[-1].get("ce_learned"))),
+        ("of what it sets aside", number(rows[-1].get("ce_set_aside"))),
     ]
 
 
@@ -192,7 +196,8 @@ def evaluation_table(evaluation):
             )
     return (
         "<table><tr><th>file</th><th>measure</th><th>before</th><th>after</th><th>change</th></tr>"
-        f'{body}</table><p class="n">%, except ce (nats per token)</p>'
+        f'{body}</table><p class="n">%, except ce: the cross-entropy of the files\' reference '
+        "solutions (held out, nats per token)</p>"
     )
 
 
@@ -233,7 +238,8 @@ def compare_page(runs, where):
         title=esc(f"{len(runs)} runs side by side"),
         body=compare_table(runs, labels, colours, where)
         + f'<h2>Curves</h2><p class="legend">{legend}</p><p class="n">{HOVER} Each run\'s own page '
-        f"has the raw loss and ce under their moving mean.</p>{curves}",
+        f"has the raw loss and ce under their moving mean.</p>{curves}"
+        f'<p class="n">{esc(READING)}</p>',
     )
 
 
@@ -262,8 +268,8 @@ def compare_table(runs, labels, colours, where):
         *[k for k in shown if k not in same],
         "steps",
         "final loss",
-        "final ce",
-        "kept",
+        "final training ce",
+        "kept %",
         *[f"{file} {col}".strip() for file, col in evals],
     ]
     out = ""
@@ -273,7 +279,9 @@ def compare_table(runs, labels, colours, where):
         page = run["dir"] / "report.html"
         name = esc(run["dir"].name)
         if page.exists():
-            name = f'<a href="{esc(Path(os.path.relpath(page, where)).as_posix())}">{name}</a>'
+            # "./": a directory named like a scheme ("javascript:...") stays a relative link
+            link = "./" + Path(os.path.relpath(page, where)).as_posix()
+            name = f'<a href="{esc(link)}">{name}</a>'
         cells = [
             f'<i class="swatch" style="background:{colour}"></i>{name}',
             esc(label),
@@ -281,7 +289,7 @@ def compare_table(runs, labels, colours, where):
             rows[-1]["step"],
             number(rows[-1].get("loss")),
             number(rows[-1].get("ce")),
-            kept and f"{sum(kept) / len(kept):.3f}",
+            kept and f"{sum(kept) / len(kept):.1f}",
         ]
         for file, col in evals:
             b, after = (ev.get(file, {}).get(k, {}).get(col) for k in ("before", "after"))
@@ -295,7 +303,7 @@ def compare_table(runs, labels, colours, where):
         (f'<div>Every run: <dl class="inline">{common}</dl></div>' if common else "")
         + f'<div class="wide"><table class="runs"><tr>{head}</tr>{out}</table></div>'
         '<p class="n">final: the last step. Evaluation: before → after training, % except '
-        "ce (nats).</p>"
+        "ce, the cross-entropy of the files' reference solutions (held out, nats).</p>"
     )
 
 
@@ -418,12 +426,25 @@ def is_our_page(path):
 
 CURVES = {
     "loss": "loss: the rule's weighted cross-entropy, nats per response token",
-    "ce": "cross-entropy of the response tokens, unweighted (nats)",
-    "kept": "kept fraction: response tokens with a weight above 0",
+    "ce": "training cross-entropy: each step's response tokens, unweighted (nats)",
+    "ce_learned": "training cross-entropy of what the rule learns: each token's in proportion to "
+    "its weight (nats)",
+    "ce_set_aside": "training cross-entropy of what the rule sets aside: each token's in "
+    "proportion to 1 - its weight (nats)",
+    "kept": "kept: % of response tokens with a weight above 0",
     "lr": "learning rate",
     "grad_norm": "gradient norm, before clipping at 1",
 }
-SMOOTHED = ("loss", "ce")  # noisy from step to step: a moving mean is drawn over the raw line
+# noisy from step to step: a moving mean is drawn over the raw line
+SMOOTHED = ("loss", "ce", "ce_learned", "ce_set_aside")
+READING = (
+    "The loss is not comparable across rules: a token of weight 0 adds nothing to it and still "
+    "counts in its denominator, so a rule that keeps fewer tokens shows a smaller loss. Compare "
+    "the cross-entropies instead. A rising \u201cset aside\u201d curve is the rule at work, not "
+    "a divergence: the model is not trained on those tokens, and as it moves toward what it does "
+    "learn, it finds them less likely. Held-out cross-entropy (of reference solutions) is in the "
+    "evaluation, not here."
+)
 COLOURS = [
     "#1f77b4",
     "#d62728",
@@ -439,9 +460,10 @@ COLOURS = [
 
 
 def values(rows, key):
-    """[(step, value)] of the rows whose `key` is a finite number."""
+    """[(step, value)] of the rows whose `key` is a finite number; kept as a percentage."""
+    scale = 100 if key == "kept" else 1  # metrics.jsonl holds a fraction; every page shows %
     return [
-        (r["step"], r[key])
+        (r["step"], scale * r[key])
         for r in rows
         if type(r.get(key)) in (int, float) and math.isfinite(r[key])
     ]
@@ -462,7 +484,7 @@ def chart(key, lines, raw):
     ys = [y for *_, pts in lines for _, y in pts]
     xt = ticks(min(xs), max(xs), integer=True)
     yt = (
-        [0.0, 0.25, 0.5, 0.75, 1.0]
+        [0.0, 25.0, 50.0, 75.0, 100.0]
         if key == "kept"
         else ticks(0 if key == "lr" else min(ys), max(ys))
     )

@@ -334,3 +334,57 @@ def test_prior_under_bfloat16_autocast(w):
         p, u = stats_from_logits(rounded(x)[m], y[m])
     err = (whole - torch.stack([p, u], 1)).abs()
     assert err.max() < 2e-2 and err.mean() < 2e-3, (err.max(), err.mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Warnings before the surprises: what the prior's weights and the run's length say before training
+
+
+def word_tokenizer(words):
+    from tokenizers import Tokenizer, models
+
+    return Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+
+
+def crafted(n, weight_of):
+    """n examples of prompt [0] and response [1, 2, 3] ("a \\boxed b"), each response token's
+    weight weight_of(example, token)."""
+    seqs = [([0, 1, 2, 3], 1) for _ in range(n)]
+    weights = [
+        torch.tensor([weight_of(i, t) for t in (1, 2, 3)], dtype=torch.float) for i in range(n)
+    ]
+    return seqs, weights
+
+
+def test_a_format_the_prior_sets_aside_is_named_before_training():
+    from infra.reference import warnings
+
+    tok = word_tokenizer(["<p>", "a", "\\boxed", "b"])
+    seqs, weights = crafted(40, lambda i, t: 0.0 if t == 2 else 1.0)  # \boxed dropped everywhere
+    found = warnings(tok, seqs, weights)
+    assert len(found) == 1 and "'\\\\boxed' in 40 of the 40 examples" in found[0], found
+    # kept where it occurs: silent; dropped in only a few of the examples: silent too
+    assert warnings(tok, *crafted(40, lambda i, t: 1.0)) == []
+    assert warnings(tok, *crafted(40, lambda i, t: 0.0 if (t == 2 and i < 10) else 1.0)) == []
+
+
+def test_low_support_is_said_with_the_mean_weight():
+    from infra.reference import warnings
+
+    tok = word_tokenizer(["<p>", "a", "b", "c"])
+    found = warnings(tok, *crafted(10, lambda i, t: 0.3))
+    assert any("mean weight of the response tokens is 0.30" in line for line in found), found
+    assert not any("mean weight" in line for line in warnings(tok, *crafted(10, lambda i, t: 0.8)))
+
+
+def test_a_run_of_a_handful_of_steps_is_said():
+    from infra.reference import surprises
+
+    tok = word_tokenizer(["<p>", "a", "b", "c"])
+    seqs, _ = crafted(40, lambda i, t: 1.0)
+    few = surprises(prift.TrainConfig(rule="sft", batch_size=256), tok, seqs, None)
+    assert few == [
+        "this run trains 1 optimizer step(s): 40 examples at --batch-size 256; lower "
+        "--batch-size or raise --epochs"
+    ]
+    assert surprises(prift.TrainConfig(rule="sft", batch_size=8), tok, seqs, None) == []

@@ -522,11 +522,12 @@ def check_out(parser, args, is_demo):
             f"or another --out"
         )
     entries = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    if not args.resume and entries - rundir.TEMPORARY - {".lock"} and "args.json" not in entries:
+    foreign = rundir.not_ours(out) if entries else []
+    left = entries - rundir.TEMPORARY - {".lock"}  # what a killed run may leave: a new run's own
+    if not args.resume and (left or foreign) and "args.json" not in entries:
         parser.error(
             f"--out {out} holds other files and is not a prift run; give a new or empty directory"
         )
-    foreign = rundir.not_ours(out) if entries else []
     if args.overwrite and foreign:
         parser.error(
             f"--out {out} holds what prift did not write ({', '.join(foreign[:3])}"

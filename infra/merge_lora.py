@@ -7,11 +7,14 @@ saved as a full Hugging Face checkpoint (config.json, model.safetensors, the tok
 """
 
 import sys
+from pathlib import Path
 
 import torch
 
+from infra import hf, rundir
 from infra.argtypes import Parser, existing
-from model import CheckpointError
+from infra.files import CheckpointError
+from infra.lora import merge
 
 
 def main(argv=None):
@@ -25,13 +28,16 @@ def main(argv=None):
         help="dtype of the merged weights (the merge itself is done in float32)",
     )
     args = parser.parse_args(argv)
-    from infra.lora import merge
-
     try:
+        base = hf.adapter_config(Path(args.run))[0]
+        inputs = [("LoRA run", args.run), ("adapter's base checkpoint", base)]
+        rundir.prepare_dest(args.dest, inputs)
         merge(args.run, args.dest, getattr(torch, args.dtype))
     except CheckpointError as e:
         print(f"merge_lora: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        rundir.unlock()
     print(f"merged {args.run} into {args.dest}")
     return 0
 

@@ -304,6 +304,12 @@ def prepare_out(out, arguments, overwrite=False, start=None):
     if dist_info()[0] == 0:
         out.mkdir(parents=True, exist_ok=True)
         lock(out)
+        # checked again now that this process holds OUT: another run may have started there since
+        if arguments is not None and not overwrite and os.path.lexists(out / "args.json"):
+            raise CheckpointError(
+                f"--out {out} holds a run that started while this one read its "
+                "inputs; give another --out"
+            )
         if overwrite and arguments is not None:
             if foreign := not_ours(out):  # checked again now that this process holds the directory
                 raise CheckpointError(
@@ -313,8 +319,12 @@ def prepare_out(out, arguments, overwrite=False, start=None):
             for p in out.iterdir():
                 if p.name != ".lock":
                     remove(p)
+        # what a kill left half-written: prift's names, of prift's kinds (not_ours passes them)
+        foreign = {name.rstrip("/@") for name in not_ours(out)}
         left = [p for p in out.iterdir() if is_temporary(p.name) and p.is_file()]
-        for p in [*(out / n for n in TEMPORARY), *(out / "checkpoints").glob("*.tmp"), *left]:
+        left += [out / n for n in TEMPORARY if os.path.lexists(out / n) and n not in foreign]
+        left += [*(out / "checkpoints").glob("*.tmp"), *(out / "merged").glob("*.tmp")]
+        for p in left:
             remove(p)
     if arguments is None:
         truncate_metrics(out / "metrics.jsonl", step)
@@ -494,9 +504,12 @@ def not_ours(out):
             return p.is_file()
         if p.name == "checkpoints":
             return p.is_dir() and all(checkpoint_entry_ok(q) for q in p.iterdir())
-        if p.name == "merged":  # --merge: the LoRA run's full checkpoint
+        if p.name == "merged":  # --merge: the LoRA run's full checkpoint, or what a kill left
             return p.is_dir() and all(
-                q.name in MODEL_FILES and q.is_file() and not q.is_symlink() for q in p.iterdir()
+                (q.name in MODEL_FILES or is_temporary(q.name))
+                and q.is_file()
+                and not q.is_symlink()
+                for q in p.iterdir()
             )
         if p.name in ("tensorboard", "wandb"):  # --log's own files, written by those packages
             return p.is_dir()
@@ -533,6 +546,28 @@ def checkpoint_entry_ok(p):
 
 
 _LOCKS = {}  # resolved run directory -> the open file descriptor that holds its lock
+
+
+def prepare_dest(dest, inputs):
+    """A directory a command writes a model into (merge_lora's DEST), taken: not an input, not in
+    or around one (inputs: (name, path) pairs, the adapter's base among them), new or empty but for
+    what a killed write of prift's left (removed), and locked. A CheckpointError says why not."""
+    dest = Path(dest)
+    if found := files.overlap(dest, inputs):
+        raise CheckpointError(files.overlap_message("DEST", dest, found))
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise CheckpointError(f"{dest} is not a directory; give a new or empty directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    lock(dest)
+    entries = [p for p in dest.iterdir() if p.name != ".lock"]
+    if others := [p.name for p in entries if not (is_temporary(p.name) and p.is_file())]:
+        raise CheckpointError(
+            f"{dest} already holds {', '.join(sorted(others)[:3])}; nothing is "
+            "written over: give a new or empty directory"
+        )
+    for p in entries:
+        remove(p)
+    return dest
 
 
 def lock(out):

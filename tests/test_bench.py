@@ -1,5 +1,5 @@
-"""bench.py runs: its three parts at quick sizes, in a real process (the figures themselves are for
-the README, measured side by side, never asserted as times)."""
+"""`python -m bench.train --quick` runs: its five parts at quick sizes, in a real process (the
+figures themselves are for the README, measured side by side, never asserted as times)."""
 
 import re
 import subprocess

@@ -1,4 +1,4 @@
-"""What running for real needs in memory (memory.py, issue 19): the plan's count of activations
+"""What running for real needs in memory (infra/plan.py, issue 19): the plan's count of activations
 against what autograd itself saves, for every family and precision; activation checkpointing gives
 the losses and weights of a run without it, in one process and in two (DDP and FSDP2, gloo); FSDP2's
 bfloat16 gathers (the CUDA policy, run here on the CPU) give the gradient of bfloat16 weight copies

@@ -708,3 +708,85 @@ def test_sizes_that_can_only_be_mistakes(w, capsys):
             "--batch-size",
             "nothing",
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# What loses data, by name: a merge onto its base, two runs on one --out, a user's folder under a
+# name prift gives its temporaries, a kill during --merge
+
+
+@pytest.fixture
+def lora_run(w):
+    """A finished LoRA run (rank 2, two steps) of the tiny checkpoint w.ck, in w.out."""
+    assert main_rc(w.argv("--lora", "2")) == 0
+    return w.out
+
+
+def tree_hash(root):
+    return {
+        p: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def test_merge_lora_never_writes_over_its_base_its_run_or_another_model(w, lora_run, capsys):
+    from infra import merge_lora
+
+    other = make_checkpoint(w.root / "other")  # a directory that holds another model
+    user = w.root / "notes"
+    user.mkdir()
+    (user / "mine.txt").write_text("a user's file")
+    for dest, fragment in [
+        (w.ck, "adapter's base"),
+        (lora_run, "LoRA run"),
+        (w.ck / "merged", "adapter's base"),
+        (other, "already holds"),
+        (user, "already holds"),
+    ]:
+        before = tree_hash(w.root)
+        assert merge_lora.main([str(lora_run), str(dest)]) == 2
+        assert fragment in one_error_line(capsys.readouterr().err, "merge_lora")
+        assert tree_hash(w.root) == before, dest
+    assert merge_lora.main([str(lora_run), str(w.root / "merged")]) == 0
+    assert (w.root / "merged" / "model.safetensors").is_file()
+
+
+def test_two_runs_started_on_one_empty_out_the_second_is_refused(w, monkeypatch, capsys):
+    """Both pass the command line's checks of an empty --out; the first finishes while the second
+    reads its inputs. The second takes --out's lock, finds a run there, and stops: the first's
+    model and metrics stay as they were."""
+    prepare = rundir.prepare_out
+
+    def first_finishes_meanwhile(*a, **k):
+        monkeypatch.setattr(rundir, "prepare_out", prepare)
+        assert main_rc(w.argv()) == 0  # the first run, start to end
+        monkeypatch.setattr(rundir, "prepare_out", first_finishes_meanwhile)
+        return prepare(*a, **k)
+
+    monkeypatch.setattr(rundir, "prepare_out", first_finishes_meanwhile)
+    assert main_rc(w.argv()) == 2  # the second, refused in one line
+    assert "started while this one read its inputs" in one_error_line(capsys.readouterr().err)
+    assert [r["step"] for r in helpers.read_metrics(w.out)] == [1, 2]
+    assert (w.out / "model.safetensors").is_file()
+
+
+def test_a_users_folder_named_like_a_temporary_is_never_removed(w, capsys):
+    for name in ("final.tmp", "metrics.tmp"):
+        out = w.root / f"out-{name}"
+        (out / name).mkdir(parents=True)
+        (out / name / "thesis.tex").write_text("a user's work")
+        refused(w.argv(out=out), w.root, capsys, "not a prift run")
+        assert (out / name / "thesis.tex").read_text() == "a user's work"
+
+
+def test_what_a_kill_during_merge_leaves_is_prifts_own(w, lora_run):
+    """A kill while --merge writes OUT/merged leaves the weights' temporary there (what
+    files.write_with writes under, NAME.PID.tmp): the run is still prift's, and --overwrite
+    replaces it."""
+    assert main_rc(w.argv("--lora", "2", "--merge", "--resume")) == 0
+    left = lora_run / "merged" / "model.4242.tmp"
+    left.write_bytes(b"half a file")
+    assert rundir.not_ours(lora_run) == []
+    assert main_rc(w.argv("--lora", "2", "--merge", "--overwrite")) == 0
+    assert not left.exists() and (lora_run / "merged" / "model.safetensors").is_file()

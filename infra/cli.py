@@ -287,7 +287,7 @@ def main(argv=None):
         return 130
     finally:
         shutdown()
-        rundir.unlock()
+        files.unlock()
     return 0
 
 

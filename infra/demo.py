@@ -19,9 +19,7 @@ not in the method's table: `uniform` (a constant weight, the prior's mean probab
 import dataclasses
 import difflib
 import json
-import os
 import random
-import shutil
 import sys
 from pathlib import Path
 
@@ -238,22 +236,16 @@ def base_model(cache, pretrain_steps, rebuild, device):
         rule="sft", lr=3e-3, batch_size=32, micro_batch=32, seed=1234, max_steps=pretrain_steps
     )
     prift.train(pretraining, model, seqs)
-    tmp = base.with_name("demo-base.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = base.with_name("demo-base.tmp")  # the cache's own: made here, replaced whole
+    files.remove(tmp)
     hf.save_model(model, tmp)
-    tok.save(str(tmp / "tokenizer.json"))
-    files.write_text(
-        tmp / "tokenizer_config.json",
-        json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<unk>",
-            }
-        ),
+    files.write_text(tmp / "tokenizer.json", tok.to_str(), "tokenizer")
+    special = dict(
+        tokenizer_class="PreTrainedTokenizerFast", eos_token="<|endoftext|>", unk_token="<unk>"
     )
-    shutil.rmtree(base, ignore_errors=True)
-    os.replace(tmp, base)
+    files.write_json(tmp / "tokenizer_config.json", special, "tokenizer config")
+    files.remove(base)
+    files.rename(tmp, base)
     return base
 
 
@@ -264,7 +256,7 @@ def write_data(cfg):
         "task": task(300, 99),
         "retention": task(200, 98, phrasings=PRETRAIN_PHRASINGS),
     }
-    (cfg.out / "demo-data").mkdir(parents=True, exist_ok=True)
+    files.make_dir(cfg.out / "demo-data")
     for name, rows in sets.items():
         text = "".join(json.dumps(r) + "\n" for r in rows)
         files.write_text(cfg.out / "demo-data" / f"{name}.jsonl", text, "data")
@@ -409,7 +401,7 @@ def run(cfg, device, train_cfg, eval_cfg, arguments):
             run_dir = out / "runs" / f"{rule}-seed{seed}" if len(rules) * cfg.seeds > 1 else out
             dirs.append(run_dir)
             if run_dir != out:  # its own arguments, for its report and the comparison page
-                run_dir.mkdir(parents=True, exist_ok=True)
+                files.make_dir(run_dir)
                 recorded = {
                     **arguments,
                     **dataclasses.asdict(rule_cfg),
@@ -456,7 +448,7 @@ def run(cfg, device, train_cfg, eval_cfg, arguments):
     weight = prift.rule_settings(shown, threshold=threshold)
     show_weights(
         template.tok,
-        [json.loads(line) for line in paths["train"].read_text().splitlines()],
+        [json.loads(line) for line in files.read_text(paths["train"]).splitlines()],
         seqs,
         [weight.weight(pu[:, 0], pu[:, 1], weight.threshold) for pu in prior],
         shown,

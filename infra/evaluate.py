@@ -25,7 +25,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -460,11 +459,9 @@ def main(argv=None):
     inputs = [("checkpoint --model", args.model), *(("--data file", p) for p in args.data)]
     if found := files.overlap(out, inputs):
         parser.error(files.overlap_message("--out", out, found))
-    try:  # can --out be written? Known now, not after the whole evaluation
-        tempfile.TemporaryFile(dir=out.parent).close()
-    except OSError as e:
+    if problem := files.writable(out.parent):  # known now, not after the whole evaluation
         parser.error(
-            f"--out {out}: its directory cannot be written ({e.strerror}); give a file in "
+            f"--out {out}: its directory cannot be written ({problem}); give a file in "
             "a directory that exists"
         )
     device = init_from_env()

@@ -22,11 +22,14 @@ Outputs are never inputs (overlap): --out may not be, contain or lie inside an i
 """
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import data
@@ -333,6 +336,211 @@ def append_line(path, line, what="file"):
             ) from None
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Directories, links, locks, and the files torch and safetensors write
+
+
+def make_dir(path, what="directory"):
+    """A directory and its parents, never a link in its place."""
+    path = Path(path)
+    if path.is_symlink():
+        raise CheckpointError(
+            f"{what} {path} is a symbolic link; prift writes only into directories of its own"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{what} {path} cannot be made ({e.strerror}); give another")
+    return path
+
+
+def remove(path):
+    """Delete a file, a link (never what it points to) or a directory prift wrote; nothing if it is
+    not there.
+    """
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def rename(src, dst):
+    """src renamed over dst, atomically (one file system)."""
+    os.replace(src, dst)
+
+
+def publish_link(link, target):
+    """The symbolic link `link` -> target (a name beside it), replaced atomically: a reader sees
+    the old link or the new one, never none."""
+    tmp = link.with_name(link.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+_LOCKS = {}  # resolved directory -> the open file descriptor that holds its lock
+
+
+def lock(out):
+    """Hold OUT/.lock until this process ends (or unlock()): one process per run directory. Another
+    process gets one line naming the pid that holds it."""
+    key = os.path.realpath(out)
+    if key in _LOCKS:
+        return
+    try:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(Path(out) / ".lock", flags, 0o644)
+    except OSError as e:
+        raise CheckpointError(
+            f"{out}/.lock cannot be opened ({e.strerror}); remove it if it is not a prift lock file"
+        )
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # its pid would be written into another
+        os.close(fd)
+        raise CheckpointError(
+            f"{out}/.lock is not a file of its own (a FIFO, a device, or a file with other hard "
+            "links); remove it if it is not a prift lock file"
+        )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 20).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise CheckpointError(
+            f"--out {out} is in use by another prift process (pid {holder}); wait for it to end, "
+            f"or stop it, or give another --out"
+        )
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCKS[key] = fd
+
+
+def unlock():
+    """Let go of every run directory this process holds (infra.cli.main, when it ends)."""
+    while _LOCKS:
+        os.close(_LOCKS.popitem()[1])
+
+
+def save_torch(path, obj, what="file"):
+    """obj as torch.save writes it, through write_with."""
+    import torch
+
+    write_with(path, lambda f, _: torch.save(obj, f), what)
+
+
+def load_torch(path, root, limit, what="file"):
+    """A torch.save file, read as open_input reads, with weights_only=True: tensors and plain
+    containers are built, no code a file names is called."""
+    import torch
+
+    with open_input(path, root, limit, what) as f:
+        return torch.load(f, weights_only=True, map_location="cpu")
+
+
+def save_tensors(path, tensors, what="file", metadata=None):
+    """A safetensors file, through write_with."""
+    from safetensors.torch import save_file
+
+    write_with(path, lambda f, tmp: save_file(tensors, tmp, metadata=metadata), what)
+
+
+def load_tensors(path, root, what="file"):
+    """Every tensor of a safetensors file that passes open_input's checks: {name: tensor}."""
+    from safetensors.torch import load_file
+
+    open_input(path, root, None, what).close()
+    return load_file(path)
+
+
+# safetensors files: their headers read alone (names, shapes, dtypes: nothing of the tensors), then
+# the tensors, one file open at a time
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # as safetensors headers name them
+
+
+def read_headers(files):
+    """{tensor name: (its file, a meta tensor of its shape)} from the safetensors headers alone:
+    nothing is read.
+    """
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    stored = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt", device="cpu") as sf:
+                for key in sf.keys():
+                    part = sf.get_slice(key)
+                    if key in stored or part.get_dtype() not in FLOAT_DTYPES:
+                        raise CheckpointError(
+                            f"tensor {key} in {f} is stored twice, or as {part.get_dtype()} "
+                            f"(weights are {', '.join(FLOAT_DTYPES)})"
+                        )
+                    stored[key] = f, torch.empty(part.get_shape(), device="meta")
+        except SafetensorError as e:
+            raise CheckpointError(
+                f"weights file {f} cannot be read as safetensors ({e}); download it again"
+            )
+        except (RuntimeError, OSError, MemoryError) as e:  # mapped whole: larger than memory allows
+            raise CheckpointError(
+                f"weights file {f} cannot be opened ({str(e).splitlines()[0][:200]}): more "
+                "than this machine's memory can map"
+            ) from None
+    return stored
+
+
+def memory_bytes():
+    """The memory this machine has, in bytes (None where it cannot be known)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def read_tensors(files, dtype, device, shapes=None):
+    """{name: file} -> {name: tensor} in dtype on device, one file open at a time; a tensor that is
+    not finite everywhere is refused. shapes ({name: a meta tensor}): weights that could not fit in
+    this machine's memory are refused in one line before any is read (a sparse file's header can
+    claim any size)."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    if shapes and device.type == "cpu" and (total := memory_bytes()):
+        need = sum(t.numel() for t in shapes.values()) * torch.empty(0, dtype=dtype).element_size()
+        if need > total:
+            raise CheckpointError(
+                f"the weights of {next(iter(files.values())).parent} take {need / 2**30:.1f} GiB "
+                f"as {str(dtype).removeprefix('torch.')}, more than this machine's "
+                f"{total / 2**30:.1f} GiB of memory"
+            )
+    state = {}
+    for f in dict.fromkeys(files.values()):
+        with safe_open(f, framework="pt", device="cpu") as sf:
+            for key in (k for k, g in files.items() if g == f):
+                try:
+                    state[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
+                except (MemoryError, SafetensorError, RuntimeError) as e:
+                    raise CheckpointError(
+                        f"tensor {key} in {f} cannot be read ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else 'out of memory'})"
+                    ) from None
+                if not torch.isfinite(state[key]).all():
+                    raise CheckpointError(
+                        f"tensor {key} in {f} holds NaN or infinite values: this "
+                        "checkpoint is damaged "
+                        f"(or saved from a diverged run) and cannot be trained"
+                    )
+    return state
+
+
+def writable(directory):
+    """Whether a file can be created in directory (tried, and removed): known before a long job."""
+    try:
+        tempfile.TemporaryFile(dir=directory).close()
+        return None
+    except OSError as e:
+        return e.strerror
 
 
 # --------------------------------------------------------------------------------------------------

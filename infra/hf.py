@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from data import TEMPLATES, DataError, Template
@@ -23,12 +21,15 @@ from infra.files import (
     TOKENIZER_LIMIT,
     CheckpointError,
     copy_file,
+    make_dir,
     open_input,
+    read_headers,
     read_json,
+    read_tensors,
     read_text,
+    save_tensors,
     write_json,
     write_text,
-    write_with,
 )
 from model import FAMILIES, GPT, Config, add_lora, from_hf_state, to_hf_state
 
@@ -74,9 +75,6 @@ def eos_field(d):
     ):
         raise CheckpointError(f"'eos_token_id' is {value!r}; expected a token id or a list of them")
     return value
-
-
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # as safetensors headers name them
 
 
 def check_config(d):
@@ -203,75 +201,6 @@ def weight_files(path):
     return [path / name for name in names]
 
 
-def read_headers(files):
-    """{tensor name: (its file, a meta tensor of its shape)} from the safetensors headers alone:
-    nothing is read.
-    """
-    stored = {}
-    for f in files:
-        try:
-            with safe_open(f, framework="pt", device="cpu") as sf:
-                for key in sf.keys():
-                    part = sf.get_slice(key)
-                    if key in stored or part.get_dtype() not in FLOAT_DTYPES:
-                        raise CheckpointError(
-                            f"tensor {key} in {f} is stored twice, or as {part.get_dtype()} "
-                            f"(weights are {', '.join(FLOAT_DTYPES)})"
-                        )
-                    stored[key] = f, torch.empty(part.get_shape(), device="meta")
-        except SafetensorError as e:
-            raise CheckpointError(
-                f"weights file {f} cannot be read as safetensors ({e}); download it again"
-            )
-        except (RuntimeError, OSError, MemoryError) as e:  # mapped whole: larger than memory allows
-            raise CheckpointError(
-                f"weights file {f} cannot be opened ({str(e).splitlines()[0][:200]}): more "
-                "than this machine's memory can map"
-            ) from None
-    return stored
-
-
-def memory_bytes():
-    """The memory this machine has, in bytes (None where it cannot be known)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def read_tensors(files, dtype, device, shapes=None):
-    """{name: file} -> {name: tensor} in dtype on device, one file open at a time; a tensor that is
-    not finite everywhere is refused. shapes ({name: a meta tensor}): weights that could not fit in
-    this machine's memory are refused in one line before any is read (a sparse file's header can
-    claim any size)."""
-    if shapes and device.type == "cpu" and (total := memory_bytes()):
-        need = sum(t.numel() for t in shapes.values()) * torch.empty(0, dtype=dtype).element_size()
-        if need > total:
-            raise CheckpointError(
-                f"the weights of {next(iter(files.values())).parent} take {need / 2**30:.1f} GiB "
-                f"as {str(dtype).removeprefix('torch.')}, more than this machine's "
-                f"{total / 2**30:.1f} GiB of memory"
-            )
-    state = {}
-    for f in dict.fromkeys(files.values()):
-        with safe_open(f, framework="pt", device="cpu") as sf:
-            for key in (k for k, g in files.items() if g == f):
-                try:
-                    state[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
-                except (MemoryError, SafetensorError, RuntimeError) as e:
-                    raise CheckpointError(
-                        f"tensor {key} in {f} cannot be read ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else 'out of memory'})"
-                    ) from None
-                if not torch.isfinite(state[key]).all():
-                    raise CheckpointError(
-                        f"tensor {key} in {f} holds NaN or infinite values: this "
-                        "checkpoint is damaged "
-                        f"(or saved from a diverged run) and cannot be trained"
-                    )
-    return state
-
-
 # --------------------------------------------------------------------------------------------------
 # Models: a checkpoint directory <-> GPT (model.py maps the names); LoRA adapters as PEFT has them
 
@@ -346,8 +275,7 @@ def save_model(model, path, state_dict=None):
     model's own."""
     if model.lora:  # the adapter alone (lora.merge first for a full model)
         return save_adapter(model, path, state_dict)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = make_dir(path)
     state = {
         k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()
     }
@@ -356,8 +284,7 @@ def save_model(model, path, state_dict=None):
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     for key in [k for k in ("torch_dtype", "dtype") if k in raw] or ["torch_dtype"]:
         raw[key] = dtype
-    write = lambda f, tmp: save_file(state, tmp, metadata={"format": "pt"})
-    write_with(path / "model.safetensors", write, "weights")
+    save_tensors(path / "model.safetensors", state, "weights", metadata={"format": "pt"})
     write_text(path / "config.json", json.dumps(raw, indent=2) + "\n", "config")
     copy_side_files(model.source_dir, path)
 
@@ -429,8 +356,7 @@ def load_adapter(path, dtype=None, device=None):
 def save_adapter(model, path, state_dict=None):
     """The LoRA adapter as PEFT writes it: adapter_config.json and adapter_model.safetensors
     (float32, PEFT's names: base_model.model. + ours), beside the base's tokenizer files."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = make_dir(path)
     state = state_dict or model.state_dict()
     state = {
         "base_model.model." + k: v.detach().cpu().float().contiguous()
@@ -454,8 +380,7 @@ def save_adapter(model, path, state_dict=None):
         use_rslora=False,
         use_dora=False,
     )
-    write = lambda f, tmp: save_file(state, tmp, metadata={"format": "pt"})
-    write_with(path / "adapter_model.safetensors", write, "adapter weights")
+    save_tensors(path / "adapter_model.safetensors", state, "adapter weights", {"format": "pt"})
     write_json(path / "adapter_config.json", conf, "adapter config", indent=2)
     copy_side_files(model.source_dir, path)
 

@@ -22,9 +22,12 @@ import atexit
 import importlib.util
 import json
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
+
+from infra import files
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --log NAME: the package it needs
 
@@ -66,16 +69,18 @@ class Logs:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: events of steps >= first_step from before a resume are dropped on reading
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=first_step)
+            where = files.make_dir(out / "tensorboard", "the tensorboard directory")
+            self.tb = SummaryWriter(str(where), purge_step=first_step)
             if first_step == 1:
                 self.tb.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", 0)
             print(f"logs: tensorboard --logdir {out / 'tensorboard'}", file=sys.stderr)
         if "wandb" in names:
             import wandb
 
-            id_file = out / "wandb_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
-            id_file.write_text(run_id + "\n")
+            id_file = out / "wandb_id"  # the wandb run a resumed run continues
+            run_id = read_wandb_id(id_file) if os.path.lexists(id_file) else uuid.uuid4().hex[:8]
+            files.write_text(id_file, run_id + "\n", "wandb id")
+            files.make_dir(out / "wandb", "the wandb directory")
             self.wandb = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", "prift"),
                 name=out.name,
@@ -125,10 +130,18 @@ def opened(out, step):
     if logs:
         logs.close()
     path = Path(out) / "args.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    config = files.read_json(path, out, files.JSON_LIMIT, "arguments") if path.is_file() else {}
     names = (config.get("log") if isinstance(config, dict) else None) or []
     OPEN[key] = Logs(Path(out), names, config, step)
     return OPEN[key]
+
+
+def read_wandb_id(path):
+    """A wandb run id as logs wrote it: 1 to 64 letters and digits; anything else is refused."""
+    text = files.read_text(path, path.parent, 1024, "wandb id").strip()
+    if not re.fullmatch(r"[A-Za-z0-9]{1,64}", text):
+        raise files.CheckpointError(f"{path} does not hold a wandb run id; remove it")
+    return text
 
 
 def step(out, row):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from infra import hf, rundir
+from infra import files, hf, rundir
 from infra.argtypes import Parser, existing
 from infra.files import CheckpointError
 from infra.lora import merge
@@ -37,7 +37,7 @@ def main(argv=None):
         print(f"merge_lora: error: {e}", file=sys.stderr)
         return 2
     finally:
-        rundir.unlock()
+        files.unlock()
     print(f"merged {args.run} into {args.dest}")
     return 0
 

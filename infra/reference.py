@@ -41,7 +41,6 @@ from itertools import accumulate
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 import prift
 from infra import files, hf, rundir
@@ -108,15 +107,14 @@ def prior_path(ref, precision, cache, seqs):
     path = Path(cache) / "prior" / f"{key.hexdigest()[:20]}.safetensors"
     if os.path.lexists(path) and (problem := prior_problem(path, seqs)):
         log(f"prior: the cached {path} does not fit the data ({problem}); computing it again")
-        path.unlink(missing_ok=True)
+        files.remove(path)
     return path
 
 
 def prior_problem(path, seqs):
     """What is wrong with a cached prior for these examples (n_i response tokens each), or None."""
     try:
-        files.open_input(path, path.parent, None, "cached prior").close()  # no FIFO, no link out
-        f = load_file(path)
+        f = files.load_tensors(path, path.parent, "cached prior")  # no FIFO, no link out
     except Exception as e:  # safetensors raises several kinds for a damaged file
         return f"not readable: {str(e).splitlines()[0][:100]}"
     counts = [len(ids) - max(n_prompt, 1) for ids, n_prompt in seqs]
@@ -140,23 +138,22 @@ def save_prior(path, prior):
     """
     if dist_info()[0] != 0:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    files.make_dir(path.parent, "the prior's cache")
     # left by a killed process that computed the same prior
     for old in path.parent.glob(f"{path.stem}.*.tmp"):
         with contextlib.suppress(ValueError, ProcessLookupError):
             os.kill(int(old.name.split(".")[1]), 0)
             continue
-        old.unlink(missing_ok=True)
+        files.remove(old)
     offsets = torch.tensor([0] + [len(stats) for stats in prior]).cumsum(0)
     tensors = {"stats": torch.cat(prior).contiguous(), "offsets": offsets}
-    files.write_with(path, lambda f, tmp: save_file(tensors, tmp), "cached prior")
+    files.save_tensors(path, tensors, "cached prior")
     log(f"prior: computed for {offsets[-1]} response tokens, saved to {path}")
 
 
 def load_prior(path):
     log(f"prior: reusing {path}")
-    files.open_input(path, path.parent, None, "cached prior").close()
-    f = load_file(path)
+    f = files.load_tensors(path, path.parent, "cached prior")
     o = f["offsets"].tolist()
     return [f["stats"][a:b] for a, b in zip(o, o[1:])]
 

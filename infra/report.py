@@ -209,7 +209,7 @@ def compare(dirs, page):
     """Write `page`: the runs in `dirs` side by side; NotARun for a directory that is not a run."""
     runs = [load_run(d) for d in dirs]
     page = Path(page)
-    page.parent.mkdir(parents=True, exist_ok=True)
+    files.make_dir(page.parent)
     files.write_text(page, compare_page(runs, page.parent), "page")
 
 

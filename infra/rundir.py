@@ -40,16 +40,13 @@ the loop's counters, the random-number states and the optimizer's layout as save
 """
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
 import os
 import pickle
 import re
-import shutil
 import signal
-import stat
 import sys
 from pathlib import Path
 
@@ -123,8 +120,8 @@ def save(model, opt, state, out):
     if ckpt.exists():
         if latest(out) and latest(out).resolve() == ckpt.resolve():
             return  # this step is already the latest checkpoint
-        remove(ckpt)
-    remove(tmp)
+        files.remove(ckpt)
+    files.remove(tmp)
     try:
         hf.save_model(getattr(model, "module", model), tmp, full)  # DDP wraps it in .module
         cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
@@ -134,32 +131,19 @@ def save(model, opt, state, out):
             "rng": torch.get_rng_state(),
             "cuda_rng": cuda_rng,
         }
-        files.write_with(tmp / "trainer.pt", lambda f, _: torch.save(trainer, f), "trainer state")
+        files.save_torch(tmp / "trainer.pt", trainer, "trainer state")
     except (OSError, SafetensorError, RuntimeError, CheckpointError) as e:  # a full disk, mostly
-        remove(tmp)
+        files.remove(tmp)
         raise CheckpointError(
             f"writing the checkpoint {ckpt} failed ({e}); make room and continue with: "
             "python prift.py "
             f"--resume {out} (from {latest(out) or 'step 0'}, to the same weights)"
         )
-    os.replace(tmp, ckpt)
-    link = out / "checkpoints" / "latest.tmp"
-    link.unlink(missing_ok=True)
-    link.symlink_to(ckpt.name)
-    os.replace(link, out / "checkpoints" / "latest")
+    files.rename(tmp, ckpt)
+    files.publish_link(out / "checkpoints" / "latest", ckpt.name)
     for old in (out / "checkpoints").glob("step-*"):
         if old.name != ckpt.name:
-            remove(old)
-
-
-def remove(path):
-    """Delete a file, a link (never what it points to) or a directory prift wrote; nothing if it is
-    not there.
-    """
-    if path.is_symlink() or path.is_file():
-        path.unlink(missing_ok=True)
-    elif path.is_dir():
-        shutil.rmtree(path)
+            files.remove(old)
 
 
 class TrainingError(Exception):
@@ -302,8 +286,8 @@ def prepare_out(out, arguments, overwrite=False, start=None):
     left."""
     step = start["state"]["step"] if start else 0
     if dist_info()[0] == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        lock(out)
+        files.make_dir(out, "--out")
+        files.lock(out)
         # checked again now that this process holds OUT: another run may have started there since
         if arguments is not None and not overwrite and os.path.lexists(out / "args.json"):
             raise CheckpointError(
@@ -318,14 +302,14 @@ def prepare_out(out, arguments, overwrite=False, start=None):
                 )
             for p in out.iterdir():
                 if p.name != ".lock":
-                    remove(p)
+                    files.remove(p)
         # what a kill left half-written: prift's names, of prift's kinds (not_ours passes them)
         foreign = {name.rstrip("/@") for name in not_ours(out)}
         left = [p for p in out.iterdir() if is_temporary(p.name) and p.is_file()]
         left += [out / n for n in TEMPORARY if os.path.lexists(out / n) and n not in foreign]
         left += [*(out / "checkpoints").glob("*.tmp"), *(out / "merged").glob("*.tmp")]
         for p in left:
-            remove(p)
+            files.remove(p)
     if arguments is None:
         truncate_metrics(out / "metrics.jsonl", step)
         if start and start.get("finished"):
@@ -367,19 +351,19 @@ def save_model(model, out):
     if dist_info()[0] != 0:
         return
     tmp = out / "final.tmp"
-    remove(tmp)
+    files.remove(tmp)
     try:
         hf.save_model(getattr(model, "module", model), tmp, full)  # DDP wraps it in .module
     except (OSError, SafetensorError, RuntimeError, CheckpointError) as e:  # a full disk, mostly
-        remove(tmp)
+        files.remove(tmp)
         last = latest(out)
         raise CheckpointError(
             f"writing the final model into {out} failed ({e}); make room and run python prift.py "
             f"--resume {out}: it trains again from {last or 'step 0'} to the same weights"
         )
     for name in sorted(os.listdir(tmp), key=lambda n: n in WEIGHTS):
-        os.replace(tmp / name, out / name)
-    tmp.rmdir()
+        files.rename(tmp / name, out / name)
+    files.remove(tmp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -545,9 +529,6 @@ def checkpoint_entry_ok(p):
     )
 
 
-_LOCKS = {}  # resolved run directory -> the open file descriptor that holds its lock
-
-
 def prepare_dest(dest, inputs):
     """A directory a command writes a model into (merge_lora's DEST), taken: not an input, not in
     or around one (inputs: (name, path) pairs, the adapter's base among them), new or empty but for
@@ -557,8 +538,8 @@ def prepare_dest(dest, inputs):
         raise CheckpointError(files.overlap_message("DEST", dest, found))
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
         raise CheckpointError(f"{dest} is not a directory; give a new or empty directory")
-    dest.mkdir(parents=True, exist_ok=True)
-    lock(dest)
+    files.make_dir(dest, "DEST")
+    files.lock(dest)
     entries = [p for p in dest.iterdir() if p.name != ".lock"]
     if others := [p.name for p in entries if not (is_temporary(p.name) and p.is_file())]:
         raise CheckpointError(
@@ -566,48 +547,8 @@ def prepare_dest(dest, inputs):
             "written over: give a new or empty directory"
         )
     for p in entries:
-        remove(p)
+        files.remove(p)
     return dest
-
-
-def lock(out):
-    """Hold OUT/.lock until this process ends (or unlock()): one process per run directory. Another
-    process gets one line naming the pid that holds it."""
-    key = os.path.realpath(out)
-    if key in _LOCKS:
-        return
-    try:
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        fd = os.open(Path(out) / ".lock", flags, 0o644)
-    except OSError as e:
-        raise CheckpointError(
-            f"{out}/.lock cannot be opened ({e.strerror}); remove it if it is not a prift lock file"
-        )
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # its pid would be written into another
-        os.close(fd)
-        raise CheckpointError(
-            f"{out}/.lock is not a file of its own (a FIFO, a device, or a file with other hard "
-            "links); remove it if it is not a prift lock file"
-        )
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 20).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise CheckpointError(
-            f"--out {out} is in use by another prift process (pid {holder}); wait for it to end, "
-            f"or stop it, or give another --out"
-        )
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _LOCKS[key] = fd
-
-
-def unlock():
-    """Let go of every run directory this process holds (infra.cli.main, when it ends)."""
-    while _LOCKS:
-        os.close(_LOCKS.popitem()[1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -755,8 +696,7 @@ def read_trainer_state(path):
     plain containers only, and refuses a file that names anything else (as a crafted pickle does, to
     run it)."""
     try:
-        with files.open_input(path, path.parent, None, "trainer state") as f:
-            start = torch.load(f, map_location="cpu", weights_only=True)
+        start = files.load_torch(path, path.parent, None, "trainer state")
     except CheckpointError:
         raise
     except pickle.UnpicklingError as e:

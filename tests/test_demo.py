@@ -141,3 +141,30 @@ def test_shortened_demo_runs_end_to_end(tmp_path):
     last = r.stdout.strip().splitlines()[-1]
     assert last == f"written to {out}; the report: {out / 'compare.html'}", last
     assert (out / "compare.html").exists()
+
+
+def test_demo_of_sft_alone_shows_base_and_sft(tmp_path):
+    """--rule sft: the asked rule is plain SFT itself, trained once; the table's rows base and sft,
+    no difference row, then the key; the report is the run's own page."""
+    out = tmp_path / "out"
+    r = helpers.run_cli(
+        [
+            *("--rule", "sft", "--demo-pretrain-steps", 3, "--max-steps", 2),
+            *("--eval-problems", 1, "--max-new-tokens", 2),
+            *("--cache", tmp_path / "cache", "--out", out),
+        ],
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    columns, table = table_rows(r.stdout)
+    assert columns == demo.COLUMNS and list(table) == ["base", "sft"]
+    assert f"key: {demo.KEY}" in r.stdout.splitlines()
+    runs = json.loads((out / "results.json").read_text())
+    assert [x["rule"] for x in runs] == ["sft"]
+    assert table["sft"] == [
+        f"{runs[0][c]:.3f}" if c == "ce" else f"{runs[0][c]:.1f}" for c in columns
+    ]
+    assert len(helpers.read_metrics(out)) == 2 and not (out / "runs").exists()
+    last = r.stdout.strip().splitlines()[-1]
+    assert last == f"written to {out}; the report: {out / 'report.html'}", last
+    assert (out / "report.html").exists()

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from helpers import ROOT, read_metrics
 from safetensors.torch import load_file
 
-from infra import cli, distributed, hf, reference, rundir
+from infra import cli, distributed, hf
 
 TRAIN = [
     "--batch-size",
@@ -243,27 +243,6 @@ def in_process(work, tmp_path, *argv):
     return args, seqs
 
 
-def train_in_process(args, model, seqs, ref=None, out=None, start=None):
-    """prift.train as infra/cli.py calls it: the model (and the inline reference) wrapped in DDP or
-    FSDP2, the run kept in `out` (or nowhere) and resumed from `start` (a checkpoint's trainer.pt),
-    the signals caught while it runs."""
-    import prift
-
-    cfg = cli.train_config(args)
-    if cfg.match_authors:
-        model.to(torch.bfloat16)
-    wrapped = distributed.wrap_distributed(model, ref, args.fsdp, args.grad_checkpoint)
-    run = rundir.Run(out, args.save_every, start)
-    with run.interrupts():
-        return prift.train(cfg, wrapped, seqs, ref=ref, run=run)
-
-
-def load_reference(args, device):
-    """The frozen reference of --prior inline, as a run loads it."""
-    source = cli.pick(reference.PriorSource, args)
-    return reference.load_reference(args.ref, device, source.dtype)
-
-
 def test_ddp_all_reduces_once_per_step(work, tmp_path, monkeypatch, group_of_one):
     """DDP all-reduces its gradient buckets (counted with a communication hook) as often with 4
     micro-batches per step as with 1: only on the last micro-batch."""
@@ -285,7 +264,7 @@ def test_ddp_all_reduces_once_per_step(work, tmp_path, monkeypatch, group_of_one
 
         monkeypatch.setattr(distributed, "wrap_distributed", spy)
         args, seqs = in_process(work, tmp_path, "--rule", "sft", "--micro-batch", micro_batch)
-        train_in_process(args, hf.load_model(work / "tied"), seqs)
+        helpers.train(args, hf.load_model(work / "tied"), seqs)
         return calls
 
     once = all_reduces(8)
@@ -328,8 +307,8 @@ def test_fsdp_in_one_process(work, tmp_path, monkeypatch, group_of_one):
     )
     out = tmp_path / "out"
     out.mkdir()
-    model, ref = hf.load_model(work / "tied"), load_reference(args, "cpu")
-    train_in_process(args, model, seqs, ref=ref, out=out)
+    model, ref = hf.load_model(work / "tied"), helpers.load_reference(args, "cpu")
+    helpers.train(args, model, seqs, ref=ref, out=out)
     assert False not in calls, calls
     blocks = [p for layer in ref.model.layers for p in layer.parameters()]
     assert blocks and all(isinstance(p, DTensor) for p in blocks), (
@@ -340,11 +319,11 @@ def test_fsdp_in_one_process(work, tmp_path, monkeypatch, group_of_one):
     ckpt = out / "checkpoints" / "latest"
     assert ckpt.resolve().name == "step-0000001"
     again = hf.load_model(ckpt)
-    train_in_process(
+    helpers.train(
         args,
         again,
         seqs,
-        ref=load_reference(args, "cpu"),
+        ref=helpers.load_reference(args, "cpu"),
         out=out,
         start=torch.load(ckpt / "trainer.pt", weights_only=True),
     )

@@ -178,16 +178,15 @@ def test_inline_reference_is_the_base_and_equals_the_prior(rule, w, tmp_path):
     the precomputed prior of the separately loaded base, on a model whose adapters are not 0; and
     the two runs train alike, step by step.
 
-    One example per micro-batch, in the prior's pass and in training: a forward pass's rounding
-    depends on the batch's length (the reference now reads all T positions), so batched, the two
-    (p, u) differ in the last bit, and prob's continuous weights carry that into AdamW, which at
-    lr 1e-2 turns it into ~3e-6 where an adapter's gradient nearly cancels between micro-batches.
-    Alone, both are made alike, and the runs must agree to rounding (here they are equal). Batched
-    inline (p, u) against the prior: the micro-batches below."""
+    One example per micro-batch, in the prior's pass and in training alike: the reference reads
+    all T positions of a batch and its rounding depends on T, so batched the two (p, u) may differ
+    in the last bit, which prob's continuous weights carry into AdamW (lr 1e-2), where an adapter's
+    gradient that nearly cancels between micro-batches makes it ~3e-6. Alone, both are made alike
+    (the two runs here are equal, bit for bit). Batched inline (p, u) against the prior: the
+    micro-batches below."""
     args = targs(w, rule, max_steps=3, micro_batch=1)
-    seqs = hf.load_template(args.model, "auto").encode(helpers.read_jsonl(w.data, "response"), 64)[
-        0
-    ]
+    template = hf.load_template(args.model, "auto")
+    seqs, _ = template.encode(helpers.read_jsonl(w.data, "response"), 64)
     prior = helpers.compute_prior(args, seqs, torch.device("cpu"))
     model = randomize_adapters_(lora.attach(hf.load_model(w.ck), 4, None, 0.0, "q_proj"))
     ref = lora.reference(model, args.ref, args.model, lambda: pytest.fail("loaded a second model"))

@@ -138,31 +138,6 @@ def in_process_args(work, *extra):
     return args, seqs
 
 
-class Recorded(rundir.Run):
-    """A run kept nowhere that keeps each step's metrics row in `rows`."""
-
-    def __init__(self, rows):
-        super().__init__()
-        self.rows = rows
-
-    def step(self, model, opt, state, row, total):
-        self.rows.append(row)
-        return super().step(model, opt, state, row, total)
-
-
-def train(args, model, seqs, run):
-    """prift.train as infra/cli.py calls it: the model wrapped (DDP or FSDP2 under torchrun, and
-    activation checkpointing as --grad-checkpoint says), the signals caught while it runs."""
-    import prift
-
-    cfg = cli.train_config(args)
-    if cfg.match_authors:
-        model.to(torch.bfloat16)
-    wrapped = distributed.wrap_distributed(model, None, args.fsdp, args.grad_checkpoint)
-    with run.interrupts():
-        return prift.train(cfg, wrapped, seqs, run=run)
-
-
 def train_rows(work, *extra, held=None):
     """(metrics rows, final weights, block forwards run) of 2 steps of prift.train in this process.
     Under FSDP2 the weights are gathered on rank 0; other ranks get none. held: a list to which,
@@ -170,13 +145,14 @@ def train_rows(work, *extra, held=None):
     import data
 
     args, seqs = in_process_args(work, *extra)
-    rows, calls, body, cut = [], [], M.Block.body, data.micro_batches
+    rows, calls, step, body, cut = [], [], rundir.Run.step, M.Block.body, data.micro_batches
+    rundir.Run.step = lambda self, *a: (rows.append(a[3]), step(self, *a))[1]
     M.Block.body = lambda self, *a: (calls.append(1), body(self, *a))[1]
     model = hf.load_model(args.model)
 
     class Measured(list):
-        """A step's micro-batches; the loop comes back for the next one once the last one's
-        backward has run."""
+        """A step's micro-batches: the loop asks for the next one once the last one's backward has
+        run."""
 
         def __iter__(self):
             for micro_batch in super().__iter__():
@@ -188,12 +164,12 @@ def train_rows(work, *extra, held=None):
     if held is not None:
         data.micro_batches = lambda *a, **kw: Measured(cut(*a, **kw))
     try:
-        train(args, model, seqs, Recorded(rows))
+        helpers.train(args, model, seqs)
         weights = (
             distributed.full_state_dict(model) if distributed.is_fsdp(model) else model.state_dict()
         )
     finally:
-        M.Block.body, data.micro_batches = body, cut
+        rundir.Run.step, M.Block.body, data.micro_batches = step, body, cut
     return rows, {k: v.detach().clone() for k, v in weights.items()}, len(calls)
 
 

@@ -256,9 +256,15 @@ def test_every_run_writes_a_report(work, two_runs):
         and s["steps"] == "3"
         and s["skipped steps"] == "0"
     )
-    assert s["mean kept fraction"] == f"{sum(r['kept'] for r in rows) / 3:.3f}" and s[
-        "model"
-    ] == str(ckpt)
+    assert s["mean kept"] == f"{sum(100 * r['kept'] for r in rows) / 3:.1f}%" and s["model"] == str(
+        ckpt
+    )
+    # the last step's training cross-entropy, of every response token, of what the rule learns
+    # (each token in proportion to its weight) and of what it sets aside (to 1 - its weight)
+    assert all("ce_learned" in r and "ce_set_aside" in r for r in rows), "mass sets some aside"
+    assert [s["final training ce"], s["of what it learns"], s["of what it sets aside"]] == [
+        f"{rows[-1][k]:.4f}" for k in ("ce", "ce_learned", "ce_set_aside")
+    ]
     seconds = json.loads((run / "run.json").read_text())["train_s"]
     assert (
         0 < seconds
@@ -277,14 +283,13 @@ def test_every_run_writes_a_report(work, two_runs):
         ), col
 
     figs = figures(page)
-    assert list(figs) == ["loss", "ce", "kept", "lr", "grad_norm"]
+    assert list(figs) == ["loss", "ce", "ce_learned", "ce_set_aside", "kept", "lr", "grad_norm"]
     for key, fig in figs.items():
-        raw = [(r["step"], r[key]) for r in rows]
-        if key in (
-            "loss",
-            "ce",
-        ):  # the raw line, and over it the mean of each step with its neighbours
-            v = [r[key] for r in rows]
+        scale = 100 if key == "kept" else 1  # metrics.jsonl's fraction, drawn as a percentage
+        raw = [(r["step"], scale * r[key]) for r in rows]
+        # the cross-entropies: the raw line, and over it the mean of each step with its neighbours
+        if key in ("loss", "ce", "ce_learned", "ce_set_aside"):
+            v = [y for _, y in raw]
             close(plotted(fig, "raw")["mass"], raw, fig)
             close(
                 plotted(fig)["mass"],
@@ -294,7 +299,7 @@ def test_every_run_writes_a_report(work, two_runs):
         else:
             close(plotted(fig)["mass"], raw, fig)
         titles = re.findall(r"<title>(.*?)</title>", fig, re.S)
-        assert titles == [f"step {r['step']}\n{key} {r[key]:.5g}" for r in rows]
+        assert titles == [f"step {step}\n{key} {v:.5g}" for step, v in raw]
 
 
 def test_runs_side_by_side(work, two_runs, tmp_path):
@@ -308,12 +313,19 @@ def test_runs_side_by_side(work, two_runs, tmp_path):
     assert r.returncode == 0, r.stderr
     page = out.read_text()
     assert browser_check.check_page(page) == []  # a legend entry and a line per run in every chart
-    for key, fig in figures(page).items():
+    figs = figures(page)
+    assert list(figs) == ["loss", "ce", "ce_learned", "ce_set_aside", "kept", "lr", "grad_norm"]
+    for key, fig in figs.items():
         lines = plotted(fig)
-        assert list(lines) == ["mass", "sft"] and [len(v) for v in lines.values()] == [3, 5]
+        if key == "ce_set_aside":  # sft sets nothing aside: no line
+            assert list(lines) == ["mass"] and [len(v) for v in lines.values()] == [3]
+        else:
+            assert list(lines) == ["mass", "sft"] and [len(v) for v in lines.values()] == [3, 5]
         if key in ("kept", "lr", "grad_norm"):
+            scale = 100 if key == "kept" else 1  # kept: a percentage
             for name, run in (("mass", mass), ("sft", sft)):
-                close(lines[name], [(row["step"], row[key]) for row in read_metrics(run)], fig)
+                drawn = [(row["step"], scale * row[key]) for row in read_metrics(run)]
+                close(lines[name], drawn, fig)
     table = page[page.index('<table class="runs">') : page.index("</table>")]
     cells = [re.findall(r"<td>(.*?)</td>", row) for row in table.split("<tr>")[2:]]
     head = re.findall(r"<th>(.*?)</th>", table)
@@ -332,7 +344,12 @@ def test_runs_side_by_side(work, two_runs, tmp_path):
         last = read_metrics(run)[-1]
         got = dict(zip(head, row))
         assert got["rule"] == run.name and got["steps"] == str(last["step"])
-        assert (got["final loss"], got["final ce"]) == (f"{last['loss']:.4f}", f"{last['ce']:.4f}")
+        assert (got["final loss"], got["final training ce"]) == (
+            f"{last['loss']:.4f}",
+            f"{last['ce']:.4f}",
+        )
+        kept = [100 * row["kept"] for row in read_metrics(run)]
+        assert got["kept %"] == f"{sum(kept) / len(kept):.1f}"
         link = re.search(r'href="([^"]+)"', got["run"]).group(1)
         assert (out.parent / link).resolve() == (run / "report.html").resolve()
     b, a = (ev[m][str(work[2])]["scores"]["avg@2"] for m in ("base", "mass"))
@@ -456,10 +473,19 @@ def test_demo_rule_all_puts_the_rules_side_by_side(demo_all):
     page = (demo_all / "compare.html").read_text()
     assert browser_check.check_page(page) == []
     assert re.findall(r'<span class="key"><i [^>]*></i>(\w+)</span>', page) == list(prift.RULES)
-    for fig in figures(page).values():
-        assert list(plotted(fig)) == list(prift.RULES) and all(
-            len(v) == 2 for v in plotted(fig).values()
-        )
+    rows = {rule: read_metrics(demo_all / "runs" / f"{rule}-seed0") for rule in list(prift.RULES)}
+    for key, fig in figures(page).items():
+        # a line per rule, each step it has a value: every rule, every step, but sft sets nothing
+        # aside (and a rule that keeps no token learns nothing)
+        steps = {rule: [r["step"] for r in rows[rule] if key in r] for rule in prift.RULES}
+        drawn = [rule for rule in prift.RULES if steps[rule]]
+        if key not in ("ce_learned", "ce_set_aside"):
+            assert drawn == list(prift.RULES) and all(v == [1, 2] for v in steps.values()), key
+        lines = plotted(fig)
+        assert list(lines) == drawn and [len(v) for v in lines.values()] == [
+            len(steps[rule]) for rule in drawn
+        ]
+    assert "sft" not in plotted(figures(page)["ce_set_aside"])
     for rule in list(prift.RULES):
         run_page = (demo_all / "runs" / f"{rule}-seed0" / "report.html").read_text()
         assert browser_check.check_page(run_page) == [] and summary(run_page)["rule"] == rule

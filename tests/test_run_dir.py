@@ -41,7 +41,7 @@ from helpers import (
 )
 from safetensors.torch import load_file, save_file
 
-from infra import cli, evaluate, hf, rundir
+from infra import cli, evaluate, files, hf, rundir
 
 TRAIN = dict(batch_size=4, micro_batch=2, max_len=64)  # 24 examples: 6 steps an epoch
 SHORT = dict(batch_size=4, micro_batch=2, max_len=64, max_steps=2, rule="sft")
@@ -460,7 +460,7 @@ def test_one_process_per_run(w):
     nothing.
     """
     out = w.finished(save_every=1)
-    rundir.lock(out)
+    files.lock(out)
     try:
         before = snapshot(w.root)
         rc, err, _ = cli_process(
@@ -469,7 +469,7 @@ def test_one_process_per_run(w):
         assert rc == 2 and f"pid {os.getpid()}" in one_error_line(err)
         assert snapshot(w.root) == before
     finally:
-        rundir.unlock()
+        files.unlock()
 
 
 def test_evaluate_checks_out_and_sizes_first(w, capsys):

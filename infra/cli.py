@@ -186,6 +186,13 @@ def run(args, device):
     seqs, dropped = template.encode(rows, args.max_len)
     eval_sets = {path: evaluate.read_problems(path, args.max_len) for path in args.eval_data or []}
     ckpt, resume_state = rundir.resume_point(args.out) if args.resume else (None, None)
+    if ckpt and os.path.lexists(ckpt / "adapter_config.json"):  # identity by content, whole
+        base = hf.adapter_config(Path(ckpt))[0]
+        if rundir.checkpoint_sha256(base) != rundir.checkpoint_sha256(args.model):
+            raise CheckpointError(
+                f"{ckpt}/adapter_config.json names the base {base}, which is not the run's --model "
+                f"{args.model} (their content differs); restore it, or start a new run"
+            )
     dtype = lora.base_dtype(args.lora, args.fsdp and dist_info()[1] > 1, device)
     model = hf.load_model(ckpt or args.model, dtype=dtype, device=device)
     model = lora.attach(model, args.lora, args.lora_alpha, args.lora_dropout, args.lora_targets)

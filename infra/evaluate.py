@@ -352,8 +352,8 @@ def before_training(out, cfg, model, template, sets, start):
         return None
     path = out / "eval_before.json"
     if os.path.lexists(path):
-        kept = files.read_json(path, out, files.RUN_LIMIT, "evaluation before training")
-        if isinstance(kept, dict) and set(kept) == set(map(str, sets)):
+        kept = evaluation_of(files.read_json(path, out, files.RUN_LIMIT, "evaluation"))
+        if kept is not None and set(kept) == set(map(str, sets)):
             return kept
         if start:
             log(f"{path} does not hold an evaluation of these files; it is left out")
@@ -364,6 +364,23 @@ def before_training(out, cfg, model, template, sets, start):
     if dist_info()[0] == 0:
         files.write_json(path, before, "evaluation before training")
     return before
+
+
+def evaluation_of(value):
+    """evaluate_files' result as read back from a file: {file: {"scores": {measure: number},
+    "problems": [...]}}, each score a finite number; None when it is not that."""
+    if not isinstance(value, dict):
+        return None
+    out = {}
+    for name, part in value.items():
+        scores = part.get("scores") if isinstance(part, dict) else None
+        if not isinstance(scores, dict) or not all(
+            isinstance(k, str) and files.fits(v, float) for k, v in scores.items()
+        ):
+            return None
+        problems = part.get("problems")
+        out[name] = {"scores": scores, "problems": problems if isinstance(problems, list) else []}
+    return out
 
 
 def table(results, k):

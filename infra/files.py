@@ -25,6 +25,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -216,6 +217,60 @@ def sha256(path, root=None, what="file"):
 
 def forget_hashes():
     _HASHES.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Values read, parsed into declared shapes: strictly (field: a value the run needs, or one error
+# naming it) or leniently (typed: what a page shows, a value of another type left out)
+
+
+def field(d, key, kind, low=None, high=None, default=KeyError):
+    """d[key] (default when it is absent or null) if it is a `kind` (bool; int, not a bool; float:
+    any finite number) in [low, high]; else a CheckpointError naming it."""
+    value = d.get(key)
+    if value is None:
+        if default is KeyError or default is None:
+            raise CheckpointError(
+                f"lacks the field '{key}'" if default is KeyError else f"has no valid '{key}'"
+            )
+        return default
+    ok = (
+        isinstance(value, bool)
+        if kind is bool
+        else not isinstance(value, bool)
+        and (
+            isinstance(value, int)
+            if kind is int
+            else isinstance(value, (int, float)) and math.isfinite(value)
+        )
+    )
+    if ok and kind is not bool and not (low <= value <= (math.inf if high is None else high)):
+        ok = False
+    if not ok:
+        what = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        where = f" in [{low}, {high}]" if kind is not bool else ""
+        raise CheckpointError(f"'{key}' is {value!r}; expected {what}{where}")
+    return float(value) if kind is float else value
+
+
+BIG = 10**15  # no count of steps, tokens or seconds is this large
+
+
+def fits(value, kind):
+    """Whether a value read from a file is a `kind`: int (not a bool, not huge), float (any finite
+    number), str, list of str, or dict."""
+    if kind is int:
+        return type(value) is int and abs(value) < BIG
+    if kind is float:
+        return type(value) in (int, float) and math.isfinite(value) and abs(value) < BIG
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, kind)
+
+
+def typed(d, fields):
+    """The entries of d that fields names, each of its type (see fits); the others are left out."""
+    return {k: d[k] for k, kind in fields.items() if k in d and fits(d[k], kind)}
 
 
 # --------------------------------------------------------------------------------------------------

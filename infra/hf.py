@@ -6,7 +6,6 @@ not finite.
 """
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from infra.files import (
     TOKENIZER_LIMIT,
     CheckpointError,
     copy_file,
+    field,
     make_dir,
     open_input,
     read_headers,
@@ -31,39 +31,10 @@ from infra.files import (
     write_json,
     write_text,
 )
-from model import FAMILIES, GPT, Config, add_lora, from_hf_state, to_hf_state
+from model import FAMILIES, GPT, LORA_TARGETS, Config, add_lora, from_hf_state, to_hf_state
 
 # the deepest released models have ~130; more is a damaged config, and each layer is built
 MAX_LAYERS = 1024
-
-
-def field(d, key, kind, low=None, high=None, default=KeyError):
-    """d[key] (default when it is absent or null) if it is a `kind` (bool; int, not a bool; float:
-    any finite number) in [low, high]; else a CheckpointError naming it."""
-    value = d.get(key)
-    if value is None:
-        if default is KeyError or default is None:
-            raise CheckpointError(
-                f"lacks the field '{key}'" if default is KeyError else f"has no valid '{key}'"
-            )
-        return default
-    ok = (
-        isinstance(value, bool)
-        if kind is bool
-        else not isinstance(value, bool)
-        and (
-            isinstance(value, int)
-            if kind is int
-            else isinstance(value, (int, float)) and math.isfinite(value)
-        )
-    )
-    if ok and kind is not bool and not (low <= value <= (math.inf if high is None else high)):
-        ok = False
-    if not ok:
-        what = {bool: "true or false", int: "an integer", float: "a number"}[kind]
-        where = f" in [{low}, {high}]" if kind is not bool else ""
-        raise CheckpointError(f"'{key}' is {value!r}; expected {what}{where}")
-    return float(value) if kind is float else value
 
 
 def eos_field(d):
@@ -306,19 +277,27 @@ def copy_side_files(source_dir, path, names=TOKENIZER_FILES):
 
 
 def adapter_config(path):
-    """A PEFT LoRA adapter's adapter_config.json, checked: (base, r, alpha, dropout, targets)."""
+    """A PEFT LoRA adapter's adapter_config.json, each field checked as config.json's are:
+    (base, r, alpha, dropout, targets)."""
+    where = path / "adapter_config.json"
+    conf = read_json(where, path, JSON_LIMIT, "adapter config")
     try:
-        conf = read_json(path / "adapter_config.json", path, JSON_LIMIT, "adapter config")
-        base, r, alpha = conf["base_model_name_or_path"], conf["r"], conf["lora_alpha"]
-        targets, dropout = conf["target_modules"], conf.get("lora_dropout", 0.0)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / 'adapter_config.json'} is not a LoRA adapter's ({e})")
-    plain = isinstance(targets, list) and not conf.get("use_dora") and not conf.get("rank_pattern")
-    if conf.get("peft_type") != "LORA" or not plain:
-        raise CheckpointError(
-            f"{path}: only plain LoRA adapters load here (peft_type LORA, a "
-            "list of target_modules, one rank)"
-        )
+        if not isinstance(conf, dict):
+            raise CheckpointError("is not a JSON object")
+        base, targets = conf.get("base_model_name_or_path"), conf.get("target_modules")
+        if not isinstance(base, str) or not base:
+            raise CheckpointError(f"'base_model_name_or_path' is {base!r}; expected a directory")
+        if not (isinstance(targets, list) and targets and set(targets) <= set(LORA_TARGETS)):
+            raise CheckpointError(
+                f"'target_modules' is {targets!r}; expected a list out of {', '.join(LORA_TARGETS)}"
+            )
+        if conf.get("peft_type") != "LORA" or conf.get("use_dora") or conf.get("rank_pattern"):
+            raise CheckpointError("only plain LoRA adapters load here (peft_type LORA, one rank)")
+        r = field(conf, "r", int, 1, 2**16)
+        alpha = field(conf, "lora_alpha", float, 1e-6, 1e6)
+        dropout = field(conf, "lora_dropout", float, 0, 0.99, default=0.0)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}")
     return base, r, alpha, dropout, targets
 
 
@@ -405,19 +384,40 @@ def load_tokenizer(model_dir):
         raise DataError(f"{path} cannot be read as a tokenizer ({e}); download it again")
 
 
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
 def tokenizer_config(model_dir):
+    """The fields prift reads of tokenizer_config.json, parsed into their shapes: each special
+    token a string or None (the file gives a string, or {"content": ...}), and chat_template a
+    string, or None (a list of named templates gives its "default" one). A field of another shape
+    is a DataError naming it."""
     path = Path(model_dir) / "tokenizer_config.json"
     if not os.path.lexists(path):
         return {}
     config = read_json(path, model_dir, JSON_LIMIT, "tokenizer config")
     if not isinstance(config, dict):
         raise DataError(f"{path} is not a JSON object; download it again")
-    return config
+    parsed = {}
+    for key in SPECIAL_TOKENS:
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{path}: '{key}' is {config[key]!r}, not a token; download it again")
+        parsed[key] = value or None
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise DataError(f"{path}: 'chat_template' is not a template's text; download it again")
+    parsed["chat_template"] = template or None
+    return parsed
 
 
 def token_text(token):
-    """A special token as tokenizer_config.json gives it: a string, or {"content": ...}."""
-    return token["content"] if isinstance(token, dict) else token
+    """A special token as tokenizer_config() gives it: its text, or None."""
+    return token
 
 
 def load_template(model_dir, name="auto"):

@@ -570,16 +570,15 @@ def read_metrics(path):
             row = json.loads(line)
         except (ValueError, RecursionError):
             continue
-        if isinstance(row, dict) and fits(row.get("step"), int) and row["step"] > 0:
-            rows.append(typed(row, ROW_FIELDS))
+        if isinstance(row, dict) and files.fits(row.get("step"), int) and row["step"] > 0:
+            rows.append(files.typed(row, ROW_FIELDS))
     return rows
 
 
 # What the pages read of each file, and as what: a value of another type (a string for a loss, a
 # NaN, a 400-digit step) is left out, as if the file did not give it.
-ROW_FIELDS = dict(
-    step=int, lr=float, loss=float, ce=float, kept=float, grad_norm=float, tokens=int, skipped=int
-)
+ROW_FIELDS = dict(step=int, lr=float, loss=float, ce=float, kept=float, grad_norm=float)
+ROW_FIELDS.update(tokens=int, skipped=int, ce_learned=float, ce_set_aside=float)
 RUN_FIELDS = dict(
     examples=int,
     response_tokens=int,
@@ -610,31 +609,13 @@ ARG_FIELDS = dict(
     lora_alpha=float,
     lora_targets=str,
 )
-BIG = 10**15  # no count of steps, tokens or seconds is this large
-
-
-def fits(value, kind):
-    """Whether a value read from a file is a `kind`: int (not a bool, not huge), float (any finite
-    number), str, list of str, or dict."""
-    if kind is int:
-        return type(value) is int and abs(value) < BIG
-    if kind is float:
-        return type(value) in (int, float) and math.isfinite(value) and abs(value) < BIG
-    if kind is list:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    return isinstance(value, kind)
-
-
-def typed(d, fields):
-    """The entries of d that fields names, each of its type (see fits); the others are left out."""
-    return {k: d[k] for k, kind in fields.items() if k in d and fits(d[k], kind)}
 
 
 def scores(evaluation):
     """run.json's evaluation as the pages read it: {file: {before|after: {measure: number}}}."""
     return {
         str(file): {
-            when: {str(m): v for m, v in ms.items() if fits(v, float)}
+            when: {str(m): v for m, v in ms.items() if files.fits(v, float)}
             for when, ms in ba.items()
             if when in ("before", "after") and isinstance(ms, dict)
         }
@@ -681,7 +662,7 @@ def load_run(path):
         raise NotARun(
             f"{path}/run.json is not one that prift wrote; move it aside, or give another run"
         )
-    args, run = typed(args, ARG_FIELDS), typed(run, RUN_FIELDS)
+    args, run = files.typed(args, ARG_FIELDS), files.typed(run, RUN_FIELDS)
     run["evaluation"] = scores(run.get("evaluation", {}))
     args.setdefault("rule", path.name.split("-")[0])
     return dict(dir=path, args=args, rows=rows, run=run)

@@ -504,6 +504,11 @@ def check_out(parser, args, is_demo):
     or lies inside an input, one that cannot be written, one that holds what prift did not write."""
     out = args.out
     files.forget_hashes()  # a new run: its inputs' content is hashed again
+    for flag, path in [("--out", out), ("--cache", args.cache)]:
+        try:
+            files.readable_name(path, flag)
+        except CheckpointError as e:
+            parser.error(str(e))
     if is_demo and args.resume:
         parser.error(
             "--resume continues --model/--data runs; the demo is short enough to run again"

@@ -397,6 +397,16 @@ def append_line(path, line, what="file"):
 # Directories, links, locks, and the files torch and safetensors write
 
 
+def readable_name(path, what):
+    """path, if its name is text: one that is not UTF-8 (surrogate escapes of raw bytes) is written,
+    then cannot be read back from args.json. Else a CheckpointError."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{what} {str(path)!r} is not UTF-8 text; give a name that is")
+    return path
+
+
 def make_dir(path, what="directory"):
     """A directory and its parents, never a link in its place."""
     path = Path(path)
@@ -419,6 +429,33 @@ def remove(path):
         path.unlink(missing_ok=True)
     elif path.is_dir():
         shutil.rmtree(path)
+
+
+def take_dir(path, what, inputs=(), foreign=None):
+    """The one way an output directory is taken: a name that reads back (UTF-8), none of the inputs
+    ((name, path) pairs) nor in or around one, a directory and not a link, made, locked for this
+    process, and only then looked into: foreign(path) names what it holds that is not prift's own
+    of its kind, which stops here with nothing removed. Returns the path."""
+    path = readable_name(Path(path), what)
+    if found := overlap(path, inputs):
+        raise CheckpointError(overlap_message(what, path, found))
+    if path.is_symlink() or (os.path.exists(path) and not path.is_dir()):
+        raise CheckpointError(f"{what} {path} is not a directory; give a new or empty directory")
+    made, had_lock = not os.path.lexists(path), os.path.lexists(path / ".lock")
+    make_dir(path, what)
+    lock(path)
+    if names := foreign(path) if foreign else []:
+        unlock(path)  # and leave the directory as it was found
+        if not had_lock:
+            remove(path / ".lock")
+        if made:
+            remove(path)
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        raise CheckpointError(
+            f"{what} {path} holds what prift did not write ({', '.join(names[:3])}{more}); "
+            "nothing is removed: move them away, or give another directory"
+        )
+    return path
 
 
 def rename(src, dst):
@@ -472,8 +509,13 @@ def lock(out):
     _LOCKS[key] = fd
 
 
-def unlock():
-    """Let go of every run directory this process holds (infra.cli.main, when it ends)."""
+def unlock(path=None):
+    """Let go of the directory path, or of every directory this process holds (infra.cli.main,
+    when it ends)."""
+    if path is not None:
+        if (fd := _LOCKS.pop(os.path.realpath(path), None)) is not None:
+            os.close(fd)
+        return
     while _LOCKS:
         os.close(_LOCKS.popitem()[1])
 

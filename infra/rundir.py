@@ -286,20 +286,15 @@ def prepare_out(out, arguments, overwrite=False, start=None):
     left."""
     step = start["state"]["step"] if start else 0
     if dist_info()[0] == 0:
-        files.make_dir(out, "--out")
-        files.lock(out)
+        replace = overwrite and arguments is not None  # its own files alone, checked again
+        files.take_dir(out, "--out", foreign=not_ours if replace else None)
         # checked again now that this process holds OUT: another run may have started there since
         if arguments is not None and not overwrite and os.path.lexists(out / "args.json"):
             raise CheckpointError(
                 f"--out {out} holds a run that started while this one read its "
                 "inputs; give another --out"
             )
-        if overwrite and arguments is not None:
-            if foreign := not_ours(out):  # checked again now that this process holds the directory
-                raise CheckpointError(
-                    f"--out {out} holds what prift did not write "
-                    f"({', '.join(foreign)}); nothing removed"
-                )
+        if replace:
             for p in out.iterdir():
                 if p.name != ".lock":
                     files.remove(p)
@@ -530,25 +525,23 @@ def checkpoint_entry_ok(p):
 
 
 def prepare_dest(dest, inputs):
-    """A directory a command writes a model into (merge_lora's DEST), taken: not an input, not in
-    or around one (inputs: (name, path) pairs, the adapter's base among them), new or empty but for
-    what a killed write of prift's left (removed), and locked. A CheckpointError says why not."""
-    dest = Path(dest)
-    if found := files.overlap(dest, inputs):
-        raise CheckpointError(files.overlap_message("DEST", dest, found))
-    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise CheckpointError(f"{dest} is not a directory; give a new or empty directory")
-    files.make_dir(dest, "DEST")
-    files.lock(dest)
-    entries = [p for p in dest.iterdir() if p.name != ".lock"]
-    if others := [p.name for p in entries if not (is_temporary(p.name) and p.is_file())]:
-        raise CheckpointError(
-            f"{dest} already holds {', '.join(sorted(others)[:3])}; nothing is "
-            "written over: give a new or empty directory"
-        )
-    for p in entries:
-        files.remove(p)
+    """A directory a command writes a model into (merge_lora's DEST), taken (files.take_dir): not
+    an input (the adapter's base among them), new or empty but for what a killed write of prift's
+    left (removed). A CheckpointError says why not."""
+    dest = files.take_dir(dest, "DEST", inputs, foreign=not_temporaries)
+    for p in dest.iterdir():
+        if p.name != ".lock":
+            files.remove(p)
     return dest
+
+
+def not_temporaries(directory):
+    """What a directory holds other than its lock and the files a killed write left."""
+    return [
+        p.name
+        for p in directory.iterdir()
+        if p.name != ".lock" and not (is_temporary(p.name) and p.is_file())
+    ]
 
 
 # --------------------------------------------------------------------------------------------------

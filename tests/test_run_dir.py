@@ -741,13 +741,13 @@ def test_merge_lora_never_writes_over_its_base_its_run_or_another_model(w, lora_
         (w.ck, "adapter's base"),
         (lora_run, "LoRA run"),
         (w.ck / "merged", "adapter's base"),
-        (other, "already holds"),
-        (user, "already holds"),
+        (other, "holds what prift did not write"),
+        (user, "holds what prift did not write"),
     ]:
-        before = tree_hash(w.root)
+        before = snapshot(w.root)
         assert merge_lora.main([str(lora_run), str(dest)]) == 2
         assert fragment in one_error_line(capsys.readouterr().err, "merge_lora")
-        assert tree_hash(w.root) == before, dest
+        assert snapshot(w.root) == before, dest  # not even a lock file left behind
     assert merge_lora.main([str(lora_run), str(w.root / "merged")]) == 0
     assert (w.root / "merged" / "model.safetensors").is_file()
 
@@ -790,3 +790,21 @@ def test_what_a_kill_during_merge_leaves_is_prifts_own(w, lora_run):
     assert rundir.not_ours(lora_run) == []
     assert main_rc(w.argv("--lora", "2", "--merge", "--overwrite")) == 0
     assert not left.exists() and (lora_run / "merged" / "model.safetensors").is_file()
+
+
+def test_an_out_whose_name_is_not_utf8_is_refused_before_anything_is_written(w):
+    """A run would train and save there, then not read its own args.json back."""
+    out = os.fsencode(w.root) + b"/out-\xff"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "prift.py"),
+            *map(os.fsencode, w.argv(out=None)),
+            b"--out",
+            out,
+        ],
+        capture_output=True,
+        env=cli_env(w),
+    )
+    assert r.returncode == 2 and b"is not UTF-8 text" in r.stderr and r.stderr.count(b"\n") == 1
+    assert not os.path.lexists(out)

@@ -26,6 +26,7 @@ import re
 import statistics
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -456,8 +457,8 @@ def main(argv=None):
     )
     parser.add_argument(
         "--out",
-        default="eval.json",
-        help="every sample, its final answer and its grade (eval.json)",
+        help="every sample, its final answer and its grade (default: eval-MODEL-TIME.json here, "
+        "a new file each time)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--seed", type=SEED, default=0)
@@ -467,7 +468,11 @@ def main(argv=None):
     args = argparse.Namespace(**{**given, **{k: v for k, v in PAPER.items() if given[k] is None}})
     if args.eval_samples == 0:
         parser.error("argument --samples: must be positive, got 0")
-    out = Path(args.out)
+    # the default names the model and the time: a second model evaluated never meets the first's
+    name = f"eval-{Path(os.path.abspath(args.model)).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = Path(args.out or f"{name}.json"), 1
+    while not args.out and os.path.lexists(out):  # two in one second
+        out, n = Path(f"{name}-{n}.json"), n + 1
     if out.exists() and not args.overwrite or out.is_dir() or out.is_symlink():
         parser.error(
             f"--out {out} exists{'' if out.is_file() else ' and is not a file'}; give another file"
@@ -495,17 +500,23 @@ def main(argv=None):
         cfg = EvalConfig(**given | dict(max_len=model.config.max_positions, micro_batch=4))
         # every file read and checked before the first is evaluated
         sets = {path: read_problems(path, cfg.max_len) for path in args.data}
+        if cfg.eval_prompt == "qwen-boxed" and template.tok.token_to_id("<|im_start|>") is None:
+            log(
+                "note: the prompt is qwen-boxed, Qwen2.5-Math's chatml (the authors' default), "
+                "and this model's tokenizer has no chatml tokens; --prompt template asks in the "
+                "model's own template"
+            )
         results = evaluate_files(cfg, model, template, sets)
     except (CheckpointError, data.DataError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
-    table({"": results}, args.eval_samples)
+    table({Path(os.path.abspath(args.model)).name: results}, args.eval_samples)
     try:
         files.write_json(out, results, "--out")  # whole, or not at all
     except CheckpointError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
-    log(f"every sample, its answer and its grade: {args.out}")
+    log(f"every sample, its answer and its grade: {out}")
     return 0
 
 

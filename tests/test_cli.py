@@ -563,3 +563,23 @@ def test_demo_and_a_saving_fine_tune_need_only_requirements_txt(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").exists() and (
         tmp_path / "run" / "checkpoints" / "latest"
     ).exists()
+
+
+def test_two_models_evaluated_one_after_the_other_with_the_documented_command(
+    tmp_path, monkeypatch, capsys
+):
+    """`python -m infra.evaluate --model DIR --data FILE` with no --out, again and again: each run
+    writes its own file, named for its model, and its table names the model."""
+    from infra import evaluate
+
+    rows = [{"question": f"{a}+1?", "answer": str(a + 1)} for a in range(3)]
+    helpers.write_jsonl(rows, tmp_path / "problems.jsonl")
+    models = [make_checkpoint(tmp_path / name) for name in ("first", "second")]
+    monkeypatch.chdir(tmp_path)
+    for model in [*models, models[0]]:
+        argv = ["--model", model, "--data", tmp_path / "problems.jsonl", "--samples", "1"]
+        assert evaluate.main([str(a) for a in [*argv, "--max-new-tokens", "2"]]) == 0
+        table = capsys.readouterr().out
+        assert f"| {model.name} problems |" in table
+    written = sorted(p.name for p in tmp_path.glob("eval-*.json"))
+    assert len(written) == 3 and sum(n.startswith("eval-first-") for n in written) == 2, written

@@ -149,7 +149,7 @@ def test_wandb_offline_writes_the_run_and_resume_keeps_its_id(w, monkeypatch):
         for row in wandb_history(run_file):
             logged[row["_step"]] = row
     rows = read_metrics(w.out)
-    assert sorted(logged) == [1, 2, 3, 4]
+    assert sorted(logged) == [1, 2, 3, 4], ([(r.name, sorted((f.name, f.stat().st_size) for f in r.rglob('*'))) for r in runs], {k: len(wandb_history(f)) for r in runs for f in r.glob('*.wandb') for k in [str(f)]})
     for r in rows:
         for k in KEYS:
             assert logged[r["step"]][f"train/{k}"] == pytest.approx(r[k], rel=1e-12), (k, r)

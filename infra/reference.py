@@ -224,14 +224,12 @@ def inspect(examples, device, job, source, arguments):
     files.write_text(job.out / "tokens.jsonl", "".join(lines), "tokens")
     files.write_json(job.out / "prior.json", meta, "prior summary")
     pieces = [token_texts(template.tok, ids, n_prompt) for ids, n_prompt in seqs[: job.inspect]]
-    files.write_text(
-        job.out / "weights.html",
-        weights_page(job.rule, source.ref, template.tok, seqs, prior, weights, pieces),
-        "weights page",
-    )
+    notes = warnings(template.tok, seqs, weights)
+    page = weights_page(job.rule, source.ref, template.tok, seqs, prior, weights, pieces, notes)
+    files.write_text(job.out / "weights.html", page, "weights page")
     for row, why in left_out:  # tokens.jsonl has no line for these: say which, and why
         log(f"left out of tokens.jsonl: example {row} of {job.data} ({why})")
-    for line in warnings(template.tok, seqs, weights):
+    for line in notes:
         log(f"warning: {line}")
     summary(template.tok, seqs, weights)
     log(
@@ -334,9 +332,10 @@ def summary(tok, seqs, weights):
         )
 
 
-def weights_page(rule, ref, tok, seqs, prior, weights, pieces):
-    """A self-contained page: prompt in grey, each response token on a background from white (weight
-    0, struck out) to green (weight 1), with p, u and the weight on hover."""
+def weights_page(rule, ref, tok, seqs, prior, weights, pieces, notes=()):
+    """A self-contained page: the warnings (notes) first, then each example: prompt in grey, each
+    response token on a background from white (weight 0, struck out) to green (weight 1), with p,
+    u and the weight on hover."""
     rows = []
     for i, ((ids, n_prompt), stats, ws, texts) in enumerate(zip(seqs, prior, weights, pieces)):
         spans = []
@@ -356,7 +355,8 @@ def weights_page(rule, ref, tok, seqs, prior, weights, pieces):
             f'class="prompt">{prompt}</span>{"".join(spans)}</div>'
         )
     title = f"--rule {rule}: the weight of each response token under the prior of {ref}"
-    return PAGE.format(title=html.escape(title), body="\n".join(rows))
+    notes = "".join(f'<p class="n">warning: {html.escape(n)}</p>' for n in notes)
+    return PAGE.format(title=html.escape(title), body=notes + "\n".join(rows))
 
 
 def terminal_view(pieces, ws):

@@ -9,6 +9,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -101,15 +102,14 @@ def test_tensorboard_resume_continues_the_same_steps(w, monkeypatch):
     assert scalars["train/loss"] == [(r["step"], np.float32(r["loss"])) for r in rows]
 
 
-def wandb_history(run_file):
-    """The history rows of a .wandb file: its records are protocol buffers in LevelDB's log
-    format (32 KiB blocks, each record a 7-byte header: crc32, length, type), after a 7-byte file
-    header."""
+def wandb_records(run_file):
+    """The records of a .wandb file: protocol buffers in LevelDB's log format (32 KiB blocks, each
+    record a 7-byte header: crc32, length, type), after a 7-byte file header."""
     from wandb.proto import wandb_internal_pb2
 
     raw = open(run_file, "rb").read()
     assert raw[:4] == b":W&B"
-    pos, payload, rows = 7, b"", []
+    pos, payload, records = 7, b"", []
     while pos + 7 <= len(raw):
         block_left = 32768 - pos % 32768
         if block_left < 7:  # a block's tail too short for a header is padding
@@ -121,17 +121,25 @@ def wandb_history(run_file):
         if kind in (1, 4):  # a whole record, or the last piece of one
             record = wandb_internal_pb2.Record()
             record.ParseFromString(payload)
-            if record.WhichOneof("record_type") == "history":
-                rows.append(
-                    {
-                        i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                        for i in record.history.item
-                    }
-                )
+            records.append(record)
             payload = b""
         elif kind == 0:
             break
-    return rows
+    return records
+
+
+def wandb_history(run_file, seconds=60):
+    """The history rows of a .wandb file, once the run's last record (exit) is in it: wandb.finish()
+    returns before wandb's service has written the file (about one run in three, read at once)."""
+    deadline = time.monotonic() + seconds
+    while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(run_file)):
+        assert time.monotonic() < deadline, f"{run_file} has no exit record after {seconds} s"
+        time.sleep(0.1)
+    return [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r in wandb_records(run_file)
+        if r.WhichOneof("record_type") == "history"
+    ]
 
 
 def test_wandb_offline_writes_the_run_and_resume_keeps_its_id(w, monkeypatch):
@@ -149,7 +157,7 @@ def test_wandb_offline_writes_the_run_and_resume_keeps_its_id(w, monkeypatch):
         for row in wandb_history(run_file):
             logged[row["_step"]] = row
     rows = read_metrics(w.out)
-    assert sorted(logged) == [1, 2, 3, 4], ([(r.name, sorted((f.name, f.stat().st_size) for f in r.rglob('*'))) for r in runs], {k: len(wandb_history(f)) for r in runs for f in r.glob('*.wandb') for k in [str(f)]})
+    assert sorted(logged) == [1, 2, 3, 4]
     for r in rows:
         for k in KEYS:
             assert logged[r["step"]][f"train/{k}"] == pytest.approx(r[k], rel=1e-12), (k, r)

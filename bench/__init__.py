@@ -1,1 +1,1 @@
-"""The benchmarks, run from the repository root as `python -m bench.NAME` (train, generate, port)."""
+"""The benchmarks: `python -m bench.NAME` from the repository root (train, generate, port)."""

@@ -12,15 +12,7 @@ import sys
 import torch
 
 import data
-from bench.common import (
-    Meter,
-    in_child,
-    llama_config,
-    make_checkpoint,
-    table,
-    train,
-    train_config,
-)
+from bench.common import Meter, in_child, llama_config, make_checkpoint, table, train, train_config
 from infra import hf
 
 # Examples per bin of 16 tokens (0-15, 16-31, ...) of problem + "\n" + solution of MATH500 (500)

@@ -542,9 +542,8 @@ def test_evaluate_scores_a_checkpoint_on_two_files(tmp_path):
     )
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     rows = [line.split("|")[1].strip() for line in r.stdout.splitlines() if line.startswith("| ")]
-    assert rows == ["model", "task", "amc23", "mean"], (
-        r.stdout
-    )  # a row per file, and their unweighted mean
+    # a row per file, and their unweighted mean, named for the model (its directory)
+    assert rows == ["model", "ckpt task", "ckpt amc23", "ckpt mean"], r.stdout
     assert "| model | avg@3 | pass@3 | greedy | ce |" in r.stdout
     results = json.loads(out.read_text())
     assert list(results) == [str(f) for f in files]

@@ -116,6 +116,8 @@ def wandb_records(run_file):
             pos += block_left
             continue
         length, kind = struct.unpack("<HB", raw[pos + 4 : pos + 7])
+        if pos + 7 + length > len(raw):  # a record still being written
+            break
         payload += raw[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a whole record, or the last piece of one

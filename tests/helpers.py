@@ -122,6 +122,78 @@ def run_cli(args, cwd=None, timeout=300, **kw):
     )
 
 
+class Held:
+    """`python prift.py ARGV` in a fresh process that stops at a named point until the test lets it
+    go, so that a signal or a kill lands in a known state however fast the machine is (no sleep,
+    no polling). at=(kind, regex), nth: where it stops (tests/tools/hold.py: the nth import of a
+    module, write to a file or rename onto a path that regex finds). Its stdout and stderr go to
+    files, so that it never waits for the test to read them.
+
+        with Held(argv, ("write", r"/metrics\\.jsonl$"), nth=2) as held:
+            assert held.reached(), held.finish()   # False: it ended without getting there
+            held.proc.send_signal(signal.SIGINT)
+            held.release()
+            rc, out, err = held.finish()
+    """
+
+    def __init__(self, argv, at, nth=1, env=None):
+        import subprocess
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="prift-held-"))
+        shutil.copy(ROOT / "tests" / "tools" / "hold.py", self.dir / "sitecustomize.py")
+        ready, self.ready = os.pipe()[::-1]  # (write end for the process, read end for the test)
+        self.go, go = os.pipe()[::-1]
+        env = dict(os.environ if env is None else env)
+        env["PYTHONPATH"] = os.pathsep.join([str(self.dir), *filter(None, [env.get("PYTHONPATH")])])
+        env["PRIFT_TEST_HOLD"] = json.dumps({"ready": ready, "go": go, "at": at, "nth": nth})
+        # Ctrl-C as in a terminal even where this process was started ignoring it (nohup, `&`):
+        # an ignored signal stays ignored across exec, a handled one goes back to its default
+        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        if ignored:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with open(self.dir / "stdout", "w") as out, open(self.dir / "stderr", "w") as err:
+                self.proc = subprocess.Popen(
+                    [sys.executable, str(ROOT / "prift.py"), *map(str, argv)],
+                    env=env,
+                    stdout=out,
+                    stderr=err,
+                    pass_fds=(ready, go),
+                )
+        finally:
+            if ignored:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+            os.close(ready)
+            os.close(go)
+
+    def reached(self):
+        """Wait until the process stops where it was told (True) or ends without getting there."""
+        return os.read(self.ready, 1) == b"!"
+
+    def release(self):
+        """Let the process go on from where it stopped."""
+        if self.go is not None:
+            os.close(self.go)
+            self.go = None
+
+    def finish(self):
+        """Let it go, wait for its end: (exit code, stdout, stderr)."""
+        self.release()
+        rc = self.proc.wait()
+        return rc, *((self.dir / n).read_text(errors="replace") for n in ("stdout", "stderr"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.finish()
+        os.close(self.ready)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def trained_inputs(tmp_path_factory):
     """A checkpoint pretrained 20 steps (so that profit keeps some tokens, not none) and 24
     examples: (checkpoint, data), for a module-scoped fixture."""

@@ -107,7 +107,7 @@ def make_data(path, n=24, seed=1, noise=0.3):
 
 def run_cli(args, cwd=None, timeout=300, **kw):
     """Run `python prift.py ARGS` as a user would, to its end; returns the CompletedProcess. (Other
-    runners, which do what this one does not: test_checkpoint.start_cli, a process left running;
+    runners, which do what this one does not: Held below, a process stopped at a named point;
     test_run_dir.cli_process, a file-size limit and the peak memory; test_cuda.cli and
     test_report's, their own flags.)"""
     import subprocess

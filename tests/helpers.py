@@ -296,9 +296,17 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# Seconds after which a guard fails a test that provokes a hang (an endless template, a FIFO, a
+# device): far past what any of them takes on a loaded machine, so that the guard never decides
+# whether a behaviour passes; it only keeps a hang from holding the suite forever.
+HANG = 1800
+
+
 @contextlib.contextmanager
-def within(seconds):
-    """Fail (TimeoutError) instead of hanging: what a FIFO or an endless template would do."""
+def within(seconds=HANG):
+    """Fail (TimeoutError) instead of hanging: what a FIFO or an endless template would do. A guard
+    only (HANG): never a measure of speed. A FIFO opened blocking fails at once with
+    never_waits_on."""
 
     def expire(signum, frame):
         raise TimeoutError(f"still running after {seconds} s: it hangs")
@@ -310,6 +318,32 @@ def within(seconds):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+@contextlib.contextmanager
+def never_waits_on(*fifos, pid=None):
+    """The block fails, at once instead of never, where it opens one of `fifos` blocking, which
+    waits until someone opens the other end: tests/tools/fifo_watch.py watches whether process pid
+    (default: this one) sleeps so; once it does, it opens the other end of each FIFO so that the
+    block goes on, and the block fails. The process's state decides, not a clock."""
+    import subprocess
+
+    if not fifos:
+        yield
+        return
+    watch = ROOT / "tests" / "tools" / "fifo_watch.py"
+    watcher = subprocess.Popen(
+        [sys.executable, str(watch), str(pid or os.getpid()), *map(str, fifos)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield
+    finally:
+        waited = watcher.communicate("")[0]  # its stdin closed: it stops watching
+        if waited:  # replaces what the block raised, if anything: the first cause
+            raise AssertionError(f"opened blocking, it waited for the other end of {fifos}")
 
 
 def refused(argv, root, capsys, *fragments, entry=None, prog="prift", seconds=None):

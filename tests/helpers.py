@@ -105,7 +105,7 @@ def make_data(path, n=24, seed=1, noise=0.3):
     return Path(path)
 
 
-def run_cli(args, cwd=None, timeout=300, **kw):
+def run_cli(args, cwd=None, **kw):
     """Run `python prift.py ARGS` as a user would, to its end; returns the CompletedProcess. (Other
     runners, which do what this one does not: Held below, a process stopped at a named point;
     test_run_dir.cli_process, a file-size limit and the peak memory; test_cuda.cli and
@@ -115,7 +115,6 @@ def run_cli(args, cwd=None, timeout=300, **kw):
     return subprocess.run(
         [sys.executable, str(ROOT / "prift.py"), *map(str, args)],
         cwd=cwd,
-        timeout=timeout,
         capture_output=True,
         text=True,
         **kw,

@@ -147,9 +147,9 @@ def make_data(path, n=24, seed=1, noise=0.3):
     return Path(path)
 
 
-def run_cli(args, cwd=None, timeout=300, **kw):
+def run_cli(args, cwd=None, **kw):
     """Run `python prift.py ARGS` as a user would, to its end; returns the CompletedProcess. (Other
-    runners, which do what this one does not: test_checkpoint.start_cli, a process left running;
+    runners, which do what this one does not: Held below, a process stopped at a named point;
     test_run_dir.cli_process, a file-size limit and the peak memory; test_cuda.cli and
     test_report's, their own flags.)"""
     import subprocess
@@ -157,11 +157,82 @@ def run_cli(args, cwd=None, timeout=300, **kw):
     return subprocess.run(
         [sys.executable, str(ROOT / "prift.py"), *map(str, args)],
         cwd=cwd,
-        timeout=timeout,
         capture_output=True,
         text=True,
         **kw,
     )
+
+
+class Held:
+    """`python prift.py ARGV` in a fresh process that stops at a named point until the test lets it
+    go, so that a signal or a kill lands in a known state however fast the machine is (no sleep,
+    no polling). at=(kind, regex), nth: where it stops (tests/tools/hold.py: the nth import of a
+    module, write to a file or rename onto a path that regex finds). Its stdout and stderr go to
+    files, so that it never waits for the test to read them.
+
+        with Held(argv, ("write", r"/metrics\\.jsonl$"), nth=2) as held:
+            assert held.reached(), held.finish()   # False: it ended without getting there
+            held.proc.send_signal(signal.SIGINT)
+            held.release()
+            rc, out, err = held.finish()
+    """
+
+    def __init__(self, argv, at, nth=1, env=None):
+        import subprocess
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="prift-held-"))
+        shutil.copy(ROOT / "tests" / "tools" / "hold.py", self.dir / "sitecustomize.py")
+        ready, self.ready = os.pipe()[::-1]  # (write end for the process, read end for the test)
+        self.go, go = os.pipe()[::-1]
+        env = dict(os.environ if env is None else env)
+        env["PYTHONPATH"] = os.pathsep.join([str(self.dir), *filter(None, [env.get("PYTHONPATH")])])
+        env["PRIFT_TEST_HOLD"] = json.dumps({"ready": ready, "go": go, "at": at, "nth": nth})
+        # Ctrl-C as in a terminal even where this process was started ignoring it (nohup, `&`):
+        # an ignored signal stays ignored across exec, a handled one goes back to its default
+        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        if ignored:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with open(self.dir / "stdout", "w") as out, open(self.dir / "stderr", "w") as err:
+                self.proc = subprocess.Popen(
+                    [sys.executable, str(ROOT / "prift.py"), *map(str, argv)],
+                    env=env,
+                    stdout=out,
+                    stderr=err,
+                    pass_fds=(ready, go),
+                )
+        finally:
+            if ignored:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+            os.close(ready)
+            os.close(go)
+
+    def reached(self):
+        """Wait until the process stops where it was told (True) or ends without getting there."""
+        return os.read(self.ready, 1) == b"!"
+
+    def release(self):
+        """Let the process go on from where it stopped."""
+        if self.go is not None:
+            os.close(self.go)
+            self.go = None
+
+    def finish(self):
+        """Let it go, wait for its end: (exit code, stdout, stderr)."""
+        self.release()
+        rc = self.proc.wait()
+        return rc, *((self.dir / n).read_text(errors="replace") for n in ("stdout", "stderr"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.finish()
+        os.close(self.ready)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def trained_inputs(tmp_path_factory):
@@ -266,9 +337,17 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# Seconds after which a guard fails a test that provokes a hang (an endless template, a FIFO, a
+# device): far past what any of them takes on a loaded machine, so that the guard never decides
+# whether a behaviour passes; it only keeps a hang from holding the suite forever.
+HANG = 1800
+
+
 @contextlib.contextmanager
-def within(seconds):
-    """Fail (TimeoutError) instead of hanging: what a FIFO or an endless template would do."""
+def within(seconds=HANG):
+    """Fail (TimeoutError) instead of hanging: what a FIFO or an endless template would do. A guard
+    only (HANG): never a measure of speed. A FIFO opened blocking fails at once with
+    never_waits_on."""
 
     def expire(signum, frame):
         raise TimeoutError(f"still running after {seconds} s: it hangs")
@@ -280,6 +359,32 @@ def within(seconds):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+@contextlib.contextmanager
+def never_waits_on(*fifos, pid=None):
+    """The block fails, at once instead of never, where it opens one of `fifos` blocking, which
+    waits until someone opens the other end: tests/tools/fifo_watch.py watches whether process pid
+    (default: this one) sleeps so; once it does, it opens the other end of each FIFO so that the
+    block goes on, and the block fails. The process's state decides, not a clock."""
+    import subprocess
+
+    if not fifos:
+        yield
+        return
+    watch = ROOT / "tests" / "tools" / "fifo_watch.py"
+    watcher = subprocess.Popen(
+        [sys.executable, str(watch), str(pid or os.getpid()), *map(str, fifos)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield
+    finally:
+        waited = watcher.communicate("")[0]  # its stdin closed: it stops watching
+        if waited:  # replaces what the block raised, if anything: the first cause
+            raise AssertionError(f"opened blocking, it waited for the other end of {fifos}")
 
 
 def refused(argv, root, capsys, *fragments, entry=None, prog="prift", seconds=None):

@@ -9,19 +9,14 @@ the real command line in a subprocess."""
 import json
 import math
 import os
-import random
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import helpers
 import pytest
 import torch
 from helpers import (
-    ROOT,
     Killed,
     Work,
     assert_some_kept,
@@ -350,45 +345,27 @@ def test_a_run_from_before_resumes(w, monkeypatch, capsys):
     ) == ["base", "mass"]  # the evaluation before training was kept in eval_before.json
 
 
-def wait_for(cond, proc, timeout=120, poll=0.002):
-    t0 = time.time()
-    while not cond():
-        assert proc.poll() is None, (
-            f"prift exited early ({proc.returncode}): {proc.communicate()[1]}"
-        )
-        assert time.time() - t0 < timeout, "timed out"
-        time.sleep(poll)
-
-
-def n_lines(path):
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-# Unlike helpers.run_cli: the process is left running, to signal or kill it.
-def start_cli(w, argv):
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "prift.py"), *map(str, argv)],
-        env=cli_env(w),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def held(w, argv, at, nth=1):
+    """The real command line, stopped at `at` (helpers.Held) in w's environment."""
+    return helpers.Held(argv, at, nth, env=cli_env(w))
 
 
 def test_sigint_saves_and_resume_continues(w, capsys):
     """Ctrl-C in the real command line: a checkpoint at the current step, a line saying how to
-    resume, exit 130 without a traceback; the resumed run ends with every step logged once."""
-    proc = start_cli(w, w.argv(max_steps=40))
-    wait_for(lambda: n_lines(w.out / "metrics.jsonl") >= 2, proc)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    resume, exit 130 without a traceback; the resumed run ends with every step logged once. The
+    process stops once step 2 is logged, until the signal has been sent."""
+    with held(w, w.argv(max_steps=40), ("write", r"/metrics\.jsonl$"), nth=2) as run:
+        assert run.reached(), run.finish()
+        assert metrics_steps(w.out) == [1, 2]
+        run.proc.send_signal(signal.SIGINT)
+        rc, out, err = run.finish()
+    assert rc == 130, err
     assert "Traceback" not in err and f"resume with: python prift.py --resume {w.out}" in out, (
         out,
         err,
     )
     k = load_latest(w.out)[1]["state"]["step"]
-    assert 2 <= k < 40 and metrics_steps(w.out) == list(range(1, k + 1))
+    assert k in (2, 3) and metrics_steps(w.out) == list(range(1, k + 1))  # 3: it ends its step
     assert not (w.out / "model.safetensors").exists()
     assert main_rc(["--resume", w.out]) == 0
     assert f"resuming {w.out} at step {k}" in capsys.readouterr().out
@@ -397,28 +374,22 @@ def test_sigint_saves_and_resume_continues(w, capsys):
 
 
 def test_kill_9_during_save_leaves_checkpoint_loadable(w):
-    """kill -9 the real command line while it writes a checkpoint (a step-*.tmp directory exists),
-    then kill the resumed run at a random moment: each time `latest` loads, and a last resume
-    completes the run."""
+    """kill -9 the real command line while it writes a checkpoint (step-2.tmp holds the model, its
+    trainer.pt is not in place yet), then the resumed run as it points `latest` to its new
+    checkpoint: each time `latest` loads, and a last resume completes the run. (Each process stops
+    there until it is killed: helpers.Held.)"""
     ckpts = w.out / "checkpoints"
-
-    def saving():
-        names = os.listdir(ckpts) if ckpts.exists() else []
-        return "latest" in names and any(n.endswith(".tmp") for n in names)
-
-    proc = start_cli(w, w.argv(max_steps=40, save_every=1))
-    wait_for(saving, proc, poll=0.0005)
-    proc.kill()
-    proc.wait()
-    step = load_latest(w.out)[1]["state"]["step"]
-    assert step >= 1
-
-    proc = start_cli(w, ["--resume", w.out])
-    wait_for(lambda: n_lines(w.out / "metrics.jsonl") > step, proc)
-    time.sleep(random.uniform(0, 0.5))
-    proc.kill()
-    proc.wait()
-    assert load_latest(w.out)[1]["state"]["step"] >= step
+    first = w.argv(max_steps=40, save_every=1)
+    for argv, at, there in [
+        (first, r"/step-0000002\.tmp/trainer\.pt$", "step-0000002.tmp"),  # writing step 2
+        (["--resume", w.out], r"/checkpoints/latest$", "step-0000002"),  # pointing latest to it
+    ]:
+        with held(w, argv, ("replace", at)) as run:
+            assert run.reached(), run.finish()
+            assert {"latest", "step-0000001", there} <= set(os.listdir(ckpts)), os.listdir(ckpts)
+            run.proc.kill()
+            run.proc.wait()
+        assert load_latest(w.out)[1]["state"]["step"] == 1
 
     assert main_rc(["--resume", w.out]) == 0
     assert metrics_steps(w.out) == list(range(1, 41))

@@ -477,7 +477,6 @@ def run_runtime_only(args, tmp_path):
         [sys.executable, str(RUNNER), str(helpers.ROOT / "prift.py"), *map(str, args)],
         capture_output=True,
         text=True,
-        timeout=600,
         env=env,
         cwd=tmp_path,
     )

@@ -153,7 +153,6 @@ def test_two_processes_match_and_no_world_factor_is_named(work, tmp_path, capsys
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-4000:]
     rc, rows = compared(capsys, work, tmp_path / "right")

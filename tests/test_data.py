@@ -483,7 +483,6 @@ def test_grouped_under_torchrun_keeps_the_update(uneven, monkeypatch):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_update(read_run(root / "ddp"), today)

@@ -100,7 +100,6 @@ def test_shortened_demo_runs_end_to_end(tmp_path):
             "--out",
             out,
         ],
-        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (

@@ -74,7 +74,6 @@ def prift(work, nproc, *args):
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
     )
     assert r.returncode == 0, (
         f"prift.py {' '.join(map(str, args))} with {nproc} process(es) "

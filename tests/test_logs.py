@@ -174,7 +174,6 @@ def test_refused_without_the_package(name, w):
         + w.argv("--log", name),
         capture_output=True,
         text=True,
-        timeout=300,
         env={**os.environ, "PYTHONWARNINGS": ""},
     )
     assert r.returncode == 2, r.stderr

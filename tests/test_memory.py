@@ -224,7 +224,6 @@ def test_two_processes(work, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=400,
     )
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
     res = json.loads(out.read_text())

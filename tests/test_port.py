@@ -298,7 +298,7 @@ def test_trl_trainer_equals_prift_on_two_processes(work, tmp_path):
         str(tmp_path),
     ]
     r = subprocess.run(
-        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr[-4000:]
     for inline in ("prior", "inline"):

@@ -463,7 +463,6 @@ def demo_all(tmp_path_factory):
             "--out",
             root / "out",
         ],
-        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     return root / "out"

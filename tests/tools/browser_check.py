@@ -74,7 +74,7 @@ def render(page, screenshot=None):
                 ],
                 capture_output=True,
                 text=True,
-                timeout=120,
+                timeout=1800,  # a hung browser fails; no loaded machine takes so long
             )
 
     r = browse("--enable-logging=stderr", "--v=0", "--dump-dom")

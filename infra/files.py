@@ -422,13 +422,13 @@ def make_dir(path, what="directory"):
 
 
 def remove(path):
-    """Delete a file, a link (never what it points to) or a directory prift wrote; nothing if it is
-    not there.
-    """
-    if path.is_symlink() or path.is_file():
-        path.unlink(missing_ok=True)
-    elif path.is_dir():
+    """Delete a file, a link (never what it points to), a FIFO or a directory prift wrote; nothing
+    if it is not there."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
 
 
 def take_dir(path, what, inputs=(), foreign=None):

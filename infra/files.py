@@ -563,6 +563,8 @@ def read_headers(files):
     import torch
     from safetensors import SafetensorError, safe_open
 
+    for f in files:  # a regular file, opened without blocking: never a FIFO or a device
+        open_input(f, None, None, "weights file").close()
     stored = {}
     for f in files:
         try:

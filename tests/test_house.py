@@ -316,3 +316,36 @@ def test_one_door_to_the_disk():
     # the scan sees what it looks for
     assert file_calls("p.write_text('x')\nos.replace(a, b)\ntorch.save(x, f)\np.replace(q)\n")
     assert not file_calls("s.replace('a', 'b')\nos.path.join(a, b)\n")
+
+
+def test_the_readmes_few_lines_train_as_written():
+    """The README's snippet for a student or a porter runs as written, given what it names: a
+    config.json's dict, a tokenizers tokenizer and rows of JSONL."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "prift.train(" in snippet and "import" in snippet
+    rows = [{"prompt": f"{a} plus 2?", "response": f" {a + 2}."} for a in range(10)]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=60, special_tokens=["<|endoftext|>", "<unk>"], show_progress=False
+    )
+    tokenizer.train_from_iterator([r["prompt"] + r["response"] for r in rows], trainer)
+    config_dict = dict(
+        model_type="llama",
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+    )
+    scope = dict(config_dict=config_dict, tokenizer=tokenizer, rows=rows)
+    exec(compile(snippet, "README.md", "exec"), scope)
+    import torch
+
+    trained, frozen = scope["model"].lm_head.weight, scope["reference"].lm_head.weight
+    assert not torch.equal(trained, frozen), "the model moved away from its frozen copy"

@@ -282,7 +282,7 @@ def main(argv=None):
                 device,
                 pick(reference.Inspection, settings),
                 pick(reference.PriorSource, settings),
-                recorded_arguments(settings),
+                lambda: recorded_arguments(settings),  # hashed once the inputs are read
             )
         else:
             run(settings, device)

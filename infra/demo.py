@@ -367,7 +367,7 @@ def run(cfg, device, train_cfg, eval_cfg, arguments):
             cfg.overwrite,
         )
         examples = [data.training_example(r, "demo") for r in rows]
-        return reference.inspect(examples, device, job, source, arguments)
+        return reference.inspect(examples, device, job, source, lambda: arguments)
     rundir.prepare_out(out, arguments, cfg.overwrite)
     paths = write_data(cfg)
     # every set with its gold answers: the training set's show which wrong answers come back

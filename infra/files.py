@@ -43,6 +43,11 @@ RUN_LIMIT = 1024 * MIB  # metrics.jsonl, eval.json: a long run's log
 TEMPORARY_NAME = re.compile(r"(.+)\.\d+\.tmp")  # what write_with creates beside its target
 
 
+def first_line(e, limit=200):
+    """The first line of an exception's message (a library's may be long, or empty)."""
+    return (str(e).splitlines() or [type(e).__name__])[0][:limit]
+
+
 class CheckpointError(Exception):
     """A checkpoint, run directory or file that cannot be used as it is; the message says what to
     fix."""
@@ -304,7 +309,7 @@ def write_with(path, write, what="file"):
             with _quiet():
                 tmp.unlink()
         if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
-            reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+            reason = getattr(e, "strerror", None) or first_line(e)
             raise CheckpointError(
                 f"writing {what} {path} failed ({reason})"
                 + ("; make room and run again" if getattr(e, "errno", None) == errno.ENOSPC else "")
@@ -583,7 +588,7 @@ def read_headers(files):
             )
         except (RuntimeError, OSError, MemoryError) as e:  # mapped whole: larger than memory allows
             raise CheckpointError(
-                f"weights file {f} cannot be opened ({str(e).splitlines()[0][:200]}): more "
+                f"weights file {f} cannot be opened ({first_line(e)}): more "
                 "than this machine's memory can map"
             ) from None
     return stored
@@ -622,7 +627,7 @@ def read_tensors(files, dtype, device, shapes=None):
                 except (MemoryError, SafetensorError, RuntimeError) as e:
                     raise CheckpointError(
                         f"tensor {key} in {f} cannot be read ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else 'out of memory'})"
+                        f"{first_line(e) if str(e) else 'out of memory'})"
                     ) from None
                 if not torch.isfinite(state[key]).all():
                     raise CheckpointError(

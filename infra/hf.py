@@ -317,7 +317,9 @@ def load_adapter(path, dtype=None, device=None):
     model (base_model_name_or_path) with the adapter's update on it, the adapter float32."""
     base, r, alpha, dropout, targets = adapter_config(path)
     model = add_lora(load_model(base, dtype, device), r, alpha, dropout, targets)
-    stored = read_headers([path / "adapter_model.safetensors"])
+    weights = path / "adapter_model.safetensors"
+    open_input(weights, path, None, "adapter weights").close()  # inside the adapter's directory
+    stored = read_headers([weights])
     state = read_tensors(
         {k: f for k, (f, _) in stored.items()}, torch.float32, torch.device(device or "cpu")
     )

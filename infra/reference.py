@@ -116,7 +116,7 @@ def prior_problem(path, seqs):
     try:
         f = files.load_tensors(path, path.parent, "cached prior")  # no FIFO, no link out
     except Exception as e:  # safetensors raises several kinds for a damaged file
-        return f"not readable: {str(e).splitlines()[0][:100]}"
+        return f"not readable: {files.first_line(e, 100)}"
     counts = [len(ids) - max(n_prompt, 1) for ids, n_prompt in seqs]
     stats, offsets = f.get("stats"), f.get("offsets")
     if (
@@ -178,9 +178,10 @@ class Inspection:
 
 
 def inspect(examples, device, job, source, arguments):
-    """--inspect: for `examples` (as data.read_jsonl gives them), the prior computed as training
-    would (the same cache), each token's weight under the rule, the two files in --out and a
-    summary."""
+    """--inspect: for `examples` (training examples, as data.training_example makes them), the
+    prior computed as training would (the same cache), each token's weight under the rule, the
+    files in --out and a summary. arguments(): what args.json records, made once the inputs are
+    read and checked (it hashes them)."""
     if prift.RULES[job.rule].signal is None:
         raise DataError(
             f"--rule {job.rule} gives every token a weight without reading the prior, so "
@@ -194,7 +195,7 @@ def inspect(examples, device, job, source, arguments):
     weights = [
         prift.RULES[job.rule].weight(stats[:, 0], stats[:, 1], job.threshold) for stats in prior
     ]
-    rundir.prepare_out(job.out, arguments, job.overwrite)  # every input is read and checked
+    rundir.prepare_out(job.out, arguments(), job.overwrite)  # every input is read and checked
     lines = []
     for row, (ids, n_prompt), stats, w in zip(rows, seqs, prior, weights):
         # with an empty prompt the first token is not predicted, so not trained

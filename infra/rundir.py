@@ -681,7 +681,7 @@ def read_trainer_state(path):
         )
     except Exception as e:  # torch.load raises many kinds for a damaged file
         raise CheckpointError(
-            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"{path} cannot be read ({type(e).__name__}: {files.first_line(e)}); "
             f"start the run again with --overwrite"
         )
     if problem := trainer_problem(start):

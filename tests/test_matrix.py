@@ -10,7 +10,7 @@ import shutil
 import pytest
 from helpers import main_rc, make_checkpoint, make_data, snapshot, within
 
-from infra import cli, evaluate, merge_lora, report
+from infra import cli, evaluate, files, merge_lora, report
 
 SHORT = ["--batch-size", "4", "--micro-batch", "2", "--max-steps", "2", "--max-len", "64"]
 OUTSIDE = "outside"  # a directory beside the command's inputs, which no command may read from
@@ -103,8 +103,16 @@ HARMLESS = {
     ("train.jsonl", "hard-link"),
     ("problems.jsonl", "link-out"),
     ("problems.jsonl", "hard-link"),
-    ("metrics.jsonl", "missing"),  # a resumed run's own log: it continues from its checkpoint
+    # a resumed run's own log: it keeps the rows of its checkpoint's steps it can read, and goes on
+    ("metrics.jsonl", "missing"),
     ("metrics.jsonl", "empty"),
+    ("metrics.jsonl", "not-utf8"),
+    ("metrics.jsonl", "wrong-types"),
+    ("tensorboard", "directory"),  # what --log makes there anyway
+    ("tensorboard", "missing"),
+    # the pages read what a run left leniently: a file missing or of another type leaves a gap
+    ("args.json", "missing"),
+    ("run.json", "missing"),
 }
 HARD_LINKS_INSIDE = {
     "config.json",
@@ -130,7 +138,12 @@ def made(tmp_path_factory):
     rows = [{"question": f"{a}+1?", "answer": str(a + 1)} for a in range(3)]
     (root / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = ["--model", ck, "--data", root / "train.jsonl", "--cache", root / "cache", *SHORT]
-    for name, extra in [("run", ["--save-every", "1", "--rule", "sft"]), ("lora", ["--lora", "2"])]:
+    runs = [
+        ("run", ["--save-every", "1", "--rule", "sft"]),
+        ("logged", ["--save-every", "1", "--rule", "sft", "--log", "tensorboard"]),
+        ("lora", ["--lora", "2"]),
+    ]
+    for name, extra in runs:
         assert main_rc([*common, "--out", root / name, *extra]) == 0
     return root
 
@@ -166,7 +179,12 @@ def commands(root):
                 run / "checkpoints" / "step-0000001" / "trainer.pt",
             ],
         ),
-        "log": (cli.main, ["--resume", run, "--log", "tensorboard"], run, [run / "args.json"]),
+        "log": (
+            cli.main,
+            ["--resume", root / "logged"],
+            root / "logged",
+            [root / "logged" / "tensorboard"],
+        ),
         "evaluate": (
             evaluate.main,
             [
@@ -223,20 +241,20 @@ def test_hostile_input(made, tmp_path, capsys, command, index, kind):
     entry, argv, out, inputs = commands(root)[command]
     if command in ("evaluate", "report"):  # they write a file into a directory that exists
         out.mkdir()
-    if command == "resume":  # a run whose final model is not there yet: it resumes from trainer.pt
+    if command in ("resume", "log"):  # a run whose final model is not there: it trains again
         for name in ("model.safetensors", "config.json"):
-            (root / "run" / name).unlink()
+            (out / name).unlink()
     target = inputs[index]
     if kind == "wrong-types" and target.suffix not in (".json", ".jsonl"):
         pytest.skip("not JSON")
-    if command == "log" and kind != "missing":  # --log's own directory, hostile where it writes
-        target = root / "run" / "tensorboard"
+    if command == "log":  # --log's own directory, hostile where it writes: a file to start from
+        files.remove(target)
         target.write_text("")
     capsys.readouterr()
     KINDS[kind](target)
     before = {k: v for k, v in snapshot(root).items() if not k.startswith(out.name)}
     with within(600):  # a hang guard only: every case ends in well under a second of work
-        rc = main_rc(argv, entry)
+        rc = main_rc(argv, entry) or 0  # report.main returns None when it is done
     _, err = capsys.readouterr()
     after = {k: v for k, v in snapshot(root).items() if not k.startswith(out.name)}
     assert "Traceback" not in err, err[-2000:]

@@ -184,6 +184,8 @@ class ChunkedLoss(torch.autograd.Function):
                     dW.addmm_(dlogits.t(), hc)
                 elif dW is not None:
                     dW.add_((dlogits.t() @ hc).to(dW.dtype))
+                del dlogits
+            del logits, w, ce, weighted  # this chunk's (n, V) tensors go before the next is made
         ctx.grads = dh, dW
         return sums
 
@@ -372,7 +374,8 @@ def forward_backward(cfg, model, seqs, idx, n_tokens, prior, ref):
         if ref is not None:  # --prior inline: the reference's signal, made on every batch
             with autocast(device):
                 stats = reference_stats(ref, ids, labels, cfg.loss_chunk).float()  # (N, 2)
-        # DDP all-reduces the gradients on the step's last micro-batch only (FSDP2 on every one)
+        # DDP all-reduces gradients on the last micro-batch only; FSDP2 reduce-scatters on each (to
+        # skip, it would hold every gradient whole in float32, which --fsdp is there to avoid)
         model.require_backward_grad_sync = j == len(micro) - 1
         with autocast(device):
             h = model(ids, hidden_only=True)[:, :-1][trained]  # (N, C): the trained positions

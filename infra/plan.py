@@ -166,15 +166,13 @@ def plan(
             gradients=A * wb / shard,
             optimizer=2 * A * wb / shard,
         )
-    # what exists besides: gathered blocks and root under FSDP2; bf16 copies autocast keeps; DDP's
-    # buckets
+    # what exists besides: gathered blocks and root under FSDP2; bf16 copies autocast keeps;
+    # DDP's buckets
     extra = 0
     if fsdp:
         # the root stays gathered all step, two blocks at a time (the one computing, the next
-        # prefetched); and the
-        # float32 gradient of what is being reduce-scattered, whole for a moment (a block, and the
-        # root's), as
-        # prift reduce-scatters after every micro-batch (distributed.sync_grads)
+        # prefetched); and the float32 gradient of what is being reduce-scattered, whole for a
+        # moment (a block, and the root's): FSDP2 reduce-scatters after every micro-batch
         extra = (P_root + 2 * P_block) * (2 if cuda or authors else 4) + 4 * (P_root + P_block)
     elif cuda and not authors:
         # autocast's cache: a bfloat16 copy of each block weight, kept until backward ends (a LoRA

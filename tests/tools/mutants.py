@@ -30,10 +30,12 @@ MUTANTS = {
         "return len(ids) - n_prompt",
         ["tests/test_data.py", "-k", "agree or empty_prompt"],
     ),
+    # collate's labels one token short: the first response token is not trained (an empty prompt
+    # is not changed: its first token has nothing before it either way)
     "mask-empty-prompt": (
         "data.py",
-        "m[b, max(n_prompt - 1, 0) : len(ids) - 1]",
-        "m[b, n_prompt : len(ids) - 1]",
+        "labels[b, max(n_prompt, 1) : len(row)] = ids[b, max(n_prompt, 1) : len(row)]",
+        "labels[b, n_prompt + 1 : len(row)] = ids[b, n_prompt + 1 : len(row)]",
         ["tests/test_data.py", "-k", "agree or empty_prompt"],
     ),
     "drop-long": (
@@ -65,21 +67,22 @@ MUTANTS = {
     # loop
     "profit-keeps-none": (
         "prift.py",
-        "return (p >= threshold).float()",
-        "return (p >= 1.0).float()",
+        '"profit": Rule("online", 0.1, lambda p, u, tau: (p >= tau).float()),',
+        '"profit": Rule("online", 0.1, lambda p, u, tau: (p >= 1.0).float()),',
         ["tests/test_method.py", "-k", "prift_loss_is_what and profit"],
     ),
-    # chunked_loss with no signal given: the rule's own (dft: the online model), not none
+    # chunked_loss with no signal given: the rule's own (dft: the online model), not none. Both
+    # losses fill it in where they meet, token_losses
     "chunked-loss-no-rule-default": (
         "prift.py",
-        "    signal, threshold = rule_settings(rule, signal, threshold)\n    sums = ChunkedLoss",
-        "    sums = ChunkedLoss",
+        "signal, threshold, weight = rule_settings(rule, signal, threshold)",
+        "weight = RULES[rule].weight",
         ["tests/test_method.py", "-k", "fills_in"],
     ),
     "authors-mean-of-means": (
         "prift.py",
-        "scale = 1 / max(int(m.sum()), 1) if cfg.match_authors",
-        "scale = 1 / max(int(m.sum()), 1) / len(micro) if cfg.match_authors",
+        "scale = 1 / n if cfg.match_authors",
+        "scale = 1 / n / len(micro) if cfg.match_authors",
         ["tests/test_method.py", "-k", "match_authors_sums"],
     ),
     # bfloat16 autocast
@@ -91,8 +94,8 @@ MUTANTS = {
     ),
     "prior-softmax-bf16": (
         "prift.py",
-        "torch.stack(probs_stats(logits.softmax(-1), targets",
-        "torch.stack(probs_stats(logits.bfloat16().softmax(-1).float(), targets",
+        "torch.stack(token_stats(logits.softmax(-1), targets",
+        "torch.stack(token_stats(logits.bfloat16().softmax(-1).float(), targets",
         ["tests/test_prior.py", "-k", "bfloat16"],
     ),
     # evaluation
@@ -167,8 +170,8 @@ MUTANTS = {
     ),
     "append-through-hard-links": (
         "infra/files.py",
-        "if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:",
-        "if not stat.S_ISREG(st.st_mode):",
+        "        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:\n            raise",
+        "        if not stat.S_ISREG(st.st_mode):\n            raise",
         ["tests/test_trust.py", "-k", "appending"],
     ),
     "append-not-undone": (
@@ -178,7 +181,7 @@ MUTANTS = {
         ["tests/test_trust.py", "-k", "full_disk"],
     ),
     "lock-through-hard-links": (
-        "infra/rundir.py",
+        "infra/files.py",
         "if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # its pid",
         "if not stat.S_ISREG(st.st_mode):  # its pid",
         ["tests/test_trust.py", "-k", "replaced_never"],
@@ -203,11 +206,13 @@ MUTANTS = {
         'key.update(f"prior-v3:{ref}:{precision};".encode())',
         ["tests/test_trust.py", "-k", "keyed_by_content"],
     ),
+    # the reference's hash neither recorded in args.json nor compared on --resume
     "resume-ignores-ref": (
         "infra/rundir.py",
-        '"ref": checkpoint_sha256(args.ref) if args.ref and signal == "prior" else None,',
+        '"ref": checkpoint_sha256(ref) if ref else None,',
         '"ref": None,',
-        ["tests/test_trust.py", "-k", "resume_refuses and ref"],
+        # "ref" alone would also pick the other cases: test_resume_REFuses_...
+        ["tests/test_trust.py", "-k", "resume_refuses and not (template or data or eval)"],
     ),
     "hash-skips-tokenizer": (
         "infra/rundir.py",
@@ -235,14 +240,14 @@ MUTANTS = {
         ["tests/test_trust.py", "-k", "crafted_trainer"],
     ),
     "vocab-unchecked": (
-        "infra/rundir.py",
+        "infra/cli.py",
         "if (top := max(max(ids) for ids, _ in seqs)) >= config.vocab_size:",
         "if (top := 0) >= config.vocab_size:",
         ["tests/test_trust.py", "-k", "token_ids"],
     ),
     "report-untyped": (
         "infra/rundir.py",
-        "rows.append(typed(row, ROW_FIELDS))",
+        "rows.append(files.typed(row, ROW_FIELDS))",
         "rows.append(row)",
         ["tests/test_trust.py", "-k", "crafted_values"],
     ),
@@ -265,15 +270,16 @@ MUTANTS = {
         "env.globals.update(lipsum=limits.lipsum)",
         ["tests/test_trust.py", "-k", "template_past"],
     ),
+    # prift.py's first lines, before torch's import
     "ctrl-c-at-imports": (
         "prift.py",
-        "import infra.startup  # noqa: F401",
-        "pass  # noqa: F401",
+        "signal.signal(signal.SIGINT, interrupted)",
+        "pass",
         ["tests/test_trust.py", "-k", "ctrl_c"],
     ),
     "eval-problem-without-user": (
-        "data.py",
-        'if need == "answer" and not any(m["role"] == "user" for m in ex["messages"]):',
+        "infra/evaluate.py",
+        'if not any(m["role"] == "user" for m in ex["messages"]):',
         "if False:",
         ["tests/test_trust.py", "-k", "without_a_user_turn"],
     ),
@@ -288,6 +294,46 @@ MUTANTS = {
         '"row": row,  # the example',
         "# the example",
         ["tests/test_trust.py", "-k", "inspect_says"],
+    ),
+    # issue 32: the structure tests, each against an implementation that breaks what it holds.
+    # One door to the disk: a module of the shell that makes a directory itself
+    "file-call-outside-the-door": (
+        "infra/report.py",
+        "    files.make_dir(page.parent)\n",
+        "    page.parent.mkdir(parents=True, exist_ok=True)\n",
+        ["tests/test_house.py", "-k", "door"],
+    ),
+    # every value read is parsed into its declared shape: an adapter's rank taken as it is
+    "adapter-rank-unchecked": (
+        "infra/hf.py",
+        'r = field(conf, "r", int, 1, 2**16)',
+        'r = conf.get("r")',
+        ["tests/test_schemas.py", "-k", "adapter_config"],
+    ),
+    # ... and files.field, which every schema's checks go through, accepting any value
+    "field-accepts-anything": (
+        "infra/files.py",
+        "    if not ok:\n        what = {bool:",
+        "    if False:\n        what = {bool:",
+        ["tests/test_schemas.py"],
+    ),
+    # the core imports nothing of the shell (after DataError, which infra.files takes from data, so
+    # that the import itself works and only the house's tests stand in the way)
+    "core-imports-infra": (
+        "data.py",
+        'cannot be used; the message says why."""\n',
+        'cannot be used; the message says why."""\n\n\nimport infra.files  # noqa: E402, F401\n',
+        ["tests/test_house.py", "-k", "shell or imports"],
+    ),
+    # one rule dispatch: the training loop's chunked loss knowing the paper's five rules only, and
+    # training any other entry of prift.RULES as sft, while prift_loss reads it from the table
+    "new-rule-not-in-chunked-loss": (
+        "prift.py",
+        "w, ce = token_losses(logits, targets[rows], rule, signal, threshold, part)",
+        "w, ce = token_losses(logits, targets[rows], "
+        'rule if rule in ("sft", "dft", "prob", "mass", "profit") else "sft", '
+        "signal, threshold, part)",
+        ["tests/test_method.py", "-k", "new_rule"],
     ),
 }
 
@@ -309,6 +355,11 @@ def copy_repo(dest):
             shutil.copy2(ROOT / f, dest / f)
 
 
+def text_count(file, old):
+    path = ROOT / file
+    return path.read_text().count(old) if path.is_file() else 0
+
+
 def run_tests(where, tests):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
@@ -327,6 +378,16 @@ def main(argv):
     unknown = [n for n in names if n not in MUTANTS]
     if unknown:
         sys.exit(f"mutants: unknown {', '.join(unknown)}; known: {', '.join(MUTANTS)}")
+    # every text first, so that code that moved is named all at once, before any test runs
+    stale = [
+        f"{n} ({MUTANTS[n][0]}: {count} times)"
+        for n in names
+        if (count := text_count(*MUTANTS[n][:2])) != 1
+    ]
+    if stale:
+        sys.exit(
+            f"mutants: the text to replace is not in its file exactly once: {', '.join(stale)}"
+        )
     survived = []
     with tempfile.TemporaryDirectory(prefix="prift-mutants-") as tmp:
         where = Path(tmp)
@@ -342,11 +403,6 @@ def main(argv):
             file, old, new, tests = MUTANTS[name]
             path = where / file
             text = path.read_text()
-            if text.count(old) != 1:
-                sys.exit(
-                    f"mutants: {name}: the text to replace is in {file} {text.count(old)} "
-                    "times, not once"
-                )
             path.write_text(text.replace(old, new))
             start = time.time()
             rc, last = run_tests(where, tests)

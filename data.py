@@ -236,13 +236,14 @@ class Template:
             return cls(tok, "auto", eos, eos, render) if render else cls(tok, "plain", eos, eos)
         return cls(tok, name, eos if name == "plain" else TEMPLATES[name][2], eos)
 
-    def prompt_ids(self, messages):
-        """The token ids of a prompt (role/content turns), up to where the response begins."""
+    def prompt_ids(self, messages, text=None):
+        """The token ids of a prompt (role/content turns), up to where the response begins. text:
+        the chat template's rendering of messages, if made already (render_many)."""
         # the turns' contents, one after the other; BOS if the tokenizer adds one
         if self.name == "plain":
             return self.tok.encode("\n".join(m["content"] for m in messages)).ids
         if self.render:
-            text = self.render(messages)
+            text = self.render(messages) if text is None else text
         else:
             turn, gen_prompt, _ = TEMPLATES[self.name]
             bos = "<|begin_of_text|>" if self.name == "llama3" else ""
@@ -262,8 +263,10 @@ class Template:
         """encode's examples with their index among `examples`: ([(row, (ids, n_prompt))],
         [(row, why it was left out)])."""
         kept, left_out = [], []
+        # a checkpoint's chat template renders every prompt at once, in one child process
+        texts = self.render.render_many([ex["messages"] for ex in examples]) if self.render else []
         for row, ex in enumerate(examples):
-            prompt = self.prompt_ids(ex["messages"])
+            prompt = self.prompt_ids(ex["messages"], texts[row] if texts else None)
             response = self.tok.encode(ex["response"], add_special_tokens=False).ids + [self.end_id]
             if len(prompt) >= max_len:
                 left_out.append((row, f"its prompt of {len(prompt)} tokens fills --max-len"))

@@ -1,12 +1,11 @@
 """
 A checkpoint's chat template (jinja2), rendered as transformers' apply_chat_template renders it. A
 template is code that came with a checkpoint: it renders in jinja2's sandbox (it reads nothing
-outside its variables and runs no code of its own) and in a child process bounded by the operating
-system (CPU seconds and address space by setrlimit; killed after a wall-clock timeout), a run's
-prompts all in one child. Past a limit, or on the template's own error: one line naming its file.
-
+outside its variables and runs no code of its own), in a child process (a run's prompts all in one)
+that the operating system bounds: CPU seconds and address space by setrlimit, and a wall-clock
+timeout that kills it. Past a limit, or on the template's own error: one line naming its file.
 The child, `python -m infra.chat_template CPU_SECONDS MEMORY_BYTES`, reads JSON lines on stdin (the
-template and its special tokens, then a conversation a line) and writes a JSON line for each
+template and its special tokens, then a conversation a line) and writes a JSON line of each
 prompt's text, or last {"error": [what, advice]}.
 """
 
@@ -25,11 +24,12 @@ from subprocess import DEVNULL, PIPE, Popen
 from infra import files
 from infra.files import MIB, DataError
 
-# The child's limits, far above what a real template takes: Qwen2.5's and Llama-3's render 10,000
-# prompts in 0.3-0.4 s of CPU (docs/reliability.md), and the child holds one prompt at a time.
-CPU_SECONDS, CPU_PER_PROMPT = 10, 0.001  # the child's start (~0.1 s), and ~30 µs a prompt 30x over
-WALL_SECONDS, WALL_PER_PROMPT = 60, 0.005  # the CPU time 5x over: a loaded machine shares its CPUs
-MEMORY = 512 * MIB  # more than the child holds at its start; jinja2 and a prompt take ~20 MiB
+# The child's limits, far above what real templates take (docs/reliability.md): it starts in 0.1 s
+# of CPU and 22 MiB; a prompt takes 0.04 ms (the demo's, with Llama-3's) to 0.8 ms (21 turns, 40 KB,
+# with Qwen3's); it holds one prompt at a time. CPU and wall clock grow with the number of prompts.
+CPU_SECONDS, CPU_PER_PROMPT = 10, 0.01
+WALL_SECONDS, WALL_PER_PROMPT = 60, 0.03  # the CPU time 3x over: a loaded machine shares its CPUs
+MEMORY = 512 * MIB  # more than the child holds at its start
 OUTPUT = 1024 * MIB  # of prompts read back; their token ids take ~10x that in this process anyway
 MEMORY_EXIT = 3  # the child's exit code when its address space is full
 
@@ -75,7 +75,8 @@ class ChatTemplate:
             finally:
                 p.kill()  # past the timeout or the cap on its output; nothing if it has ended
         advice, of = "fix it", f"for {n} prompt" + "s" * (n > 1)
-        texts = [json.loads(t) for t in out.split(b"\n")[:-1]] if len(out) <= OUTPUT else []
+        whole = p.returncode == 0 and len(out) <= OUTPUT  # its lines whole: one JSON list
+        texts = json.loads(b"[" + b",".join(out.splitlines()) + b"]") if whole else []
         if timed_out:
             what = f"takes more than its limit of {wall:.0f} s of wall-clock time {of}"
         elif len(out) > OUTPUT:
@@ -95,9 +96,8 @@ class ChatTemplate:
 
 
 def exchange(p, payload, wall):
-    """Writes payload to the child's stdin (from a thread: neither side waits on a full pipe) and
-    reads its stdout until it ends, `wall` seconds pass or more than OUTPUT bytes came: (the bytes,
-    whether the time ran out)."""
+    """Writes payload to the child's stdin (from a thread: neither side waits on a full pipe), reads
+    its stdout until it ends, `wall` s pass or more than OUTPUT bytes came: (bytes, timed out?)."""
 
     def feed():
         try:
@@ -113,7 +113,7 @@ def exchange(p, payload, wall):
         while len(out) <= OUTPUT:
             if not sel.select(max(deadline - time.monotonic(), 0)):
                 return out, True
-            if not (chunk := os.read(fd, MIB)):
+            if not (chunk := os.read(fd, 2**16)):  # a pipe holds 64 KiB
                 p.wait()  # it closed its output: it is ending
                 break
             out += chunk
@@ -155,10 +155,9 @@ def environment():
     return env
 
 
-def child(cpu, memory):
-    """Renders the conversations on stdin to stdout, past `cpu` CPU seconds ended by SIGXCPU (no
-    core file), past `memory` bytes more than it holds now by MemoryError. Returns the error line
-    to write, if any."""
+def child(cpu, memory, out):
+    """Renders the conversations on stdin to stdout, ended past `cpu` CPU seconds by SIGXCPU (no
+    core file) and past `memory` bytes more than it holds now by MemoryError; or [what, advice]."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     with open("/proc/self/statm") as f:  # the address space it holds, in pages
@@ -172,7 +171,7 @@ def child(cpu, memory):
         stage = ("failed to render a prompt ({})", "check the data's roles")
         for line in lines:
             text = template.render(messages=json.loads(line), **variables)
-            sys.stdout.buffer.write(json.dumps(text).encode() + b"\n")
+            out.write(json.dumps(text).encode() + b"\n")
     except MemoryError:
         raise
     except Exception as e:  # the template's own: TemplateError, RecursionError, TypeError, ...
@@ -184,8 +183,9 @@ def child(cpu, memory):
 
 
 if __name__ == "__main__":
-    try:
-        if error := child(int(sys.argv[1]), int(sys.argv[2])):  # one line: the template's error
-            sys.stdout.buffer.write(json.dumps({"error": error}).encode() + b"\n")
-    except MemoryError:
-        os._exit(MEMORY_EXIT)  # at once: anything more may need memory
+    with open(1, "wb", 2**16, closefd=False) as out:  # buffered, even with PYTHONUNBUFFERED set
+        try:
+            if error := child(int(sys.argv[1]), int(sys.argv[2]), out):  # the template's error
+                out.write(json.dumps({"error": error}).encode() + b"\n")
+        except MemoryError:
+            os._exit(MEMORY_EXIT)  # at once: anything more may need memory

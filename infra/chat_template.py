@@ -1,195 +1,187 @@
 """
-A checkpoint's chat template (jinja2), rendered as transformers' apply_chat_template renders it,
-in jinja2's sandbox and within bounds: a template is code that came with a checkpoint, so it can
-read nothing outside its variables, and a loop, a string or a number that would run for hours or
-fill memory is stopped with one line naming the template (Limits).
+A checkpoint's chat template (jinja2), rendered as transformers' apply_chat_template renders it. A
+template is code that came with a checkpoint: it renders in jinja2's sandbox (it reads nothing
+outside its variables and runs no code of its own), in a child process (a run's prompts all in one)
+that the operating system bounds: CPU seconds and address space by setrlimit, and a wall-clock
+timeout that kills it. Past a limit, or on the template's own error: one line naming its file.
+The child, `python -m infra.chat_template CPU_SECONDS MEMORY_BYTES`, reads JSON lines on stdin (the
+template and its special tokens, then a conversation a line) and writes a JSON line of each
+prompt's text, or last {"error": [what, advice]}.
 """
 
 import json
 import os
+import resource
+import selectors
+import signal
+import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
+from subprocess import DEVNULL, PIPE, Popen
 
 from infra import files
-from infra.files import DataError
+from infra.files import MIB, DataError
+
+# The child's limits, far above what real templates take (docs/reliability.md): it starts in 0.1 s
+# of CPU and 22 MiB; a prompt takes 0.04 ms (the demo's, with Llama-3's) to 0.8 ms (21 turns, 40 KB,
+# with Qwen3's); it holds one prompt at a time. CPU and wall clock grow with the number of prompts.
+CPU_SECONDS, CPU_PER_PROMPT = 10, 0.01
+WALL_SECONDS, WALL_PER_PROMPT = 60, 0.03  # the CPU time 3x over: a loaded machine shares its CPUs
+MEMORY = 512 * MIB  # more than the child holds at its start
+OUTPUT = 1024 * MIB  # of prompts read back; their token ids take ~10x that in this process anyway
+MEMORY_EXIT = 3  # the child's exit code when its address space is full
 
 
 class ChatTemplate:
-    """A checkpoint's chat template, compiled and rendered as transformers does (a sandboxed jinja2
-    environment with trim_blocks, lstrip_blocks, loop controls, and the globals and filters
-    templates use), with the tokenizer's special tokens (bos_token, eos_token, ...) as variables.
-    jinja2 comes with torch."""
+    """A checkpoint's chat template, with the tokenizer's special tokens (bos_token, eos_token, ...)
+    as variables; `source`, the file it came from, names it in errors."""
 
     def __init__(self, text, source, special):
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        class Generation(
-            jinja2.ext.Extension
-        ):  # {% generation %}: marks assistant text; rendered as it is
-            tags = {"generation"}
-
-            def parse(self, parser):
-                next(parser.stream)
-                return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        limits = self.limits = Limits()
-
-        class Bounded(ImmutableSandboxedEnvironment):
-            """The sandbox, with bounds on work: every range() counts its items against the render's
-            budget (and checks its clock), and * and ** may not make a huge string or number."""
-
-            intercepted_binops = frozenset(["*", "**", "+"])
-
-            def call_binop(self, context, operator, left, right):
-                if operator == "**" and all(type(v) in (int, float) for v in (left, right)):
-                    if abs(right) > 64:
-                        raise TemplateLimit(f"{left} ** {right}: an exponent above 64")
-                elif operator == "+" and all(isinstance(v, (str, list)) for v in (left, right)):
-                    limits.grow(len(left) + len(right))
-                elif operator == "*" and isinstance(right, int) and hasattr(left, "__len__"):
-                    limits.grow(len(left) * right)
-                elif operator == "*" and isinstance(left, int) and hasattr(right, "__len__"):
-                    limits.grow(len(right) * left)
-                return super().call_binop(context, operator, left, right)
-
-        env = Bounded(
-            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, Generation]
-        )
-        env.globals.update(range=limits.range, lipsum=limits.lipsum)
-        env.filters["tojson"] = (
-            lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-                x,
-                ensure_ascii=ensure_ascii,
-                indent=indent,
-                separators=separators,
-                sort_keys=sort_keys,
-            )
-        )
-        env.globals.update(
-            raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f)
-        )
-        self.source, self.special, self.error = source, special, jinja2.exceptions.TemplateError
-        try:
-            self.template = env.from_string(text)
-        except self.error as e:
-            raise DataError(
-                f"{source}: the chat template does not compile ({e}); fix it or choose "
-                "another --template"
-            )
+        self.text, self.source, self.special = text, source, special
 
     @classmethod
-    def load(cls, model_dir, config, token_text):
-        """The chat template of a checkpoint directory (config: its tokenizer_config.json), or
-        None if it has none."""
+    def load(cls, model_dir, config):
+        """The chat template of a checkpoint directory (config: its tokenizer_config.json's fields,
+        as infra/hf.py parses them), or None if it has none."""
         text, source = config.get("chat_template"), Path(model_dir) / "tokenizer_config.json"
-        if isinstance(text, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            text = next((t["template"] for t in text if t.get("name") == "default"), None)
         if not text and os.path.lexists(Path(model_dir) / "chat_template.jinja"):
             source = Path(model_dir) / "chat_template.jinja"
             text = files.read_text(source, model_dir, files.JSON_LIMIT, "chat template")
-        special = {
-            k: token_text(config[k])
-            for k in ("bos_token", "eos_token", "unk_token", "pad_token")
-            if config.get(k)
-        }
+        names = ("bos_token", "eos_token", "unk_token", "pad_token")
+        special = {k: config[k] for k in names if config.get(k)}
         return cls(text, source, special) if text else None
 
-    def render_many(self, conversations):
-        """Every conversation's prompt text, with the generation prompt."""
-        return [self(messages) for messages in conversations]
-
     def __call__(self, messages):
-        """The prompt's text: the turns, then the generation prompt (where the assistant's answer
-        begins).
-        """
-        self.limits.start()
+        return self.render_many([messages])[0]
+
+    def render_many(self, conversations):
+        """Each conversation's prompt: its turns, then the generation prompt (where the assistant's
+        answer begins), all rendered in one child under the limits above, scaled by their number."""
+        n, src = len(conversations), Path(__file__).resolve().parents[1]
+        cpu, wall = int(CPU_SECONDS + CPU_PER_PROMPT * n), WALL_SECONDS + WALL_PER_PROMPT * n
+        lines = [{"template": self.text, "special": self.special}, *conversations]
+        payload = "".join(json.dumps(x) + "\n" for x in lines).encode()  # ASCII (\u escapes)
+        argv = [sys.executable, "-m", "infra.chat_template", str(cpu), str(MEMORY)]
+        with Popen(argv, cwd=src, stdin=PIPE, stdout=PIPE, stderr=DEVNULL) as p:
+            try:
+                out, timed_out = exchange(p, payload, wall)
+            finally:
+                p.kill()  # past the timeout or the cap on its output; nothing if it has ended
+        advice, of = "fix it", f"for {n} prompt" + "s" * (n > 1)
+        whole = p.returncode == 0 and len(out) <= OUTPUT  # its lines whole: one JSON list
+        texts = json.loads(b"[" + b",".join(out.splitlines()) + b"]") if whole else []
+        if timed_out:
+            what = f"takes more than its limit of {wall:.0f} s of wall-clock time {of}"
+        elif len(out) > OUTPUT:
+            what = f"writes more than its limit of {OUTPUT / MIB:g} MiB of prompts"
+        elif p.returncode == -signal.SIGXCPU:
+            what = f"takes more than its limit of {cpu} CPU seconds {of}"
+        elif p.returncode == MEMORY_EXIT:
+            what = f"needs more than its limit of {MEMORY / MIB:g} MiB of memory"
+        elif texts and isinstance(texts[-1], dict):
+            what, advice = texts[-1]["error"]  # the template's own
+        elif p.returncode or len(texts) != n:
+            what = f"stopped the process rendering it (exit code {p.returncode})"
+        else:
+            return texts
+        raise DataError(
+            f"{self.source}: the chat template {what}; {advice} or choose another --template"
+        )
+
+
+def exchange(p, payload, wall):
+    """Writes payload to the child's stdin (from a thread: neither side waits on a full pipe), reads
+    its stdout until it ends, `wall` s pass or more than OUTPUT bytes came: (bytes, timed out?)."""
+
+    def feed():
         try:
-            parts = self.template.generate(
-                messages=messages,
-                tools=None,
-                documents=None,
-                add_generation_prompt=True,
-                **self.special,
-            )
-            out = []
-            for part in parts:  # the output, counted as it is made
-                self.limits.grow(len(part), out=True)
-                out.append(part)
-            return "".join(out)
-        except (TemplateLimit, RecursionError, MemoryError, OverflowError) as e:
-            raise DataError(
-                f"{self.source}: the chat template exceeds what rendering one prompt may take "
-                f"({str(e) or type(e).__name__}); fix it or choose another --template"
-            )
-        except self.error as e:
-            raise DataError(
-                f"{self.source}: the chat template failed to render a prompt ({e}); check "
-                "the data's roles "
-                f"or choose another --template"
-            )
+            with p.stdin:
+                p.stdin.write(payload)
+        except (OSError, ValueError):  # the child ended without reading it all: its exit says why
+            pass
+
+    threading.Thread(target=feed, daemon=True).start()
+    out, deadline, fd = bytearray(), time.monotonic() + wall, p.stdout.fileno()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while len(out) <= OUTPUT:
+            if not sel.select(max(deadline - time.monotonic(), 0)):
+                return out, True
+            if not (chunk := os.read(fd, 2**16)):  # a pipe holds 64 KiB
+                p.wait()  # it closed its output: it is ending
+                break
+            out += chunk
+    return out, False
 
 
-class TemplateLimit(Exception):
-    pass
+# --------------------------------------------------------------------------------------------------
+# The child
 
 
-class CountedRange:
-    """A range whose items count against a render's Limits as they are iterated (its length and
-    items are free: a range of a billion costs nothing until it is looped over)."""
+def environment():
+    """A sandboxed jinja2 environment as transformers makes it: trim_blocks, lstrip_blocks, loop
+    controls, {% generation %} (rendered as it is), and the globals and filters templates use."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def __init__(self, r, limits):
-        self.r, self.limits = r, limits
+    class Generation(jinja2.ext.Extension):  # {% generation %}: marks assistant text
+        tags = {"generation"}
 
-    def __iter__(self):
-        for i in self.r:
-            self.limits.tick()
-            yield i
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
-    def __reversed__(self):
-        return iter(CountedRange(self.r[::-1], self.limits))
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
 
-    def __len__(self):
-        return len(self.r)
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
-    def __getitem__(self, i):
-        return CountedRange(self.r[i], self.limits) if isinstance(i, slice) else self.r[i]
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, Generation]
+    )
+    env.filters["tojson"] = tojson
+    env.globals.update(
+        raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f)
+    )
+    return env
 
 
-class Limits:
-    """What one rendering of a chat template may take: loop items over all its range()s, output and
-    string size, and time. A real template renders a prompt in milliseconds, far inside them."""
+def child(cpu, memory, out):
+    """Renders the conversations on stdin to stdout, ended past `cpu` CPU seconds by SIGXCPU (no
+    core file) and past `memory` bytes more than it holds now by MemoryError; or [what, advice]."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    with open("/proc/self/statm") as f:  # the address space it holds, in pages
+        held = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (held + memory, held + memory))
+    lines, stage = iter(sys.stdin.buffer), ("does not compile ({})", "fix it")
+    header = json.loads(next(lines))
+    variables = dict(tools=None, documents=None, add_generation_prompt=True, **header["special"])
+    try:
+        template = environment().from_string(header["template"])
+        stage = ("failed to render a prompt ({})", "check the data's roles")
+        for line in lines:
+            text = template.render(messages=json.loads(line), **variables)
+            out.write(json.dumps(text).encode() + b"\n")
+    except MemoryError:
+        raise
+    except Exception as e:  # the template's own: TemplateError, RecursionError, TypeError, ...
+        from jinja2 import TemplateError
 
-    ITEMS = 1_000_000  # range() items in all, per prompt
-    CHARS = 16 * 2**20  # characters of output, or of one string made by *
-    SECONDS = 10.0
+        what, advice = stage if isinstance(e, TemplateError) else (stage[0], "fix it")
+        why = str(e) if isinstance(e, TemplateError) else f"{type(e).__name__}: {e}"
+        return [what.format(" ".join(why.split())[:500]), advice]  # one line
 
-    def start(self):
-        self.items, self.chars, self.deadline = 0, 0, time.monotonic() + self.SECONDS
 
-    def tick(self, n=1):
-        self.items += n
-        if self.items > self.ITEMS:
-            raise TemplateLimit(f"loops of more than {self.ITEMS} items")
-        if time.monotonic() > self.deadline:
-            raise TemplateLimit(f"more than {self.SECONDS:.0f} s")
-
-    def grow(self, n, out=False):
-        self.chars = self.chars + n if out else n
-        if self.chars > self.CHARS:
-            raise TemplateLimit(f"more than {self.CHARS // 2**20} MiB of text")
-        self.tick(0)
-
-    def range(self, *args):
-        return CountedRange(range(*args), self)
-
-    def lipsum(self, n=5, html=True, min=20, max=100):
-        from jinja2.utils import generate_lorem_ipsum
-
-        if n * max > self.ITEMS:
-            raise TemplateLimit(f"lipsum of {n} paragraphs of up to {max} words")
-        return generate_lorem_ipsum(n, html, min, max)
+if __name__ == "__main__":
+    with open(1, "wb", 2**16, closefd=False) as out:  # buffered, even with PYTHONUNBUFFERED set
+        try:
+            if error := child(int(sys.argv[1]), int(sys.argv[2]), out):  # the template's error
+                out.write(json.dumps({"error": error}).encode() + b"\n")
+        except MemoryError:
+            os._exit(MEMORY_EXIT)  # at once: anything more may need memory

@@ -417,21 +417,16 @@ def tokenizer_config(model_dir):
     return parsed
 
 
-def token_text(token):
-    """A special token as tokenizer_config() gives it: its text, or None."""
-    return token
-
-
 def load_template(model_dir, name="auto"):
     """data.Template of a checkpoint: its tokenizer, and with "auto" its own chat template (none:
     plain), rendered by infra/chat_template.py; the end token is the tokenizer's EOS, or the named
     template's own."""
     tok, config = load_tokenizer(model_dir), tokenizer_config(model_dir)
-    eos = token_text(config.get("eos_token")) or next(
+    eos = config.get("eos_token") or next(
         (n for n in EOS_NAMES if tok.token_to_id(n) is not None), None
     )
     if name == "auto":
-        chat = ChatTemplate.load(model_dir, config, token_text)
+        chat = ChatTemplate.load(model_dir, config)
         if chat is None:
             return Template(tok, "plain", eos, eos)
         return Template(tok, "auto", eos, eos, chat.render_many)

@@ -33,7 +33,7 @@ from helpers import (
 )
 
 import prift
-from infra import cli, evaluate, files, report
+from infra import chat_template, cli, evaluate, files, report
 from infra.reference import prior_path
 from model import GPT
 
@@ -726,7 +726,12 @@ def test_no_evaluation_is_lost(w, capsys, monkeypatch):
         "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
     ],
 )
-def test_a_template_past_its_bounds_is_one_line(w, capsys, template):
+def test_a_template_past_its_bounds_is_one_line(w, capsys, monkeypatch, template):
+    """Through prift: one line. The CPU limit is 1 s here (and the wall clock's its default, 60 s),
+    so that the test's time does not depend on the machine's speed; test_chat_template.py tests
+    each limit."""
+    monkeypatch.setattr(chat_template, "CPU_SECONDS", 1)
+    monkeypatch.setattr(chat_template, "CPU_PER_PROMPT", 0)
     cfg = json.loads((w.ck / "tokenizer_config.json").read_text())
     (w.ck / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
     refused(w.argv(), w.root, capsys, "tokenizer_config.json", "chat template")

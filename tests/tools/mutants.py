@@ -264,11 +264,11 @@ MUTANTS = {
         "        pass",
         ["tests/test_trust.py", "-k", "no_evaluation"],
     ),
-    "template-range-unbounded": (
+    "template-memory-unbounded": (
         "infra/chat_template.py",
-        "env.globals.update(range=limits.range, lipsum=limits.lipsum)",
-        "env.globals.update(lipsum=limits.lipsum)",
-        ["tests/test_trust.py", "-k", "template_past"],
+        "    resource.setrlimit(resource.RLIMIT_AS, (held + memory, held + memory))\n",
+        "",
+        ["tests/test_chat_template.py", "-k", "memory_limit"],
     ),
     # prift.py's first lines, before torch's import
     "ctrl-c-at-imports": (

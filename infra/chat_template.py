@@ -76,7 +76,7 @@ class ChatTemplate:
             what = f"takes more than its limit of {wall:.0f} s of wall-clock time {of}"
         elif len(out) > OUTPUT:
             what = f"writes more than its limit of {OUTPUT / MIB:g} MiB of prompts"
-        elif p.returncode == -signal.SIGXCPU:
+        elif p.returncode in (-signal.SIGXCPU, -signal.SIGKILL):  # the soft limit, or the hard
             what = f"takes more than its limit of {cpu} CPU seconds {of}"
         elif p.returncode == MEMORY_EXIT:
             what = f"needs more than its limit of {MEMORY / MIB:g} MiB of memory"

@@ -256,7 +256,8 @@ MUTANTS = {
         "infra/evaluate.py",
         'files.write_json(path, before, "evaluation before training")',
         "pass",
-        ["tests/test_trust.py", "-k", "no_evaluation"],
+        # a resumed run's report keeps the "base" row only from eval_before.json
+        ["tests/test_checkpoint.py", "-k", "from_before_resumes"],
     ),
     "finished-run-trains-again": (
         "infra/rundir.py",

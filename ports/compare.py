@@ -35,7 +35,7 @@ import torch
 
 # loss and grad_norm relative to prift's value, lr relative, kept absolute, weights relative to the
 # update: measured margins in docs/porting.md
-TOLERANCE = {"loss": 1e-5, "grad_norm": 1e-5, "kept": 1e-6, "lr": 1e-6, "weights": 1e-4}
+TOLERANCE = {"loss": 1e-5, "grad_norm": 3e-5, "kept": 1e-6, "lr": 1e-6, "weights": 1e-4}
 WHAT = {"loss": "loss", "grad_norm": "grad norm", "kept": "kept", "lr": "learning rate",
         "weights": "final weights", "steps": "steps"}  # fmt: skip
 RELATIVE = {"loss", "grad_norm", "lr"}
@@ -202,10 +202,10 @@ def base_of(run, given):
 
 
 def pad_id(run):
-    """config.json's pad_token_id of prift's run, or None."""
+    """config.json's pad_token_id of prift's run, or None (a hint reads it: nothing is refused)."""
     try:
-        config = json.loads((Path(run) / "config.json").read_text())
-    except (OSError, ValueError, RecursionError):
+        config = parse_json(read_text(Path(run) / "config.json"), "config.json")
+    except BadInput:
         return None
     value = config.get("pad_token_id") if isinstance(config, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -332,68 +332,79 @@ def factor(pairs):
     return None
 
 
+PAGE = "docs/porting.md, When a line says DIFFERS"
+
+
 def hint(results, firsts, pairs, weights_where):
-    """One line: which number differed first, at which step, and the usual cause of that pattern."""
+    """One line: which number differed first, at which step, and the usual cause of that pattern
+    (each made on purpose in tests/test_compare.py)."""
     seen = {k: s for k, s in firsts.items() if s is not None}
     if not seen:
         if results["weights"][0] != "DIFFERS":
             return None
         _, row, is_pad = weights_where or (None, None, False)
         if is_pad:
-            return (f"every logged step agrees and the weights differ most in row {row} of the "
-                    f"embedding, the pad id (config.json's pad_token_id): padding_idx, one model "
-                    f"trains that row from the input side and the other does not "
-                    f"(docs/porting.md#padding_idx)")  # fmt: skip
+            return (
+                f"every logged step agrees, and the weights differ most in row {row} of the "
+                "embedding, the pad id (config.json's pad_token_id): its padding_idx, one "
+                "model trains that row from the input side and the other does not "
+                f"({PAGE})"
+            )
         return (
-            "every logged step agrees, the final weights do not: the optimizer (AdamW's "
-            "betas, eps, weight decay on every parameter), the last step's learning rate, "
-            "or how the weights were saved (dtype, a tied head)"
+            "every logged step agrees, the final weights do not: the last step's update (its "
+            "learning rate, AdamW's betas, eps or weight decay), or how the weights were saved "
+            f"(a dtype, a tied head) ({PAGE})"
         )
     step = min(seen.values())
     first = [k for k in ("kept", "lr", "loss", "grad_norm") if seen.get(k) == step]
-    named = ", ".join(WHAT[k] for k in first[:-1]) + (" and " if first[1:] else "")
-    named += WHAT[first[-1]]
+    names = [WHAT[k] for k in first]
+    named = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     same = [WHAT[k] for k in ("loss", "grad_norm", "kept") if k not in first and pairs.get(k)]
     text = f"first difference: {named} at step {step}"
-    text += f" ({', '.join(same)} equal there)" if same else ""
+    text += f" ({', '.join(same)} equal there): " if same else ": "
     scale = factor(pairs.get("loss", [])), factor(pairs.get("grad_norm", []))
     if scale[0] and scale[0] == scale[1] and "kept" not in seen:
-        return (text + f": the loss and the gradient are {scale[0]} prift's at every step, with "
-                "the same tokens kept: the normalisation (the world size: DDP averages over ranks, "
-                "multiply by it; or the accumulation steps: loss_is_scaled_for_ga)")  # fmt: skip
-    if "lr" in first:
-        return text + ": the learning rate schedule (prift_optimizer: warmup, then cosine to 0)"
-    if "kept" in first and step == 1:
-        return (
-            text + ": other tokens are trained, or weighted by another prior: the token ids "
-            "(template, end token, --max-len: compare input_ids and labels with tokens.jsonl), "
-            "step 1's examples (the data order: in_prift_order), or the prior's precision"
+        cause = (
+            f"the loss and the gradient are {scale[0]} prift's at every step: the "
+            "normalisation, usually the world size (DDP averages over ranks: multiply by "
+            "it) or the accumulation steps divided by again (loss_is_scaled_for_ga = True)"
         )
-    if "kept" in first:
-        return (
-            text
-            + ": the first step agrees and the weights then drift: they come from the "
-            "model being trained (the online signal, or a reference that trains with it), not "
-            "a frozen prior; or step {step}'s examples differ (the data order)".format(step=step)
+    elif "lr" in first:
+        cause = "the learning rate schedule (prift_optimizer: warmup, then cosine to 0)"
+    elif "kept" in first and step == 1:
+        cause = (
+            "other tokens trained, or weighted by another prior: the token ids (template, end "
+            "token, --max-len: train on tokens.jsonl's), step 1's examples (the data order: "
+            "in_prift_order), or the prior's precision"
         )
-    if "loss" in first and step == 1:
-        return (
-            text + ": the same tokens kept, another cross-entropy at step 1: the labels "
-            "(shifted twice: Trainer shifts them itself), step 1's examples (the data order: "
-            "in_prift_order), or the precision (bf16 on a CPU)"
+    elif "kept" in first:
+        cause = (
+            "step 1 agrees and the weights drift after it: they come from the model being "
+            "trained (the online signal, or a reference that trains with it), not a frozen "
+            f"prior; or step {step} trains other examples (the data order)"
         )
-    if first == ["grad_norm"] and step == 1:
-        return (
-            text + ": the same loss, another gradient: a parameter trained otherwise, usually "
-            "the embedding's padding_idx (the pad id's row; docs/porting.md#padding_idx), or "
-            "a frozen or untied parameter"
+    elif "loss" in first and step == 1:
+        cause = (
+            "another cross-entropy at step 1: the labels (shifted twice: Trainer shifts them "
+            "itself), step 1's examples (the data order: in_prift_order), or the precision "
+            "(bf16 on a CPU)"
         )
-    if step > 1:
-        return (
-            text + f": step {step - 1}'s update differs while its gradient agreed: the "
-            "optimizer (AdamW's betas, eps, weight decay) or the learning rate (log it)"
+    elif first == ["grad_norm"] and step == 1:
+        cause = (
+            "the same loss, another gradient: a parameter trained otherwise, usually the "
+            "embedding's padding_idx (its pad row), or a frozen or untied parameter"
         )
-    return text + ": see docs/porting.md, What to do when a line says DIFFERS"
+    elif "lr" in pairs and pairs["lr"]:
+        cause = (
+            f"step {step - 1}'s update differs with the same learning rate: the optimizer "
+            "(AdamW's betas, eps, weight decay; prift_optimizer)"
+        )
+    else:
+        cause = (
+            f"step {step - 1}'s update differs: the learning rate (log it: learning_rate) or "
+            "the optimizer (prift_optimizer)"
+        )
+    return f"{text}{cause} ({PAGE})"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "ports"))
 import compare  # noqa: E402
 
 STEPS = 3
+PAD = 3  # the pad id in prift's config.json
 ROWS = [dict(step=s, lr=1e-3, loss=0.5 - 0.1 * s, ce=5.0, kept=0.25, grad_norm=1.0 + s, tokens=40,
              skipped=0) for s in range(1, STEPS + 1)]  # fmt: skip
 
@@ -42,6 +43,7 @@ def runs(tmp_path_factory):
         (d / name).mkdir()
         save_file(weights, d / name / "model.safetensors")
     (d / "prift" / "args.json").write_text(json.dumps({"model": str(d / "base")}))
+    (d / "prift" / "config.json").write_text(json.dumps({"pad_token_id": PAD}))
     write_metrics(d, ROWS)
     write_state(d, {"log_history": trainer_rows(ROWS)})
     return d
@@ -176,6 +178,26 @@ def test_a_factor_at_every_step_is_named(restore):
     rc, out, _ = run(restore)
     hint = out.splitlines()[-1]
     assert rc == 1 and "are 2 times prift's at every step" in hint and "world size" in hint, out
+
+
+def test_the_pad_row_alone_is_named(runs):
+    """Every logged step agrees and the weights differ in the embedding's pad row alone: the final
+    weights differ, and the hint names the row as the pad id."""
+    from safetensors.torch import load_file
+
+    path = runs / "other" / "model.safetensors"
+    weights = {k: v.clone() for k, v in load_file(path).items()}
+    changed = {k: v.clone() for k, v in weights.items()}
+    changed["model.embed_tokens.weight"][PAD] += 1e-3
+    save_file(changed, path)
+    try:
+        rc, out, _ = run(runs)
+    finally:
+        save_file(weights, path)
+    weights_line, hint = out.splitlines()[-2:]
+    assert rc == 1 and weights_line.startswith("final weights  DIFFERS"), out
+    assert f"model.embed_tokens.weight, row {PAD} (token id)" in weights_line, weights_line
+    assert hint.startswith("every logged step agrees") and "the pad id" in hint, hint
 
 
 def test_a_skipped_step_matches_a_skipped_step(restore):

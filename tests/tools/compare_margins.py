@@ -28,6 +28,8 @@ compare = tc.compare  # ports/compare.py
 
 OTHERS = {  # beyond test_compare's own
     "tiny": dict(vocab_size=None, hidden=32, data="demo", steps=tc.STEPS),  # test_port's
+    # the real-size vocabulary on the pad-id checkpoint's data: 5 times the positions
+    "vocab-49152-long": dict(vocab_size=49152, hidden=64, data="demo", steps=tc.STEPS),
     "vocab-151936": dict(vocab_size=151936, hidden=64, data="chat", steps=2),  # Qwen2.5's rows
 }
 MAKE = {"tiny": lambda path: make_checkpoint(path, seed=3)}  # no pad id, no chat template

@@ -236,9 +236,19 @@ def compared(capsys, work, other, *extra):
     return rc, rows, hint
 
 
-def weights_ratio(detail):
-    """The final weights line's measure: the updates' difference relative to prift's update."""
-    return float(re.search(r"the updates differ by (\S+) of prift's", detail).group(1))
+KEY = {"loss": "loss", "grad norm": "grad_norm", "kept": "kept", "learning rate": "lr",
+       "final weights": "weights"}  # fmt: skip
+
+
+def margins(rows):
+    """{line: its number / its tolerance}: a per-step line's largest difference over the steps, the
+    final weights' difference of the updates relative to prift's update."""
+    out = {}
+    for line, (_, detail) in rows.items():
+        found = re.search(r"(?:max (?:relative )?difference|the updates differ by) (\S+)", detail)
+        if line in KEY and found:
+            out[line] = float(found.group(1)) / compare.TOLERANCE[KEY[line]]
+    return out
 
 
 SAME = [*SAME_PRIFT, "prift 2 processes", *RIGHT, "port 2 processes"]
@@ -246,12 +256,12 @@ SAME = [*SAME_PRIFT, "prift 2 processes", *RIGHT, "port 2 processes"]
 
 @pytest.mark.parametrize("pair", SAME)
 def test_a_same_update_matches(work, capsys, pair):
-    """prift against itself cut otherwise, and the right port: every line MATCH, the final weights
-    within a tenth of the tolerance (measured: 1.9e-5 at most, docs/porting.md)."""
+    """prift against itself cut otherwise, and the right port: every line MATCH, each number within
+    a quarter of its tolerance (measured: a 14th at most, docs/porting.md)."""
     rc, rows, hint = compared(capsys, work, work / pair)
     assert rc == 0 and {v for v, _ in rows.values()} == {"MATCH"} and hint is None, rows
-    assert set(rows) == {"loss", "grad norm", "kept", "learning rate", "final weights"}
-    assert weights_ratio(rows["final weights"][1]) < compare.TOLERANCE["weights"] / 4, rows
+    assert set(rows) == set(KEY) and set(margins(rows)) == set(KEY), rows
+    assert max(margins(rows).values()) < 1 / 4, (margins(rows), rows)
 
 
 # variant: (the lines that differ, at least; the words of the hint; the first step it names)
@@ -267,13 +277,14 @@ EXPECTED = {
 
 @pytest.mark.parametrize("variant", list(EXPECTED))
 def test_a_wrong_port_differs(work, capsys, variant):
-    """Each wrong port: exit 1, the lines its mistake moves say DIFFERS, the final weights among
-    them at least 5 times the tolerance (no world factor: AdamW hides a gradient halved, but not its
-    eps), and the hint names the first number that differed, its step and the usual cause."""
+    """Each wrong port: exit 1, the lines its mistake moves say DIFFERS, each at least 5 times its
+    tolerance, and the hint names the first number that differed, its step and the usual cause. The
+    final weights differ too, but for no world factor: clipping at norm 1 and AdamW hide a gradient
+    scaled by a constant (on 151,936 rows its update was prift's within 2e-6, docs/porting.md)."""
     lines, words, step = EXPECTED[variant]
     rc, rows, hint = compared(capsys, work, work / variant)
     assert rc == 1 and all(rows[k][0] == "DIFFERS" for k in lines), rows
-    assert weights_ratio(rows["final weights"][1]) > 5 * compare.TOLERANCE["weights"], rows
+    assert all(margins(rows)[k] >= 5 for k in lines), (margins(rows), rows)
     assert hint and words in hint and f"at step {step}" in hint, hint
     if variant == "no padding_idx":  # the row it names is the pad id
         pad = json.loads((work / "model" / "config.json").read_text())["pad_token_id"]

@@ -248,14 +248,14 @@ TRAINER = st.fixed_dictionaries(
 METRICS = st.lists(rows_like(["step", "loss", "grad_norm", "kept", "lr"]) | VALUES, max_size=5)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(state=VALUES | TRAINER, raw=st.none() | st.text(max_size=20))
 def test_any_trainer_state_gives_a_verdict_or_one_line(runs, state, raw):
     write_state(runs, state, raw=raw)
     assert_verdict_or_one_line(*run(runs), "trainer_state.json")
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lines=METRICS, raw=st.none() | st.text(max_size=20))
 def test_any_metrics_file_gives_a_verdict_or_one_line(runs, lines, raw):
     write_metrics(runs, None, raw=raw if raw is not None else "".join(

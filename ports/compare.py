@@ -290,7 +290,7 @@ def compare_weights(ours, theirs, base, tolerance, pad=None):
         total += d.numel()
         if d.numel() and d.max().item() > largest[0]:
             largest = (d.max().item(), k, d)
-    rms = math.sqrt(moved / total)
+    rms = math.sqrt(moved / total) if total else 0.0
     over = sum(int((ours[k] - theirs[k]).abs().gt(0.01 * rms).sum()) for k in names)
     ratio = math.sqrt(apart / moved) if moved else (0.0 if apart == 0 else math.inf)
     detail = f"the updates differ by {ratio:.2g} of prift's (tolerance {tolerance:g}); "

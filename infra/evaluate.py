@@ -185,19 +185,21 @@ def add_arguments(parser, prefix="eval-"):
     )
 
 
-def prompt_ids(cfg, template, example):
-    """The token ids a model is evaluated on: the training template, or a text with the problem in
-    it.
-    """
+def prompt_ids(cfg, template, examples):
+    """The token ids each example is asked with: the training template (its prompts rendered
+    together, in one child for a checkpoint's chat template), or a text with the problem in it."""
     if cfg.eval_prompt == "template":
-        return template.prompt_ids([example["messages"]])[0]
-    problem = [m["content"] for m in example["messages"] if m["role"] == "user"][-1]
-    text = (QWEN_BOXED if cfg.eval_prompt == "qwen-boxed" else cfg.eval_prompt).replace(
-        "{input}", problem
-    )
-    return template.tok.encode(
-        text, add_special_tokens=cfg.eval_prompt != "qwen-boxed"
-    ).ids  # qwen-boxed has its own
+        return template.prompt_ids([ex["messages"] for ex in examples])
+    prompt = QWEN_BOXED if cfg.eval_prompt == "qwen-boxed" else cfg.eval_prompt
+    problems = [
+        [m["content"] for m in ex["messages"] if m["role"] == "user"][-1] for ex in examples
+    ]
+    # qwen-boxed holds its special tokens; a prompt of the user's gets the tokenizer's own
+    special = cfg.eval_prompt != "qwen-boxed"
+    return [
+        template.tok.encode(prompt.replace("{input}", p), add_special_tokens=special).ids
+        for p in problems
+    ]
 
 
 def stop_ids(cfg, template):
@@ -218,7 +220,7 @@ def sample(cfg, model, template, examples, k, temperature, max_new, rows_per_bat
     batch; they are sorted by length first, so that little of a batch is padding."""
     model.eval()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
-    prompts = [prompt_ids(cfg, template, ex) for ex in examples]
+    prompts = prompt_ids(cfg, template, examples)
     # a problem whose prompt does not fit in the model's context cannot be read: it counts as wrong
     texts = {i: [""] * k for i, p in enumerate(prompts) if len(p) >= model.config.max_positions}
     if texts:

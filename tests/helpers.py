@@ -621,7 +621,7 @@ def make_hf_checkpoint(path, family, *, save_dtype=None, max_shard_size=None, se
     if save_dtype is not None:
         model = model.to(save_dtype)
     kw = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
-    hf.save_model(model, path, **kw)
+    model.save_pretrained(path, **kw)
     return path
 
 
@@ -697,7 +697,7 @@ def make_chat_checkpoint(
     config = transformers.AutoConfig.for_model(family, tie_word_embeddings=tie, **cfg, **ids)
     torch.manual_seed(seed)
     model = randomize_(transformers.AutoModelForCausalLM.from_config(config), seed).eval()
-    hf.save_model(model, path)
+    model.save_pretrained(path)
     tok.save(str(path / "tokenizer.json"))
     special = dict(eos_token="<|im_end|>", bos_token=None, unk_token="<unk>")
     if pad:

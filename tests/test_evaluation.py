@@ -620,7 +620,7 @@ def test_qwen_boxed_is_the_authors_prompt(tmp_path):
     example = evaluate.problem(
         {"problem": "Kim had 2 cards and got 3 more. How many now?", "answer": "5"}, "x"
     )
-    ids = evaluate.prompt_ids(args, template, example)
+    (ids,) = evaluate.prompt_ids(args, template, [example])
     expected = (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nKim "
         "had 2 cards and got 3 "
@@ -637,7 +637,8 @@ def test_qwen_boxed_is_the_authors_prompt(tmp_path):
         tok.token_to_id("<|endoftext|>"),
     }
     args.eval_prompt = "Problem: {input}\nAnswer:"
-    assert template.tok.decode(evaluate.prompt_ids(args, template, example)).startswith("Problem:")
+    (ids,) = evaluate.prompt_ids(args, template, [example])
+    assert template.tok.decode(ids).startswith("Problem:")
 
 
 # --------------------------------------------------------------------------------------------------

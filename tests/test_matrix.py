@@ -280,3 +280,16 @@ def test_hostile_input(made, tmp_path, capsys, command, index, kind):
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     changed -= {k for k in changed if k.startswith("cache")}  # the prior's cache is an output too
     assert not changed, changed
+
+
+def test_a_crafted_run_name_on_the_comparison_page_stays_a_link_to_a_file(made, tmp_path):
+    """Every value a page shows comes from a run directory: a run named like a URL scheme is a
+    relative link (./NAME/report.html), never a live javascript: link, and its name is text."""
+    crafted = tmp_path / "javascript:alert(1)"
+    shutil.copytree(made / "run", crafted)
+    (crafted / "report.html").write_text("<p>a run's page</p>")
+    page = tmp_path / "compare.html"
+    assert report.main([str(crafted), str(made / "run"), "--out", str(page)]) in (0, None)
+    html = page.read_text()
+    assert 'href="./javascript:alert(1)/report.html"' in html
+    assert 'href="javascript:' not in html and "<script" not in html.split("</style>", 1)[-1]

@@ -395,11 +395,17 @@ def main(argv):
         copy_repo(where)
         if baseline:
             tests = sorted({tuple(MUTANTS[n][3]) for n in names})
+            failing = []  # all of them named, not only the first
             for t in tests:
                 rc, last = run_tests(where, list(t))
-                print(f"baseline  {' '.join(t)}: {last}")
+                print(f"baseline  {' '.join(t)}: {last}", flush=True)
                 if rc != 0:
-                    sys.exit("mutants: the tests fail without a mutant; fix that first")
+                    failing += [n for n in names if tuple(MUTANTS[n][3]) == t]
+            if failing:
+                sys.exit(
+                    "mutants: the tests fail without a mutant; fix that first (they would kill "
+                    f"{', '.join(failing)} whatever the mutant)"
+                )
         for name in names:
             file, old, new, tests = MUTANTS[name]
             path = where / file

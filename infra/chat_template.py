@@ -9,6 +9,7 @@ template and its special tokens, then a conversation a line) and writes a JSON l
 prompt's text, or last {"error": [what, advice]}.
 """
 
+import io
 import json
 import os
 import resource
@@ -156,8 +157,8 @@ def child(cpu, memory, out):
     core file) and past `memory` bytes more than it holds now by MemoryError; or [what, advice]."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    with open("/proc/self/statm") as f:  # the address space it holds, in pages
-        held = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    statm = files.read_text("/proc/self/statm", None, 4096, "the child's size")  # in pages
+    held = int(statm.split()[0]) * os.sysconf("SC_PAGE_SIZE")  # the address space it holds
     resource.setrlimit(resource.RLIMIT_AS, (held + memory, held + memory))
     lines, stage = iter(sys.stdin.buffer), ("does not compile ({})", "fix it")
     header = json.loads(next(lines))
@@ -179,7 +180,8 @@ def child(cpu, memory, out):
 
 
 if __name__ == "__main__":
-    with open(1, "wb", 2**16, closefd=False) as out:  # buffered, even with PYTHONUNBUFFERED set
+    # standard output, buffered even where PYTHONUNBUFFERED is set
+    with io.BufferedWriter(sys.stdout.buffer.raw, 2**16) as out:
         try:
             if error := child(int(sys.argv[1]), int(sys.argv[2]), out):  # the template's error
                 out.write(json.dumps({"error": error}).encode() + b"\n")

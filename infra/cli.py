@@ -229,7 +229,10 @@ def run(args, device):
     rundir.save_model(model, args.out)
     if args.merge and dist_info()[0] == 0:  # the adapter just saved, merged: OUT/merged
         lora.merge(args.out, args.out / "merged")
-    log(f"trained {state['step']} steps ({state['skipped']} skipped); model saved to {args.out}")
+    if not (resume_state and resume_state.get("finished")):  # a finished run said so already
+        log(
+            f"trained {state['step']} steps ({state['skipped']} skipped); model saved to {args.out}"
+        )
     after = evaluate.evaluate_files(eval_cfg, model, template, eval_sets) if eval_sets else None
     rows = (
         evaluate.report(args.out, args.rule, before, after, eval_cfg.eval_samples)

@@ -295,8 +295,9 @@ def warnings(tok, seqs, weights):
     common = [t for t, n in have.items() if n >= COMMON * len(seqs)]
     dropped = sorted((t for t in common if set_aside[t] > have[t] / 2), key=lambda t: -set_aside[t])
     for t in dropped[:3]:
+        name = tok.decode([t]) or tok.id_to_token(t)  # a word boundary decodes to nothing
         found.append(
-            f"the prior sets aside {tok.decode([t])!r} in {set_aside[t]} of the {have[t]} "
+            f"the prior sets aside {name!r} in {set_aside[t]} of the {have[t]} "
             f"examples that have it ({have[t]} of {len(seqs)}): a format the rule will not teach "
             "(--inspect shows where; --rule sft teaches it)"
         )

@@ -180,8 +180,9 @@ def child(cpu, memory, out):
 
 
 if __name__ == "__main__":
-    # standard output, buffered even where PYTHONUNBUFFERED is set
-    with io.BufferedWriter(sys.stdout.buffer.raw, 2**16) as out:
+    # standard output, buffered even where PYTHONUNBUFFERED is set (its buffer is then raw)
+    raw = getattr(sys.stdout.buffer, "raw", sys.stdout.buffer)
+    with io.BufferedWriter(raw, 2**16) as out:
         try:
             if error := child(int(sys.argv[1]), int(sys.argv[2]), out):  # the template's error
                 out.write(json.dumps({"error": error}).encode() + b"\n")

@@ -320,13 +320,15 @@ def test_in_prift_order_is_batch_order():
     import datasets
     from trl_prift import in_prift_order
 
-    data = datasets.Dataset.from_list(rows)
+    import data
+
+    dataset = datasets.Dataset.from_list(rows)
     for drop_last, n in ((False, 24), (True, 21)):
-        got = in_prift_order(data.select(range(n)), 8, 7, seed=3, drop_last=drop_last)["row"]
+        got = in_prift_order(dataset.select(range(n)), 8, 7, seed=3, drop_last=drop_last)["row"]
         want = [i for s in range(7) for i in data.batch_order(n, 8, s, 3, drop_last=drop_last)]
         assert got == want
     with pytest.raises(ValueError, match="step 2 has 5 examples"):  # 21 = 8 + 8 + 5
-        in_prift_order(data.select(range(21)), 8, 3)
+        in_prift_order(dataset.select(range(21)), 8, 3)
 
 
 def test_missing_numbers(work, tmp_path, capsys):

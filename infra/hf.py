@@ -287,7 +287,8 @@ def adapter_config(path):
         base, targets = conf.get("base_model_name_or_path"), conf.get("target_modules")
         if not isinstance(base, str) or not base:
             raise CheckpointError(f"'base_model_name_or_path' is {base!r}; expected a directory")
-        if not (isinstance(targets, list) and targets and set(targets) <= set(LORA_TARGETS)):
+        names = isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
+        if not (names and set(targets) <= set(LORA_TARGETS)):
             raise CheckpointError(
                 f"'target_modules' is {targets!r}; expected a list out of {', '.join(LORA_TARGETS)}"
             )

@@ -118,6 +118,23 @@ def test_adapter_config_json(value):
     assert 0 <= dropout < 1 and isinstance(base, str) and targets
 
 
+VALID_ADAPTER = dict(
+    peft_type="LORA",
+    r=4,
+    lora_alpha=8.0,
+    lora_dropout=0.0,
+    target_modules=["q_proj"],
+    base_model_name_or_path="/base",
+)
+
+
+@SETTINGS
+@given(st.sampled_from(sorted(VALID_ADAPTER)), json_values)
+def test_adapter_config_json_one_field_changed(key, value):
+    """A real adapter's config with one field of any value: the typed values, or the one error."""
+    test_adapter_config_json.hypothesis.inner_test({**VALID_ADAPTER, key: value})
+
+
 @SETTINGS
 @given(json_values)
 def test_eval_before_json(value):

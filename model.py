@@ -196,7 +196,7 @@ class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         C, eps, layernorm = cfg.hidden_size, cfg.norm_eps, cfg.family["norm"] == "layernorm"
-        norm = lambda: nn.LayerNorm(C, eps=eps) if layernorm else RMSNorm(C, eps)  # noqa: E731
+        norm = lambda: nn.LayerNorm(C, eps=eps) if layernorm else RMSNorm(C, eps)
         self.input_layernorm, self.self_attn = norm(), Attention(cfg)
         self.post_attention_layernorm, self.mlp = norm(), MLP(cfg)
         # activation checkpointing (--grad-checkpoint), set by distributed.wrap_distributed

@@ -309,8 +309,8 @@ def prepare_out(out, arguments, overwrite=False, start=None):
         truncate_metrics(out / "metrics.jsonl", step)
         if start and start.get("finished"):
             return log(
-                f"{out} is finished: its {step} steps are trained and its model saved; "
-                "nothing is trained again, only what is missing (evaluation, report)"
+                f"{out} is finished at step {step}, its model saved: nothing is trained again, "
+                "only what is missing (evaluation, report)"
             )
         return log(
             f"resuming {out} at step {step}" + ("" if start else " (it had no checkpoint yet)")

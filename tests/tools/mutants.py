@@ -423,7 +423,7 @@ def main(argv):
             if rc not in (0, 1):
                 last = f"pytest exit code {rc}: {last}"
             print(
-                f"{'killed  ' if killed else 'SURVIVED'}  {name:26s} "
+                f"{'killed  ' if killed else 'SURVIVED'}  {name:28s} "
                 f"{time.time() - start:5.1f}s  {last}",
                 flush=True,
             )

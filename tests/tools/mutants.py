@@ -359,8 +359,8 @@ def copy_repo(dest):
             shutil.copy2(ROOT / f, dest / f)
 
 
-def text_count(file, old):
-    path = ROOT / file
+def text_count(root, file, old):
+    path = root / file
     return path.read_text().count(old) if path.is_file() else 0
 
 
@@ -382,20 +382,21 @@ def main(argv):
     unknown = [n for n in names if n not in MUTANTS]
     if unknown:
         sys.exit(f"mutants: unknown {', '.join(unknown)}; known: {', '.join(MUTANTS)}")
-    # every text first, so that code that moved is named all at once, before any test runs
-    stale = [
-        f"{n} ({MUTANTS[n][0]}: {count} times)"
-        for n in names
-        if (count := text_count(*MUTANTS[n][:2])) != 1
-    ]
-    if stale:
-        sys.exit(
-            f"mutants: the text to replace is not in its file exactly once: {', '.join(stale)}"
-        )
     survived = []
     with tempfile.TemporaryDirectory(prefix="prift-mutants-") as tmp:
         where = Path(tmp)
         copy_repo(where)
+        # every text first, in the copy the tests run on, so that code that moved is named all at
+        # once, before any test runs
+        stale = [
+            f"{n} ({MUTANTS[n][0]}: {count} times)"
+            for n in names
+            if (count := text_count(where, *MUTANTS[n][:2])) != 1
+        ]
+        if stale:
+            sys.exit(
+                f"mutants: the text to replace is not in its file exactly once: {', '.join(stale)}"
+            )
         if baseline:
             tests = sorted({tuple(MUTANTS[n][3]) for n in names})
             failing = []  # all of them named, not only the first
